@@ -1,0 +1,38 @@
+"""arrayckpt: checkpoint ML training state from any array framework to safetensors files.
+
+Saves are atomic and durable, asynchronous saves stall training only for one copy to
+host memory, and loading never runs code. Importing arrayckpt imports no framework.
+"""
+
+from __future__ import annotations
+
+from .async_checkpointer import AsyncCheckpointer
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    InvalidInputError,
+    TopologyError,
+    UnsupportedArrayError,
+)
+from .training_state import CHECKPOINT_VERSION, TrainingState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "AsyncCheckpointer",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "InvalidInputError",
+    "TopologyError",
+    "TrainingState",
+    "UnsupportedArrayError",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,50 @@
+"""The adapter interface every framework backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import DType
+from ..snapshot import Allocator
+
+
+class Backend(ABC):
+    """Moves one framework's arrays to host memory and back.
+
+    Backends know nothing about files: they produce and consume C-contiguous,
+    little-endian NumPy arrays (`HostTensor.data`).
+    """
+
+    name: str
+
+    @abstractmethod
+    def dtype(self, x: Any, key: str) -> DType:
+        """The safetensors dtype of ``x``; `UnsupportedArrayError` naming ``key`` if none."""
+
+    @abstractmethod
+    def shape(self, x: Any) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
+        """Copy ``x`` into host memory from ``alloc`` (or, with ``alloc=None``, return a
+        host view of it when one exists without copying).
+
+        A device backend may issue the copy asynchronously; the bytes are valid after
+        `synchronize`.
+        """
+
+    def synchronize(self) -> None:
+        """Wait for every copy `to_host` issued (a no-op for host frameworks)."""
+
+    @abstractmethod
+    def from_host(self, host: np.ndarray, device: Any) -> Any:
+        """An array of this framework, on ``device``, holding ``host``'s values.
+
+        May share memory with ``host`` when ``device`` is the host.
+        """
+
+    def check_device(self, device: Any) -> None:
+        """Raise `InvalidInputError` early for a device this framework cannot place on."""

@@ -1,0 +1,67 @@
+"""Any other array-API or DLPack array (JAX, array_api_strict, ...), through NumPy."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import InvalidInputError, UnsupportedArrayError
+from ..snapshot import Allocator
+from .base import Backend
+from .numpy import NumpyBackend
+
+_NUMPY = NumpyBackend()
+
+
+def _as_numpy(x: Any, key: str) -> np.ndarray:
+    # `__array__` / the buffer protocol cover JAX (with BF16) and most libraries; DLPack
+    # covers the strict ones that refuse implicit conversion.
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+        raise UnsupportedArrayError(
+            f"tensor {key!r}: cannot read a {type(x).__module__}.{type(x).__qualname__} "
+            f"into host memory ({exc})"
+        ) from exc
+
+
+class GenericBackend(Backend):
+    name = "array-api"
+
+    def __init__(self, xp: ModuleType | None = None) -> None:
+        self.xp = xp
+
+    def dtype(self, x: Any, key: str) -> DType:
+        return dtypes.from_name(str(x.dtype), tensor=key)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(n) for n in x.shape)
+
+    def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
+        return _NUMPY.to_host(_as_numpy(x, key), key, dtype, alloc)
+
+    def from_host(self, host: np.ndarray, device: Any) -> Any:
+        xp = self.xp
+        assert xp is not None, "a GenericBackend for loading needs its namespace"
+        try:
+            arr = xp.asarray(host)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UnsupportedArrayError(
+                f"{xp.__name__} cannot hold dtype {host.dtype} ({exc}); load with xp=numpy"
+            ) from exc
+        if device is not None:
+            import array_api_compat
+
+            try:
+                arr = array_api_compat.to_device(arr, device)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InvalidInputError(f"cannot move arrays to device {device!r}: {exc}") from exc
+        return arr

@@ -1,0 +1,96 @@
+"""PyTorch tensors on CPU and CUDA; CUDA copies go through pinned buffers on a side stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import InvalidInputError, UnsupportedArrayError
+from ..snapshot import Allocator, host_view
+from .base import Backend
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    found = getattr(torch, dtype.name, None)
+    if not isinstance(found, torch.dtype):
+        raise UnsupportedArrayError(
+            f"this PyTorch ({torch.__version__}) has no dtype for {dtype.code}; upgrade PyTorch "
+            "or load with xp=numpy"
+        )
+    return found
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, Any] = {}
+
+    def dtype(self, x: Any, key: str) -> DType:
+        if x.layout != torch.strided:
+            raise UnsupportedArrayError(
+                f"tensor {key!r}: layout {x.layout} is not supported; call .to_dense() first"
+            )
+        if x.device.type == "meta":
+            raise UnsupportedArrayError(f"tensor {key!r} is on the meta device and has no data")
+        return dtypes.from_name(str(x.dtype), tensor=key)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
+        x = x.detach().resolve_conj().resolve_neg()
+        shape = tuple(x.shape)
+        on_device = x.device.type != "cpu"
+        if alloc is None and not on_device and x.is_contiguous():
+            return host_view(x.reshape(-1).view(torch.uint8).numpy(), dtype, shape)
+        nbytes = x.numel() * dtype.itemsize
+        flat = alloc(nbytes, on_device) if alloc else np.empty(nbytes, np.uint8)
+        dst = torch.from_numpy(flat).view(x.dtype).view(shape)
+        if on_device:
+            stream = self._side_stream(x.device)
+            # Order the copy after the work that produced `x` on the caller's stream.
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                dst.copy_(x, non_blocking=True)
+        else:
+            dst.copy_(x)
+        return host_view(flat, dtype, shape)
+
+    def _side_stream(self, device: torch.device) -> Any:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def synchronize(self) -> None:
+        for stream in self._streams.values():
+            stream.synchronize()
+
+    def from_host(self, host: np.ndarray, device: Any) -> Any:
+        target = self._device(device)
+        tdtype = torch_dtype(dtypes.from_numpy(host.dtype, tensor="?"))
+        t = torch.from_numpy(host.reshape(-1).view(np.uint8)).view(tdtype).view(host.shape)
+        if target is not None and target.type != "cpu":
+            t = t.to(target)
+        return t
+
+    def check_device(self, device: Any) -> None:
+        self._device(device)
+
+    @staticmethod
+    def _device(device: Any) -> torch.device | None:
+        if device is None:
+            return None
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidInputError(f"{device!r} is not a PyTorch device: {exc}") from exc
+
+
+def pinned_empty(nbytes: int) -> np.ndarray:
+    """Page-locked host memory, so device-to-host copies run at full PCIe speed."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()

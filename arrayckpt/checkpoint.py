@@ -1,0 +1,216 @@
+"""Synchronous save and load of one checkpoint directory (boostr's layout)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from . import backends, format, fsops
+from .commit import commit_directory
+from .errors import CheckpointNotFoundError, InvalidInputError
+from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from .snapshot import HostTensor, StagingPool, check_key, check_mapping
+from .training_state import TrainingState
+
+log = logging.getLogger("arrayckpt")
+
+PathLike = str | os.PathLike[str]
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    training_state: TrainingState
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one save writes, already in host memory owned by arrayckpt."""
+
+    model: dict[str, HostTensor]
+    optimizer: dict[str, HostTensor]
+    training_state: TrainingState
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for part in (self.model, self.optimizer) for t in part.values())
+
+
+def snapshot_state(
+    state: Mapping[str, Any] | None, *, what: str, staging: StagingPool | None
+) -> dict[str, HostTensor]:
+    """Copy every array of ``state`` to host memory.
+
+    Every key and value is validated before the first byte is copied. With ``staging``
+    each array is copied into the pool's reusable buffers (so the caller may mutate its
+    arrays afterwards); without it, host arrays that are already contiguous are used in
+    place (zero copy, for synchronous saves).
+    """
+    if state is None:
+        return {}
+    state = check_mapping(state, what=what)
+    plan = []
+    for key, x in state.items():
+        check_key(key, what=what)
+        backend = backends.for_array(x, key)
+        plan.append((key, x, backend, backend.dtype(x, key)))
+    alloc = staging.take if staging is not None else None
+    out = {
+        key: HostTensor(backend.to_host(x, key, dtype, alloc), dtype)
+        for key, x, backend, dtype in plan
+    }
+    for backend in {id(b): b for _, _, b, _ in plan}.values():
+        backend.synchronize()
+    return out
+
+
+def take_snapshot(
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None,
+    training_state: TrainingState | None,
+    *,
+    staging: StagingPool | None,
+) -> Snapshot:
+    """Validate and copy one checkpoint's state (see `snapshot_state`)."""
+    training_state = TrainingState(step=0) if training_state is None else training_state
+    if not isinstance(training_state, TrainingState):
+        raise InvalidInputError(
+            f"training_state must be a TrainingState, not {type(training_state).__name__}"
+        )
+    training_state.to_json()  # validates; raises before anything is copied
+    if staging is not None:
+        staging.begin()
+    return Snapshot(
+        snapshot_state(model_state, what="model_state", staging=staging),
+        snapshot_state(optimizer_state, what="optimizer_state", staging=staging),
+        training_state,
+    )
+
+
+def write_files(directory: Path, snap: Snapshot) -> None:
+    """Write and fsync a checkpoint's files into an (uncommitted) directory."""
+    format.write_file(directory / MODEL_FILE, snap.model)
+    if snap.optimizer:
+        format.write_file(directory / OPTIMIZER_FILE, snap.optimizer)
+    state_path = directory / TRAINING_STATE_FILE
+    fs = fsops.fs()
+    fs.write_bytes(state_path, snap.training_state.to_json().encode())
+    fs.fsync_file(state_path)
+
+
+def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:
+    """Atomically commit ``snap`` as the checkpoint at ``directory``."""
+    started = time.perf_counter()
+    target = commit_directory(directory, lambda tmp: write_files(tmp, snap))
+    log.info(
+        "saved %s: %d tensors, %.1f MiB in %.3f s",
+        target,
+        len(snap.model) + len(snap.optimizer),
+        snap.nbytes / 2**20,
+        time.perf_counter() - started,
+    )
+    return target
+
+
+def save_checkpoint(
+    directory: PathLike,
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+    training_state: TrainingState | None = None,
+) -> Path:
+    """Save a checkpoint directory atomically and durably, and return its path.
+
+    Writes ``model.safetensors``, ``optimizer.safetensors`` (only when non-empty) and
+    ``training_state.json`` into a temporary sibling, fsyncs them, and swaps the
+    directory into place: ``directory`` holds the complete previous checkpoint or the
+    complete new one at every instant.
+
+    Args:
+        directory: where the checkpoint goes; must be new, empty, or a checkpoint.
+        model_state: ``str -> array`` of any supported framework (mixed is fine).
+        optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
+        training_state: step, epoch, learning rate and metadata; default ``step=0``.
+
+    Raises:
+        InvalidInputError: a key, value or training-state field cannot be saved
+            (`UnsupportedArrayError` for arrays and dtypes); nothing is written.
+        CheckpointWriteError: I/O failed; the previous checkpoint is intact.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = ac.save_checkpoint(f"{d}/step_1", {"w": np.ones(3, np.float32)},
+        ...                        training_state=ac.TrainingState(step=1))
+        >>> ac.load_checkpoint(f"{d}/step_1").model["w"]
+        array([1., 1., 1.], dtype=float32)
+    """
+    snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+    return write_snapshot(directory, snap)
+
+
+def load_state_file(
+    path: Path,
+    *,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    verify: bool = True,
+    mmap: bool = True,
+    keys: Any = None,
+) -> dict[str, Any]:
+    """Load one safetensors file's tensors as arrays of ``xp`` on ``device``."""
+    backend = backends.for_namespace(xp)
+    backend.check_device(device)
+    reader = format.SafetensorsReader(path, mmap=mmap)
+    host = reader.arrays(keys, verify=verify)
+    return {name: backend.from_host(arr, device) for name, arr in host.items()}
+
+
+def load_checkpoint(
+    directory: PathLike,
+    *,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    verify: bool = True,
+    mmap: bool = True,
+) -> Checkpoint:
+    """Load a checkpoint directory into arrays of any framework.
+
+    Args:
+        directory: a checkpoint written by arrayckpt or boostr.
+        xp: the namespace of the arrays to return: ``None`` (NumPy), a module
+            (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
+            or its name.
+        device: that framework's device (``"cuda:0"``, a CuPy ``Device``, ...).
+        verify: check every tensor's CRC32C (files from other tools have none).
+        mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
+            each file sequentially (best on network file systems).
+
+    Returns:
+        ``Checkpoint(model, optimizer, training_state)``; ``optimizer`` is ``None`` when
+        no optimizer file was saved.
+
+    Raises:
+        CheckpointNotFoundError: the directory or a required file is missing.
+        CorruptCheckpointError: a file is malformed or fails its checksum (names which).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
+    if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
+        raise InvalidInputError(
+            f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
+        )
+    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
+    model = load_state_file(root / MODEL_FILE, **options)
+    opt_path = root / OPTIMIZER_FILE
+    optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
+    state = TrainingState.read(root / TRAINING_STATE_FILE)
+    return Checkpoint(model, optimizer, state)

@@ -1,0 +1,116 @@
+"""Atomic commit: build a directory in a temporary sibling, fsync it, swap it into place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from . import fsops
+from .errors import CheckpointError, CheckpointWriteError, InvalidInputError
+from .layout import OLD_MARKER, TEMP_MARKER, replaceable
+
+log = logging.getLogger("arrayckpt")
+
+
+def temporary_sibling(target: Path, marker: str = TEMP_MARKER) -> Path:
+    """A unique hidden name beside ``target``; the pid tells a later cleanup who made it."""
+    return target.with_name(f".{target.name}{marker}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """Create ``target`` atomically with the files ``fill(tmp_dir)`` writes.
+
+    ``fill`` must write and fsync every file it creates. Afterwards the temporary directory
+    is fsynced, swapped into place in one step (replacing an empty directory or a previous
+    checkpoint), and the parent directory is fsynced. At every instant ``target`` holds
+    either its previous content or the complete new one.
+
+    Raises:
+        InvalidInputError: ``target`` exists and holds files that are not a checkpoint's.
+        CheckpointWriteError: any I/O step failed; no temporary directory is left behind.
+    """
+    target = Path(target).absolute()
+    fs = fsops.fs()
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(f"{target} exists and is not a directory; choose another path")
+    try:
+        fs.makedirs(target.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot create {target.parent}: {exc}") from exc
+    if target.is_dir() and not replaceable(target):
+        raise InvalidInputError(
+            f"{target} holds files that are not part of a checkpoint; refusing to replace it. "
+            "Save into an empty or new directory."
+        )
+    tmp = temporary_sibling(target)
+    undo: Callable[[], None] | None = None
+    try:
+        fs.mkdir(tmp)
+        fill(tmp)
+        fs.fsync_dir(tmp)
+        undo, replaced = _swap_into_place(tmp, target)
+        fs.fsync_dir(target.parent)
+    except BaseException as exc:
+        restored = undo is None or _attempt(undo, f"restoring the previous content of {target}")
+        if restored:  # else `tmp` may hold the previous checkpoint: keep it for the user
+            _discard(tmp)
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise CheckpointWriteError(f"saving {target} failed: {exc}") from exc
+    if replaced is not None:
+        _discard(replaced)
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path | None]:
+    """Put ``tmp`` at ``target``; return how to undo that and where the old content went."""
+    fs = fsops.fs()
+    if not target.exists() or not any(target.iterdir()):
+        existed = target.exists()
+        fs.rename(tmp, target)  # POSIX rename replaces an empty directory atomically
+
+        def undo_rename() -> None:
+            fs.rename(target, tmp)
+            if existed:
+                fs.mkdir(target)
+
+        return undo_rename, None
+    try:
+        fs.exchange(tmp, target)
+        return (lambda: fs.exchange(tmp, target)), tmp
+    except NotImplementedError:
+        pass
+    # No atomic exchange here: move the old one aside first. A crash between the two
+    # renames leaves the old checkpoint under its `.arrayckpt-old-` name, not lost.
+    old = temporary_sibling(target, OLD_MARKER)
+    fs.rename(target, old)
+    try:
+        fs.rename(tmp, target)
+    except BaseException:
+        fs.rename(old, target)
+        raise
+
+    def undo_aside() -> None:
+        fs.rename(target, tmp)
+        fs.rename(old, target)
+
+    return undo_aside, old
+
+
+def _attempt(step: Callable[[], None], what: str) -> bool:
+    try:
+        step()
+    except OSError as exc:
+        log.error("%s failed: %s", what, exc)
+        return False
+    return True
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary directory; a failure here is logged, never raised over the cause."""
+    if not os.path.lexists(path):
+        return
+    _attempt(lambda: fsops.fs().remove_tree(path), f"removing temporary directory {path}")

@@ -1,0 +1,97 @@
+"""The one table of safetensors dtype codes, their item sizes and each framework's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .errors import UnsupportedArrayError
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype.
+
+    Attributes:
+        code: the header code, e.g. ``"BF16"``.
+        itemsize: bytes per element.
+        name: the framework-neutral name (NumPy/ml_dtypes, torch and JAX agree on it),
+            which is also what ``safetensors.TensorSpec`` takes.
+    """
+
+    code: str
+    itemsize: int
+    name: str
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        """The NumPy dtype (from ml_dtypes for BF16 and the float8 family), little-endian."""
+        return _numpy_dtype(self.name)
+
+
+_TABLE = (
+    DType("BOOL", 1, "bool"),
+    DType("U8", 1, "uint8"),
+    DType("I8", 1, "int8"),
+    DType("I16", 2, "int16"),
+    DType("U16", 2, "uint16"),
+    DType("F16", 2, "float16"),
+    DType("BF16", 2, "bfloat16"),
+    DType("I32", 4, "int32"),
+    DType("U32", 4, "uint32"),
+    DType("F32", 4, "float32"),
+    DType("F64", 8, "float64"),
+    DType("I64", 8, "int64"),
+    DType("U64", 8, "uint64"),
+    DType("C64", 8, "complex64"),
+    DType("F8_E4M3", 1, "float8_e4m3fn"),
+    DType("F8_E5M2", 1, "float8_e5m2"),
+    DType("F8_E4M3FNUZ", 1, "float8_e4m3fnuz"),
+    DType("F8_E5M2FNUZ", 1, "float8_e5m2fnuz"),
+    DType("F8_E8M0", 1, "float8_e8m0fnu"),
+)
+
+#: Every supported dtype, keyed by its safetensors header code.
+BY_CODE: dict[str, DType] = {d.code: d for d in _TABLE}
+#: Every supported dtype, keyed by its framework-neutral name.
+BY_NAME: dict[str, DType] = {d.name: d for d in _TABLE}
+
+
+@cache
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    if hasattr(ml_dtypes, name):
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name).newbyteorder("<")
+
+
+def by_code(code: str) -> DType:
+    """The dtype for a safetensors header code; ``KeyError`` when unknown."""
+    return BY_CODE[code]
+
+
+def from_name(name: str, *, tensor: str) -> DType:
+    """The dtype for a framework's dtype name (``"float32"``, ``"torch.bfloat16"``, ...).
+
+    Raises:
+        UnsupportedArrayError: naming ``tensor`` when safetensors has no code for it.
+    """
+    bare = name.rsplit(".", 1)[-1]
+    try:
+        return BY_NAME[bare]
+    except KeyError:
+        supported = ", ".join(sorted(BY_NAME))
+        raise UnsupportedArrayError(
+            f"tensor {tensor!r}: dtype {name} has no safetensors code; "
+            f"convert it to one of: {supported}"
+        ) from None
+
+
+def from_numpy(dtype: np.dtype[Any], *, tensor: str) -> DType:
+    """The dtype of a NumPy array (any byte order)."""
+    if dtype.kind == "b":
+        return BY_NAME["bool"]
+    return from_name(dtype.newbyteorder("=").name, tensor=tensor)

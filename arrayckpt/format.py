@@ -1,0 +1,318 @@
+"""The safetensors byte layout: writing from host buffers, strict header validation, reading.
+
+This is the only module that knows how a safetensors file is laid out. arrayckpt adds its
+own facts (format version, per-tensor CRC32C) to the header's ``__metadata__`` map, so the
+files stay readable by every safetensors reader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap as mmap_module
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import crc32c
+import numpy as np
+import safetensors
+
+from . import fsops
+from .dtypes import BY_CODE, DType
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .snapshot import HostTensor
+
+#: Largest header accepted (the safetensors library's own cap).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Most tensors accepted in one file.
+MAX_TENSORS = 1 << 20
+
+FORMAT_KEY = "arrayckpt.format"
+FORMAT_VERSION = "1"
+CHECKSUMS_KEY = "arrayckpt.crc32c"
+
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+def checksum(data: memoryview | bytes) -> int:
+    """CRC32C of ``data`` (hardware-accelerated; releases the GIL on large buffers)."""
+    return int(crc32c.crc32c(data))
+
+
+def write_file(
+    path: Path, tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to a safetensors file at ``path`` and fsync it.
+
+    Each tensor's CRC32C goes into ``__metadata__``; the bytes are written by safetensors'
+    Rust serializer straight from the host buffers, which ``tensors`` keeps alive.
+    """
+    meta = dict(metadata or {})
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta[CHECKSUMS_KEY] = json.dumps(
+        {name: f"{checksum(t.bytes()):08x}" for name, t in tensors.items()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    specs = {
+        name: safetensors.TensorSpec(
+            dtype=t.dtype.name, shape=list(t.shape), data_ptr=t.data.ctypes.data,
+            data_len=t.nbytes,
+        )
+        for name, t in tensors.items()
+    }
+    fs = fsops.fs()
+    fs.write_safetensors(path, specs, meta)
+    fs.fsync_file(path)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's header entry, validated. Offsets are relative to the file start."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    checksums: dict[str, int] | None
+    data_start: int
+
+
+def _fail(path: Path, problem: str) -> NoReturn:
+    raise CorruptCheckpointError(f"{path}: {problem}")
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _reject_float(token: str) -> Any:
+    raise ValueError(f"unexpected number {token} (a safetensors header holds only integers)")
+
+
+def _strict_int(token: str) -> int:
+    if token.startswith("-"):
+        raise ValueError(f"negative number {token}")
+    return int(token)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
+    """Validate a safetensors header before anything is allocated for its tensors.
+
+    ``prefix`` holds at least the first ``8 + header length`` bytes of the file.
+    Stricter than the safetensors library: duplicate keys, unknown fields, holes,
+    trailing bytes and non-UTF-8 names are all rejected.
+    """
+    if file_size < 8:
+        _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if n > file_size - 8:
+        _fail(path, f"header length {n} runs past the end of the {file_size}-byte file")
+    raw = prefix[8 : 8 + n]
+    # Count entries before parsing, so a header of millions of tiny entries allocates nothing.
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        _fail(path, f"header declares more than {MAX_TENSORS} tensors")
+    try:
+        text = raw.decode("utf-8")
+        top = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+            parse_float=_reject_float,
+            parse_int=_strict_int,
+        )
+    except UnicodeDecodeError as exc:
+        _fail(path, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    except RecursionError:
+        _fail(path, "header JSON is nested too deeply")
+    except ValueError as exc:
+        _fail(path, f"header is not valid JSON: {exc}")
+    if not isinstance(top, dict):
+        _fail(path, f"header must be a JSON object, not {type(top).__name__}")
+    metadata = _parse_metadata(path, top.pop("__metadata__", {}))
+    data_start = 8 + n
+    data_len = file_size - data_start
+    entries = {name: _parse_entry(path, name, raw_entry) for name, raw_entry in top.items()}
+    _check_coverage(path, entries.values(), data_len)
+    entries = {
+        name: Entry(e.name, e.dtype, e.shape, e.start + data_start, e.end + data_start)
+        for name, e in entries.items()
+    }
+    return Header(entries, metadata, _parse_checksums(path, metadata, entries), data_start)
+
+
+def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        _fail(path, "__metadata__ must map strings to strings")
+    return meta
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
+    where = f"tensor {name!r}"
+    if not name or "\x00" in name:
+        _fail(path, f"{where}: tensor names must be non-empty and contain no NUL")
+    if not isinstance(entry, dict):
+        _fail(path, f"{where}: entry must be an object")
+    if set(entry) != _ENTRY_FIELDS:
+        extra = sorted(set(entry) - _ENTRY_FIELDS)
+        missing = sorted(_ENTRY_FIELDS - set(entry))
+        _fail(path, f"{where}: unknown fields {extra}, missing fields {missing}")
+    code = entry["dtype"]
+    if not isinstance(code, str) or code not in BY_CODE:
+        _fail(path, f"{where}: unknown dtype {code!r}")
+    dtype = BY_CODE[code]
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        _fail(path, f"{where}: shape {shape!r} must be a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+    ):
+        _fail(path, f"{where}: data_offsets {offsets!r} must be two non-negative integers")
+    start, end = offsets
+    if start > end:
+        _fail(path, f"{where}: data_offsets {offsets} are reversed")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if end - start != expected:
+        _fail(
+            path,
+            f"{where}: shape {shape} of {code} needs {expected} bytes but data_offsets "
+            f"span {end - start}",
+        )
+    return Entry(name, dtype, tuple(shape), start, end)
+
+
+def _check_coverage(path: Path, entries: Iterable[Entry], data_len: int) -> None:
+    cursor = 0
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start < cursor:
+            _fail(path, f"tensor {e.name!r}: data_offsets overlap the previous tensor")
+        if e.start > cursor:
+            _fail(path, f"tensor {e.name!r}: {e.start - cursor} unused bytes before its data")
+        cursor = e.end
+    if cursor > data_len:
+        _fail(path, f"tensor data ends at {cursor} but the file holds only {data_len} data bytes")
+    if cursor < data_len:
+        _fail(path, f"{data_len - cursor} trailing bytes after the last tensor")
+
+
+def _parse_checksums(
+    path: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry]
+) -> dict[str, int] | None:
+    text = metadata.get(CHECKSUMS_KEY)
+    if text is None:
+        return None  # written by another tool: nothing to verify
+    try:
+        table = json.loads(text, object_pairs_hook=_unique_keys)
+        parsed = {str(k): int(v, 16) for k, v in table.items()}
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        _fail(path, f"__metadata__[{CHECKSUMS_KEY!r}] is not a map of tensor names to hex CRCs")
+    if set(parsed) != set(entries):
+        _fail(path, f"__metadata__[{CHECKSUMS_KEY!r}] does not list exactly the file's tensors")
+    return parsed
+
+
+class SafetensorsReader:
+    """An open, validated safetensors file; arrays are views into its mapping.
+
+    With ``mmap=True`` (the default, best on local disks) the file is mapped copy-on-write:
+    arrays are zero-copy, writable, and writes never reach the file. With ``mmap=False``
+    the file is read in one sequential pass (best on network file systems).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, mmap: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 8:
+                    _fail(self.path, f"file is {size} bytes, shorter than the 8-byte header length")
+                if mmap:
+                    self._buf: Any = mmap_module.mmap(
+                        f.fileno(), 0, access=mmap_module.ACCESS_COPY
+                    )
+                    prefix = self._buf
+                else:
+                    self._buf = np.empty(size, np.uint8)
+                    if f.readinto(memoryview(self._buf)) != size:
+                        _fail(self.path, "file shrank while it was being read")
+                    prefix = self._buf.data
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{self.path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise CorruptCheckpointError(f"{self.path} is a directory, not a file") from exc
+        head = bytes(prefix[:8])
+        (n,) = struct.unpack("<Q", head)
+        limit = 8 + min(n, MAX_HEADER_BYTES, size - 8)
+        self.header = parse_header(self.path, bytes(prefix[:limit]), size)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.header.entries)
+
+    def raw(self, name: str) -> memoryview:
+        e = self.header.entries[name]
+        return memoryview(self._buf)[e.start : e.end]
+
+    def verify(self, name: str) -> None:
+        """Check ``name`` against its recorded CRC32C (a no-op for files without them)."""
+        sums = self.header.checksums
+        if sums is None:
+            return
+        if checksum(self.raw(name)) != sums[name]:
+            _fail(
+                self.path,
+                f"tensor {name!r} fails its CRC32C checksum: the file is corrupt; "
+                "restore another checkpoint (or load with verify=False to inspect it)",
+            )
+
+    def array(self, name: str, *, verify: bool = True) -> np.ndarray:
+        """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping."""
+        if verify:
+            self.verify(name)
+        e = self.header.entries[name]
+        dtype = e.dtype.numpy
+        count = e.end - e.start
+        if count == 0:
+            return np.empty(e.shape, dtype)
+        arr = np.frombuffer(self._buf, dtype=np.uint8, count=count, offset=e.start)
+        if e.start % e.dtype.itemsize:
+            arr = arr.copy()  # misaligned (another tool's file): frameworks want aligned data
+        return arr.view(dtype).reshape(e.shape)
+
+    def arrays(
+        self, keys: Iterable[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        names = self.names if keys is None else list(keys)
+        missing = [k for k in names if k not in self.header.entries]
+        if missing:
+            raise CheckpointNotFoundError(f"{self.path}: no tensors named {missing}")
+        return {name: self.array(name, verify=verify) for name in names}

@@ -1,0 +1,119 @@
+"""Every file-system operation arrayckpt performs, behind one swappable object.
+
+Tests install a subclass (`use`) to record the order of operations or inject faults,
+without monkeypatching the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import safetensors
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+class FileSystem:
+    """The real file system. Each method is one durable step of a save or a read."""
+
+    def makedirs(self, path: Path) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+
+    def write_safetensors(
+        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
+    ) -> None:
+        # The Rust writer releases the GIL and writes straight from our host buffers.
+        safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        with open(path, "xb") as f:
+            f.write(data)
+
+    def fsync_file(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def exchange(self, a: Path, b: Path) -> None:
+        """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+        Raises:
+            NotImplementedError: where the platform or file system cannot exchange.
+        """
+        if _renameat2 is None:
+            raise NotImplementedError("renameat2 is not available")
+        if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+            err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+                raise NotImplementedError(os.strerror(err))
+            raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+    def remove_tree(self, path: Path) -> None:
+        shutil.rmtree(path)
+
+    def read_bytes(self, path: Path, limit: int) -> bytes:
+        """Read a small file whole, refusing one larger than ``limit`` bytes."""
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        return data
+
+
+_current = FileSystem()
+
+
+def fs() -> FileSystem:
+    """The file system in use (the real one unless a test installed another)."""
+    return _current
+
+
+@contextmanager
+def use(filesystem: FileSystem) -> Iterator[FileSystem]:
+    """Route every arrayckpt file operation through ``filesystem`` inside the block.
+
+    Process-wide on purpose: the background writer thread must see it too.
+    """
+    global _current
+    previous, _current = _current, filesystem
+    try:
+        yield filesystem
+    finally:
+        _current = previous

@@ -1,0 +1,109 @@
+"""Host snapshots of arrays: `HostTensor` and the reusable staging pool they are copied into."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DType
+from .errors import InvalidInputError
+
+#: Allocates ``nbytes`` of host memory as a flat uint8 array; ``pinned`` asks for
+#: page-locked memory (for device-to-host copies).
+Allocator = Callable[[int, bool], np.ndarray]
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """One array's bytes in host memory: C-contiguous, little-endian, ready to write."""
+
+    data: np.ndarray
+    dtype: DType
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def bytes(self) -> memoryview:
+        """The raw bytes, without a copy."""
+        return memoryview(self.data.reshape(-1).view(np.uint8))
+
+
+class StagingPool:
+    """Host buffers reused from one snapshot to the next, keyed by size.
+
+    Reuse matters: copying into warm pages runs at memcpy speed, while fresh allocations
+    pay a page fault per 4 KiB. Buffers the previous snapshot used become free again at
+    `begin`; the ones it did not reuse are dropped, so the pool holds one snapshot at most.
+    """
+
+    def __init__(self, pinned_allocator: Callable[[int], np.ndarray] | None = None) -> None:
+        self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self._used: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self.pinned_allocator = pinned_allocator
+
+    def begin(self) -> None:
+        """Start a snapshot: the previous one's buffers may be overwritten from now on."""
+        self._free, self._used = self._used, {}
+
+    def take(self, nbytes: int, pinned: bool = False) -> np.ndarray:
+        key = (nbytes, pinned)
+        free = self._free.get(key)
+        buf = free.pop() if free else self._allocate(nbytes, pinned)
+        self._used.setdefault(key, []).append(buf)
+        return buf
+
+    def _allocate(self, nbytes: int, pinned: bool) -> np.ndarray:
+        if pinned and self.pinned_allocator is not None:
+            return self.pinned_allocator(nbytes)
+        return np.empty(nbytes, np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds."""
+        return sum(b.nbytes for d in (self._free, self._used) for bs in d.values() for b in bs)
+
+    def release(self) -> None:
+        self._free.clear()
+        self._used.clear()
+
+
+def fresh_allocator(nbytes: int, pinned: bool) -> np.ndarray:
+    """An allocator with no reuse (for one-off saves)."""
+    return np.empty(nbytes, np.uint8)
+
+
+def host_view(flat: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+    """View a flat uint8 buffer as an array of ``dtype`` and ``shape``."""
+    return flat.view(dtype.numpy).reshape(shape)
+
+
+def nbytes_of(dtype: DType, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def check_key(key: Any, *, what: str) -> str:
+    """A tensor name must be a non-empty str without NUL, and not safetensors' reserved key."""
+    if not isinstance(key, str):
+        raise InvalidInputError(f"{what}: key {key!r} is a {type(key).__name__}, not a str")
+    if not key or "\x00" in key or key == "__metadata__":
+        raise InvalidInputError(
+            f"{what}: key {key!r} is not a valid tensor name (empty, NUL, or '__metadata__')"
+        )
+    return key
+
+
+def check_mapping(state: Any, *, what: str) -> Mapping[str, Any]:
+    if not isinstance(state, Mapping):
+        raise InvalidInputError(
+            f"{what} must be a mapping of str to arrays, not {type(state).__name__}"
+        )
+    return state

@@ -1,0 +1,141 @@
+"""`TrainingState` and its JSON file, read and written exactly as boostr's serde does."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import CorruptCheckpointError, InvalidInputError
+
+#: The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``).
+CHECKPOINT_VERSION = 2
+#: Largest training_state.json accepted.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+_U64 = 2**64
+_U32 = 2**32
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: step, epoch, learning rate and free-form string metadata.
+
+    A file without ``version`` is version 1; missing ``epoch``, ``learning_rate`` and
+    ``metadata`` default to ``0``, ``0.0`` and ``{}``, as in boostr.
+
+    Example:
+        >>> s = TrainingState(step=100, epoch=1, learning_rate=3e-4, metadata={"run": "a"})
+        >>> TrainingState.from_json(s.to_json()) == s
+        True
+    """
+
+    step: int
+    epoch: int = 0
+    learning_rate: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+    version: int = CHECKPOINT_VERSION
+
+    def to_json(self) -> str:
+        """The JSON boostr writes (serde_json pretty, fields in its order).
+
+        Raises:
+            InvalidInputError: a field has the wrong type or is out of range.
+        """
+        _check(self, InvalidInputError, "training_state")
+        doc = {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "learning_rate": float(self.learning_rate),
+            "metadata": self.metadata,
+        }
+        return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "training_state.json") -> TrainingState:
+        """Parse strictly; every problem is a `CorruptCheckpointError` naming ``source``."""
+
+        def fail(problem: str) -> NoReturn:
+            raise CorruptCheckpointError(f"{source}: {problem}")
+
+        if len(text) > MAX_STATE_BYTES:
+            fail(f"larger than {MAX_STATE_BYTES} bytes")
+        try:
+            doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except RecursionError:
+            fail("JSON is nested too deeply")
+        except (ValueError, UnicodeDecodeError) as exc:
+            fail(f"not valid JSON: {exc}")
+        if not isinstance(doc, dict):
+            fail(f"must hold a JSON object, not {type(doc).__name__}")
+        if "step" not in doc:
+            fail("missing required field 'step'")
+        state = cls(
+            step=doc["step"],
+            epoch=doc.get("epoch", 0),
+            learning_rate=doc.get("learning_rate", 0.0),
+            metadata=doc.get("metadata", {}),
+            version=doc.get("version", 1),
+        )
+        _check(state, CorruptCheckpointError, source)
+        state.learning_rate = float(state.learning_rate)
+        return state
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingState:
+        from . import fsops
+        from .errors import CheckpointNotFoundError
+
+        try:
+            data = fsops.fs().read_bytes(path, MAX_STATE_BYTES)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{path} does not exist") from exc
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}") from exc
+        return cls.from_json(data, source=str(path))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a number JSON allows")
+
+
+def _is_uint(x: Any, bound: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _check(state: TrainingState, error: type[Exception], source: str) -> None:
+    def fail(problem: str) -> NoReturn:
+        raise error(f"{source}: {problem}")
+
+    if not _is_uint(state.step, _U64):
+        fail(f"step must be an integer in [0, 2**64), got {state.step!r}")
+    if not _is_uint(state.epoch, _U64):
+        fail(f"epoch must be an integer in [0, 2**64), got {state.epoch!r}")
+    if not _is_uint(state.version, _U32):
+        fail(f"version must be an integer in [0, 2**32), got {state.version!r}")
+    lr = state.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not _finite(lr):
+        fail(f"learning_rate must be a finite number, got {lr!r}")
+    meta = state.metadata
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        fail("metadata must map strings to strings")

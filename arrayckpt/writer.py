@@ -1,0 +1,128 @@
+"""The one process-wide writer thread that every checkpointer hands its writes to."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+log = logging.getLogger("arrayckpt")
+
+T = TypeVar("T")
+
+#: Seconds the interpreter waits at exit for pending writes (env ARRAYCKPT_EXIT_TIMEOUT).
+DEFAULT_EXIT_TIMEOUT = 600.0
+
+
+class WriteFuture(Future[T]):
+    """A `Future` that remembers whether anyone looked at its outcome.
+
+    A failure nobody looked at is printed on stderr at interpreter exit.
+    """
+
+    description: str = ""
+    observed: bool = False
+
+    def result(self, timeout: float | None = None) -> T:
+        self.observed = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.observed = True
+        return super().exception(timeout)
+
+
+class Writer:
+    """A single daemon thread running write jobs in submission order."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[WriteFuture[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pending: set[WriteFuture[Any]] = set()
+        self._failed: list[WriteFuture[Any]] = []
+
+    def submit(self, fn: Callable[[], T], description: str) -> WriteFuture[T]:
+        future: WriteFuture[T] = WriteFuture()
+        future.description = description
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="arrayckpt-writer", daemon=True
+                )
+                self._thread.start()
+            self._pending.add(future)
+        self._jobs.put((future, fn))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    log.debug("write failed: %s", future.description, exc_info=True)
+                    future.set_exception(exc)
+                    with self._lock:
+                        self._failed.append(future)
+            with self._lock:
+                self._pending.discard(future)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every pending write; False if some did not finish."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return True
+            for future in pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    # Not result(): waiting here must not count as the user looking.
+                    Future.exception(future, remaining)
+                except TimeoutError:
+                    return False
+
+    def at_exit(self) -> None:
+        timeout = float(os.environ.get("ARRAYCKPT_EXIT_TIMEOUT", DEFAULT_EXIT_TIMEOUT))
+        if not self.drain(timeout):
+            with self._lock:
+                names = ", ".join(sorted(f.description for f in self._pending))
+            print(
+                f"arrayckpt: gave up after {timeout:.0f} s waiting for pending checkpoint "
+                f"writes at exit ({names}); they are incomplete and were never committed",
+                file=sys.stderr,
+            )
+        with self._lock:
+            unobserved = [f for f in self._failed if not f.observed]
+        for future in unobserved:
+            print(
+                f"arrayckpt: checkpoint write failed and nobody waited for it: "
+                f"{future.description}: {Future.exception(future, 0)!r}",
+                file=sys.stderr,
+            )
+
+
+_writer = Writer()
+atexit.register(_writer.at_exit)
+
+
+def submit(fn: Callable[[], T], description: str) -> WriteFuture[T]:
+    """Queue ``fn`` on the shared writer thread; its result or error lands in the future."""
+    return _writer.submit(fn, description)
