@@ -1,0 +1,60 @@
+"""Sessions: tests, tests_minimal, lint, typecheck, docs, bench, stress."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "tests_minimal", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+
+# A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every backend available on a CPU machine: NumPy, PyTorch, JAX, array_api_strict."""
+    session.install(*TEST_DEPS)
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def tests_minimal(session: nox.Session) -> None:
+    """Only the core dependencies: everything framework-specific must skip cleanly."""
+    session.install(".[test]")
+    session.run("pip", "uninstall", "-y", "array-api-strict")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("mypy", ".")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    session.install(".[docs]")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
+    session.install(".", TORCH, "matplotlib", "psutil")
+    session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The durability suites at their full counts."""
+    session.install(*TEST_DEPS)
+    session.run("pytest", "-q", "-m", "slow or not slow", *session.posargs,
+                env={"ARRAYCKPT_STRESS": "1"})
