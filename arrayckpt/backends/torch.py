@@ -47,7 +47,10 @@ class TorchBackend(Backend):
         shape = tuple(x.shape)
         on_device = x.device.type != "cpu"
         if alloc is None and not on_device and x.is_contiguous():
-            return host_view(x.reshape(-1).view(torch.uint8).numpy(), dtype, shape)
+            # Not `reshape(-1)`: a "contiguous" tensor with <= 1 element may keep any
+            # stride (e.g. shape (1,), stride (2,)), which `view(torch.uint8)` rejects.
+            flat = x.as_strided((x.numel(),), (1,))
+            return host_view(flat.view(torch.uint8).numpy(), dtype, shape)
         nbytes = x.numel() * dtype.itemsize
         flat = alloc(nbytes, on_device) if alloc else np.empty(nbytes, np.uint8)
         dst = torch.from_numpy(flat).view(x.dtype).view(shape)
