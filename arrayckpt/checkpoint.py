@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from . import backends, format, fsops
 from .commit import commit_directory
-from .errors import CheckpointNotFoundError, InvalidInputError
+from .errors import CheckpointNotFoundError, InvalidInputError, UnsupportedArrayError
 from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
 from .snapshot import HostTensor, StagingPool, check_key, check_mapping
 from .training_state import TrainingState
@@ -170,7 +170,13 @@ def load_state_file(
     backend.check_device(device)
     reader = format.SafetensorsReader(path, mmap=mmap)
     host = reader.arrays(keys, verify=verify)
-    return {name: backend.from_host(arr, device) for name, arr in host.items()}
+    out = {}
+    for name, arr in host.items():
+        try:
+            out[name] = backend.from_host(arr, device)
+        except UnsupportedArrayError as exc:
+            raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
+    return out
 
 
 def load_checkpoint(

@@ -57,6 +57,12 @@ class GenericBackend(Backend):
             raise UnsupportedArrayError(
                 f"{xp.__name__} cannot hold dtype {host.dtype} ({exc}); load with xp=numpy"
             ) from exc
+        if str(arr.dtype).rsplit(".", 1)[-1] != host.dtype.name:
+            # JAX without x64 turns int64/float64 into 32-bit types without a word.
+            raise UnsupportedArrayError(
+                f"{xp.__name__} turned dtype {host.dtype} into {arr.dtype}; load with "
+                "xp=numpy (or, for JAX, enable 64-bit types: jax_enable_x64)"
+            )
         if device is not None:
             import array_api_compat
 
