@@ -94,11 +94,21 @@ def check_key(key: Any, *, what: str) -> str:
     """A tensor name must be a non-empty str without NUL, and not safetensors' reserved key."""
     if not isinstance(key, str):
         raise InvalidInputError(f"{what}: key {key!r} is a {type(key).__name__}, not a str")
-    if not key or "\x00" in key or key == "__metadata__":
+    if not key or "\x00" in key or key == "__metadata__" or not _is_utf8(key):
         raise InvalidInputError(
-            f"{what}: key {key!r} is not a valid tensor name (empty, NUL, or '__metadata__')"
+            f"{what}: key {key!r} is not a valid tensor name "
+            "(empty, NUL, '__metadata__', or a lone surrogate that UTF-8 cannot encode)"
         )
     return key
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings with lone surrogates, which no file header can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_mapping(state: Any, *, what: str) -> Mapping[str, Any]:

@@ -139,3 +139,7 @@ def _check(state: TrainingState, error: type[Exception], source: str) -> None:
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
         fail("metadata must map strings to strings")
+    try:  # lone surrogates pass the checks above but cannot be written as UTF-8
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        fail(f"metadata holds text UTF-8 cannot encode: {exc}")
