@@ -82,7 +82,13 @@ class TorchBackend(Backend):
         return t
 
     def check_device(self, device: Any) -> None:
-        self._device(device)
+        target = self._device(device)
+        if target is None or target.type == "cpu":
+            return
+        try:  # "cuda" parses on a CPU-only build; only an allocation tells it is unusable
+            torch.empty(0, device=target)
+        except (RuntimeError, AssertionError) as exc:
+            raise InvalidInputError(f"device {device!r} is not available: {exc}") from exc
 
     @staticmethod
     def _device(device: Any) -> torch.device | None:
