@@ -156,6 +156,8 @@ def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
     if not isinstance(top, dict):
         _fail(path, f"header must be a JSON object, not {type(top).__name__}")
     metadata = _parse_metadata(path, top.pop("__metadata__", {}))
+    if len(top) > MAX_TENSORS:  # the byte count above misses keys spelled with escapes
+        _fail(path, f"header declares more than {MAX_TENSORS} tensors")
     data_start = 8 + n
     data_len = file_size - data_start
     entries = {name: _parse_entry(path, name, raw_entry) for name, raw_entry in top.items()}
@@ -177,6 +179,10 @@ def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
     where = f"tensor {name!r}"
     if not name or "\x00" in name:
         _fail(path, f"{where}: tensor names must be non-empty and contain no NUL")
+    try:  # JSON escapes can spell a lone surrogate, which no UTF-8 reader accepts
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(path, f"{where}: tensor name holds a lone surrogate (not valid UTF-8)")
     if not isinstance(entry, dict):
         _fail(path, f"{where}: entry must be an object")
     if set(entry) != _ENTRY_FIELDS:
