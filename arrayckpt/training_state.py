@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,7 +52,13 @@ class TrainingState:
             "learning_rate": float(self.learning_rate),
             "metadata": self.metadata,
         }
-        return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+        # Python spells some floats differently from serde_json (1e-05 vs 0.00001); the
+        # learning rate is the first float in the document, so this replaces just it.
+        lr = float(self.learning_rate)
+        return text.replace(
+            f'"learning_rate": {float.__repr__(lr)}', f'"learning_rate": {serde_f64(lr)}', 1
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "training_state.json") -> TrainingState:
@@ -95,6 +102,34 @@ class TrainingState:
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
         return cls.from_json(data, source=str(path))
+
+
+def serde_f64(x: float) -> str:
+    """``x`` as serde_json writes an ``f64``: Ryu's shortest digits in Ryu's layout.
+
+    Both Python's ``repr`` and Ryu print the shortest digits that round-trip; they
+    differ only in where they switch to exponents and how exponents look.
+
+    Example:
+        >>> serde_f64(1e-5), serde_f64(1e-6), serde_f64(1e16), serde_f64(3.0)
+        ('0.00001', '1e-6', '1e16', '3.0')
+    """
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    sign = "-" if x < 0 else ""
+    exact = Decimal(repr(abs(x))).normalize()
+    _, digit_tuple, exp = exact.as_tuple()
+    assert isinstance(exp, int), "a finite float has an integer exponent"
+    digits = "".join(map(str, digit_tuple))
+    kk = len(digits) + exp  # 10**(kk-1) <= |x| < 10**kk
+    if 0 <= exp and kk <= 16:
+        return f"{sign}{digits}{'0' * exp}.0"
+    if 0 < kk <= 16:
+        return f"{sign}{digits[:kk]}.{digits[kk:]}"
+    if -5 < kk <= 0:
+        return f"{sign}0.{'0' * -kk}{digits}"
+    mantissa = digits if len(digits) == 1 else f"{digits[0]}.{digits[1:]}"
+    return f"{sign}{mantissa}e{kk - 1}"
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
