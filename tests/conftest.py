@@ -1,0 +1,72 @@
+"""Test setup: import path, Hypothesis profiles, backend fixtures.
+
+Profiles: ``ci`` (default; the whole suite in well under a minute) and ``stress``
+(``ARRAYCKPT_STRESS=1``; many more examples). Shared strategies live in
+``tests/strategies.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the package is imported from the worktree, not installed
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))  # `from strategies import ...` under any rootdir
+
+# Before anything imports jax: the suite checks 64-bit dtypes exactly.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+
+import strategies  # noqa: E402
+
+_COMMON = {
+    "deadline": None,  # file I/O and first framework imports make timings noisy
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("ci", max_examples=25, derandomize=False, **_COMMON)
+settings.register_profile("stress", max_examples=500, **_COMMON)
+settings.load_profile("stress" if os.environ.get("ARRAYCKPT_STRESS") == "1" else "ci")
+
+
+@pytest.fixture(params=strategies.available_backends())
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend available on this machine, in turn."""
+    return str(request.param)
+
+
+@pytest.fixture(params=strategies.cpu_backends())
+def cpu_backend_name(request: pytest.FixtureRequest) -> str:
+    """Each host-memory backend available on this machine, in turn."""
+    return str(request.param)
+
+
+@pytest.fixture
+def torch_module() -> object:
+    """The torch module, or a skip saying why it is missing."""
+    return pytest.importorskip("torch", reason="PyTorch is not installed")
+
+
+@pytest.fixture
+def jax_numpy() -> object:
+    """jax.numpy with 64-bit types on, or a skip saying why it is missing."""
+    pytest.importorskip("jax", reason="JAX is not installed (pip install jax)")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    return jnp
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path: Path) -> Iterator[Path]:
+    """A path for a checkpoint that does not exist yet, in a fresh parent directory."""
+    yield tmp_path / "ckpt"
