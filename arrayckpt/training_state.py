@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from decimal import Decimal
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -122,7 +122,7 @@ def serde_f64(x: float) -> str:
     assert isinstance(exp, int), "a finite float has an integer exponent"
     digits = "".join(map(str, digit_tuple))
     kk = len(digits) + exp  # 10**(kk-1) <= |x| < 10**kk
-    if 0 <= exp and kk <= 16:
+    if exp >= 0 and kk <= 16:
         return f"{sign}{digits}{'0' * exp}.0"
     if 0 < kk <= 16:
         return f"{sign}{digits[:kk]}.{digits[kk:]}"
