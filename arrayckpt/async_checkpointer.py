@@ -68,7 +68,9 @@ class AsyncCheckpointer:
             started = time.perf_counter()
             self._check_open()
             self.wait()
-            snap = take_snapshot(model_state, optimizer_state, training_state, staging=self._staging)
+            snap = take_snapshot(
+                model_state, optimizer_state, training_state, staging=self._staging
+            )
             future = writer.submit(lambda: write_snapshot(directory, snap), f"save {directory}")
             self._pending = future
             self.last_stall_s = time.perf_counter() - started

@@ -104,4 +104,5 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
             again = " (same as before the crash)" if step in losses else ""
             print(f"  step {step:4d}  loss {loss:.5f}{again}")
     files = sorted(latest.iterdir())
-    print("last checkpoint on disk: " + ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in files))
+    sizes = ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in files)
+    print(f"last checkpoint on disk: {sizes}")

@@ -34,7 +34,7 @@ class HostTensor:
 
     def bytes(self) -> memoryview:
         """The raw bytes, without a copy."""
-        return memoryview(self.data.reshape(-1).view(np.uint8))
+        return self.data.reshape(-1).view(np.uint8).data
 
 
 class StagingPool:

@@ -36,7 +36,7 @@ class Backend(ABC):
         `synchronize`.
         """
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Wait for every copy `to_host` issued (a no-op for host frameworks)."""
 
     @abstractmethod
@@ -46,5 +46,5 @@ class Backend(ABC):
         May share memory with ``host`` when ``device`` is the host.
         """
 
-    def check_device(self, device: Any) -> None:
+    def check_device(self, device: Any) -> None:  # noqa: B027 - optional hook
         """Raise `InvalidInputError` early for a device this framework cannot place on."""

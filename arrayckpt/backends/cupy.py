@@ -57,7 +57,9 @@ class CupyBackend(Backend):
             return cupy.cuda.Device(device)
         if isinstance(device, str) and device.startswith("cuda"):
             return cupy.cuda.Device(int(device.partition(":")[2] or 0))
-        raise InvalidInputError(f"{device!r} is not a CuPy device (use an int, 'cuda:N' or a Device)")
+        raise InvalidInputError(
+            f"{device!r} is not a CuPy device (use an int, 'cuda:N' or a Device)"
+        )
 
 
 def pinned_empty(nbytes: int) -> np.ndarray:
