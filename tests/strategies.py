@@ -179,7 +179,9 @@ def with_layout(a: np.ndarray, layout: str) -> np.ndarray:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def to_backend(a: np.ndarray, backend: str, layout: str = "c", *, requires_grad: bool = False) -> Any:
+def to_backend(
+    a: np.ndarray, backend: str, layout: str = "c", *, requires_grad: bool = False
+) -> Any:
     """Convert a NumPy array to ``backend``'s array type with the same bits.
 
     ``layout`` is honoured where the framework can express it (NumPy: all; PyTorch:

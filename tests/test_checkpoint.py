@@ -56,7 +56,7 @@ def _code(a: np.ndarray) -> str:
 
 @given(data=st.data())
 def test_round_trip_every_backend_dtype_shape_layout(tmp_path: Path, data: st.DataObject) -> None:
-    expected, x, backend, layout = data.draw(backend_arrays())
+    expected, x, _, _ = data.draw(backend_arrays())
     name = data.draw(tensor_names())
     path = ac.save_checkpoint(_fresh(tmp_path), {name: x})
     _check_loads(path, {name: expected})
@@ -65,7 +65,8 @@ def test_round_trip_every_backend_dtype_shape_layout(tmp_path: Path, data: st.Da
 @pytest.mark.parametrize("code", sorted(ac_dtypes.BY_CODE))
 def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) -> None:
     """A deterministic sweep, so every (dtype, backend) pair runs on every test run."""
-    a = np.frombuffer(bytes(range(256)) * 2, np.uint8)[: 6 * ac_dtypes.BY_CODE[code].itemsize].copy()
+    a = np.frombuffer(bytes(range(256)) * 2, np.uint8)[: 6 * ac_dtypes.BY_CODE[code].itemsize]
+    a = a.copy()
     a = (a % 2).astype(bool) if code == "BOOL" else a.view(ac_dtypes.BY_CODE[code].numpy)
     a = a.reshape(2, 3)
     for i, backend in enumerate(available_backends()):
@@ -173,7 +174,7 @@ def test_jax_without_x64_refuses_instead_of_truncating(tmp_path: Path) -> None:
     import jax
 
     path = ac.save_checkpoint(tmp_path / "c", {"w": np.arange(3.0), "i": np.arange(3)})
-    with jax.enable_x64(False), pytest.raises(ac.UnsupportedArrayError, match="float64|int64"):
+    with jax.enable_x64(False), pytest.raises(ac.UnsupportedArrayError, match=r"float64|int64"):
         ac.load_checkpoint(path, xp="jax.numpy")
     with jax.enable_x64(True):
         m, _, _ = ac.load_checkpoint(path, xp="jax")
@@ -230,28 +231,28 @@ def test_non_array_value_named_before_anything_is_written(ckpt_dir: Path, value:
     assert list(ckpt_dir.parent.iterdir()) == []
 
 
-def _unsupported_values() -> list[Any]:
-    values: list[Any] = [
-        np.zeros(2, np.complex128), np.array([object()]), np.array(["a"]),
-        np.zeros(2, "M8[s]"), np.zeros(2, [("a", "f4")]), np.zeros(2, np.longdouble),
+def _unsupported_values() -> list[tuple[Any, str]]:
+    """(value, what the message must name besides the tensor)."""
+    values: list[tuple[Any, str]] = [
+        (np.zeros(2, np.complex128), "complex128"), (np.array([object()]), "object"),
+        (np.array(["a"]), "str"), (np.zeros(2, "M8[s]"), "datetime64"),
+        (np.zeros(2, [("a", "f4")]), "void"), (np.zeros(2, np.longdouble), "float"),
     ]
     try:
         import torch
     except ImportError:
         return values
-    return [*values, torch.zeros(2, dtype=torch.complex128), torch.zeros(2).to_sparse(),
-            torch.zeros(2, device="meta")]
+    return [*values, (torch.zeros(2, dtype=torch.complex128), "torch.complex128"),
+            (torch.zeros(2).to_sparse(), "sparse"), (torch.zeros(2, device="meta"), "meta")]
 
 
-@pytest.mark.parametrize("value", _unsupported_values(), ids=lambda v: f"{type(v).__name__}")
-def test_unsupported_dtype_names_tensor_and_dtype(ckpt_dir: Path, value: Any) -> None:
+@pytest.mark.parametrize(("value", "named"), _unsupported_values(),
+                         ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_unsupported_dtype_names_tensor_and_dtype(ckpt_dir: Path, value: Any, named: str) -> None:
     with pytest.raises(ac.UnsupportedArrayError) as info:
         ac.save_checkpoint(ckpt_dir, {"good": np.zeros(1)}, {"opt.state": value})
-    message = str(info.value)
-    assert "'opt.state'" in message
-    if getattr(value, "layout", None) is None or str(value.layout) == "torch.strided":
-        if str(getattr(value, "device", "cpu")) != "meta":
-            assert str(value.dtype).rsplit(".", 1)[-1] in message or "dtype" in message
+    assert "'opt.state'" in str(info.value)
+    assert named in str(info.value)
     assert not ckpt_dir.exists()
 
 

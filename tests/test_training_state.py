@@ -170,7 +170,7 @@ def test_strict_parse_errors_name_the_file(text: str, problem: str) -> None:
 
 
 def test_invalid_utf8_bytes() -> None:
-    with pytest.raises(ac.CorruptCheckpointError, match="training_state.json"):
+    with pytest.raises(ac.CorruptCheckpointError, match=r"training_state\.json"):
         TrainingState.from_json(b'{"step": 1, "metadata": {"a": "\xff"}}')
 
 
