@@ -53,6 +53,8 @@ class TorchBackend(Backend):
             return host_view(flat.view(torch.uint8).numpy(), dtype, shape)
         nbytes = x.numel() * dtype.itemsize
         flat = alloc(nbytes, on_device) if alloc else np.empty(nbytes, np.uint8)
+        if nbytes == 0:  # NumPy gives empty buffers stride 0, which torch cannot view
+            return host_view(flat, dtype, shape)
         dst = torch.from_numpy(flat).view(x.dtype).view(shape)
         if on_device:
             stream = self._side_stream(x.device)
@@ -76,6 +78,8 @@ class TorchBackend(Backend):
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)
         tdtype = torch_dtype(dtypes.from_numpy(host.dtype, tensor="?"))
+        if host.size == 0:  # NumPy gives empty buffers stride 0, which torch cannot view
+            return torch.empty(host.shape, dtype=tdtype, device=target)
         t = torch.from_numpy(host.reshape(-1).view(np.uint8)).view(tdtype).view(host.shape)
         if target is not None and target.type != "cpu":
             t = t.to(target)
