@@ -132,3 +132,16 @@ def test_numpy_load_shares_the_mapping_and_torch_shares_it_too(tmp_path: Path) -
 def test_pinned_empty_without_gpu_is_plain_memory() -> None:
     buf = backends.pinned_empty(100)
     assert buf.dtype == np.uint8 and buf.shape == (100,)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int64", "bool"])
+def test_empty_torch_tensors_through_the_staging_pool(tmp_path: Path, dtype: str) -> None:
+    """Async saves copy into the staging pool, whose empty buffers NumPy gives stride 0."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    state = {"e": torch.zeros(0, 3, dtype=getattr(torch, dtype)), "one": torch.ones(1)}
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "c", state)
+        ckpt.wait()
+    got = ac.load_checkpoint(tmp_path / "c", xp=torch).model
+    assert got["e"].shape == (0, 3) and got["e"].dtype == getattr(torch, dtype)
+    assert got["one"].tolist() == [1.0]
