@@ -338,3 +338,16 @@ def test_caller_may_mutate_arrays_after_save(tmp_path: Path, state: dict[str, np
     model, _, _ = ac.load_checkpoint(path)
     for k, v in state.items():
         assert_same_array(model[k], v, k)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_resave_loaded_arrays_into_the_same_directory(ckpt_dir: Path, mmap: bool) -> None:
+    """Arrays mapped from the old files stay valid while the new ones replace them."""
+    w = np.arange(1000, dtype=np.float32)
+    ac.save_checkpoint(ckpt_dir, {"w": w}, {"m": np.ones(3)}, ac.TrainingState(1))
+    model, opt, _ = ac.load_checkpoint(ckpt_dir, mmap=mmap)
+    ac.save_checkpoint(ckpt_dir, model, opt, ac.TrainingState(2))
+    assert_same_array(model["w"], w)  # still readable after its file was replaced
+    again, _, ts = ac.load_checkpoint(ckpt_dir)
+    assert ts.step == 2
+    assert_same_array(again["w"], w)
