@@ -27,12 +27,12 @@ os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import strategies  # noqa: E402
 
-_COMMON = {
-    "deadline": None,  # file I/O and first framework imports make timings noisy
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-}
-settings.register_profile("ci", max_examples=25, derandomize=False, **_COMMON)
-settings.register_profile("stress", max_examples=500, **_COMMON)
+# No deadline: file I/O and first framework imports make timings noisy. tmp_path is
+# shared by a test's examples on purpose (each example makes its own subdirectory).
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("stress", max_examples=500, deadline=None,
+                          suppress_health_check=_QUIET)
 settings.load_profile("stress" if os.environ.get("ARRAYCKPT_STRESS") == "1" else "ci")
 
 

@@ -313,7 +313,7 @@ def layouts() -> st.SearchStrategy[str]:
 def tensor_names(max_size: int = 40) -> st.SearchStrategy[str]:
     """Valid tensor names: any Unicode (no surrogates, no NUL), dotted paths, long names."""
     text = st.text(
-        alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+        alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
         min_size=1,
         max_size=max_size,
     )
@@ -359,8 +359,8 @@ def training_states() -> st.SearchStrategy[ac.TrainingState]:
         epoch=_U64,
         learning_rate=st.floats(allow_nan=False, allow_infinity=False),
         metadata=st.dictionaries(
-            st.text(alphabet=st.characters(exclude_categories=("Cs",))),
-            st.text(alphabet=st.characters(exclude_categories=("Cs",))),
+            st.text(alphabet=st.characters(codec="utf-8")),
+            st.text(alphabet=st.characters(codec="utf-8")),
             max_size=4,
         ),
     )

@@ -89,9 +89,9 @@ def debris(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if TEMP_MARKER in p.name or OLD_MARKER in p.name)
 
 
-OLD = {"w": np.arange(4, dtype=np.float32)}
-OLD_OPT = {"m": np.ones(2, np.float64)}
-NEW = {"w": np.full(4, 7, np.float32), "b": np.zeros(2, np.int8)}
+OLD: dict[str, np.ndarray] = {"w": np.arange(4, dtype=np.float32)}
+OLD_OPT: dict[str, np.ndarray] = {"m": np.ones(2, np.float64)}
+NEW: dict[str, np.ndarray] = {"w": np.full(4, 7, np.float32), "b": np.zeros(2, np.int8)}
 
 
 def save_old(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def test_low_precision_types_use_ml_dtypes(code: str, ml: str) -> None:
 
 @pytest.mark.parametrize("order", ["<", ">", "="])
 @pytest.mark.parametrize("name", ["int16", "uint32", "float32", "float64", "int64", "complex64"])
-def test_any_byte_order_maps_to_the_same_code(name: str, order: str) -> None:
+def test_any_byte_order_maps_to_the_same_code(name: str, order: Any) -> None:
     d = dtypes.from_numpy(np.dtype(name).newbyteorder(order), tensor="t")
     assert d is dtypes.BY_NAME[name]
 

@@ -35,7 +35,7 @@ def write_raw(path: Path, header: Any, data: bytes = b"", *, length: int | None 
     return path
 
 
-def entry(dtype: str = "F32", shape: list[Any] | None = None, offsets: list[Any] | None = None,
+def entry(dtype: Any = "F32", shape: list[Any] | None = None, offsets: list[Any] | None = None,
           **extra: Any) -> dict[str, Any]:
     return {"dtype": dtype, "shape": [2] if shape is None else shape,
             "data_offsets": [0, 8] if offsets is None else offsets, **extra}

@@ -124,7 +124,7 @@ def test_mixed_gpu_frameworks_in_one_mapping(tmp_path: Path) -> None:
     torch = _need_torch_cuda()
     cupy = _need_cupy()
     state = {"t": torch.ones(3, device="cuda"), "c": cupy.arange(4, dtype=cupy.int32),
-             "n": np.float16([1, 2])}
+             "n": np.array([1, 2], np.float16)}
     ac.save_checkpoint(tmp_path / "c", state)
     got = ac.load_checkpoint(tmp_path / "c").model
     assert got["t"].tolist() == [1, 1, 1] and got["c"].tolist() == [0, 1, 2, 3]
