@@ -70,7 +70,16 @@ class TrainingState:
         if len(text) > MAX_STATE_BYTES:
             fail(f"larger than {MAX_STATE_BYTES} bytes")
         try:
-            doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            if isinstance(text, bytes):
+                # UTF-8 only, as serde_json: json.loads(bytes) would also take UTF-16/32
+                # and skip a BOM.
+                text = text.decode("utf-8")
+            doc = json.loads(
+                text,
+                object_pairs_hook=_unique_keys,
+                parse_constant=_no_constant,
+                parse_int=_serde_int,
+            )
         except RecursionError:
             fail("JSON is nested too deeply")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -139,6 +148,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"duplicate key {key!r}")
         out[key] = value
     return out
+
+
+def _serde_int(token: str) -> int | float:
+    # serde_json reads "-0" as the float -0.0, so it is no valid step, epoch or version.
+    return -0.0 if token == "-0" else int(token)
 
 
 def _no_constant(token: str) -> Any:

@@ -124,6 +124,9 @@ _BAD = [
     ("float-step", '{"step": 1.0}', "step"),
     ("exp-step", '{"step": 1e3}', "step"),
     ("negative-step", '{"step": -1}', "step"),
+    ("negative-zero-step", '{"step": -0}', "step"),  # serde_json reads -0 as a float
+    ("negative-zero-epoch", '{"step": 1, "epoch": -0}', "epoch"),
+    ("bom", '\ufeff{"step": 1}', "BOM"),
     ("huge-step", '{"step": 18446744073709551616}', "step"),
     ("string-step", '{"step": "1"}', "step"),
     ("null-step", '{"step": null}', "step"),
@@ -169,9 +172,20 @@ def test_strict_parse_errors_name_the_file(text: str, problem: str) -> None:
     assert str(info.value).startswith("training_state.json: ")
 
 
-def test_invalid_utf8_bytes() -> None:
+@pytest.mark.parametrize(
+    "data",
+    [b'{"step": 1, "metadata": {"a": "\xff"}}', b'\xef\xbb\xbf{"step": 1}',
+     '{"step": 1}'.encode("utf-16"), '{"step": 1}'.encode("utf-32-le")],
+    ids=["invalid-utf8", "utf8-bom", "utf16", "utf32"],
+)
+def test_bytes_must_be_utf8_without_bom(data: bytes) -> None:
     with pytest.raises(ac.CorruptCheckpointError, match=r"training_state\.json"):
-        TrainingState.from_json(b'{"step": 1, "metadata": {"a": "\xff"}}')
+        TrainingState.from_json(data)
+
+
+def test_negative_zero_learning_rate_is_a_float() -> None:
+    ts = TrainingState.from_json('{"step": 1, "learning_rate": -0}')
+    assert ts.learning_rate == 0.0 and math.copysign(1.0, ts.learning_rate) == -1.0
 
 
 def test_errors_in_a_checkpoint_name_the_path(tmp_path: Path) -> None:
