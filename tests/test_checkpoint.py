@@ -351,3 +351,11 @@ def test_resave_loaded_arrays_into_the_same_directory(ckpt_dir: Path, mmap: bool
     again, _, ts = ac.load_checkpoint(ckpt_dir)
     assert ts.step == 2
     assert_same_array(again["w"], w)
+
+
+def test_each_backend_saves_and_loads_its_own_arrays(tmp_path: Path, backend_name: str) -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = ac.save_checkpoint(tmp_path / "c", {"a": to_backend(a, backend_name, "fortran")})
+    device = "cuda:0" if backend_name == "torch-cuda" else None
+    model, _, _ = ac.load_checkpoint(path, xp=XP_NAMES[backend_name], device=device)
+    assert_same_array(model["a"], a, backend_name)
