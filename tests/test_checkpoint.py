@@ -177,14 +177,15 @@ def test_jax_without_x64_refuses_instead_of_truncating(tmp_path: Path) -> None:
     with jax.enable_x64(False), pytest.raises(ac.UnsupportedArrayError, match=r"float64|int64"):
         ac.load_checkpoint(path, xp="jax.numpy")
     with jax.enable_x64(True):
-        m, _, _ = ac.load_checkpoint(path, xp="jax")
+        m, _, _ = ac.load_checkpoint(path, xp="jax", device=jax.devices("cpu")[0])
         assert str(m["w"].dtype) == "float64" and str(m["i"].dtype) == "int64"
+        assert m["w"].devices() == {jax.devices("cpu")[0]}
 
 
 @pytest.mark.parametrize(
     ("xp", "device"),
     [(None, "cuda"), (None, "tpu:0"), ("torch", "not-a-device"), ("torch", 3.5),
-     ("array_api_strict", "not-a-device")],
+     ("array_api_strict", "not-a-device"), ("jax", "not-a-device")],
 )
 def test_bad_device_is_invalid_input(tmp_path: Path, xp: str | None, device: Any) -> None:
     if xp is not None:
