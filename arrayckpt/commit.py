@@ -33,6 +33,10 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         CheckpointWriteError: any I/O step failed; no temporary directory is left behind.
     """
     target = Path(target).absolute()
+    if target.is_symlink():
+        # Save where the link points (e.g. `latest -> step_100`): swapping the link itself
+        # would replace it with a directory and leave it behind under a temporary name.
+        target = target.resolve()
     fs = fsops.fs()
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"{target} exists and is not a directory; choose another path")
