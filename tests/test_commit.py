@@ -156,6 +156,18 @@ def test_overwrite_without_exchange_uses_the_fallback(ckpt_dir: Path) -> None:
     assert fs.methods().count("rename") == 2  # old aside, new into place
 
 
+@pytest.mark.parametrize("exists", [True, False])
+def test_saving_through_a_symlink_replaces_its_target(tmp_path: Path, exists: bool) -> None:
+    real = tmp_path / "step_1"
+    if exists:
+        save_old(real)
+    (tmp_path / "latest").symlink_to("step_1", target_is_directory=True)
+    assert save_new(tmp_path / "latest") == real
+    assert (tmp_path / "latest").is_symlink()
+    assert_new(real)
+    assert debris(tmp_path) == []
+
+
 def test_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     save_old(Path("rel"))
