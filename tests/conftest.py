@@ -36,6 +36,16 @@ settings.register_profile("stress", max_examples=500, deadline=None,
 settings.load_profile("stress" if os.environ.get("ARRAYCKPT_STRESS") == "1" else "ci")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Also registered in pyproject.toml; repeated here so a run from another rootdir knows them.
+    for marker in (
+        "gpu: needs a CUDA GPU (skipped without one)",
+        "distributed: starts several real processes",
+        "slow: long-running; full counts run under `nox -s stress`",
+    ):
+        config.addinivalue_line("markers", marker)
+
+
 @pytest.fixture(params=strategies.available_backends())
 def backend_name(request: pytest.FixtureRequest) -> str:
     """Each backend available on this machine, in turn."""
