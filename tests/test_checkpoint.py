@@ -360,3 +360,17 @@ def test_each_backend_saves_and_loads_its_own_arrays(tmp_path: Path, backend_nam
     device = "cuda:0" if backend_name == "torch-cuda" else None
     model, _, _ = ac.load_checkpoint(path, xp=XP_NAMES[backend_name], device=device)
     assert_same_array(model["a"], a, backend_name)
+
+
+def test_parameters_state_dict_and_memmap(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    layer = torch.nn.Linear(3, 2)
+    mm = np.memmap(tmp_path / "mm.bin", dtype=np.float32, mode="w+", shape=(4,))
+    mm[:] = 5
+    state = {"weight": layer.weight, **{f"sd.{k}": v for k, v in layer.state_dict().items()},
+             "mm": mm}
+    ac.save_checkpoint(tmp_path / "c", state)
+    model, _, _ = ac.load_checkpoint(tmp_path / "c", xp=torch)
+    assert torch.equal(model["weight"], layer.weight.detach())
+    assert torch.equal(model["sd.bias"], layer.bias.detach())
+    assert model["mm"].tolist() == [5.0] * 4
