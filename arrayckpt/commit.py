@@ -39,7 +39,9 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
     try:
         fs.makedirs(target.parent)
     except OSError as exc:
-        raise CheckpointWriteError(f"cannot create {target.parent}: {exc}") from exc
+        raise CheckpointWriteError(
+            f"saving {target} failed: cannot create {target.parent}: {exc}"
+        ) from exc
     if target.is_dir() and not replaceable(target):
         raise InvalidInputError(
             f"{target} holds files that are not part of a checkpoint; refusing to replace it. "
