@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +51,7 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         )
     tmp = temporary_sibling(target)
     undo: Callable[[], None] | None = None
+    _in_use(tmp, True)
     try:
         fs.mkdir(tmp)
         fill(tmp)
@@ -62,9 +65,64 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
             raise
         raise CheckpointWriteError(f"saving {target} failed: {exc}") from exc
+    finally:
+        _in_use(tmp, False)
     if replaced is not None:
         _discard(replaced)
+    _discard_stale_siblings(target)
     return target
+
+
+_IN_USE: set[Path] = set()
+_IN_USE_LOCK = threading.Lock()
+
+
+def _in_use(path: Path, using: bool) -> None:
+    """Track the temporary siblings this process's saves are using right now."""
+    with _IN_USE_LOCK:
+        if using:
+            _IN_USE.add(path)
+        else:
+            _IN_USE.discard(path)
+
+
+def _discard_stale_siblings(target: Path) -> None:
+    """Remove temporary siblings of ``target`` that no running save owns.
+
+    A process killed mid-save, a power cut or a failed cleanup leaves them. Called only
+    after ``target`` holds a complete new checkpoint, so even an aside copy of an older
+    checkpoint is superseded. Siblings of a live process other than this one are left:
+    that save may still be running.
+    """
+    owned = re.compile(
+        re.escape(f".{target.name}") + f"(?:{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)})"
+        r"([0-9]+)-[0-9a-f]{12}"
+    )
+    try:
+        names = [entry.name for entry in target.parent.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        match = owned.fullmatch(name)
+        if match is None:
+            continue
+        path = target.parent / name
+        pid = int(match.group(1))
+        with _IN_USE_LOCK:
+            busy = path in _IN_USE
+        if busy or (pid != os.getpid() and _alive(pid)):
+            continue
+        _discard(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path | None]:
