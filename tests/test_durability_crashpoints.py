@@ -1,0 +1,111 @@
+"""Suite 2: a fault at every file-system step of a save, of every kind.
+
+After each: the previous checkpoint loads bit-exact (or, for a fault in the cleanup after
+the commit, the new one does), the error reached the caller once with its cause chained,
+the next save succeeds and no temporary directory is left.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import arrayckpt as ac
+from arrayckpt import fsops
+
+try:
+    from . import faults
+except ImportError:
+    import faults
+
+SCENARIOS = {
+    # name: (save a previous checkpoint first?, exchange supported?)
+    "first save": (False, True),
+    "replace (exchange)": (True, True),
+    "replace (two renames)": (True, False),
+}
+
+
+def clean_ops(tmp_path: Path, saver_name: str, previous: bool, exchange: bool):
+    target = tmp_path / "probe" / "ckpt"
+    with faults.saver(saver_name) as s:
+        if previous:
+            s.save(target, 1)
+        recorder = faults.RecordingFS(exchange=exchange)
+        with fsops.use(recorder):
+            s.save(target, 2)
+    return recorder.ops
+
+
+def run_case(root: Path, saver_name: str, previous: bool, exchange: bool, k: int,
+             fault: faults.Fault, commit_at: int) -> None:
+    target = root / "ckpt"
+    with faults.saver(saver_name) as s:
+        if previous:
+            s.save(target, 1)
+        fs = faults.FaultFS(k, fault, exchange=exchange)
+        raised: BaseException | None = None
+        with fsops.use(fs):
+            try:
+                s.save(target, 2)
+            except BaseException as exc:
+                raised = exc
+        assert fs.injected is not None, "the fault never fired"
+        if raised is None:
+            assert k > commit_at, "a save failed before its commit yet reported success"
+            faults.assert_checkpoint(target, 2)
+        else:
+            if isinstance(fs.injected, KeyboardInterrupt):
+                assert raised is fs.injected
+            else:
+                assert isinstance(raised, ac.CheckpointWriteError), repr(raised)
+                assert raised.__cause__ is fs.injected, "cause not chained"
+                assert str(target) in str(raised), str(raised)
+            s.after_failure()  # must not raise the same error again
+            if k > commit_at:
+                faults.assert_checkpoint(target, 2)
+            elif previous:
+                faults.assert_checkpoint(target, 1)
+            else:
+                with pytest.raises(ac.CheckpointNotFoundError):
+                    ac.load_checkpoint(target)
+        if k <= commit_at:
+            assert faults.debris(root) == [], "a failed save left a temporary directory"
+        s.save(target, 3)
+    faults.assert_checkpoint(target, 3)
+    assert faults.debris(root) == [], "the next save left (or did not clean) debris"
+
+
+@pytest.mark.parametrize("saver_name", faults.SAVERS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fault_at_every_step(tmp_path: Path, saver_name: str, scenario: str) -> None:
+    previous, exchange = SCENARIOS[scenario]
+    ops = clean_ops(tmp_path, saver_name, previous, exchange)
+    # The commit is final once the parent directory is fsynced after the swap.
+    commit_at = max(i for i, op in enumerate(ops) if op.kind == "fsync_dir")
+    cases = [(k, f) for k, op in enumerate(ops) for f in faults.FAULTS if f.applies(op.kind)]
+    assert len(cases) >= 40
+    failures = []
+    for n, (k, fault) in enumerate(cases):
+        try:
+            run_case(tmp_path / f"case{n}", saver_name, previous, exchange, k, fault, commit_at)
+        except AssertionError as exc:
+            failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
+    assert failures == [], "\n".join(failures)
+
+
+def test_errors_reach_the_caller_once_async(tmp_path: Path) -> None:
+    """A failed background write is raised by `wait` (once), not again by `close`."""
+    target = tmp_path / "ckpt"
+    ckpt = ac.AsyncCheckpointer()
+    ckpt.save(target, faults.model_state(1)).result()
+    fs = faults.FaultFS(2, faults.FAULTS[0])
+    with fsops.use(fs):
+        future = ckpt.save(target, faults.model_state(2))
+        with pytest.raises(ac.CheckpointWriteError) as info:
+            ckpt.wait()
+    assert info.value.__cause__ is fs.injected
+    assert future.exception() is info.value
+    ckpt.close()  # already raised: not again
+    ac.load_checkpoint(target)
