@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 from . import backends, format, fsops
 from .commit import commit_directory
 from .errors import CheckpointNotFoundError, InvalidInputError
-from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from .layout import MODEL_FILE, OLD_MARKER, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
 from .snapshot import HostTensor, StagingPool, check_key, check_mapping
 from .training_state import TrainingState
 
@@ -203,10 +204,17 @@ def load_checkpoint(
     """
     root = Path(directory)
     if not root.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: not a directory{_interrupted_save_hint(root)}"
+        )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
+        )
+    if not (root / MODEL_FILE).exists():
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
+            f"{_interrupted_save_hint(root)}"
         )
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     model = load_state_file(root / MODEL_FILE, **options)
@@ -214,3 +222,19 @@ def load_checkpoint(
     optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE)
     return Checkpoint(model, optimizer, state)
+
+
+def _interrupted_save_hint(root: Path) -> str:
+    """Where a save interrupted between its two renames left the previous checkpoint."""
+    try:
+        aside = sorted(
+            p for p in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*") if p.is_dir()
+        )
+    except OSError:
+        return ""
+    if not aside:
+        return ""
+    return (
+        f"; a save was interrupted and left the previous checkpoint in {aside[-1]}: "
+        f"rename it to {root} to restore it"
+    )
