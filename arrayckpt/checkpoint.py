@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from . import backends, format, fsops
 from .commit import commit_directory
-from .errors import CheckpointNotFoundError, InvalidInputError
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidInputError
 from .layout import MODEL_FILE, OLD_MARKER, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
 from .snapshot import HostTensor, StagingPool, check_key, check_mapping
 from .training_state import TrainingState
@@ -225,16 +225,24 @@ def load_checkpoint(
 
 
 def _interrupted_save_hint(root: Path) -> str:
-    """Where a save interrupted between its two renames left the previous checkpoint."""
+    """Where a save interrupted between its two renames left the previous checkpoint.
+
+    Several aside copies can survive a power cut; the one with the highest step is the
+    previous checkpoint.
+    """
+    found = []
     try:
-        aside = sorted(
-            p for p in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*") if p.is_dir()
-        )
+        for path in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*"):
+            try:
+                found.append((TrainingState.read(path / TRAINING_STATE_FILE).step, str(path)))
+            except (CheckpointError, OSError):
+                continue  # not a complete checkpoint: no use to the user
     except OSError:
         return ""
-    if not aside:
+    if not found:
         return ""
+    step, path = max(found)
     return (
-        f"; a save was interrupted and left the previous checkpoint in {aside[-1]}: "
+        f"; a save was interrupted and left the previous checkpoint (step {step}) in {path}: "
         f"rename it to {root} to restore it"
     )
