@@ -10,6 +10,7 @@ runs the same scenario for each kind of save.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -33,6 +34,17 @@ def scaled(ci: int, full: int) -> int:
     return full if STRESS else ci
 
 
+def report(suite: str, **figures: int) -> None:
+    """Append measured figures to $ARRAYCKPT_DURABILITY_REPORT (JSON lines), if set.
+
+    docs/durability.md quotes the figures of a `nox -s stress` run.
+    """
+    out = os.environ.get("ARRAYCKPT_DURABILITY_REPORT")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"suite": suite, **figures}) + "\n")
+
+
 WRITES = frozenset({"write_safetensors", "write_bytes"})
 FSYNCS = frozenset({"fsync_file", "fsync_dir"})
 
@@ -44,6 +56,7 @@ class Op:
     kind: str
     paths: tuple[Path, ...]
     data: bytes | None = None  # what a write left in the file (RecordingFS(keep_data=True))
+    marker: object = None  # for kind "mark": a note the test put in the log
 
     def __str__(self) -> str:
         return f"{self.kind}({', '.join(p.name for p in self.paths)})"
@@ -69,6 +82,11 @@ class RecordingFS(fsops.FileSystem):
         with self._lock:
             self.ops.append(Op(kind, tuple(Path(p) for p in paths)))
             return len(self.ops) - 1
+
+    def mark(self, marker: object) -> None:
+        """Note in the log that something happened (e.g. "save of step 3 returned")."""
+        with self._lock:
+            self.ops.append(Op("mark", (), marker=marker))
 
     def _written(self, index: int, path: Path) -> None:
         if self.keep_data:
