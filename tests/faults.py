@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -273,6 +275,35 @@ def debris(parent: Path) -> list[str]:
     if not parent.exists():
         return []
     return sorted(p.name for p in parent.iterdir() if is_temporary_name(p.name))
+
+
+# ---------------------------------------------------------------- child processes
+
+CHILD = Path(__file__).resolve().parent / "durability_child.py"
+REPO = CHILD.parent.parent
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def start_child(*args: object, env: dict[str, str] | None = None,
+                **popen: Any) -> subprocess.Popen[str]:
+    """Run ``durability_child.py`` with this checkout of arrayckpt importable."""
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env or child_env(), **popen,
+    )
+
+
+def committed(lines: str) -> int | None:
+    """The last ``committed N`` a child printed."""
+    steps = [int(line.split()[1]) for line in lines.splitlines() if line.startswith("committed")]
+    return steps[-1] if steps else None
 
 
 # ---------------------------------------------------------------- savers

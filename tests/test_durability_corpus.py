@@ -75,7 +75,7 @@ SAFETENSORS: dict[str, tuple[bytes, str]] = {
     "header is a string": (st(b'"hi"', data=b""), "must be a JSON object, not str"),
     "header is null": (st(b"null", data=b""), "must be a JSON object, not NoneType"),
     "duplicate tensor names": (
-        st('{"a": %s, "a": %s}' % (json.dumps(entry()), json.dumps(entry())), data=A),
+        st(f'{{"a": {json.dumps(entry())}, "a": {json.dumps(entry())}}}', data=A),
         "duplicate key 'a'",
     ),
     "duplicate field in an entry": (

@@ -1,0 +1,150 @@
+"""Child processes for the durability suites: ``python durability_child.py COMMAND ARGS``.
+
+Each prints one line per event (``committed N``, ``ready``) and flushes, so the parent
+knows what had returned before it killed or interrupted the child.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from itertools import count
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import faults
+
+import arrayckpt as ac
+from arrayckpt import fsops
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def save_args(target: str, step: int, scale: int):
+    model = faults.model_state(step, scale)
+    return (target, model, faults.optimizer_state(step, scale), faults.training_state(step)), model
+
+
+def save_loop(target: str, mode: str, scale: str, first: str = "1", last: str = "0") -> None:
+    """Save steps first, first+1, ... (forever if last is 0), reporting each commit."""
+    scale_n, stop = int(scale), int(last)
+    steps = count(int(first)) if not stop else range(int(first), stop + 1)
+    if mode == "sync":
+        for step in steps:
+            args, _ = save_args(target, step, scale_n)
+            ac.save_checkpoint(*args)
+            say(f"committed {step}")
+        return
+    ckpt = ac.AsyncCheckpointer()
+    previous = None
+    for step in steps:
+        args, model = save_args(target, step, scale_n)
+        ckpt.save(*args)  # returns after step-1 is committed and step is snapshotted
+        if previous is not None:
+            say(f"committed {previous}")
+        for array in model.values():
+            array[...] = 255  # training goes on: the snapshot must not see this
+        previous = step
+    ckpt.close()
+    say(f"committed {previous}")
+
+
+def pending_at_exit(target: str, scale: str) -> None:
+    """Queue an async save and leave: the interpreter must finish it before exiting."""
+    args, _ = save_args(target, 1, int(scale))
+    ac.AsyncCheckpointer().save(*args)
+    say("queued")
+
+
+def failing_unobserved(target: str) -> None:
+    """Queue a save that fails and never look at it: stderr must say so at exit."""
+    args, _ = save_args(target, 1, 1)
+    ac.AsyncCheckpointer().save(*args)
+    say("queued")
+
+
+def exit_during_save(target: str, scale: str) -> None:
+    """Commit step 1, queue step 2, and leave with os._exit (no atexit, no cleanup)."""
+    args, _ = save_args(target, 1, 1)
+    ac.save_checkpoint(*args)
+    args, _ = save_args(target, 2, int(scale))
+    ac.AsyncCheckpointer().save(*args)
+    say("queued")
+    os._exit(3)
+
+
+def stuck_storage(target: str) -> None:
+    """Commit step 1, then queue step 2 on storage that never answers, and exit."""
+    args, _ = save_args(target, 1, 1)
+    ac.save_checkpoint(*args)
+    stuck = faults.StuckFS()
+    fsops.use(stuck).__enter__()  # process-wide for the rest of this child's life
+    args, _ = save_args(target, 2, 1)
+    ac.AsyncCheckpointer().save(*args)
+    stuck.entered.wait()
+    say("stuck")
+
+
+def interrupt_during_save(target: str, scale: str) -> None:
+    """Queue a save, then die of Ctrl-C in the main thread: the save still completes."""
+    args, _ = save_args(target, 1, int(scale))
+    ac.AsyncCheckpointer().save(*args)
+    say("queued")
+    signal.raise_signal(signal.SIGINT)
+    threading.Event().wait(5)
+
+
+def read_loop(target: str, seconds: str) -> None:
+    """Load ``target`` over and over; report each step seen, fail on a torn checkpoint."""
+    import time
+
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline:
+        step = faults.loaded_step(Path(target))
+        say(f"read {step}")
+
+
+def fsize_limit(target: str, limit: str) -> None:
+    """Commit step 1, then save a bigger step 2 under RLIMIT_FSIZE: it must fail cleanly."""
+    import resource
+
+    args, _ = save_args(target, 1, 1)
+    ac.save_checkpoint(*args)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit gets EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.RLIM_INFINITY))
+    args, _ = save_args(target, 2, 64)
+    try:
+        ac.save_checkpoint(*args)
+    except ac.CheckpointWriteError as exc:
+        say(f"failed {type(exc.__cause__).__name__}: {exc}")
+    else:
+        say("saved")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    args, _ = save_args(target, 3, 64)
+    ac.save_checkpoint(*args)
+    say("committed 3")
+
+
+def save_once(target: str, step: str, scale: str) -> None:
+    """One save; the parent looks at how it failed (exit status 1 and the message)."""
+    args, _ = save_args(target, int(step), int(scale))
+    try:
+        ac.save_checkpoint(*args)
+    except ac.CheckpointError as exc:
+        say(f"failed {type(exc).__name__} cause={type(exc.__cause__).__name__}: {exc}")
+        sys.exit(1)
+    say(f"committed {step}")
+
+
+COMMANDS = {f.__name__.replace("_", "-"): f for f in (
+    save_loop, pending_at_exit, failing_unobserved, exit_during_save, stuck_storage,
+    interrupt_during_save, read_loop, fsize_limit, save_once,
+)}
+
+if __name__ == "__main__":
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
