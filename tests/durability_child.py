@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from itertools import count
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import faults
 
 import arrayckpt as ac
 from arrayckpt import fsops
+
+KEEP: list[object] = []
 
 
 def say(line: str) -> None:
@@ -54,8 +57,16 @@ def save_loop(target: str, mode: str, scale: str, first: str = "1", last: str = 
     say(f"committed {previous}")
 
 
+def install(filesystem: fsops.FileSystem) -> None:
+    """Route this child's file operations through ``filesystem`` until it exits."""
+    installed = fsops.use(filesystem)
+    installed.__enter__()
+    KEEP.append(installed)  # a collected context manager would uninstall it
+
+
 def pending_at_exit(target: str, scale: str) -> None:
     """Queue an async save and leave: the interpreter must finish it before exiting."""
+    install(faults.SlowFS(0.2))  # the save is certainly still pending at exit
     args, _ = save_args(target, 1, int(scale))
     ac.AsyncCheckpointer().save(*args)
     say("queued")
@@ -72,9 +83,11 @@ def exit_during_save(target: str, scale: str) -> None:
     """Commit step 1, queue step 2, and leave with os._exit (no atexit, no cleanup)."""
     args, _ = save_args(target, 1, 1)
     ac.save_checkpoint(*args)
+    install(faults.SlowFS(5))
     args, _ = save_args(target, 2, int(scale))
     ac.AsyncCheckpointer().save(*args)
     say("queued")
+    time.sleep(0.2)  # the write has begun: its temporary directory exists
     os._exit(3)
 
 
@@ -83,7 +96,7 @@ def stuck_storage(target: str) -> None:
     args, _ = save_args(target, 1, 1)
     ac.save_checkpoint(*args)
     stuck = faults.StuckFS()
-    fsops.use(stuck).__enter__()  # process-wide for the rest of this child's life
+    install(stuck)
     args, _ = save_args(target, 2, 1)
     ac.AsyncCheckpointer().save(*args)
     stuck.entered.wait()
@@ -92,6 +105,7 @@ def stuck_storage(target: str) -> None:
 
 def interrupt_during_save(target: str, scale: str) -> None:
     """Queue a save, then die of Ctrl-C in the main thread: the save still completes."""
+    install(faults.SlowFS(0.2))
     args, _ = save_args(target, 1, int(scale))
     ac.AsyncCheckpointer().save(*args)
     say("queued")
@@ -101,8 +115,6 @@ def interrupt_during_save(target: str, scale: str) -> None:
 
 def read_loop(target: str, seconds: str) -> None:
     """Load ``target`` over and over; report each step seen, fail on a torn checkpoint."""
-    import time
-
     deadline = time.monotonic() + float(seconds)
     while time.monotonic() < deadline:
         step = faults.loaded_step(Path(target))

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -204,6 +205,17 @@ class FaultFS(RecordingFS):
             self.injected = self.fault.raise_(path)
             raise self.injected
         super()._written(index, path)
+
+
+class SlowFS(fsops.FileSystem):
+    """Storage that takes ``delay`` seconds per file fsync: a save stays pending a while."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def fsync_file(self, path: Path) -> None:
+        time.sleep(self.delay)
+        super().fsync_file(path)
 
 
 class StuckFS(fsops.FileSystem):
