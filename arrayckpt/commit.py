@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -130,14 +131,20 @@ def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path 
     fs = fsops.fs()
     if not target.exists() or not any(target.iterdir()):
         existed = target.exists()
-        fs.rename(tmp, target)  # POSIX rename replaces an empty directory atomically
+        try:
+            fs.rename(tmp, target)  # POSIX rename replaces an empty directory atomically
+        except OSError as exc:
+            # Another process's save filled `target` since we looked: replace that instead.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        else:
 
-        def undo_rename() -> None:
-            fs.rename(target, tmp)
-            if existed:
-                fs.mkdir(target)
+            def undo_rename() -> None:
+                fs.rename(target, tmp)
+                if existed:
+                    fs.mkdir(target)
 
-        return undo_rename, None
+            return undo_rename, None
     try:
         fs.exchange(tmp, target)
         return (lambda: fs.exchange(tmp, target)), tmp
