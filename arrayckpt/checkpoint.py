@@ -203,6 +203,38 @@ def load_checkpoint(
         CorruptCheckpointError: a file is malformed or fails its checksum (names which).
     """
     root = Path(directory)
+    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
+    # A save may replace the directory while we read it. Its files are never changed in
+    # place, so if the directory is the same one before and after, every file came from
+    # it; otherwise read the new one (a renamed directory gets a new ctime).
+    for _ in range(_LOAD_ATTEMPTS):
+        before = _identity(root)
+        try:
+            loaded = _load_once(root, options)
+        except CheckpointError:
+            if before is not None and _identity(root) != before:
+                continue
+            raise
+        if _identity(root) == before:
+            return loaded
+    raise CheckpointError(
+        f"{root} was replaced {_LOAD_ATTEMPTS} times while it was being loaded; "
+        "load it when saves to it pause"
+    )
+
+
+_LOAD_ATTEMPTS = 100
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _load_once(root: Path, options: dict[str, Any]) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: not a directory{_interrupted_save_hint(root)}"
@@ -216,7 +248,6 @@ def load_checkpoint(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{_interrupted_save_hint(root)}"
         )
-    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     model = load_state_file(root / MODEL_FILE, **options)
     opt_path = root / OPTIMIZER_FILE
     optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
@@ -230,7 +261,7 @@ def _interrupted_save_hint(root: Path) -> str:
     Several aside copies can survive a power cut; the one with the highest step is the
     previous checkpoint.
     """
-    found = []
+    found: list[tuple[int, str]] = []
     try:
         for path in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*"):
             try:
@@ -241,8 +272,8 @@ def _interrupted_save_hint(root: Path) -> str:
         return ""
     if not found:
         return ""
-    step, path = max(found)
+    step, newest = max(found)
     return (
-        f"; a save was interrupted and left the previous checkpoint (step {step}) in {path}: "
+        f"; a save was interrupted and left the previous checkpoint (step {step}) in {newest}: "
         f"rename it to {root} to restore it"
     )
