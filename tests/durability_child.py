@@ -113,11 +113,11 @@ def interrupt_during_save(target: str, scale: str) -> None:
     threading.Event().wait(5)
 
 
-def read_loop(target: str, seconds: str) -> None:
+def read_loop(target: str, seconds: str, scale: str) -> None:
     """Load ``target`` over and over; report each step seen, fail on a torn checkpoint."""
     deadline = time.monotonic() + float(seconds)
     while time.monotonic() < deadline:
-        step = faults.loaded_step(Path(target))
+        step = faults.loaded_step(Path(target), int(scale))
         say(f"read {step}")
 
 
