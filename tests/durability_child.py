@@ -121,25 +121,45 @@ def read_loop(target: str, seconds: str, scale: str) -> None:
         say(f"read {step}")
 
 
-def fsize_limit(target: str, limit: str) -> None:
-    """Commit step 1, then save a bigger step 2 under RLIMIT_FSIZE: it must fail cleanly."""
+def fail_cleanly(kind: str, target_name: str, mode: str, arg: str = "") -> None:
+    """Save step 1, make the storage refuse a bigger step 2, check nothing was lost.
+
+    kind: ``disk-full`` (run on a small tmpfs), ``fsize`` (RLIMIT_FSIZE of ``arg`` bytes)
+    or ``readonly`` (the parent directory is made read-only; run without root's
+    CAP_DAC_OVERRIDE). Prints ``failed <cause>`` then ``ok``; any other outcome raises.
+    """
     import resource
 
-    args, _ = save_args(target, 1, 1)
-    ac.save_checkpoint(*args)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit gets EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.RLIM_INFINITY))
-    args, _ = save_args(target, 2, 64)
+    target = Path(target_name)
+    small, big = faults.Saver(mode), faults.Saver(mode, scale=1024)
+    small.save(target, 1)
+    if kind == "fsize":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit gets EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), resource.RLIM_INFINITY))
+    elif kind == "readonly":
+        target.parent.chmod(0o555)
     try:
-        ac.save_checkpoint(*args)
+        big.save(target, 2)
     except ac.CheckpointWriteError as exc:
-        say(f"failed {type(exc.__cause__).__name__}: {exc}")
+        cause = exc.__cause__
+        say(f"failed {type(cause).__name__} {getattr(cause, 'errno', '')}: {exc}")
     else:
-        say("saved")
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-    args, _ = save_args(target, 3, 64)
-    ac.save_checkpoint(*args)
-    say("committed 3")
+        raise AssertionError(f"{kind}: the save did not fail")
+    big.after_failure()
+    faults.assert_checkpoint(target, 1)
+    assert faults.debris(target.parent) == [], faults.debris(target.parent)
+    if kind == "fsize":
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        big.save(target, 3)
+    elif kind == "readonly":
+        target.parent.chmod(0o755)
+        big.save(target, 3)
+    else:
+        small.save(target, 3)
+    faults.loaded_step(target, 1 if kind == "disk-full" else 1024)
+    small.close()
+    big.close()
+    say("ok")
 
 
 def save_once(target: str, step: str, scale: str) -> None:
@@ -155,7 +175,7 @@ def save_once(target: str, step: str, scale: str) -> None:
 
 COMMANDS = {f.__name__.replace("_", "-"): f for f in (
     save_loop, pending_at_exit, failing_unobserved, exit_during_save, stuck_storage,
-    interrupt_during_save, read_loop, fsize_limit, save_once,
+    interrupt_during_save, read_loop, fail_cleanly, save_once,
 )}
 
 if __name__ == "__main__":
