@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 import arrayckpt as ac
-from arrayckpt.format import CHECKSUMS_KEY, FORMAT_KEY, MAX_HEADER_BYTES, MAX_TENSORS, checksum
+from arrayckpt.format import (
+    CHECKSUMS_KEY,
+    FORMAT_KEY,
+    MAX_HEADER_BYTES,
+    MAX_TENSORS,
+    tensor_checksum,
+)
 
 A = np.arange(2, dtype=np.float32).tobytes()  # 8 bytes
 B = np.array([7], dtype=np.int64).tobytes()  # 8 bytes
@@ -28,8 +34,7 @@ def entry(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) ->
 
 
 def header(**overrides: object) -> dict:
-    h: dict = {"a": entry(), "b": entry("I64", (1,), (8, 16)),
-               "__metadata__": {FORMAT_KEY: "1"}}
+    h: dict = {"a": entry(), "b": entry("I64", (1,), (8, 16)), "__metadata__": {"k": "v"}}
     h.update(overrides)
     return {k: v for k, v in h.items() if v is not None}
 
@@ -53,7 +58,8 @@ def with_checksums(table: object) -> bytes:
     return st(header(__metadata__=meta))
 
 
-GOOD_SUMS = {"a": f"{checksum(A):08x}", "b": f"{checksum(B):08x}"}
+GOOD_SUMS = {"a": f"{tensor_checksum('F32', (2,), A):08x}",
+             "b": f"{tensor_checksum('I64', (1,), B):08x}"}
 
 # name -> (file bytes, what the message must say)
 SAFETENSORS: dict[str, tuple[bytes, str]] = {
@@ -127,6 +133,19 @@ SAFETENSORS: dict[str, tuple[bytes, str]] = {
     "checksum table missing a tensor": (with_checksums({"a": GOOD_SUMS["a"]}),
                                         "does not list exactly"),
     "checksum table nested deeply": (with_checksums(nested(100_000)), "not a map"),
+    "arrayckpt metadata without its checksum table": (
+        st(header(__metadata__={FORMAT_KEY: "1"})), "lacks its 'arrayckpt.crc32c' table"
+    ),
+    "dtype changed to another of the same size": (
+        st(header(__metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)},
+                  a=entry("I32"))),
+        "fails its CRC32C",
+    ),
+    "shape changed, same size": (
+        st(header(__metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)},
+                  a=entry(shape=(1, 2)))),
+        "fails its CRC32C",
+    ),
 }
 
 # training_state.json cases: file bytes -> what the message must say
