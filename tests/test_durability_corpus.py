@@ -272,3 +272,28 @@ def test_wrong_kind_of_file(valid_checkpoint: Path, tmp_path: Path, case: str) -
     path = corrupt(valid_checkpoint, tmp_path, name, damage)
     load_fails(path.parent, path if name != "model.safetensors" or "missing" not in case
                else path.parent, problem)
+
+
+def test_loading_never_runs_code() -> None:
+    """No deserializer that can execute code is imported or called anywhere in the package."""
+    import ast
+
+    unsafe_modules = {"pickle", "cPickle", "_pickle", "dill", "marshal", "shelve", "cloudpickle"}
+    hits = []
+    package = Path(ac.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(package)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in unsafe_modules for n in names):
+                    hits.append(f"{where}: imports {names}")
+            elif isinstance(node, ast.Name) and node.id in {"eval", "exec"}:
+                hits.append(f"{where}: {node.id}")
+            elif isinstance(node, ast.Attribute) and node.attr == "load" and \
+                    isinstance(node.value, ast.Name) and node.value.id in {"torch", "yaml"}:
+                hits.append(f"{where}: {node.value.id}.load")
+            elif isinstance(node, ast.keyword) and node.arg == "allow_pickle" and not (
+                    isinstance(node.value, ast.Constant) and node.value.value is False):
+                hits.append(f"{where}: allow_pickle")
+    assert hits == []

@@ -92,6 +92,8 @@ def test_fault_at_every_step(tmp_path: Path, saver_name: str, scenario: str) -> 
             run_case(tmp_path / f"case{n}", saver_name, previous, exchange, k, fault, commit_at)
         except AssertionError as exc:
             failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
+    faults.report("crash points", saver=saver_name, scenario=scenario, steps=len(ops),
+                  faults_injected=len(cases), failures=len(failures))
     assert failures == [], "\n".join(failures)
 
 
