@@ -312,6 +312,16 @@ def start_child(*args: object, env: dict[str, str] | None = None,
     )
 
 
+def rest_of_output(child: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for ``child`` and read what is left of its output.
+
+    Not `communicate`: it reads the raw pipes and would miss lines that an earlier
+    ``child.stdout.readline()`` already pulled into the text buffer.
+    """
+    child.wait(timeout)
+    return child.stdout.read(), child.stderr.read()  # type: ignore[union-attr]
+
+
 def committed(lines: str) -> int | None:
     """The last ``committed N`` a child printed."""
     steps = [int(line.split()[1]) for line in lines.splitlines() if line.startswith("committed")]

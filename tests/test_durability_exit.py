@@ -73,7 +73,7 @@ def test_sigterm_during_save_loop(tmp_path: Path) -> None:
         first = child.stdout.readline()
         time.sleep(0.03)
         child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=TIMEOUT)
+        out, err = faults.rest_of_output(child, TIMEOUT)
     finally:
         if child.poll() is None:
             child.kill()

@@ -34,7 +34,7 @@ def kill_trial(where: Path, mode: str, rng: random.Random, sig: int = signal.SIG
         assert first.startswith("committed"), first + child.stderr.read()
         time.sleep(rng.uniform(0, 0.06))
         child.send_signal(sig)
-        out, err = child.communicate(timeout=60)
+        out, err = faults.rest_of_output(child, 60)
     finally:
         if child.poll() is None:
             child.kill()
