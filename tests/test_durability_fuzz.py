@@ -96,6 +96,17 @@ mutation = st.one_of(
     st.tuples(st.just("delete"), positions, st.integers(1, 8)),
     st.tuples(st.just("truncate"), positions),
 )
+TRIED = {"safetensors mutants": 0, "training_state mutants": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _report_tried(request: pytest.FixtureRequest):
+    failed_before = request.session.testsfailed
+    yield
+    faults.report("fuzz-hypothesis", **{k.replace(" ", "_"): v for k, v in TRIED.items()},
+                  failures=request.session.testsfailed - failed_before)
+
+
 FUZZ = settings(max_examples=faults.scaled(300, 20_000), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
@@ -103,6 +114,7 @@ FUZZ = settings(max_examples=faults.scaled(300, 20_000), deadline=None, derandom
 @FUZZ
 @given(ops=st.lists(mutation, min_size=1, max_size=4), mmap=st.booleans())
 def test_mutants_raise_or_load_the_original(ops: list[tuple], mmap: bool) -> None:
+    TRIED["safetensors mutants"] += 1
     arrays, error, reader = ours(WORK / "mutant.safetensors", apply(VALID, ops), mmap)
     if arrays is not None and not ours_is_foreign(reader):
         assert same(arrays, ORIGINAL), "a damaged file loaded as different arrays"
@@ -113,6 +125,7 @@ def test_mutants_raise_or_load_the_original(ops: list[tuple], mmap: bool) -> Non
 @FUZZ
 @given(ops=st.lists(mutation, min_size=1, max_size=4))
 def test_mutated_training_state_parses_or_raises(ops: list[tuple]) -> None:
+    TRIED["training_state mutants"] += 1
     data = apply(VALID_STATE, [(op[0], op[1] % (len(VALID_STATE) + 1), *op[2:]) for op in ops])
     try:
         state = ac.TrainingState.from_json(data, source="training_state.json")
