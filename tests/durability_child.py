@@ -87,7 +87,9 @@ def exit_during_save(target: str, scale: str) -> None:
     args, _ = save_args(target, 2, int(scale))
     ac.AsyncCheckpointer().save(*args)
     say("queued")
-    time.sleep(0.2)  # the write has begun: its temporary directory exists
+    deadline = time.monotonic() + 60
+    while not faults.debris(Path(target).parent) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the write has begun: its temporary directory exists
     os._exit(3)
 
 
