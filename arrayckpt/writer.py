@@ -35,7 +35,7 @@ class WriteFuture(Future[T]):
             value = super().result(timeout)
         except BaseException as exc:
             # A timeout is not the outcome: only the write's own error counts as seen.
-            if self.done() and Future.exception(self, 0) is exc:
+            if self.done() and not self.cancelled() and Future.exception(self, 0) is exc:
                 self.observed = True
             raise
         self.observed = True
