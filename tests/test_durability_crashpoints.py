@@ -111,3 +111,21 @@ def test_errors_reach_the_caller_once_async(tmp_path: Path) -> None:
     assert future.exception() is info.value
     ckpt.close()  # already raised: not again
     ac.load_checkpoint(target)
+
+
+def test_a_timed_out_look_does_not_swallow_the_error(tmp_path: Path) -> None:
+    """``future.result(timeout)`` that times out has not seen the error: `wait` raises it."""
+
+    class SlowFailing(faults.SlowFS):
+        def fsync_dir(self, path: Path) -> None:
+            raise OSError(5, "injected EIO", str(path))
+
+    ckpt = ac.AsyncCheckpointer()
+    with fsops.use(SlowFailing(0.2)):
+        future = ckpt.save(tmp_path / "ckpt", faults.model_state(1))
+        with pytest.raises(TimeoutError):
+            future.result(timeout=0.01)
+        with pytest.raises(ac.CheckpointWriteError):
+            ckpt.wait()
+    ckpt.close()
+    assert faults.debris(tmp_path) == []
