@@ -185,10 +185,12 @@ class FaultFS(RecordingFS):
     exactly as itself or as the ``__cause__`` of a `CheckpointWriteError`.
     """
 
-    def __init__(self, fail_at: int, fault: Fault, **kwargs: Any) -> None:
+    def __init__(self, fail_at: int, fault: Fault, *, also: tuple[int, Fault] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fail_at = fail_at
         self.fault = fault
+        self.also = also  # a second fault, e.g. in the rollback of the first
         self.injected: BaseException | None = None
 
     def step(self, kind: str, *paths: Path) -> int:
@@ -196,6 +198,8 @@ class FaultFS(RecordingFS):
         if i == self.fail_at and self.fault.applies(kind) and not self.fault.short_write:
             self.injected = self.fault.raise_(paths[-1])
             raise self.injected
+        if self.also is not None and i == self.also[0] and self.also[1].applies(kind):
+            raise self.also[1].raise_(paths[-1])
         return i
 
     def _written(self, index: int, path: Path) -> None:

@@ -129,3 +129,70 @@ def test_a_timed_out_look_does_not_swallow_the_error(tmp_path: Path) -> None:
             ckpt.wait()
     ckpt.close()
     assert faults.debris(tmp_path) == []
+
+
+DOUBLE_FIRST = [f for f in faults.FAULTS if f.name in ("EIO", "KeyboardInterrupt")]
+
+
+@pytest.mark.parametrize("saver_name", faults.SAVERS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_second_fault_during_recovery(tmp_path: Path, saver_name: str, scenario: str) -> None:
+    """A fault, then EIO at each later step (the rollback, the cleanup).
+
+    With its undo failing too a save cannot always put the previous checkpoint back at
+    the path; it must still never leave a mix or lose the previous one: the path holds
+    step 1 or step 2 complete, or says there is no complete checkpoint and names where
+    step 1 is. The next save succeeds and removes every leftover.
+    """
+    previous, exchange = SCENARIOS[scenario]
+    ops = clean_ops(tmp_path, saver_name, previous, exchange)
+    eio = faults.FAULTS[1]
+    failures, tried = [], 0
+    for k, op in enumerate(ops):
+        for first in DOUBLE_FIRST:
+            probe = faults.FaultFS(k, first, exchange=exchange)
+            root = tmp_path / f"probe-{k}-{first}"
+            outcome_steps = _failing_save(root, saver_name, previous, probe)
+            for k2 in range(k + 1, outcome_steps):
+                tried += 1
+                where = tmp_path / f"case-{k}-{first}-{k2}"
+                fs = faults.FaultFS(k, first, exchange=exchange, also=(k2, eio))
+                try:
+                    _failing_save(where, saver_name, previous, fs)
+                    _check_double(where, previous)
+                except AssertionError as exc:
+                    failures.append(f"{first} at {op}, EIO at step {k2}: {exc}")
+    faults.report("double faults", saver=saver_name, scenario=scenario, cases=tried,
+                  failures=len(failures))
+    assert tried > 0
+    assert failures == [], "\n".join(failures)
+
+
+def _failing_save(root: Path, saver_name: str, previous: bool, fs: faults.FaultFS) -> int:
+    """Save step 1 (if ``previous``), then step 2 under ``fs``; return its step count."""
+    with faults.saver(saver_name) as s:
+        if previous:
+            s.save(root / "ckpt", 1)
+        with fsops.use(fs):
+            try:
+                s.save(root / "ckpt", 2)
+            except BaseException:
+                s.after_failure()
+    return len(fs.ops)
+
+
+def _check_double(root: Path, previous: bool) -> None:
+    target = root / "ckpt"
+    try:
+        step = faults.loaded_step(target)
+        assert step in (1, 2) if previous else step == 2
+    except ac.CheckpointNotFoundError as exc:
+        message = str(exc)
+        assert "no complete checkpoint" in message, message
+        if previous:
+            named = [p for p in root.glob(".ckpt.arrayckpt-*") if str(p) in message]
+            assert named and faults.loaded_step(named[0]) == 1, f"step 1 lost: {message}"
+    ac.save_checkpoint(target, faults.model_state(3), faults.optimizer_state(3),
+                       faults.training_state(3))
+    faults.assert_checkpoint(target, 3)
+    assert faults.debris(root) == [], faults.debris(root)
