@@ -122,7 +122,7 @@ def translate(log: Log, root: Path, ops: list[faults.Op]) -> Log:
             (sd, sn), (dd, dn) = lookup(op.paths[0]), lookup(op.paths[1])
             action = Action("move" if op.kind == "rename" else "swap", (sd, sn, dd, dn),
                             tuple(sorted({sd, dd})))
-        elif op.kind == "remove_tree":
+        elif op.kind in ("remove_tree", "remove_file"):
             d, name = lookup(op.paths[0])
             action = Action("unlink", (d, name), (d,))
         else:

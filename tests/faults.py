@@ -141,6 +141,26 @@ class RecordingFS(fsops.FileSystem):
         return super().read_bytes(path, limit)
 
 
+def _record_every_step(cls: type[RecordingFS]) -> type[RecordingFS]:
+    """Record any `FileSystem` method not overridden above, so that a step added to
+    `arrayckpt.fsops` later (a distributed save's ``remove_file``, say) is logged and can
+    fail too instead of slipping past the suites."""
+    for name, method in vars(fsops.FileSystem).items():
+        if name.startswith("_") or not callable(method) or name in vars(cls):
+            continue
+
+        def recorded(self: RecordingFS, *args: Any, _name: str = name, _method: Any = method,
+                     **kwargs: Any) -> Any:
+            self.step(_name, *[Path(a) for a in args if isinstance(a, (str, os.PathLike))])
+            return _method(self, *args, **kwargs)
+
+        setattr(cls, name, recorded)
+    return cls
+
+
+_record_every_step(RecordingFS)
+
+
 # ---------------------------------------------------------------- faults
 
 
