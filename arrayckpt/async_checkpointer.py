@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -89,10 +90,16 @@ class AsyncCheckpointer:
         return self._staging
 
     def wait(self) -> None:
-        """Block until the write in flight is durable; raise its error, once."""
+        """Block until the write in flight is durable; raise its error, once.
+
+        An error the caller already saw through the `save` future is not raised again.
+        """
         with self._lock:
             future, self._pending = self._pending, None
-        if future is not None:
+        if future is None:
+            return
+        Future.exception(future)  # wait without counting as the caller looking
+        if not future.observed:
             future.result()
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -13,8 +14,19 @@ from typing import Any, NamedTuple
 
 from . import backends, format, fsops
 from .commit import commit_directory
-from .errors import CheckpointNotFoundError, InvalidInputError, UnsupportedArrayError
-from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidInputError,
+    UnsupportedArrayError,
+)
+from .layout import (
+    MODEL_FILE,
+    OLD_MARKER,
+    OPTIMIZER_FILE,
+    SHARDING_META_FILE,
+    TRAINING_STATE_FILE,
+)
 from .snapshot import HostTensor, StagingPool, check_key, check_mapping
 from .training_state import TrainingState
 
@@ -208,15 +220,77 @@ def load_checkpoint(
         CorruptCheckpointError: a file is malformed or fails its checksum (names which).
     """
     root = Path(directory)
+    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
+    # A save may replace the directory while we read it. Its files are never changed in
+    # place, so if the directory is the same one before and after, every file came from
+    # it; otherwise read the new one (a renamed directory gets a new ctime).
+    for _ in range(_LOAD_ATTEMPTS):
+        before = _identity(root)
+        try:
+            loaded = _load_once(root, options)
+        except CheckpointError:
+            if before is not None and _identity(root) != before:
+                continue
+            raise
+        if _identity(root) == before:
+            return loaded
+    raise CheckpointError(
+        f"{root} was replaced {_LOAD_ATTEMPTS} times while it was being loaded; "
+        "load it when saves to it pause"
+    )
+
+
+_LOAD_ATTEMPTS = 100
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _load_once(root: Path, options: dict[str, Any]) -> Checkpoint:
     if not root.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: not a directory{_interrupted_save_hint(root)}"
+        )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )
-    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
+    if not (root / MODEL_FILE).exists():
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
+            f"{_interrupted_save_hint(root)}"
+        )
     model = load_state_file(root / MODEL_FILE, **options)
     opt_path = root / OPTIMIZER_FILE
     optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE)
     return Checkpoint(model, optimizer, state)
+
+
+def _interrupted_save_hint(root: Path) -> str:
+    """Where a save interrupted between its two renames left the previous checkpoint.
+
+    Several aside copies can survive a power cut; the one with the highest step is the
+    previous checkpoint.
+    """
+    found: list[tuple[int, str]] = []
+    try:
+        for path in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*"):
+            try:
+                found.append((TrainingState.read(path / TRAINING_STATE_FILE).step, str(path)))
+            except (CheckpointError, OSError):
+                continue  # not a complete checkpoint: no use to the user
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    step, newest = max(found)
+    return (
+        f"; a save was interrupted and left the previous checkpoint (step {step}) in {newest}: "
+        f"rename it to {root} to restore it"
+    )

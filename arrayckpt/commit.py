@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +46,9 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
     try:
         fs.makedirs(target.parent)
     except OSError as exc:
-        raise CheckpointWriteError(f"cannot create {target.parent}: {exc}") from exc
+        raise CheckpointWriteError(
+            f"saving {target} failed: cannot create {target.parent}: {exc}"
+        ) from exc
     if target.is_dir() and not replaceable(target):
         raise InvalidInputError(
             f"{target} holds files that are not part of a checkpoint; refusing to replace it. "
@@ -51,6 +56,7 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         )
     tmp = temporary_sibling(target)
     undo: Callable[[], None] | None = None
+    _in_use(tmp, True)
     try:
         fs.mkdir(tmp)
         fill(tmp)
@@ -64,9 +70,64 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
             raise
         raise CheckpointWriteError(f"saving {target} failed: {exc}") from exc
+    finally:
+        _in_use(tmp, False)
     if replaced is not None:
         _discard(replaced)
+    _discard_stale_siblings(target)
     return target
+
+
+_IN_USE: set[Path] = set()
+_IN_USE_LOCK = threading.Lock()
+
+
+def _in_use(path: Path, using: bool) -> None:
+    """Track the temporary siblings this process's saves are using right now."""
+    with _IN_USE_LOCK:
+        if using:
+            _IN_USE.add(path)
+        else:
+            _IN_USE.discard(path)
+
+
+def _discard_stale_siblings(target: Path) -> None:
+    """Remove temporary siblings of ``target`` that no running save owns.
+
+    A process killed mid-save, a power cut or a failed cleanup leaves them. Called only
+    after ``target`` holds a complete new checkpoint, so even an aside copy of an older
+    checkpoint is superseded. Siblings of a live process other than this one are left:
+    that save may still be running.
+    """
+    owned = re.compile(
+        re.escape(f".{target.name}") + f"(?:{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)})"
+        r"([0-9]+)-[0-9a-f]{12}"
+    )
+    try:
+        names = [entry.name for entry in target.parent.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        match = owned.fullmatch(name)
+        if match is None:
+            continue
+        path = target.parent / name
+        pid = int(match.group(1))
+        with _IN_USE_LOCK:
+            busy = path in _IN_USE
+        if busy or (pid != os.getpid() and _alive(pid)):
+            continue
+        _discard(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path | None]:
@@ -74,14 +135,20 @@ def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path 
     fs = fsops.fs()
     if not target.exists() or not any(target.iterdir()):
         existed = target.exists()
-        fs.rename(tmp, target)  # POSIX rename replaces an empty directory atomically
+        try:
+            fs.rename(tmp, target)  # POSIX rename replaces an empty directory atomically
+        except OSError as exc:
+            # Another process's save filled `target` since we looked: replace that instead.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        else:
 
-        def undo_rename() -> None:
-            fs.rename(target, tmp)
-            if existed:
-                fs.mkdir(target)
+            def undo_rename() -> None:
+                fs.rename(target, tmp)
+                if existed:
+                    fs.mkdir(target)
 
-        return undo_rename, None
+            return undo_rename, None
     try:
         fs.exchange(tmp, target)
         return (lambda: fs.exchange(tmp, target)), tmp

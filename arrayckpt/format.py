@@ -34,13 +34,25 @@ MAX_TENSORS = 1 << 20
 FORMAT_KEY = "arrayckpt.format"
 FORMAT_VERSION = "1"
 CHECKSUMS_KEY = "arrayckpt.crc32c"
+_OWN_PREFIX = "arrayckpt."
 
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
-def checksum(data: memoryview | bytes) -> int:
-    """CRC32C of ``data`` (hardware-accelerated; releases the GIL on large buffers)."""
-    return int(crc32c.crc32c(data))
+def checksum(data: memoryview | bytes, start: int = 0) -> int:
+    """CRC32C of ``data``, continuing from ``start`` (hardware-accelerated; releases the GIL
+    on large buffers)."""
+    return int(crc32c.crc32c(data, start))
+
+
+def tensor_checksum(code: str, shape: tuple[int, ...], data: memoryview | bytes) -> int:
+    """CRC32C of a tensor's dtype code, shape and bytes.
+
+    Covering dtype and shape too means a header damaged into another valid header (``U8``
+    read as ``I8``, an empty ``[0, 4]`` read as ``[0, 1]``) fails verification like
+    damaged data does.
+    """
+    return checksum(data, checksum(f"{code}:{','.join(map(str, shape))}".encode()))
 
 
 def write_file(
@@ -54,7 +66,8 @@ def write_file(
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
     meta[CHECKSUMS_KEY] = json.dumps(
-        {name: f"{checksum(t.bytes()):08x}" for name, t in tensors.items()},
+        {name: f"{tensor_checksum(t.dtype.code, t.shape, t.bytes()):08x}"
+         for name, t in tensors.items()},
         separators=(",", ":"),
         ensure_ascii=False,
     )
@@ -235,6 +248,9 @@ def _parse_checksums(
 ) -> dict[str, int] | None:
     text = metadata.get(CHECKSUMS_KEY)
     if text is None:
+        if any(key.startswith(_OWN_PREFIX) for key in metadata):
+            # arrayckpt always writes the table: without it, it was damaged or removed.
+            _fail(path, f"__metadata__ is arrayckpt's but lacks its {CHECKSUMS_KEY!r} table")
         return None  # written by another tool: nothing to verify
     try:
         table = json.loads(text, object_pairs_hook=_unique_keys)
@@ -293,7 +309,8 @@ class SafetensorsReader:
         sums = self.header.checksums
         if sums is None:
             return
-        if checksum(self.raw(name)) != sums[name]:
+        e = self.header.entries[name]
+        if tensor_checksum(e.dtype.code, e.shape, self.raw(name)) != sums[name]:
             _fail(
                 self.path,
                 f"tensor {name!r} fails its CRC32C checksum: the file is corrupt; "

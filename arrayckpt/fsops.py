@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import safetensors
 
 _AT_FDCWD = -100
+_OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
 _RENAME_EXCHANGE = 2
 
 
@@ -48,7 +50,15 @@ class FileSystem:
         self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
     ) -> None:
         # The Rust writer releases the GIL and writes straight from our host buffers.
-        safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
+        try:
+            safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
+        except safetensors.SafetensorError as exc:
+            # Its I/O errors arrive as text ("... (os error 28)"): give callers the errno.
+            found = _OS_ERROR.search(str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         with open(path, "xb") as f:

@@ -108,6 +108,8 @@ class TrainingState:
             data = fsops.fs().read_bytes(path, MAX_STATE_BYTES)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"{path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise CorruptCheckpointError(f"{path} is a directory, not a file") from exc
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
         return cls.from_json(data, source=str(path))

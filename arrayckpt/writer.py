@@ -31,12 +31,20 @@ class WriteFuture(Future[T]):
     observed: bool = False
 
     def result(self, timeout: float | None = None) -> T:
+        try:
+            value = super().result(timeout)
+        except BaseException as exc:
+            # A timeout is not the outcome: only the write's own error counts as seen.
+            if self.done() and not self.cancelled() and Future.exception(self, 0) is exc:
+                self.observed = True
+            raise
         self.observed = True
-        return super().result(timeout)
+        return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
         self.observed = True
-        return super().exception(timeout)
+        return error
 
 
 class Writer:
