@@ -398,11 +398,13 @@ def test_wrong_but_wellformed_checksum(tmp_path: Path) -> None:
     assert ac.load_checkpoint(ckpt, verify=False).model["a"].tolist() == [1.0, 1.0, 1.0]
 
 
-def test_checksum_is_crc32c_of_the_data(tmp_path: Path) -> None:
+def test_checksum_is_crc32c_of_dtype_shape_and_data(tmp_path: Path) -> None:
     import crc32c
 
     a = np.arange(7, dtype=np.float64)
     reader = SafetensorsReader(ac.save_checkpoint(tmp_path / "c", {"a": a}) / MODEL_FILE)
-    assert reader.header.checksums == {"a": crc32c.crc32c(a.tobytes())}
+    # The documented definition: CRC32C over "<code>:<dims,>" continued over the bytes.
+    expected = crc32c.crc32c(a.tobytes(), crc32c.crc32c(b"F64:7"))
+    assert reader.header.checksums == {"a": expected}
     assert reader.header.metadata[fmt.FORMAT_KEY] == fmt.FORMAT_VERSION
 
