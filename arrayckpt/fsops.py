@@ -10,7 +10,7 @@ import ctypes
 import errno
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,35 @@ class FileSystem:
 
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)
+
+    def size(self, path: Path) -> int:
+        return os.stat(path).st_size
+
+    def read_at(self, path: Path, offset: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes at ``offset`` (for partial reads of large files)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+            while len(data) < length:
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
+                data += more
+            return data
+        finally:
+            os.close(fd)
+
+    def write_chunks(self, path: Path, chunks: Iterable[Any]) -> None:
+        """Create ``path`` and write the buffers ``chunks`` yields, in order (streaming)."""
+        with open(path, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    def write_at(self, path: Path, offset: int, data: bytes) -> None:
+        """Overwrite bytes of an existing file in place."""
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
 
     def read_bytes(self, path: Path, limit: int) -> bytes:
         """Read a small file whole, refusing one larger than ``limit`` bytes."""
