@@ -91,17 +91,23 @@ class FileSystem:
     def size(self, path: Path) -> int:
         return os.stat(path).st_size
 
-    def read_at(self, path: Path, offset: int, length: int) -> bytes:
-        """Read exactly ``length`` bytes at ``offset`` (for partial reads of large files)."""
+    def read_ranges(self, path: Path, ranges: Iterable[tuple[int, int]], out: memoryview) -> None:
+        """Read each ``(offset, length)`` of ``path`` in turn into consecutive bytes of ``out``.
+
+        Partial reads of large files (headers, one rank's slice of a tensor) without
+        mapping or reading the whole file.
+        """
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, length, offset)
-            while len(data) < length:
-                more = os.pread(fd, length - len(data), offset + len(data))
-                if not more:
-                    raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
-                data += more
-            return data
+            pos = 0
+            for offset, length in ranges:
+                done = 0
+                while done < length:
+                    n = os.preadv(fd, [out[pos + done : pos + length]], offset + done)
+                    if n == 0:
+                        raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
+                    done += n
+                pos += length
         finally:
             os.close(fd)
 
