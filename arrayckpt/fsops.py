@@ -88,6 +88,9 @@ class FileSystem:
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)
 
+    def remove_file(self, path: Path) -> None:
+        os.unlink(path)
+
     def size(self, path: Path) -> int:
         return os.stat(path).st_size
 
