@@ -365,7 +365,9 @@ def write_file_streaming(
                 written += view.nbytes
                 yield view
             if written != sizes[name]:
-                raise ValueError(f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}")
+                raise ValueError(
+                    f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}"
+                )
             crcs[name] = crc
 
     fs = fsops.fs()
@@ -376,5 +378,5 @@ def write_file_streaming(
 
 def _byte_view(chunk: Any) -> memoryview:
     if isinstance(chunk, np.ndarray):  # ml_dtypes arrays do not export a buffer format
-        return memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data
     return memoryview(chunk).cast("B")
