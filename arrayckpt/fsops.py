@@ -129,7 +129,8 @@ class FileSystem:
     def read_bytes(self, path: Path, limit: int) -> bytes:
         """Read a small file whole, refusing one larger than ``limit`` bytes."""
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # read(n) allocates n bytes up front: ask for what the file holds, not the cap
+            data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
         if len(data) > limit:
             raise ValueError(f"larger than {limit} bytes")
         return data
