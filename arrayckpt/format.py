@@ -364,6 +364,7 @@ def write_file_streaming(
                 crc = crc32c.crc32c(view, crc)
                 written += view.nbytes
                 yield view
+            chunk = view = None  # drop this tensor before the next one is produced
             if written != sizes[name]:
                 raise ValueError(
                     f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}"

@@ -119,6 +119,7 @@ class FileSystem:
         with open(path, "xb") as f:
             for chunk in chunks:
                 f.write(chunk)
+                del chunk  # let the producer free it before making the next one
 
     def write_at(self, path: Path, offset: int, data: bytes) -> None:
         """Overwrite bytes of an existing file in place."""
