@@ -194,7 +194,7 @@ def _save_coordinated(
     start = json.loads(coord.broadcast(None, timeout))
     if not start["ok"]:
         raise CheckpointWriteError(
-            f"rank {rank}: saving {target} failed before any rank wrote: rank 0: "
+            f"rank {rank}: saving {target} failed before any rank wrote: "
             f"{start['error']}; nothing was committed"
         )
     own: BaseException | None = None
@@ -222,9 +222,10 @@ def _commit_as_root(
     target: Path, snap: Snapshot, meta: ShardingMeta, coord: Coordinator, timeout: float | None
 ) -> Path:
     stage = "start"
+    reason = ""  # what the other ranks are told when the save fails
 
     def fill(tmp: Path) -> None:
-        nonlocal stage
+        nonlocal stage, reason
         coord.broadcast(json.dumps({"ok": True, "tmp": str(tmp)}).encode(), timeout)
         stage = "announced"
         own: BaseException | None = None
@@ -237,8 +238,13 @@ def _commit_as_root(
         reports = coord.gather(json.dumps(report).encode(), timeout)
         assert reports is not None  # rank 0 receives every rank's report
         if own is not None:
+            reason = f"rank 0 failed: {_describe(own)}"
             raise own
-        manifests = _check_reports([json.loads(r) for r in reports], meta)
+        try:
+            manifests = _check_reports([json.loads(r) for r in reports], meta)
+        except CheckpointError as exc:
+            reason = str(exc)
+            raise type(exc)(f"saving {target} failed: {exc}; nothing was committed") from None
         fs = fsops.fs()
         path = tmp / SHARDING_META_FILE
         done = ShardingMeta(meta.world_size, meta.sharding, meta.version, manifests)
@@ -250,8 +256,7 @@ def _commit_as_root(
     except BaseException as exc:
         # Before the temporary directory was announced the others wait for its name;
         # afterwards for the decision. Either way, tell them rather than let them time out.
-        prefix = "" if stage == "start" else "rank 0: "
-        _tell(coord, {"ok": False, "error": prefix + _describe(exc)}, timeout)
+        _tell(coord, {"ok": False, "error": reason or f"rank 0 failed: {_describe(exc)}"}, timeout)
         raise
     coord.broadcast(json.dumps({"ok": True}).encode(), timeout)
     return target
