@@ -210,3 +210,19 @@ def test_rank_must_match_the_coordinator(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match="rank 1 of 2"):
         ac.save_distributed_checkpoint(tmp_path, 0, 2, state(0), None, None, TP,
                                        coordinator=coord)
+
+
+def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ranks(2, save(a))
+    run_ranks(2, save(b))
+    # replace b's rank_1 by another save of the same keys and shapes: its checksums differ
+    ac.save_distributed_checkpoint(b, 1, 2, {"w": np.full((2, 3), 7, np.float32),
+                                             "b": np.ones(3, np.float32)},
+                                   {"m": np.zeros(1)}, None, TP, coordinator=None)
+    with pytest.raises(ac.CorruptCheckpointError, match=r"rank_1/model.safetensors.*\['w'\]"):
+        ac.load_distributed_checkpoint(b, 1)
+    with pytest.raises(ac.CorruptCheckpointError, match="rank_1"):
+        ac.load_distributed_checkpoint(b, 0, world_size=1)
+    ac.load_distributed_checkpoint(b, 0)  # rank 0 is intact
+    np.testing.assert_array_equal(ac.load_distributed_checkpoint(a, 1).model["w"], state(1)["w"])

@@ -13,7 +13,7 @@ from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
 from ..training_state import TrainingState
 from .reshard import load_share
-from .shards import check_ranks_present
+from .shards import check_manifest, check_ranks_present
 from .types import ShardingMeta
 
 
@@ -87,7 +87,11 @@ def load_distributed_checkpoint(
             f"(the checkpoint was saved by {saved} ranks); {fix}"
         )
     ranks = check_ranks_present(root, saved)
-    if target == saved and keys is None:
+    same = target == saved and keys is None
+    if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
+        for r in [rank] if same else range(saved):
+            check_manifest(ranks[r], meta.ranks[r])
+    if same:
         return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
     backend = backends.for_namespace(xp)
     backend.check_device(device)

@@ -7,13 +7,20 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .. import format, fsops
 from ..dtypes import DType
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from ..layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, rank_dir_name
+from ..layout import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SHARDING_META_FILE,
+    TRAINING_STATE_FILE,
+    rank_dir_name,
+)
 
 
 class ShardFile:
@@ -188,3 +195,38 @@ def even_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
     q, rem = divmod(total, world_size)
     lo = rank * q + min(rank, rem)
     return lo, lo + q + (1 if rank < rem else 0)
+
+
+def check_manifest(saved: SavedRank, manifest: Any) -> None:
+    """Check a rank's files against the manifest a coordinated save recorded for it.
+
+    Raises:
+        CorruptCheckpointError: names the rank directory and what differs.
+    """
+    for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
+        recorded = manifest.get(part) if isinstance(manifest, dict) else None
+        found = saved.part(part)
+        have = None if found is None else {
+            name: (e.dtype.code, list(e.shape),
+                   None if found.header.checksums is None else found.header.checksums[name])
+            for name, e in found.entries.items()
+        }
+        try:
+            want = None if recorded is None else {
+                name: (f["dtype"], f["shape"], int(f["crc32c"], 16))
+                for name, f in recorded.items()
+            }
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise CorruptCheckpointError(
+                f"{saved.path.parent / SHARDING_META_FILE}: the manifest of rank_{saved.rank} "
+                "is malformed"
+            ) from None
+        if have != want:
+            differ = sorted(set(have or {}) ^ set(want or {})) or sorted(
+                n for n in (have or {}) if (have or {})[n] != (want or {}).get(n)
+            )
+            raise CorruptCheckpointError(
+                f"{saved.path / file} does not match what sharding_meta.json recorded when the "
+                f"checkpoint was committed (tensors {differ[:5]} differ); the rank directory was "
+                "replaced or damaged: restore it from the same save"
+            )
