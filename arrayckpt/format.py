@@ -359,6 +359,7 @@ def write_file_streaming(
         yield header()
         for name in sizes:
             written, crc = 0, 0
+            view: Any = None
             for chunk in produce(name):
                 view = _byte_view(chunk)
                 crc = crc32c.crc32c(view, crc)
