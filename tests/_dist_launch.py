@@ -106,6 +106,12 @@ def check_sync(res: list[dict[str, Any]]) -> None:
             "sharding_meta.json"]
 
 
+def check_given(res: list[dict[str, Any]]) -> None:
+    for r in res:
+        assert r["given"]["ok"], r["given"]
+    assert "given" in res[0]["listing"]
+
+
 def check_async(res: list[dict[str, Any]]) -> None:
     for r in res:
         assert r["async"]["ok"], r["async"]

@@ -51,7 +51,10 @@ def setup() -> tuple[int, int, Any, Any]:
             dist.all_reduce(t)
             return float(t[0])
 
-        return rank, size, "auto", (allreduce, dist.barrier)
+        def given_group() -> Any:
+            return dist.new_group(backend="gloo")
+
+        return rank, size, "auto", (allreduce, dist.barrier, given_group)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -60,13 +63,13 @@ def setup() -> tuple[int, int, Any, Any]:
         comm.Allreduce(MPI.IN_PLACE, buf)
         return float(buf[0])
 
-    return comm.Get_rank(), comm.Get_size(), comm, (mpi_allreduce, comm.Barrier)
+    return comm.Get_rank(), comm.Get_size(), comm, (mpi_allreduce, comm.Barrier, comm.Dup)
 
 
 def main() -> None:
     # A hung rank prints every thread's stack and exits, so the parent sees why.
     faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT", "60")), exit=True)
-    rank, size, coordinator, (allreduce, barrier) = setup()
+    rank, size, coordinator, (allreduce, barrier, given_group) = setup()
     results: dict[str, Any] = {}
     root = OUT / "ckpts"
 
@@ -145,7 +148,16 @@ def main() -> None:
                                        coordinator=coordinator, timeout=2)
         return {}
 
+    def given() -> dict[str, Any]:
+        m, o = state(rank, 6)
+        ac.save_distributed_checkpoint(root / "given", rank, size, m, o, None, TP,
+                                       coordinator=given_group())
+        got = ac.load_distributed_checkpoint(root / "given", 0, world_size=1).model["w"]
+        assert got.shape == (2 * size, 8)
+        return {}
+
     scenario("sync", sync_save)
+    scenario("given", given)
     scenario("async", async_save)
     scenario("fault", fault)
     scenario("fault_async", fault_async)

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dist_launch import base_env, check_async, check_fault, check_sync, mpirun_command, run_mpi
+from _dist_launch import (
+    base_env,
+    check_async,
+    check_fault,
+    check_given,
+    check_sync,
+    mpirun_command,
+    run_mpi,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -31,6 +39,10 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_coordinated_save_commits_once_and_reshards(ranks: list[dict[str, Any]]) -> None:
     check_sync(ranks)
+
+
+def test_save_through_a_given_communicator(ranks: list[dict[str, Any]]) -> None:
+    check_given(ranks)
 
 
 def test_async_save_runs_beside_training_collectives(ranks: list[dict[str, Any]]) -> None:

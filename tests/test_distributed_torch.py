@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dist_launch import check_async, check_fault, check_sync, run_torch
+from _dist_launch import check_async, check_fault, check_given, check_sync, run_torch
 
 pytestmark = pytest.mark.distributed
 
@@ -23,6 +23,10 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def test_coordinated_save_commits_once_and_reshards(ranks: list[dict[str, Any]]) -> None:
     check_sync(ranks)
+
+
+def test_save_through_a_given_group(ranks: list[dict[str, Any]]) -> None:
+    check_given(ranks)
 
 
 def test_async_save_runs_beside_training_collectives(ranks: list[dict[str, Any]]) -> None:

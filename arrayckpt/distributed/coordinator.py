@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import InvalidInputError, TopologyError
@@ -103,6 +105,14 @@ class TorchCoordinator(Coordinator):
             ) from exc
 
     def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
+        with _engine_errors(self.rank, "torch.distributed", "gathering manifests"):
+            return self._gather(payload, timeout)
+
+    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+        with _engine_errors(self.rank, "torch.distributed", "broadcasting from rank 0"):
+            return self._broadcast(payload, timeout)
+
+    def _gather(self, payload: bytes, timeout: float | None) -> list[bytes] | None:
         import torch
 
         self._barrier(timeout)
@@ -123,7 +133,7 @@ class TorchCoordinator(Coordinator):
             return None
         return [bytes(b[: int(s)].numpy()) for b, s in zip(bufs, sizes, strict=True)]
 
-    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+    def _broadcast(self, payload: bytes | None, timeout: float | None) -> bytes:
         import torch
 
         self._barrier(timeout)
@@ -202,7 +212,7 @@ class MPICoordinator(Coordinator):
                 time.sleep(_POLL_S)
 
     def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
-        with self._lock:
+        with self._lock, _engine_errors(self.rank, "MPI", "gathering manifests", self._MPI):
             tag, deadline = self._tag(), time.monotonic() + (timeout or self.timeout)
             if self.rank != 0:
                 self._send(payload, [0], tag, deadline, "manifest")
@@ -211,13 +221,28 @@ class MPICoordinator(Coordinator):
             return [payload] + [got[r] for r in range(1, self.world_size)]
 
     def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
-        with self._lock:
+        with self._lock, _engine_errors(self.rank, "MPI", "broadcasting from rank 0", self._MPI):
             tag, deadline = self._tag(), time.monotonic() + (timeout or self.timeout)
             if self.rank == 0:
                 others = list(range(1, self.world_size))
                 self._send(payload or b"", others, tag, deadline, "decision")
                 return payload or b""
             return self._receive([0], tag, deadline, "decision from rank 0")[0]
+
+
+@contextmanager
+def _engine_errors(rank: int, engine: str, what: str, mpi: Any = None) -> Iterator[None]:
+    """Report the engine's own failures (a peer's connection closed, ...) as TopologyError."""
+    caught: tuple[type[BaseException], ...] = (RuntimeError,)
+    if mpi is not None:
+        caught = (mpi.Exception,)
+    try:
+        yield
+    except caught as exc:
+        raise TopologyError(
+            f"rank {rank}: {engine} failed while {what} ({exc}); a rank crashed, hangs, "
+            "or the connection broke"
+        ) from exc
 
 
 _cache: dict[tuple[str, int], tuple[Any, Coordinator]] = {}
