@@ -226,3 +226,18 @@ def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -
         ac.load_distributed_checkpoint(b, 0, world_size=1)
     ac.load_distributed_checkpoint(b, 0)  # rank 0 is intact
     np.testing.assert_array_equal(ac.load_distributed_checkpoint(a, 1).model["w"], state(1)["w"])
+
+
+def test_invalid_state_on_one_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
+    def body(r: int, coord: Coordinator) -> Any:
+        s: dict[str, Any] = state(r) if r != 1 else {"w": "not an array"}
+        return ac.save_distributed_checkpoint(tmp_path / "ckpt", r, 3, s, None, None, TP,
+                                              coordinator=coord)
+
+    started = time.monotonic()
+    out = run_ranks(3, body, timeout=30)
+    assert time.monotonic() - started < 10  # told at once, not by a timeout
+    assert isinstance(out[1], ac.UnsupportedArrayError)
+    for r in (0, 2):
+        assert isinstance(out[r], CheckpointWriteError) and "rank 1 failed" in str(out[r])
+    assert not (tmp_path / "ckpt").exists() and no_debris(tmp_path)

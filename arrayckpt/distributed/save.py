@@ -20,7 +20,7 @@ from ..snapshot import StagingPool
 from ..training_state import TrainingState
 from .coordinator import Coordinator, resolve
 from .shards import ShardFile, plan_split
-from .types import ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
+from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
 
 log = logging.getLogger("arrayckpt")
 
@@ -84,7 +84,7 @@ def save_distributed_checkpoint(
     """
     job = prepare_save(
         directory, rank, world_size, model_state, optimizer_state, training_state, sharding,
-        staging=None, coordinator=coordinator, timeout=timeout,
+        staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True,
     )
     return job()
 
@@ -102,14 +102,17 @@ def prepare_save(
     coordinator: Any = "auto",
     timeout: float | None = None,
     background: bool = False,
+    join_on_error: bool = False,
 ) -> Callable[[], Path]:
     """Validate, pick the coordinator and snapshot on the calling thread; return the write.
 
     The returned job may run on the writer thread (``background=True``): everything that
     must happen on the training thread (building a coordinator is a collective the first
-    time; copying arrays) is done here.
+    time; copying arrays) is done here. With ``join_on_error`` a coordinated rank whose
+    state is invalid still takes part in the commit, to fail every rank at once instead
+    of leaving them to time out; the job then raises the validation error.
     """
-    sharding = ShardingConfig(_default_strategy()) if sharding is None else sharding
+    sharding = ShardingConfig(Replicated()) if sharding is None else sharding
     if not isinstance(sharding, ShardingConfig):
         raise InvalidInputError(f"sharding must be a ShardingConfig, not {type(sharding).__name__}")
     for name, value in (("rank", rank), ("world_size", world_size)):
@@ -124,18 +127,20 @@ def prepare_save(
             "initialised without MPI_THREAD_MULTIPLE; save synchronously or initialise MPI "
             "with thread level MULTIPLE (mpi4py's default)"
         )
-    snap = take_snapshot(model_state, optimizer_state, training_state, staging=staging)
+    snap: Snapshot | CheckpointError
+    try:
+        snap = take_snapshot(model_state, optimizer_state, training_state, staging=staging)
+    except CheckpointError as exc:
+        if coord is None or not join_on_error:
+            raise
+        snap = exc
     target = Path(directory).absolute()
     meta = ShardingMeta(world_size, sharding)
     if coord is None:
-        return lambda: _save_own_rank(target, rank, snap, meta)
+        assert isinstance(snap, Snapshot)  # errors were raised above
+        own = snap
+        return lambda: _save_own_rank(target, rank, own, meta)
     return lambda: _save_coordinated(target, snap, meta, coord, timeout)
-
-
-def _default_strategy() -> Any:
-    from .types import Replicated
-
-    return Replicated()
 
 
 def _save_own_rank(target: Path, rank: int, snap: Snapshot, meta: ShardingMeta) -> Path:
@@ -161,8 +166,10 @@ def write_meta_atomically(target: Path, meta: ShardingMeta) -> None:
         raise CheckpointWriteError(f"writing {path} failed: {exc}") from exc
 
 
-def _write_rank_into(tmp: Path, rank: int, snap: Snapshot) -> dict[str, Any]:
+def _write_rank_into(tmp: Path, rank: int, snap: Snapshot | CheckpointError) -> dict[str, Any]:
     """Write this rank's files into the shared temporary directory; return its manifest."""
+    if isinstance(snap, CheckpointError):
+        raise snap  # this rank's state was invalid: fail its part of the save
     fs = fsops.fs()
     rank_dir = tmp / rank_dir_name(rank)
     fs.mkdir(rank_dir)
@@ -186,7 +193,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _save_coordinated(
-    target: Path, snap: Snapshot, meta: ShardingMeta, coord: Coordinator, timeout: float | None
+    target: Path,
+    snap: Snapshot | CheckpointError,
+    meta: ShardingMeta,
+    coord: Coordinator,
+    timeout: float | None,
 ) -> Path:
     rank = coord.rank
     if rank == 0:
@@ -219,7 +230,11 @@ def _save_coordinated(
 
 
 def _commit_as_root(
-    target: Path, snap: Snapshot, meta: ShardingMeta, coord: Coordinator, timeout: float | None
+    target: Path,
+    snap: Snapshot | CheckpointError,
+    meta: ShardingMeta,
+    coord: Coordinator,
+    timeout: float | None,
 ) -> Path:
     stage = "start"
     reason = ""  # what the other ranks are told when the save fails
