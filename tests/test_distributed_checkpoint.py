@@ -347,3 +347,13 @@ def test_load_checkpoint_on_distributed_root_points_to_distributed_loader(tmp_pa
     save_tp(tmp_path, 2)
     with pytest.raises(InvalidInputError, match="load_distributed_checkpoint"):
         ac.load_checkpoint(tmp_path)
+
+
+def test_resharding_reports_a_split_tensor_missing_from_rank_0(tmp_path: Path) -> None:
+    sharding = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
+    ac.save_distributed_checkpoint(tmp_path, 0, 2, {"b": np.ones(1)}, None, None, sharding,
+                                   coordinator=None)
+    ac.save_distributed_checkpoint(tmp_path, 1, 2, {"w": np.ones(2), "b": np.ones(1)}, None,
+                                   None, sharding, coordinator=None)
+    with pytest.raises(CorruptCheckpointError, match=r"'w'.*rank_0/model.safetensors"):
+        ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)

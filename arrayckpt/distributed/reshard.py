@@ -76,7 +76,10 @@ def share_names(
     first = files[0]
     names = [] if first is None else list(first.entries)
     if isinstance(strategy, TensorParallel):
-        _check_replicated_names(files, names, meta.sharding.split_dims, part)
+        split_dims = meta.sharding.split_dims
+        _check_replicated_names(files, names, split_dims, part)
+        # a split tensor rank 0 lacks is still loaded, so that the missing shard is reported
+        names += [n for n in _all_names(files) if n in split_dims and n not in set(names)]
     return names
 
 
