@@ -51,8 +51,12 @@ def setup() -> tuple[int, int, Any, Any]:
             dist.all_reduce(t)
             return float(t[0])
 
-        def given_group() -> Any:
-            return dist.new_group(backend="gloo")
+        def given_group(members: list[int] | None = None) -> Any:
+            if members is None:
+                return dist.new_group(backend="gloo")
+            halves = [dist.new_group(list(range(size // 2))),  # every rank builds both
+                      dist.new_group(list(range(size // 2, size)))]
+            return halves[0] if rank in members else halves[1]
 
         return rank, size, "auto", (allreduce, dist.barrier, given_group)
     from mpi4py import MPI
@@ -156,7 +160,22 @@ def main() -> None:
         assert got.shape == (2 * size, 8)
         return {}
 
+    def subgroups() -> dict[str, Any]:
+        # Two halves save two checkpoints at once, each through its own process group.
+        half = size // 2
+        group = given_group(list(range(half)))
+        sub_rank, which = rank % half, rank // half
+        m, o = state(rank, 7)
+        ac.save_distributed_checkpoint(root / f"half{which}", sub_rank, half, m, o, None, TP,
+                                       coordinator=group)
+        got = ac.load_distributed_checkpoint(root / f"half{which}", 0, world_size=1).model["w"]
+        np.testing.assert_array_equal(got[:, 0], np.repeat(
+            [r + 7 for r in range(which * half, (which + 1) * half)], 2))
+        return {}
+
     scenario("sync", sync_save)
+    if ENGINE == "torch" and size == 4:
+        scenario("subgroups", subgroups)
     scenario("given", given)
     scenario("async", async_save)
     scenario("fault", fault)

@@ -29,6 +29,14 @@ def test_save_through_a_given_group(ranks: list[dict[str, Any]]) -> None:
     check_given(ranks)
 
 
+def test_halves_save_through_their_own_subgroups(ranks: list[dict[str, Any]]) -> None:
+    if len(ranks) != 4:
+        pytest.skip("needs world size 4 (two groups of two)")
+    for r in ranks:
+        assert r["subgroups"]["ok"], r["subgroups"]
+    assert {"half0", "half1"} <= set(ranks[0]["listing"])
+
+
 def test_async_save_runs_beside_training_collectives(ranks: list[dict[str, Any]]) -> None:
     check_async(ranks)
 

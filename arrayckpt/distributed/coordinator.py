@@ -60,9 +60,9 @@ class Coordinator(ABC):
 class TorchCoordinator(Coordinator):
     """torch.distributed: a dedicated gloo group beside ``group`` (default: the world).
 
-    Creating it is a collective (``new_group``): every rank of the default group must
-    construct it at the same point of its program, on the training thread. arrayckpt
-    makes one per group and reuses it.
+    Creating it is a collective (``new_group``): every rank of ``group`` must construct it
+    at the same point of its program, on the training thread. arrayckpt makes one per
+    group and reuses it.
 
     Example:
         >>> # coordinator = TorchCoordinator()  # after dist.init_process_group(...)
@@ -81,8 +81,10 @@ class TorchCoordinator(Coordinator):
         self._dist = dist
         self.timeout = float(timeout)
         ranks = None if group is None else dist.get_process_group_ranks(group)
+        # Local synchronization: only the members of ``group`` take part in building it.
         self._group = dist.new_group(
-            ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout)
+            ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout),
+            use_local_synchronization=ranks is not None,
         )
         self.rank = dist.get_rank(self._group)
         self.world_size = dist.get_world_size(self._group)
