@@ -12,6 +12,7 @@ from typing import Any
 
 from . import backends, writer
 from .checkpoint import PathLike, take_snapshot, write_snapshot
+from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
 from .snapshot import StagingPool
 from .training_state import TrainingState
@@ -82,7 +83,7 @@ class AsyncCheckpointer:
         model_state: Mapping[str, Any],
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
-        sharding: Any = None,
+        sharding: ShardingConfig | None = None,
         **kw: Any,
     ) -> WriteFuture[Path]:
         """Snapshot this rank's state now and write it in the background; see

@@ -357,3 +357,16 @@ def test_resharding_reports_a_split_tensor_missing_from_rank_0(tmp_path: Path) -
                                    None, sharding, coordinator=None)
     with pytest.raises(CorruptCheckpointError, match=r"'w'.*rank_0/model.safetensors"):
         ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)
+
+
+class TruncatedFS(fsops.FileSystem):
+    def read_ranges(self, path: Path, ranges: Any, out: memoryview) -> None:
+        if any(offset > 0 for offset, _ in ranges) and "rank_1" in str(path):
+            raise EOFError(f"{path}: ran past the end")  # shrank after its header was read
+        super().read_ranges(path, ranges, out)
+
+
+def test_a_shard_failing_while_read_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    save_tp(tmp_path, 2)
+    with fsops.use(TruncatedFS()), pytest.raises(CorruptCheckpointError, match="rank_1"):
+        ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)

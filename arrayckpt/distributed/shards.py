@@ -50,14 +50,20 @@ class ShardFile:
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> bytes:
         out = bytearray(sum(length for _, length in ranges))
-        fsops.fs().read_ranges(self.path, ranges, memoryview(out))
+        self._fill(ranges, memoryview(out))
         return bytes(out)
+
+    def _fill(self, ranges: Sequence[tuple[int, int]], out: memoryview) -> None:
+        try:
+            fsops.fs().read_ranges(self.path, ranges, out)
+        except (OSError, EOFError) as exc:  # e.g. truncated after its header was validated
+            raise CorruptCheckpointError(f"{self.path}: reading failed: {exc}") from exc
 
     def read(self, name: str, *, verify: bool = True) -> np.ndarray:
         """The whole tensor ``name`` (checked against its CRC32C when ``verify``)."""
         e = self.entries[name]
         buf = np.empty(e.end - e.start, np.uint8)
-        fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
+        self._fill([(e.start, e.end - e.start)], buf.data)
         sums = self.header.checksums
         if verify and sums is not None and format.checksum(buf.data) != sums[name]:
             raise CorruptCheckpointError(
@@ -83,7 +89,7 @@ class ShardFile:
         length = (hi - lo) * inner
         ranges = [(e.start + o * row + lo * inner, length) for o in range(outer)] if length else []
         buf = np.empty(outer * length, np.uint8)
-        fsops.fs().read_ranges(self.path, ranges, buf.data)
+        self._fill(ranges, buf.data)
         shape = (*e.shape[:dim], hi - lo, *e.shape[dim + 1 :])
         return buf.view(e.dtype.numpy).reshape(shape)
 
