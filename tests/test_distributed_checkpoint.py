@@ -11,6 +11,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import arrayckpt as ac
@@ -370,3 +372,26 @@ def test_a_shard_failing_while_read_is_a_corrupt_checkpoint(tmp_path: Path) -> N
     save_tp(tmp_path, 2)
     with fsops.use(TruncatedFS()), pytest.raises(CorruptCheckpointError, match="rank_1"):
         ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 4),
+    m=st.integers(1, 5),
+    shape=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    data=st.data(),
+)
+def test_any_reshard_is_the_even_slice_of_the_merged_tensor(
+    tmp_path_factory: pytest.TempPathFactory, n: int, m: int, shape: list[int], data: Any
+) -> None:
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    full = np.arange(int(np.prod(shape)), dtype=np.int16).reshape(shape)
+    d = tmp_path_factory.mktemp("prop")
+    sharding = ac.ShardingConfig(ac.TensorParallel(), {"t": dim})
+    for r, part in enumerate(np.array_split(full, n, axis=dim)):
+        ac.save_distributed_checkpoint(d, r, n, {"t": np.ascontiguousarray(part)}, None, None,
+                                       sharding, coordinator=None)
+    for r in range(m):
+        got = ac.load_distributed_checkpoint(d, r, world_size=m).model["t"]
+        np.testing.assert_array_equal(got, np.array_split(full, m, axis=dim)[r])

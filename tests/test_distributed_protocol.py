@@ -224,6 +224,8 @@ def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -
         ac.load_distributed_checkpoint(b, 1)
     with pytest.raises(ac.CorruptCheckpointError, match="rank_1"):
         ac.load_distributed_checkpoint(b, 0, world_size=1)
+    with pytest.raises(ac.CorruptCheckpointError, match="rank_1"):
+        ac.consolidate_checkpoint(b, tmp_path / "merged")
     ac.load_distributed_checkpoint(b, 0)  # rank 0 is intact
     np.testing.assert_array_equal(ac.load_distributed_checkpoint(a, 1).model["w"], state(1)["w"])
 

@@ -17,7 +17,14 @@ from ..errors import CorruptCheckpointError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
 from ..training_state import TrainingState
 from .reshard import PARTS
-from .shards import SavedRank, ShardFile, SplitTensor, check_ranks_present, plan_split
+from .shards import (
+    SavedRank,
+    ShardFile,
+    SplitTensor,
+    check_manifest,
+    check_ranks_present,
+    plan_split,
+)
 from .types import Replicated, ShardingMeta, TensorParallel
 
 log = logging.getLogger("arrayckpt")
@@ -72,6 +79,9 @@ def consolidate_checkpoint(
     root = Path(sharded_dir)
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
     ranks = check_ranks_present(root, meta.world_size)
+    if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
+        for saved, manifest in zip(ranks, meta.ranks, strict=True):
+            check_manifest(saved, manifest)
     if isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims:
         raise CorruptCheckpointError(
             f"{root / SHARDING_META_FILE}: TensorParallel with empty split_dims says nothing "
