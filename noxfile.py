@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "tests_minimal", "lint", "typecheck"]
@@ -16,6 +18,8 @@ TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax"]
 def tests(session: nox.Session) -> None:
     """Every backend available on a CPU machine: NumPy, PyTorch, JAX, array_api_strict."""
     session.install(*TEST_DEPS)
+    if shutil.which("mpirun"):  # an MPI runtime is there (apt-get install openmpi-bin)
+        session.install("mpi4py")
     session.run("pytest", "-q", *session.posargs)
 
 

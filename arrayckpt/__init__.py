@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from .async_checkpointer import AsyncCheckpointer
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .distributed import (
+    Replicated,
+    ShardingConfig,
+    TensorParallel,
+    ZeroPartitioned,
+    consolidate_checkpoint,
+    load_distributed_checkpoint,
+    save_distributed_checkpoint,
+)
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -30,9 +39,16 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "InvalidInputError",
+    "Replicated",
+    "ShardingConfig",
+    "TensorParallel",
     "TopologyError",
     "TrainingState",
     "UnsupportedArrayError",
+    "ZeroPartitioned",
+    "consolidate_checkpoint",
     "load_checkpoint",
+    "load_distributed_checkpoint",
     "save_checkpoint",
+    "save_distributed_checkpoint",
 ]

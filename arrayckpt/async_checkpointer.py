@@ -13,6 +13,7 @@ from typing import Any
 
 from . import backends, writer
 from .checkpoint import PathLike, take_snapshot, write_snapshot
+from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
 from .snapshot import StagingPool
 from .training_state import TrainingState
@@ -74,6 +75,38 @@ class AsyncCheckpointer:
             )
             future = writer.submit(lambda: write_snapshot(directory, snap), f"save {directory}")
             self._pending = future
+            self.last_stall_s = time.perf_counter() - started
+            return future
+
+    def save_distributed(
+        self,
+        directory: PathLike,
+        rank: int,
+        world_size: int,
+        model_state: Mapping[str, Any],
+        optimizer_state: Mapping[str, Any] | None = None,
+        training_state: TrainingState | None = None,
+        sharding: ShardingConfig | None = None,
+        **kw: Any,
+    ) -> WriteFuture[Path]:
+        """Snapshot this rank's state now and write it in the background; see
+        `save_distributed_checkpoint` (``coordinator=``, ``timeout=`` go in ``kw``).
+
+        Coordinated saves talk to the other ranks from the writer thread over a dedicated
+        channel (a gloo group of their own, a duplicated MPI communicator), never the
+        training loop's; the channel is built here, on the caller's thread.
+        """
+        from .distributed.save import prepare_save
+
+        with self._lock:
+            started = time.perf_counter()
+            self._check_open()
+            self.wait()
+            job = prepare_save(
+                directory, rank, world_size, model_state, optimizer_state, training_state,
+                sharding, staging=self._staging, background=True, **kw,
+            )
+            future = self.submit_job(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
             return future
 

@@ -12,7 +12,7 @@ import math
 import mmap as mmap_module
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -339,3 +339,69 @@ class SafetensorsReader:
         if missing:
             raise CheckpointNotFoundError(f"{self.path}: no tensors named {missing}")
         return {name: self.array(name, verify=verify) for name in names}
+
+
+def write_file_streaming(
+    path: Path,
+    layout: Sequence[tuple[str, DType, tuple[int, ...]]],
+    produce: Callable[[str], Iterable[Any]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file tensor by tensor, holding at most one tensor's bytes.
+
+    ``layout`` lists each tensor's name, dtype and shape in file order; ``produce(name)``
+    yields that tensor's bytes as buffers (any split). Checksums have a fixed width, so the
+    header is written first with placeholders and patched in place once the data is out.
+    The file is fsynced.
+
+    Raises:
+        ValueError: ``produce`` yielded a different number of bytes than the shape needs.
+    """
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
+    crcs = dict.fromkeys(sizes, 0)
+
+    def header() -> bytes:
+        meta = dict(metadata or {})
+        meta[FORMAT_KEY] = FORMAT_VERSION
+        meta[CHECKSUMS_KEY] = json.dumps(
+            {name: f"{crc:08x}" for name, crc in crcs.items()},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        doc: dict[str, Any] = {"__metadata__": meta}
+        cursor = 0
+        for name, dtype, shape in layout:
+            end = cursor + sizes[name]
+            doc[name] = {"dtype": dtype.code, "shape": list(shape), "data_offsets": [cursor, end]}
+            cursor = end
+        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
+        return struct.pack("<Q", len(raw)) + raw
+
+    def chunks() -> Iterator[Any]:
+        yield header()
+        for name in sizes:
+            written, crc = 0, 0
+            view: Any = None
+            for chunk in produce(name):
+                view = _byte_view(chunk)
+                crc = crc32c.crc32c(view, crc)
+                written += view.nbytes
+                yield view
+            chunk = view = None  # drop this tensor before the next one is produced
+            if written != sizes[name]:
+                raise ValueError(
+                    f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}"
+                )
+            crcs[name] = crc
+
+    fs = fsops.fs()
+    fs.write_chunks(path, chunks())
+    fs.write_at(path, 0, header())
+    fs.fsync_file(path)
+
+
+def _byte_view(chunk: Any) -> memoryview:
+    if isinstance(chunk, np.ndarray):  # ml_dtypes arrays do not export a buffer format
+        return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data
+    return memoryview(chunk).cast("B")

@@ -11,7 +11,7 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -98,10 +98,50 @@ class FileSystem:
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)
 
+    def remove_file(self, path: Path) -> None:
+        os.unlink(path)
+
+    def size(self, path: Path) -> int:
+        return os.stat(path).st_size
+
+    def read_ranges(self, path: Path, ranges: Iterable[tuple[int, int]], out: memoryview) -> None:
+        """Read each ``(offset, length)`` of ``path`` in turn into consecutive bytes of ``out``.
+
+        Partial reads of large files (headers, one rank's slice of a tensor) without
+        mapping or reading the whole file.
+        """
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pos = 0
+            for offset, length in ranges:
+                done = 0
+                while done < length:
+                    n = os.preadv(fd, [out[pos + done : pos + length]], offset + done)
+                    if n == 0:
+                        raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
+                    done += n
+                pos += length
+        finally:
+            os.close(fd)
+
+    def write_chunks(self, path: Path, chunks: Iterable[Any]) -> None:
+        """Create ``path`` and write the buffers ``chunks`` yields, in order (streaming)."""
+        with open(path, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                del chunk  # let the producer free it before making the next one
+
+    def write_at(self, path: Path, offset: int, data: bytes) -> None:
+        """Overwrite bytes of an existing file in place."""
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
     def read_bytes(self, path: Path, limit: int) -> bytes:
         """Read a small file whole, refusing one larger than ``limit`` bytes."""
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # read(n) allocates n bytes up front: ask for what the file holds, not the cap
+            data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
         if len(data) > limit:
             raise ValueError(f"larger than {limit} bytes")
         return data

@@ -1,0 +1,104 @@
+"""Loading one rank's part of a distributed checkpoint, resharding when world sizes differ."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .. import backends
+from ..checkpoint import Checkpoint, PathLike, load_checkpoint
+from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
+from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
+from ..training_state import TrainingState
+from .reshard import load_share
+from .shards import check_manifest, check_ranks_present
+from .types import ShardingMeta
+
+
+def load_distributed_checkpoint(
+    directory: PathLike,
+    rank: int,
+    *,
+    world_size: int | None = None,
+    keys: Collection[str] | None = None,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    verify: bool = True,
+    mmap: bool = True,
+) -> Checkpoint:
+    """Load rank ``rank``'s state from a distributed checkpoint (arrayckpt's or boostr's).
+
+    Every saved rank's directory must be present and complete (the error names the ones
+    that are not). Without ``world_size`` (or with the saved one) the rank's own files are
+    loaded. With another ``world_size`` the checkpoint is resharded for it (see
+    docs/distributed.md): tensor-parallel ranks get their even slice of every split
+    tensor, read from only the byte ranges they need; ZeroPartitioned ranks get a
+    deterministic partition of the keys; Replicated ranks get rank 0's state.
+
+    Args:
+        directory: the distributed checkpoint directory.
+        rank: the rank to load for, ``0 <= rank < world_size``.
+        world_size: the world size to load for; default: the saved one.
+        keys: load exactly these names (from model and optimizer state) instead of the
+            strategy's share; split tensors still come as this rank's slice.
+        xp, device, verify, mmap: as for `load_checkpoint`. A slice narrower than a saved
+            shard cannot be checked against that shard's checksum.
+
+    Returns:
+        ``Checkpoint(model, optimizer, training_state)``; when resharding, the training
+        state is rank 0's.
+
+    Raises:
+        TopologyError: ``rank`` is out of range (for the saved world size unless
+            ``world_size`` is given).
+        CheckpointNotFoundError: ``sharding_meta.json`` or a rank's files are missing.
+        CorruptCheckpointError: a file is malformed, or shards do not fit together.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> zero = ac.ShardingConfig(ac.ZeroPartitioned(3))
+        >>> _ = ac.save_distributed_checkpoint(d, 0, 2, {"a": np.zeros(2)}, None, None, zero)
+        >>> _ = ac.save_distributed_checkpoint(d, 1, 2, {"b": np.ones(2)}, None, None, zero)
+        >>> sorted(ac.load_distributed_checkpoint(d, 0, world_size=1).model)
+        ['a', 'b']
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
+    meta = ShardingMeta.read(root / SHARDING_META_FILE)
+    saved = meta.world_size
+    if world_size is not None and (
+        not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1
+    ):
+        raise InvalidInputError(f"world_size must be a positive int, got {world_size!r}")
+    target = saved if world_size is None else world_size
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < target:
+        fix = (
+            "pass world_size= (the number of ranks loading) to reshard the checkpoint, or "
+            "merge it with consolidate_checkpoint"
+            if world_size is None
+            else "pass a rank below world_size"
+        )
+        raise TopologyError(
+            f"{root}: rank {rank} out of range for world_size={target} "
+            f"(the checkpoint was saved by {saved} ranks); {fix}"
+        )
+    ranks = check_ranks_present(root, saved)
+    same = target == saved and keys is None
+    if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
+        for r in [rank] if same else range(saved):
+            check_manifest(ranks[r], meta.ranks[r])
+    if same:
+        return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
+    backend = backends.for_namespace(xp)
+    backend.check_device(device)
+    model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
+    state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
+
+    def convert(arrays: dict[str, Any]) -> dict[str, Any]:
+        return {name: backend.from_host(a, device) for name, a in arrays.items()}
+
+    return Checkpoint(convert(model), None if optimizer is None else convert(optimizer), state)

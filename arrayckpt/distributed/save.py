@@ -1,0 +1,328 @@
+"""Saving a distributed checkpoint: per rank (caller-coordinated) or committed as one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import fsops
+from ..checkpoint import PathLike, Snapshot, take_snapshot, write_files, write_snapshot
+from ..commit import commit_directory, temporary_sibling
+from ..dtypes import BY_CODE
+from ..errors import CheckpointError, CheckpointWriteError, InvalidInputError, TopologyError
+from ..format import Entry
+from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, rank_dir_name
+from ..snapshot import StagingPool
+from ..training_state import TrainingState
+from .coordinator import Coordinator, resolve
+from .shards import ShardFile, plan_split
+from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
+
+log = logging.getLogger("arrayckpt")
+
+
+def save_distributed_checkpoint(
+    directory: PathLike,
+    rank: int,
+    world_size: int,
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+    training_state: TrainingState | None = None,
+    sharding: ShardingConfig | None = None,
+    *,
+    coordinator: Any = "auto",
+    timeout: float | None = None,
+) -> Path:
+    """Save this rank's part of a distributed checkpoint (boostr's layout).
+
+    Two modes:
+
+    - **Caller-coordinated** (``coordinator=None``, or ``"auto"`` with no engine running;
+      boostr's behaviour): this rank commits ``rank_{rank}/`` atomically on its own and
+      rank 0 writes ``sharding_meta.json``. The caller must make every rank finish
+      (a barrier) before the checkpoint is used; loading checks every rank is there.
+    - **Coordinated** (``"auto"`` when torch.distributed is initialised, a torch
+      ``ProcessGroup``, an mpi4py communicator, ``"torch"``/``"mpi"``): all ranks write
+      into one temporary directory, rank 0 gathers every rank's manifest, writes
+      ``sharding_meta.json`` last and renames the whole directory into place. Every rank
+      returns only after the commit; if any rank fails, every rank raises and nothing
+      becomes visible.
+
+    Args:
+        directory: the distributed checkpoint directory (shared by all ranks).
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: number of ranks saving.
+        model_state: ``str -> array`` this rank holds (its shards for tensor parallel).
+        optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
+        training_state: step, epoch, learning rate, metadata; default ``step=0``.
+        sharding: how the state is sharded; default ``ShardingConfig(Replicated())``.
+        coordinator: see the modes above.
+        timeout: seconds each cross-rank wait may take (default: the coordinator's).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        InvalidInputError: bad arguments or state; nothing is written.
+        TopologyError: rank/world size disagree with the engine, or ranks did not arrive
+            in time (names which).
+        CheckpointWriteError: writing failed on this or (coordinated) another rank.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
+        >>> for r in range(2):  # each rank, in its own process, saves its half
+        ...     _ = ac.save_distributed_checkpoint(d, r, 2, {"w": np.full(2, r, np.float32)},
+        ...                                        None, ac.TrainingState(5), tp)
+        >>> ac.load_distributed_checkpoint(d, 0, world_size=1).model["w"]
+        array([0., 0., 1., 1.], dtype=float32)
+    """
+    job = prepare_save(
+        directory, rank, world_size, model_state, optimizer_state, training_state, sharding,
+        staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True,
+    )
+    return job()
+
+
+def prepare_save(
+    directory: PathLike,
+    rank: int,
+    world_size: int,
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None,
+    training_state: TrainingState | None,
+    sharding: ShardingConfig | None,
+    *,
+    staging: StagingPool | None,
+    coordinator: Any = "auto",
+    timeout: float | None = None,
+    background: bool = False,
+    join_on_error: bool = False,
+) -> Callable[[], Path]:
+    """Validate, pick the coordinator and snapshot on the calling thread; return the write.
+
+    The returned job may run on the writer thread (``background=True``): everything that
+    must happen on the training thread (building a coordinator is a collective the first
+    time; copying arrays) is done here. With ``join_on_error`` a coordinated rank whose
+    state is invalid still takes part in the commit, to fail every rank at once instead
+    of leaving them to time out; the job then raises the validation error.
+    """
+    sharding = ShardingConfig(Replicated()) if sharding is None else sharding
+    if not isinstance(sharding, ShardingConfig):
+        raise InvalidInputError(f"sharding must be a ShardingConfig, not {type(sharding).__name__}")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
+    if world_size < 1 or rank >= world_size:
+        raise TopologyError(f"rank {rank} is out of range for world_size={world_size}")
+    coord = resolve(coordinator, rank, world_size)
+    if coord is not None and background and not coord.thread_safe:
+        raise InvalidInputError(
+            f"{type(coord).__name__} cannot be used from the writer thread: MPI was "
+            "initialised without MPI_THREAD_MULTIPLE; save synchronously or initialise MPI "
+            "with thread level MULTIPLE (mpi4py's default)"
+        )
+    snap: Snapshot | CheckpointError
+    try:
+        snap = take_snapshot(model_state, optimizer_state, training_state, staging=staging)
+    except CheckpointError as exc:
+        if coord is None or not join_on_error:
+            raise
+        snap = exc
+    target = Path(directory).absolute()
+    meta = ShardingMeta(world_size, sharding)
+    if coord is None:
+        assert isinstance(snap, Snapshot)  # errors were raised above
+        own = snap
+        return lambda: _save_own_rank(target, rank, own, meta)
+    return lambda: _save_coordinated(target, snap, meta, coord, timeout)
+
+
+def _save_own_rank(target: Path, rank: int, snap: Snapshot, meta: ShardingMeta) -> Path:
+    write_snapshot(target / rank_dir_name(rank), snap)
+    if rank == 0:
+        write_meta_atomically(target, meta)
+    return target
+
+
+def write_meta_atomically(target: Path, meta: ShardingMeta) -> None:
+    """Replace ``target/sharding_meta.json`` in one rename, durably."""
+    fs = fsops.fs()
+    path = target / SHARDING_META_FILE
+    tmp = temporary_sibling(path)
+    try:
+        fs.write_bytes(tmp, meta.to_json().encode())
+        fs.fsync_file(tmp)
+        fs.rename(tmp, path)
+        fs.fsync_dir(target)
+    except OSError as exc:
+        if os.path.lexists(tmp):
+            fs.remove_file(tmp)
+        raise CheckpointWriteError(f"writing {path} failed: {exc}") from exc
+
+
+def _write_rank_into(tmp: Path, rank: int, snap: Snapshot | CheckpointError) -> dict[str, Any]:
+    """Write this rank's files into the shared temporary directory; return its manifest."""
+    if isinstance(snap, CheckpointError):
+        raise snap  # this rank's state was invalid: fail its part of the save
+    fs = fsops.fs()
+    rank_dir = tmp / rank_dir_name(rank)
+    fs.mkdir(rank_dir)
+    write_files(rank_dir, snap)
+    fs.fsync_dir(rank_dir)
+    manifest: dict[str, Any] = {"rank": rank}
+    for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
+        if part == "optimizer" and not snap.optimizer:
+            continue
+        header = ShardFile(rank_dir / file).header  # what reached the disk, checksums included
+        sums = header.checksums or {}
+        manifest[part] = {
+            name: {"dtype": e.dtype.code, "shape": list(e.shape), "crc32c": f"{sums[name]:08x}"}
+            for name, e in header.entries.items()
+        }
+    return manifest
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _save_coordinated(
+    target: Path,
+    snap: Snapshot | CheckpointError,
+    meta: ShardingMeta,
+    coord: Coordinator,
+    timeout: float | None,
+) -> Path:
+    rank = coord.rank
+    if rank == 0:
+        return _commit_as_root(target, snap, meta, coord, timeout)
+    start = json.loads(coord.broadcast(None, timeout))
+    if not start["ok"]:
+        raise CheckpointWriteError(
+            f"rank {rank}: saving {target} failed before any rank wrote: "
+            f"{start['error']}; nothing was committed"
+        )
+    own: BaseException | None = None
+    report: dict[str, Any]
+    try:
+        report = {"ok": True, "sharding": _sharding_doc(meta), "manifest": _write_rank_into(
+            Path(start["tmp"]), rank, snap)}
+    except Exception as exc:
+        own = exc
+        report = {"ok": False, "error": _describe(exc)}
+    coord.gather(json.dumps(report).encode(), timeout)
+    decision = json.loads(coord.broadcast(None, timeout))
+    if own is not None:
+        raise own if isinstance(own, CheckpointError) else CheckpointWriteError(
+            f"rank {rank}: writing its part of {target} failed: {own}; nothing was committed"
+        ) from own
+    if not decision["ok"]:
+        raise CheckpointWriteError(
+            f"rank {rank}: saving {target} failed: {decision['error']}; nothing was committed"
+        )
+    return target
+
+
+def _commit_as_root(
+    target: Path,
+    snap: Snapshot | CheckpointError,
+    meta: ShardingMeta,
+    coord: Coordinator,
+    timeout: float | None,
+) -> Path:
+    stage = "start"
+    reason = ""  # what the other ranks are told when the save fails
+
+    def fill(tmp: Path) -> None:
+        nonlocal stage, reason
+        coord.broadcast(json.dumps({"ok": True, "tmp": str(tmp)}).encode(), timeout)
+        stage = "announced"
+        own: BaseException | None = None
+        try:
+            report = {"ok": True, "sharding": _sharding_doc(meta),
+                      "manifest": _write_rank_into(tmp, 0, snap)}
+        except Exception as exc:
+            own = exc
+            report = {"ok": False, "error": _describe(exc)}
+        reports = coord.gather(json.dumps(report).encode(), timeout)
+        assert reports is not None  # rank 0 receives every rank's report
+        if own is not None:
+            reason = f"rank 0 failed: {_describe(own)}"
+            raise own
+        try:
+            manifests = _check_reports([json.loads(r) for r in reports], meta)
+        except CheckpointError as exc:
+            reason = str(exc)
+            raise type(exc)(f"saving {target} failed: {exc}; nothing was committed") from None
+        fs = fsops.fs()
+        path = tmp / SHARDING_META_FILE
+        done = ShardingMeta(meta.world_size, meta.sharding, meta.version, manifests)
+        fs.write_bytes(path, done.to_json().encode())  # written last: the commit record
+        fs.fsync_file(path)
+
+    try:
+        commit_directory(target, fill)
+    except BaseException as exc:
+        # Before the temporary directory was announced the others wait for its name;
+        # afterwards for the decision. Either way, tell them rather than let them time out.
+        _tell(coord, {"ok": False, "error": reason or f"rank 0 failed: {_describe(exc)}"}, timeout)
+        raise
+    coord.broadcast(json.dumps({"ok": True}).encode(), timeout)
+    return target
+
+
+def _tell(coord: Coordinator, decision: dict[str, Any], timeout: float | None) -> None:
+    """Send a failure to the other ranks so they raise now instead of timing out."""
+    try:
+        coord.broadcast(json.dumps(decision).encode(), timeout)
+    except CheckpointError as exc:
+        log.error("could not tell every rank that the save failed: %s", exc)
+
+
+def _sharding_doc(meta: ShardingMeta) -> dict[str, Any]:
+    return {
+        "world_size": meta.world_size,
+        "strategy": strategy_to_json(meta.sharding.strategy),
+        "split_dims": dict(sorted(meta.sharding.split_dims.items())),
+    }
+
+
+def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[dict[str, Any]]:
+    """Every rank wrote, all agree on the sharding, and split tensors fit together.
+
+    Returns the per-rank manifests, with each split shard's offset in the global tensor.
+    """
+    failed = [(r, rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]]
+    if failed:
+        raise CheckpointWriteError(
+            "; ".join(f"rank {r} failed: {err}" for r, err in failed)
+        )
+    mine = _sharding_doc(meta)
+    odd = [r for r, rep in enumerate(reports) if rep["sharding"] != mine]
+    if odd:
+        raise TopologyError(
+            f"ranks {odd} passed a different world_size or ShardingConfig than rank 0 "
+            f"({mine}); every rank must pass the same"
+        )
+    manifests = [rep["manifest"] for rep in reports]
+    if isinstance(meta.sharding.strategy, TensorParallel):
+        for part in ("model", "optimizer"):
+            maps = [
+                {n: Entry(n, BY_CODE[f["dtype"]], tuple(f["shape"]), 0, 0)
+                 for n, f in m.get(part, {}).items()}
+                for m in manifests
+            ]
+            present = set().union(*maps)
+            for name, dim in meta.sharding.split_dims.items():
+                if name not in present:
+                    continue
+                plan = plan_split(name, maps, dim, part)
+                for r, m in enumerate(manifests):
+                    m[part][name]["offset"] = plan.offsets[r]
+    return manifests

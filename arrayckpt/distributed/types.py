@@ -1,0 +1,217 @@
+"""Sharding types and ``sharding_meta.json``, byte-compatible with boostr's serde encoding."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .. import fsops
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
+from ..training_state import CHECKPOINT_VERSION
+
+#: Largest sharding_meta.json accepted (per-rank manifests of big models fit easily).
+MAX_META_BYTES = 256 * 1024 * 1024
+#: The key under which arrayckpt records what boostr's meta leaves out; serde ignores it.
+EXTRA_KEY = "arrayckpt"
+_U8 = 2**8
+_U64 = 2**64
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Every rank holds the full state; rank 0's copy is the checkpoint's."""
+
+
+@dataclass(frozen=True)
+class ZeroPartitioned:
+    """ZeRO-style partitioning: each key lives on the rank that owns it.
+
+    Args:
+        stage: the ZeRO stage (1, 2 or 3); recorded, not interpreted.
+    """
+
+    stage: int
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Tensors named in ``split_dims`` are sliced across ranks along that dimension."""
+
+
+Strategy = Replicated | ZeroPartitioned | TensorParallel
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How a checkpoint is sharded; every rank passes the same one.
+
+    Args:
+        strategy: `Replicated()`, `ZeroPartitioned(stage)` or `TensorParallel()`.
+        split_dims: for `TensorParallel`, tensor name -> the dimension it is split along
+            (applies to model and optimizer keys alike, as in boostr).
+
+    Example:
+        >>> ShardingConfig(TensorParallel(), {"attn.wq": 0, "mlp.w1": 1}).strategy
+        TensorParallel()
+    """
+
+    strategy: Strategy
+    split_dims: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_strategy(self.strategy, InvalidInputError, "sharding.strategy")
+        dims = self.split_dims
+        if not isinstance(dims, Mapping) or not all(
+            isinstance(k, str) and _is_uint(v, _U64) for k, v in dims.items()
+        ):
+            raise InvalidInputError(
+                "sharding.split_dims must map tensor names to non-negative integer dimensions, "
+                f"got {dims!r}"
+            )
+        object.__setattr__(self, "split_dims", dict(dims))
+
+
+@dataclass(frozen=True)
+class ShardingMeta:
+    """The content of ``sharding_meta.json``.
+
+    ``ranks`` holds the per-rank manifests a coordinated save gathers (keys, dtypes,
+    shapes, checksums, tensor-parallel offsets); ``None`` for caller-coordinated saves and
+    boostr's checkpoints, where they are derived from the rank files' headers instead.
+    """
+
+    world_size: int
+    sharding: ShardingConfig
+    version: int = CHECKPOINT_VERSION
+    ranks: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> str:
+        """serde_json's ``to_string_pretty`` output for boostr's struct, fields in its order.
+
+        ``split_dims`` is sorted (boostr's HashMap order is arbitrary); arrayckpt's own
+        facts follow under one extra key that serde ignores.
+        """
+        doc: dict[str, Any] = {
+            "version": self.version,
+            "world_size": self.world_size,
+            "strategy": strategy_to_json(self.sharding.strategy),
+            "split_dims": dict(sorted(self.sharding.split_dims.items())),
+        }
+        if self.ranks is not None:
+            doc[EXTRA_KEY] = {"ranks": self.ranks}
+        return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "sharding_meta.json") -> ShardingMeta:
+        """Parse strictly; also reads boostr's older per-rank ``shards`` layout.
+
+        Raises:
+            CorruptCheckpointError: naming ``source`` and the bad field.
+        """
+
+        def fail(problem: str) -> NoReturn:
+            raise CorruptCheckpointError(f"{source}: {problem}")
+
+        try:
+            doc = json.loads(text, object_pairs_hook=_unique_keys)
+        except RecursionError:
+            fail("JSON is nested too deeply")
+        except (ValueError, UnicodeDecodeError) as exc:
+            fail(f"not valid JSON: {exc}")
+        if not isinstance(doc, dict):
+            fail(f"must hold a JSON object, not {type(doc).__name__}")
+        for name in ("version", "world_size"):
+            if not _is_uint(doc.get(name), _U64):
+                fail(f"{name} must be a non-negative integer, got {doc.get(name)!r}")
+        if doc["world_size"] < 1:
+            fail("world_size must be at least 1")
+        body = doc
+        if "strategy" not in doc and isinstance(doc.get("shards"), list) and doc["shards"]:
+            body = doc["shards"][0]  # boostr before the meta was flattened: one entry per rank
+            if not isinstance(body, dict):
+                fail("shards[0] must be an object")
+        if "strategy" not in body:
+            fail("missing required field 'strategy'")
+        strategy = strategy_from_json(body["strategy"], fail)
+        split_dims = body.get("split_dims", {})
+        if not isinstance(split_dims, dict) or not all(
+            _is_uint(v, _U64) for v in split_dims.values()
+        ):
+            fail("split_dims must map tensor names to non-negative integers")
+        ranks = None
+        extra = doc.get(EXTRA_KEY)
+        if extra is not None:
+            ranks = extra.get("ranks") if isinstance(extra, dict) else None
+            if not isinstance(ranks, list) or len(ranks) != doc["world_size"]:
+                fail(f"{EXTRA_KEY}.ranks must list one manifest per rank")
+        return cls(doc["world_size"], ShardingConfig(strategy, split_dims), doc["version"], ranks)
+
+    @classmethod
+    def read(cls, path: Path) -> ShardingMeta:
+        """Read and parse ``path``.
+
+        Raises:
+            CheckpointNotFoundError: no such file (not a distributed checkpoint).
+            CorruptCheckpointError: the file is malformed.
+        """
+        try:
+            data = fsops.fs().read_bytes(path, MAX_META_BYTES)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"{path} does not exist: {path.parent} is not a distributed checkpoint "
+                "(or its save never committed)"
+            ) from exc
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}") from exc
+        return cls.from_json(data, source=str(path))
+
+
+def strategy_to_json(strategy: Strategy) -> Any:
+    """serde's externally tagged encoding: unit variants as strings, struct variants as maps."""
+    if isinstance(strategy, ZeroPartitioned):
+        return {"ZeroPartitioned": {"stage": strategy.stage}}
+    return type(strategy).__name__
+
+
+def strategy_from_json(value: Any, fail: Any) -> Strategy:
+    if value == "Replicated":
+        return Replicated()
+    if value == "TensorParallel":
+        return TensorParallel()
+    if isinstance(value, dict) and list(value) == ["ZeroPartitioned"]:
+        inner = value["ZeroPartitioned"]
+        if isinstance(inner, dict) and list(inner) == ["stage"] and _is_uint(inner["stage"], _U8):
+            return ZeroPartitioned(inner["stage"])
+    fail(
+        f"strategy {value!r} is not one of \"Replicated\", "
+        '{"ZeroPartitioned": {"stage": N}}, "TensorParallel"'
+    )
+    raise AssertionError("unreachable")
+
+
+def check_strategy(strategy: Any, error: type[Exception], where: str) -> None:
+    if isinstance(strategy, ZeroPartitioned):
+        if not _is_uint(strategy.stage, _U8):
+            raise error(f"{where}: ZeroPartitioned stage must be an integer in [0, 255]")
+        return
+    if not isinstance(strategy, (Replicated, TensorParallel)):
+        raise error(
+            f"{where} must be Replicated(), ZeroPartitioned(stage) or TensorParallel(), "
+            f"not {strategy!r}"
+        )
+
+
+def _is_uint(x: Any, bound: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
