@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,7 +69,9 @@ class AsyncCheckpointer:
             started = time.perf_counter()
             self._check_open()
             self.wait()
-            snap = take_snapshot(model_state, optimizer_state, training_state, staging=self._staging)
+            snap = take_snapshot(
+                model_state, optimizer_state, training_state, staging=self._staging
+            )
             future = writer.submit(lambda: write_snapshot(directory, snap), f"save {directory}")
             self._pending = future
             self.last_stall_s = time.perf_counter() - started
@@ -87,11 +90,23 @@ class AsyncCheckpointer:
         return self._staging
 
     def wait(self) -> None:
-        """Block until the write in flight is durable; raise its error, once."""
+        """Block until the write in flight is durable; raise its error, once.
+
+        Raises:
+            CheckpointError: the write failed; a second `wait` returns quietly.
+        """
         with self._lock:
-            future, self._pending = self._pending, None
-        if future is not None:
-            future.result()
+            future = self._pending
+        if future is None:
+            return
+        # Wait without claiming: if the wait is interrupted (KeyboardInterrupt), the write
+        # stays pending, so the next save still waits before reusing the staging buffers.
+        Future.exception(future)
+        with self._lock:
+            if self._pending is not future:
+                return  # another thread's wait claimed (and raised) it
+            self._pending = None
+        future.result()
 
     def close(self) -> None:
         """Wait for the write in flight (raising its error) and release the staging buffers."""
