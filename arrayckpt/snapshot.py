@@ -67,6 +67,8 @@ class StagingPool:
                 sizes are dropped now, so the pool never holds two snapshots at once.
         """
         self._free, self._used = self._used, {}
+        for bufs in self._free.values():
+            bufs.reverse()  # `take` pops from the end: each tensor gets back its own buffer
         if sizes is None:
             return
         wanted = Counter(sizes)
