@@ -9,6 +9,7 @@ import numpy as np
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError
+from ..hostcopy import copy_bytes
 from ..snapshot import Allocator, host_view
 from .base import Backend
 
@@ -29,7 +30,11 @@ class NumpyBackend(Backend):
                 return x
             out = np.empty(x.shape, dtype.numpy)
         else:
-            out = host_view(alloc(x.nbytes, False), dtype, x.shape)
+            flat = alloc(x.nbytes, False)
+            out = host_view(flat, dtype, x.shape)
+            if x.flags.c_contiguous and x.dtype == dtype.numpy:
+                copy_bytes(flat, x.reshape(-1).view(np.uint8))
+                return out
         # `equiv` casting converts big-endian to little-endian and nothing else.
         np.copyto(out, x, casting="equiv")
         return out

@@ -10,6 +10,7 @@ import torch
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
+from ..hostcopy import copy_bytes
 from ..snapshot import Allocator, host_view
 from .base import Backend
 
@@ -62,6 +63,8 @@ class TorchBackend(Backend):
             with torch.cuda.stream(stream):
                 dst.copy_(x, non_blocking=True)
             self._sources.append(x)
+        elif x.is_contiguous():
+            copy_bytes(flat, x.reshape(-1).view(torch.uint8).numpy())
         else:
             dst.copy_(x)
         return host_view(flat, dtype, shape)
