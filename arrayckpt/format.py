@@ -13,6 +13,7 @@ import mmap as mmap_module
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,7 +22,7 @@ import crc32c
 import numpy as np
 import safetensors
 
-from . import fsops
+from . import fsops, pool
 from .dtypes import BY_CODE, DType
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .snapshot import HostTensor
@@ -43,21 +44,33 @@ def checksum(data: memoryview | bytes) -> int:
     return int(crc32c.crc32c(data))
 
 
+def _checksums_json(crcs: Mapping[str, int]) -> str:
+    return json.dumps(
+        {name: f"{crc:08x}" for name, crc in crcs.items()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _checksum_in_background(tensors: Mapping[str, HostTensor]) -> list[Future[int]]:
+    """Start every tensor's CRC32C on the helper threads (crc32c releases the GIL)."""
+    return [pool.executor().submit(checksum, t.bytes()) for t in tensors.values()]
+
+
 def write_file(
     path: Path, tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write ``tensors`` to a safetensors file at ``path`` and fsync it.
 
-    Each tensor's CRC32C goes into ``__metadata__``; the bytes are written by safetensors'
-    Rust serializer straight from the host buffers, which ``tensors`` keeps alive.
+    Each tensor's CRC32C goes into ``__metadata__``. They are computed on helper threads
+    while safetensors' Rust serializer writes the file (straight from the host buffers,
+    which ``tensors`` keeps alive) with fixed-width placeholders, which are then
+    overwritten in place: checksumming costs no time on the write's critical path.
     """
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
-    meta[CHECKSUMS_KEY] = json.dumps(
-        {name: f"{checksum(t.bytes()):08x}" for name, t in tensors.items()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    placeholder = _checksums_json(dict.fromkeys(tensors, 0))
+    meta[CHECKSUMS_KEY] = placeholder
     specs = {
         name: safetensors.TensorSpec(
             dtype=t.dtype.name, shape=list(t.shape), data_ptr=t.data.ctypes.data,
@@ -66,8 +79,33 @@ def write_file(
         for name, t in tensors.items()
     }
     fs = fsops.fs()
-    fs.write_safetensors(path, specs, meta)
+    futures = _checksum_in_background(tensors)
+    try:
+        fs.write_safetensors(path, specs, meta)
+    finally:
+        crcs = dict(zip(tensors, (f.result() for f in futures), strict=True))
+    real = _checksums_json(crcs)
+    if real != placeholder and not _patch_header(path, placeholder, real):
+        # The serializer escaped the names differently from Python's json: write again.
+        meta[CHECKSUMS_KEY] = real
+        fs.write_safetensors(path, specs, meta)
     fs.fsync_file(path)
+
+
+def _patch_header(path: Path, placeholder: str, real: str) -> bool:
+    """Replace the header's placeholder checksums with the real ones (same length)."""
+    old = json.dumps(placeholder, ensure_ascii=False)[1:-1].encode()
+    new = json.dumps(real, ensure_ascii=False)[1:-1].encode()
+    if len(old) != len(new):
+        return False
+    fs = fsops.fs()
+    (n,) = struct.unpack("<Q", fs.read_range(path, 0, 8))
+    header = fs.read_range(path, 8, n)
+    at = header.find(old)
+    if at < 0 or header.find(old, at + 1) >= 0:
+        return False
+    fs.write_range(path, 8 + at, new)
+    return True
 
 
 @dataclass(frozen=True)
