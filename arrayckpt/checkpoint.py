@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import backends, format, fsops, pool
+from . import backends, format, fsops, hostcopy, pool
 from .commit import commit_directory
 from .dtypes import DType
 from .errors import CheckpointNotFoundError, InvalidInputError
@@ -64,10 +64,12 @@ def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
 
 def _copy(plan: Plan, staging: StagingPool | None) -> dict[str, HostTensor]:
     alloc = staging.take if staging is not None else None
-    return {
-        key: HostTensor(backend.to_host(x, key, dtype, alloc), dtype)
-        for key, x, backend, dtype in plan
-    }
+    # Host copies are collected and run together at the end, spread across threads.
+    with hostcopy.batched():
+        return {
+            key: HostTensor(backend.to_host(x, key, dtype, alloc), dtype)
+            for key, x, backend, dtype in plan
+        }
 
 
 def _synchronize(*plans: Plan) -> None:
@@ -117,8 +119,9 @@ def take_snapshot(
             for plan in (model_plan, optimizer_plan)
             for _, x, backend, dtype in plan
         )
-    model = _copy(model_plan, staging)
-    optimizer = _copy(optimizer_plan, staging)
+    with hostcopy.batched():  # one batch of copies for both states
+        model = _copy(model_plan, staging)
+        optimizer = _copy(optimizer_plan, staging)
     _synchronize(model_plan, optimizer_plan)  # one synchronisation per snapshot
     if staging is not None:
         staging.end()

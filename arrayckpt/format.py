@@ -52,9 +52,28 @@ def _checksums_json(crcs: Mapping[str, int]) -> str:
     )
 
 
-def _checksum_in_background(tensors: Mapping[str, HostTensor]) -> list[Future[int]]:
-    """Start every tensor's CRC32C on the helper threads (crc32c releases the GIL)."""
-    return [pool.executor().submit(checksum, t.bytes()) for t in tensors.values()]
+def _checksum_all(tensors: list[HostTensor]) -> list[int]:
+    return [checksum(t.bytes()) for t in tensors]
+
+
+def _checksum_in_background(tensors: Mapping[str, HostTensor]) -> list[Future[list[int]]]:
+    """Start every tensor's CRC32C on the helper threads (crc32c releases the GIL).
+
+    The tensors go in one batch per thread, of about equal bytes: a hand-off per tensor
+    would cost more than the checksum of a small one.
+    """
+    items = list(tensors.values())
+    workers = pool.threads()
+    share = sum(t.nbytes for t in items) / workers
+    batches: list[list[HostTensor]] = [[]]
+    filled = 0.0
+    for t in items:
+        if filled >= share * len(batches) and len(batches) < workers:
+            batches.append([])
+        batches[-1].append(t)
+        filled += t.nbytes
+    helper = pool.executor()
+    return [helper.submit(_checksum_all, batch) for batch in batches]
 
 
 def write_file(
@@ -67,23 +86,25 @@ def write_file(
     which ``tensors`` keeps alive) with fixed-width placeholders, which are then
     overwritten in place: checksumming costs no time on the write's critical path.
     """
+    futures = _checksum_in_background(tensors)
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
     placeholder = _checksums_json(dict.fromkeys(tensors, 0))
     meta[CHECKSUMS_KEY] = placeholder
-    specs = {
-        name: safetensors.TensorSpec(
-            dtype=t.dtype.name, shape=list(t.shape), data_ptr=t.data.ctypes.data,
-            data_len=t.nbytes,
-        )
-        for name, t in tensors.items()
-    }
     fs = fsops.fs()
-    futures = _checksum_in_background(tensors)
     try:
+        specs = {
+            name: safetensors.TensorSpec(
+                dtype=t.dtype.name,
+                shape=list(t.data.shape),
+                data_ptr=t.data.__array_interface__["data"][0],
+                data_len=t.data.nbytes,
+            )
+            for name, t in tensors.items()
+        }
         fs.write_safetensors(path, specs, meta)
     finally:
-        crcs = dict(zip(tensors, (f.result() for f in futures), strict=True))
+        crcs = dict(zip(tensors, (c for f in futures for c in f.result()), strict=True))
     real = _checksums_json(crcs)
     if real != placeholder and not _patch_header(path, placeholder, real):
         # The serializer escaped the names differently from Python's json: write again.

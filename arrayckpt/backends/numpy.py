@@ -17,8 +17,15 @@ from .base import Backend
 class NumpyBackend(Backend):
     name = "numpy"
 
+    def __init__(self) -> None:
+        self._dtypes: dict[np.dtype[Any], DType] = {}  # a lookup per tensor adds up at 20,000
+
     def dtype(self, x: Any, key: str) -> DType:
-        return dtypes.from_numpy(np.asarray(x).dtype, tensor=key)
+        np_dtype = x.dtype if isinstance(x, np.ndarray) else np.asarray(x).dtype
+        found = self._dtypes.get(np_dtype)
+        if found is None:
+            found = self._dtypes[np_dtype] = dtypes.from_numpy(np_dtype, tensor=key)
+        return found
 
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(np.shape(x))
