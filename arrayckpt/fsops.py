@@ -88,17 +88,6 @@ class FileSystem:
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)
 
-    def read_range(self, path: Path, offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset`` of a file."""
-        with open(path, "rb") as f:
-            return os.pread(f.fileno(), length, offset)
-
-    def write_range(self, path: Path, offset: int, data: bytes) -> None:
-        """Overwrite ``len(data)`` bytes at ``offset`` inside an existing file."""
-        with open(path, "r+b") as f:
-            if os.pwrite(f.fileno(), data, offset) != len(data):
-                raise OSError(f"short write patching {path} at offset {offset}")
-
     def read_bytes(self, path: Path, limit: int) -> bytes:
         """Read a small file whole, refusing one larger than ``limit`` bytes."""
         with open(path, "rb") as f:

@@ -20,12 +20,15 @@ T = TypeVar("T")
 MAX_THREADS = 8
 
 
+_CPUS = os.cpu_count() or 1  # asked once: the call costs microseconds
+
+
 def threads() -> int:
     """How many threads may work on one job at once (env ``ARRAYCKPT_THREADS`` overrides)."""
     env = os.environ.get("ARRAYCKPT_THREADS")
     if env:
         return max(1, int(env))
-    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    return max(1, min(MAX_THREADS, _CPUS))
 
 
 class HelperPool:
