@@ -131,27 +131,27 @@ def take_snapshot(
 def write_files(directory: Path, snap: Snapshot) -> None:
     """Write and fsync a checkpoint's files into an (uncommitted) directory.
 
-    The model and optimizer files are written at once, by two threads: overlapping one
-    file's fsync with the other's writing finished sooner than one after the other
-    (measured by ``bench/writer_variants.py``).
+    Two threads write at once: this one the model file, a second one the optimizer file
+    and ``training_state.json``. Overlapping one file's fsync with the other's writing
+    finished sooner than one file after the other (``bench/writer_variants.py``).
     """
-    optimizer = None
-    if snap.optimizer:
-        optimizer = pool.in_new_thread(
-            lambda: format.write_file(directory / OPTIMIZER_FILE, snap.optimizer),
-            "arrayckpt-optimizer-file",
-        )
+
+    def other_files() -> None:
+        if snap.optimizer:
+            format.write_file(directory / OPTIMIZER_FILE, snap.optimizer)
+        state_path = directory / TRAINING_STATE_FILE
+        fs = fsops.fs()
+        fs.write_bytes(state_path, snap.training_state.to_json().encode())
+        fs.fsync_file(state_path)
+
+    others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
     try:
         format.write_file(directory / MODEL_FILE, snap.model)
     finally:
         # Never return (and let the commit remove the directory) while it still writes.
-        optimizer_error = None if optimizer is None else optimizer.exception()
-    if optimizer_error is not None:
-        raise optimizer_error
-    state_path = directory / TRAINING_STATE_FILE
-    fs = fsops.fs()
-    fs.write_bytes(state_path, snap.training_state.to_json().encode())
-    fs.fsync_file(state_path)
+        error = others.exception()
+    if error is not None:
+        raise error
 
 
 def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:

@@ -59,6 +59,11 @@ GPU_CASES = [
     "dcp_async",
 ]
 LABELS = dict(SAVES + LOADS + [("d2h_pinned", "limit: D2H into pinned, 1 sync")])
+SHORT = {
+    "W1": "W1: 512 MiB, 32 f32 tensors",
+    "W2": "W2: 20,000 x 4 KiB",
+    "W3": "W3: transformer-like, 260 MiB, 189 tensors (bf16/f32 + Adam moments)",
+}
 #: Cases that do not apply to a workload (safetensors.numpy has no bfloat16).
 SKIP = {"W3": {"st_numpy"}}
 
@@ -238,18 +243,18 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
                 continue
             m = r["medians"]
             names.append(LABELS[case])
-            s = m.get("stall", 0.0) if "total" in m else 0.0
+            s = m.get("stall", 0.0)
             stall.append(s)
-            rest.append(m.get("total", m.get("stall", 0.0)) - s if "load" not in m else 0.0)
+            rest.append(m["total"] - s if "total" in m else 0.0)
             load.append(m.get("load", 0.0))
         y = range(len(names))
-        ax.barh(y, stall, color="#d62728", label="stall (caller blocked)")
-        ax.barh(y, rest, left=stall, color="#1f77b4", label="rest of total (durable)")
+        ax.barh(y, stall, color="#d62728", label="stall: caller blocked (memcpy: the copy)")
+        ax.barh(y, rest, left=stall, color="#1f77b4", label="rest of total, until durable")
         ax.barh(y, load, color="#2ca02c", label="load")
         ax.set_yticks(list(y), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("seconds (median)")
-        ax.set_title(f"{workload}: {workloads.DESCRIPTIONS[workload]}", fontsize=9)
+        ax.set_title(SHORT[workload], fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
@@ -273,7 +278,13 @@ def main() -> None:
         help="write the W1/W3 PNG (default path docs/img/bench.png)",
     )
     ap.add_argument("--tmp", type=Path, help="where checkpoints are written (default: $TMPDIR)")
+    ap.add_argument("--replot", type=Path, help="only redraw --plot from a results JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        by_key = {(r["workload"], r["case"]): r for r in saved["results"]}
+        plot(by_key, args.plot or ROOT / "docs" / "img" / "bench.png", saved["report"][0])
+        return
     # 7, not 5: this virtual disk's fsync latency is bimodal, medians of 5 flip between modes.
     args.runs = args.runs or (3 if args.quick else 7)
     args.device = "cuda" if args.gpu else "cpu"
