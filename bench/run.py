@@ -62,7 +62,7 @@ LABELS = dict(SAVES + LOADS + [("d2h_pinned", "limit: D2H into pinned, 1 sync")]
 SHORT = {
     "W1": "W1: 512 MiB, 32 f32 tensors",
     "W2": "W2: 20,000 x 4 KiB",
-    "W3": "W3: transformer-like, 260 MiB, 189 tensors (bf16/f32 + Adam moments)",
+    "W3": "W3: transformer-like, 260 MiB, 189 tensors",
 }
 #: Cases that do not apply to a workload (safetensors.numpy has no bfloat16).
 SKIP = {"W3": {"st_numpy"}}
