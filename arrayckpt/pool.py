@@ -31,27 +31,51 @@ def threads() -> int:
     return max(1, min(MAX_THREADS, _CPUS))
 
 
+def _start(thread: threading.Thread) -> bool:
+    """Start ``thread``; False where the interpreter refuses (Python 3.12 at exit)."""
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        return False
+    return True
+
+
+def _run_into(future: Future[T], job: Callable[[], T]) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(job())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
 class HelperPool:
-    """Daemon threads running short jobs. Jobs must never wait on other jobs of the pool."""
+    """Daemon threads running short jobs. Jobs must never wait on other jobs of the pool.
+
+    A pool made while the interpreter exits may get no threads (Python 3.12 refuses new
+    ones then); its jobs run on the submitting thread instead, so writes still finish.
+    """
 
     def __init__(self, size: int) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self.size = 0
         for i in range(size):
-            threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True).start()
+            thread = threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True)
+            if not _start(thread):
+                break
+            self.size += 1
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         future: Future[T] = Future()
-        self._jobs.put((future, lambda: fn(*args)))
+        if self.size == 0:
+            _run_into(future, lambda: fn(*args))
+        else:
+            self._jobs.put((future, lambda: fn(*args)))
         return future
 
     def _run(self) -> None:
         while True:
             future, job = self._jobs.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(job())
-                except BaseException as exc:
-                    future.set_exception(exc)
+            _run_into(future, job)
 
 
 _lock = threading.Lock()
@@ -73,12 +97,7 @@ def executor() -> HelperPool:
 def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
     """Run ``fn`` on a thread of its own (for work that itself uses the pool)."""
     future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
+    thread = threading.Thread(target=_run_into, args=(future, fn), name=name, daemon=True)
+    if not _start(thread):
+        _run_into(future, fn)  # at exit on Python 3.12: here, one after the other
     return future

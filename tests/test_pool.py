@@ -42,3 +42,18 @@ def test_the_pool_still_runs_jobs_while_the_interpreter_exits(tmp_path: Path) ->
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "42"
+
+
+def test_without_new_threads_jobs_run_on_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python 3.12 refuses to start threads while the interpreter exits.
+    import threading
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    helpers = pool.HelperPool(2)
+    assert helpers.size == 0
+    me = threading.current_thread().name
+    assert helpers.submit(lambda: threading.current_thread().name).result(0) == me
+    assert pool.in_new_thread(lambda: threading.current_thread().name, "x").result(0) == me
