@@ -288,6 +288,11 @@ def main() -> None:
     # 7, not 5: this virtual disk's fsync latency is bimodal, medians of 5 flip between modes.
     args.runs = args.runs or (3 if args.quick else 7)
     args.device = "cuda" if args.gpu else "cpu"
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA GPU: torch.cuda.is_available() is False")
     chosen = set(args.cases.split(",")) if args.cases else None
     cases = GPU_CASES if args.gpu else [c for c, _ in SAVES + LOADS]
     machine = {
