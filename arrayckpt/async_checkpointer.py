@@ -126,12 +126,21 @@ class AsyncCheckpointer:
         """Block until the write in flight is durable; raise its error, once.
 
         An error the caller already saw through the `save` future is not raised again.
+
+        Raises:
+            CheckpointError: the write failed; a second `wait` returns quietly.
         """
         with self._lock:
-            future, self._pending = self._pending, None
+            future = self._pending
         if future is None:
             return
-        Future.exception(future)  # wait without counting as the caller looking
+        # Wait without claiming: if the wait is interrupted (KeyboardInterrupt), the write
+        # stays pending, so the next save still waits before reusing the staging buffers.
+        Future.exception(future)
+        with self._lock:
+            if self._pending is not future:
+                return  # another thread's wait claimed (and raised) it
+            self._pending = None
         if not future.observed:
             future.result()
 

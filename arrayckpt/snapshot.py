@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,15 @@ class StagingPool:
 
     Reuse matters: copying into warm pages runs at memcpy speed, while fresh allocations
     pay a page fault per 4 KiB. Buffers the previous snapshot used become free again at
-    `begin`; the ones it did not reuse are dropped, so the pool holds one snapshot at most.
+    `begin`; the ones the new snapshot cannot reuse are dropped (at `begin` when it is told
+    the sizes, else at `end`), so the pool holds one snapshot at most.
+
+    Example:
+        >>> pool = StagingPool()
+        >>> pool.begin([8]); a = pool.take(8); pool.end()
+        >>> pool.begin([8]); b = pool.take(8); pool.end()
+        >>> a.ctypes.data == b.ctypes.data  # the same warm buffer, reused
+        True
     """
 
     def __init__(self, pinned_allocator: Callable[[int], np.ndarray] | None = None) -> None:
@@ -50,9 +59,29 @@ class StagingPool:
         self._used: dict[tuple[int, bool], list[np.ndarray]] = {}
         self.pinned_allocator = pinned_allocator
 
-    def begin(self) -> None:
-        """Start a snapshot: the previous one's buffers may be overwritten from now on."""
+    def begin(self, sizes: Iterable[int] | None = None) -> None:
+        """Start a snapshot: the previous one's buffers may be overwritten from now on.
+
+        Args:
+            sizes: the byte sizes the snapshot will `take`, when known; buffers of other
+                sizes are dropped now, so the pool never holds two snapshots at once.
+        """
         self._free, self._used = self._used, {}
+        for bufs in self._free.values():
+            bufs.reverse()  # `take` pops from the end: each tensor gets back its own buffer
+        if sizes is None:
+            return
+        wanted = Counter(sizes)
+        for (nbytes, pinned), bufs in list(self._free.items()):
+            keep = wanted[nbytes]
+            wanted[nbytes] -= min(keep, len(bufs))
+            del bufs[keep:]
+            if not bufs:
+                del self._free[(nbytes, pinned)]
+
+    def end(self) -> None:
+        """Finish a snapshot: drop the previous snapshot's buffers it did not reuse."""
+        self._free = {}
 
     def take(self, nbytes: int, pinned: bool = False) -> np.ndarray:
         key = (nbytes, pinned)

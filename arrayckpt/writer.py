@@ -51,6 +51,9 @@ class Writer:
     """A single daemon thread running write jobs in submission order."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[WriteFuture[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -129,6 +132,10 @@ class Writer:
 
 _writer = Writer()
 atexit.register(_writer.at_exit)
+if hasattr(os, "register_at_fork"):
+    # A forked child has no writer thread and must not wait at exit for its parent's
+    # writes (they would never finish there); it starts afresh.
+    os.register_at_fork(after_in_child=_writer._reset)
 
 
 def submit(fn: Callable[[], T], description: str) -> WriteFuture[T]:

@@ -19,6 +19,10 @@ class CupyBackend(Backend):
 
     def __init__(self) -> None:
         self._streams: dict[int, Any] = {}
+        # Device arrays read by copies not yet synchronised. A temporary from
+        # `ascontiguousarray` freed early would go back to the current stream's pool and
+        # could be overwritten by the next array's work while our side stream still reads it.
+        self._sources: list[Any] = []
 
     def dtype(self, x: Any, key: str) -> DType:
         return dtypes.from_numpy(x.dtype, tensor=key)
@@ -34,11 +38,13 @@ class CupyBackend(Backend):
             stream = self._streams.setdefault(x.device.id, cupy.cuda.Stream(non_blocking=True))
             stream.wait_event(cupy.cuda.get_current_stream().record())
             x.get(stream=stream, out=out, blocking=False)
+        self._sources.append(x)
         return out
 
     def synchronize(self) -> None:
         for stream in self._streams.values():
             stream.synchronize()
+        self._sources.clear()
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         with self._device(device):

@@ -9,6 +9,7 @@ import numpy as np
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError
+from ..hostcopy import copy_bytes
 from ..snapshot import Allocator, host_view
 from .base import Backend
 
@@ -16,8 +17,15 @@ from .base import Backend
 class NumpyBackend(Backend):
     name = "numpy"
 
+    def __init__(self) -> None:
+        self._dtypes: dict[np.dtype[Any], DType] = {}  # a lookup per tensor adds up at 20,000
+
     def dtype(self, x: Any, key: str) -> DType:
-        return dtypes.from_numpy(np.asarray(x).dtype, tensor=key)
+        np_dtype = x.dtype if isinstance(x, np.ndarray) else np.asarray(x).dtype
+        found = self._dtypes.get(np_dtype)
+        if found is None:
+            found = self._dtypes[np_dtype] = dtypes.from_numpy(np_dtype, tensor=key)
+        return found
 
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(np.shape(x))
@@ -29,7 +37,11 @@ class NumpyBackend(Backend):
                 return x
             out = np.empty(x.shape, dtype.numpy)
         else:
-            out = host_view(alloc(x.nbytes, False), dtype, x.shape)
+            flat = alloc(x.nbytes, False)
+            out = host_view(flat, dtype, x.shape)
+            if x.flags.c_contiguous and x.dtype == dtype.numpy:
+                copy_bytes(flat, x.reshape(-1).view(np.uint8))
+                return out
         # `equiv` casting converts big-endian to little-endian and nothing else.
         np.copyto(out, x, casting="equiv")
         return out

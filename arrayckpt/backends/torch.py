@@ -10,6 +10,7 @@ import torch
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
+from ..hostcopy import copy_bytes
 from ..snapshot import Allocator, host_view
 from .base import Backend
 
@@ -29,6 +30,10 @@ class TorchBackend(Backend):
 
     def __init__(self) -> None:
         self._streams: dict[torch.device, Any] = {}
+        # Device tensors read by copies not yet synchronised: a temporary (from
+        # resolve_conj/resolve_neg) freed early returns to the caching allocator of the
+        # caller's stream, which could reuse it while the side stream still reads it.
+        self._sources: list[Any] = []
 
     def dtype(self, x: Any, key: str) -> DType:
         if x.layout != torch.strided:
@@ -62,6 +67,9 @@ class TorchBackend(Backend):
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
                 dst.copy_(x, non_blocking=True)
+            self._sources.append(x)
+        elif x.is_contiguous():
+            copy_bytes(flat, x.reshape(-1).view(torch.uint8).numpy())
         else:
             dst.copy_(x)
         return host_view(flat, dtype, shape)
@@ -74,6 +82,7 @@ class TorchBackend(Backend):
     def synchronize(self) -> None:
         for stream in self._streams.values():
             stream.synchronize()
+        self._sources.clear()
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)

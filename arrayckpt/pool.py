@@ -1,0 +1,103 @@
+"""A few helper threads shared by the snapshot copies and the writer's side work
+(checksums, a second file), which all release the GIL.
+
+Not `concurrent.futures.ThreadPoolExecutor`: that one refuses work once the interpreter
+starts exiting, and pending checkpoint writes still run then (see `writer`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Upper bound on helper threads; memory and disk bandwidth stop scaling well before cores.
+MAX_THREADS = 8
+
+
+_CPUS = os.cpu_count() or 1  # asked once: the call costs microseconds
+
+
+def threads() -> int:
+    """How many threads may work on one job at once (env ``ARRAYCKPT_THREADS`` overrides)."""
+    env = os.environ.get("ARRAYCKPT_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(MAX_THREADS, _CPUS))
+
+
+def _start(thread: threading.Thread) -> bool:
+    """Start ``thread``; False where the interpreter refuses (Python 3.12 at exit)."""
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        return False
+    return True
+
+
+def _run_into(future: Future[T], job: Callable[[], T]) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(job())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
+class HelperPool:
+    """Daemon threads running short jobs. Jobs must never wait on other jobs of the pool.
+
+    A pool made while the interpreter exits may get no threads (Python 3.12 refuses new
+    ones then); its jobs run on the submitting thread instead, so writes still finish.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self.size = 0
+        for i in range(size):
+            thread = threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True)
+            if not _start(thread):
+                break
+            self.size += 1
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        if self.size == 0:
+            _run_into(future, lambda: fn(*args))
+        else:
+            self._jobs.put((future, lambda: fn(*args)))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, job = self._jobs.get()
+            _run_into(future, job)
+
+
+_lock = threading.Lock()
+_pool: HelperPool | None = None
+_pool_pid = 0
+
+
+def executor() -> HelperPool:
+    """The shared pool, started on first use."""
+    global _pool, _pool_pid
+    with _lock:
+        # A forked child inherits the pool object but not its threads: make a new one.
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = HelperPool(threads())
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """Run ``fn`` on a thread of its own (for work that itself uses the pool)."""
+    future: Future[T] = Future()
+    thread = threading.Thread(target=_run_into, args=(future, fn), name=name, daemon=True)
+    if not _start(thread):
+        _run_into(future, fn)  # at exit on Python 3.12: here, one after the other
+    return future

@@ -1,0 +1,393 @@
+"""One measurement in a fresh process: ``python bench/measure.py WORKLOAD CASE [options]``.
+
+Prints one JSON object: per-run times (after one untimed warm-up run, except where the
+first run is the point), and the extra peak RSS over the process's RSS once the state was
+built (VmHWM reset through /proc/self/clear_refs; Linux).
+
+Peers that do not fsync (safetensors, torch.save) get an fsync of their files inside the
+timed region, so every "total" is durable and comparable; "write" is before the fsync.
+Pickle-based peers (torch.save/torch.load) appear here only, never in arrayckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import workloads  # noqa: E402
+
+import arrayckpt as ac  # noqa: E402
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            fsync_path(p)
+    fsync_path(root)
+
+
+class Case:
+    """Runs a save or load ``runs`` times, recording stall/write/total/load seconds."""
+
+    def __init__(self, w: workloads.Workload, out: Path, runs: int, device: str) -> None:
+        self.w, self.out, self.runs, self.device = w, out, runs, device
+        self.times: dict[str, list[float]] = {}
+        self.extra_peak_rss: int | None = None
+
+    def record(self, key: str, seconds: float) -> None:
+        self.times.setdefault(key, []).append(seconds)
+
+    def repeat(self, once: Callable[[Path], dict[str, float]], warmup: bool = True) -> None:
+        # Peak RSS counts from here: what the timed operation (and its warm-up) adds.
+        gc.collect()
+        base = status_bytes("VmRSS")
+        peak_ok = reset_peak()
+        for r in range(self.runs + (1 if warmup else 0)):
+            target = self.out / f"run{r}"
+            result = once(target)
+            if r or not warmup:
+                for key, seconds in result.items():
+                    self.record(key, seconds)
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            gc.collect()
+        self.extra_peak_rss = status_bytes("VmHWM") - base if peak_ok else None
+
+
+# --- limits -----------------------------------------------------------------------------
+
+
+def case_memcpy(c: Case) -> None:
+    """Warm memcpy of the same tensors into reused buffers, one thread."""
+    srcs = c.w.byte_buffers()
+    dsts = [np.empty_like(s) for s in srcs]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        for d, s in zip(dsts, srcs, strict=True):
+            np.copyto(d, s)
+        return {"stall": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_memcpy_threads(c: Case) -> None:
+    """The same copy split across all cores (what arrayckpt's snapshot does)."""
+    from arrayckpt.hostcopy import run_copies
+
+    srcs = c.w.byte_buffers()
+    dsts = [np.empty_like(s) for s in srcs]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        run_copies(list(zip(dsts, srcs, strict=True)))
+        return {"stall": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_d2h_pinned(c: Case) -> None:
+    """GPU limit: device-to-host copies into reused pinned buffers, one synchronisation."""
+    import torch
+
+    tensors = [*c.w.model.values(), *c.w.optimizer.values()]
+    dsts = [torch.empty_like(t, device="cpu").pin_memory() for t in tensors]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        for d, s in zip(dsts, tensors, strict=True):
+            d.copy_(s, non_blocking=True)
+        torch.cuda.synchronize()
+        return {"stall": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_raw_write(c: Case) -> None:
+    """Sequential write of the same bytes to one file, then fsync."""
+    srcs = c.w.byte_buffers()
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        with open(target, "wb") as f:
+            for s in srcs:
+                f.write(s.data)
+            f.flush()
+            written = time.perf_counter()
+            os.fsync(f.fileno())
+        return {"write": written - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+# --- arrayckpt --------------------------------------------------------------------------
+
+
+def case_arrayckpt_async(c: Case) -> None:
+    ckpt = ac.AsyncCheckpointer()
+    opt = c.w.optimizer or None
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        future = ckpt.save(target, c.w.model, opt, ac.TrainingState(step=1))
+        returned = time.perf_counter()
+        future.result()
+        return {"stall": returned - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+    ckpt.close()
+
+
+def case_arrayckpt_sync(c: Case) -> None:
+    opt = c.w.optimizer or None
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        ac.save_checkpoint(target, c.w.model, opt, ac.TrainingState(step=1))
+        return {"total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_arrayckpt_load(c: Case, *, mmap: bool = True) -> None:
+    src = c.out / "src"
+    ac.save_checkpoint(src, c.w.model, c.w.optimizer or None, ac.TrainingState(step=1))
+    xp = "torch" if c.w.framework == "torch" else None
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        got = ac.load_checkpoint(src, xp=xp, mmap=mmap)  # verifies every CRC: reads all bytes
+        elapsed = time.perf_counter() - t
+        del got
+        return {"load": elapsed}
+
+    c.repeat(once)
+
+
+def case_arrayckpt_load_eager(c: Case) -> None:
+    case_arrayckpt_load(c, mmap=False)
+
+
+def case_np_fromfile(c: Case) -> None:
+    src = c.out / "src.raw"
+    with open(src, "wb") as f:
+        for s in c.w.byte_buffers():
+            f.write(s.data)
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        arr = np.fromfile(src, dtype=np.uint8)
+        elapsed = time.perf_counter() - t
+        del arr
+        return {"load": elapsed}
+
+    c.repeat(once)
+
+
+# --- peers ------------------------------------------------------------------------------
+
+
+def _st_save(c: Case, module: str) -> Callable[[Path], dict[str, float]]:
+    if module == "numpy":
+        from safetensors.numpy import save_file
+
+        model, optimizer = c.w.as_numpy()
+    else:
+        from safetensors.torch import save_file
+
+        model, optimizer = c.w.as_torch()
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        target.mkdir()
+        files = [target / "model.safetensors"]
+        save_file(model, str(files[0]))
+        if optimizer:
+            files.append(target / "optimizer.safetensors")
+            save_file(optimizer, str(files[1]))
+        written = time.perf_counter()
+        for f in files:
+            fsync_path(f)
+        return {"write": written - t, "total": time.perf_counter() - t}
+
+    return once
+
+
+def case_st_numpy(c: Case) -> None:
+    c.repeat(_st_save(c, "numpy"))
+
+
+def case_st_torch(c: Case) -> None:
+    c.repeat(_st_save(c, "torch"))
+
+
+def case_st_load(c: Case) -> None:
+    src = c.out / "src"
+    _st_save(c, "torch" if c.w.framework == "torch" else "numpy")(src)
+    if c.w.framework == "torch":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        got = [load_file(str(f)) for f in sorted(src.glob("*.safetensors"))]
+        elapsed = time.perf_counter() - t
+        del got
+        return {"load": elapsed}
+
+    c.repeat(once)
+
+
+def _torch_state(c: Case) -> dict[str, Any]:
+    model, optimizer = c.w.as_torch()
+    return {"model": model, "optimizer": optimizer} if optimizer else {"model": model}
+
+
+def case_torch_save(c: Case) -> None:
+    import torch
+
+    state = _torch_state(c)
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        torch.save(state, target)
+        written = time.perf_counter()
+        fsync_path(target)
+        return {"write": written - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_torch_load(c: Case) -> None:
+    import torch
+
+    src = c.out / "src.pt"
+    torch.save(_torch_state(c), src)
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        got = torch.load(src, mmap=True, weights_only=True)  # lazy: pages read on use
+        elapsed = time.perf_counter() - t
+        del got
+        return {"load": elapsed}
+
+    c.repeat(once)
+
+
+def _dcp() -> Any:
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def case_dcp_save(c: Case) -> None:
+    dcp = _dcp()
+    state = _torch_state(c)
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(target))  # fsyncs its files (sync_files=True)
+        return {"total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_dcp_async(c: Case) -> None:
+    dcp = _dcp()
+    state = _torch_state(c)
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(target))
+        returned = time.perf_counter()
+        future.result()
+        return {"stall": returned - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+CASES: dict[str, Callable[[Case], None]] = {
+    name.removeprefix("case_"): fn
+    for name, fn in globals().items()
+    if name.startswith("case_") and callable(fn)
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workload")
+    ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dir", required=True)
+    args = ap.parse_args()
+    if args.case.startswith(("torch", "dcp", "st_torch")) or args.device != "cpu":
+        import torch  # imported before the baseline, so its own memory is not counted
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    w = workloads.build(args.workload, quick=args.quick, device=args.device)
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    case = Case(w, out, args.runs, args.device)
+    CASES[args.case](case)
+    print(
+        json.dumps(
+            {
+                "workload": args.workload,
+                "case": args.case,
+                "device": args.device,
+                "nbytes": w.nbytes,
+                "tensors": w.tensors,
+                "times": case.times,
+                "extra_peak_rss": case.extra_peak_rss,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

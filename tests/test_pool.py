@@ -1,0 +1,59 @@
+"""The helper threads: results and errors come back, and they keep working at exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arrayckpt import pool
+
+
+def test_submit_returns_results_and_errors() -> None:
+    ok = pool.executor().submit(lambda a, b: a + b, 2, 3)
+    bad = pool.executor().submit(lambda: 1 / 0)
+    assert ok.result(timeout=30) == 5
+    with pytest.raises(ZeroDivisionError):
+        bad.result(timeout=30)
+
+
+def test_in_new_thread_runs_on_its_own_named_thread() -> None:
+    import threading
+
+    future = pool.in_new_thread(lambda: threading.current_thread().name, "arrayckpt-test")
+    assert future.result(timeout=30) == "arrayckpt-test"
+
+
+def test_the_pool_still_runs_jobs_while_the_interpreter_exits(tmp_path: Path) -> None:
+    # concurrent.futures refuses new work at exit; checkpoint writes still run then.
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import atexit\n"
+        "from arrayckpt import pool\n"
+        "atexit.register(lambda: print(pool.executor().submit(lambda: 42).result(30)))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "42"
+
+
+def test_without_new_threads_jobs_run_on_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python 3.12 refuses to start threads while the interpreter exits.
+    import threading
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    helpers = pool.HelperPool(2)
+    assert helpers.size == 0
+    me = threading.current_thread().name
+    assert helpers.submit(lambda: threading.current_thread().name).result(0) == me
+    assert pool.in_new_thread(lambda: threading.current_thread().name, "x").result(0) == me
