@@ -52,7 +52,12 @@ def tensor_checksum(code: str, shape: tuple[int, ...], data: memoryview | bytes)
     read as ``I8``, an empty ``[0, 4]`` read as ``[0, 1]``) fails verification like
     damaged data does.
     """
-    return checksum(data, checksum(f"{code}:{','.join(map(str, shape))}".encode()))
+    return checksum(data, checksum_seed(code, shape))
+
+
+def checksum_seed(code: str, shape: tuple[int, ...]) -> int:
+    """The CRC32C a tensor's checksum starts from: that of ``"<code>:<dim>,<dim>..."``."""
+    return checksum(f"{code}:{','.join(map(str, shape))}".encode())
 
 
 def _checksums_json(crcs: Mapping[str, int]) -> str:
@@ -394,16 +399,13 @@ def write_file_streaming(
         ValueError: ``produce`` yielded a different number of bytes than the shape needs.
     """
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
-    crcs = dict.fromkeys(sizes, 0)
+    crcs = {name: 0 for name in sizes}
+    seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}
 
     def header() -> bytes:
         meta = dict(metadata or {})
         meta[FORMAT_KEY] = FORMAT_VERSION
-        meta[CHECKSUMS_KEY] = json.dumps(
-            {name: f"{crc:08x}" for name, crc in crcs.items()},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        meta[CHECKSUMS_KEY] = _checksums_json(crcs)
         doc: dict[str, Any] = {"__metadata__": meta}
         cursor = 0
         for name, dtype, shape in layout:
@@ -417,7 +419,7 @@ def write_file_streaming(
     def chunks() -> Iterator[Any]:
         yield header()
         for name in sizes:
-            written, crc = 0, 0
+            written, crc = 0, seeds[name]
             view: Any = None
             for chunk in produce(name):
                 view = _byte_view(chunk)

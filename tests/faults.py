@@ -198,15 +198,37 @@ FAULTS = (
 )
 
 
+StepKey = tuple[str, tuple[str, ...], int]
+
+
+def step_key(ops: list[Op], index: int) -> StepKey:
+    """Names step ``index`` of a log independently of how threads interleaved: its kind,
+    its paths' names, and how many such steps came before it.
+
+    The model and optimizer files are written on two threads, so a step's global index
+    varies from run to run; each file's own steps keep their order, so this key does not.
+    """
+    def names(o: Op) -> tuple[str, ...]:
+        # Files keep their names from run to run; directories (temporary ones, the test's
+        # own) do not, and their steps run on one thread in a fixed order anyway.
+        return tuple(p.name if p.suffix in (".safetensors", ".json") else "<dir>"
+                     for p in o.paths)
+
+    op = ops[index]
+    own = names(op)
+    before = sum(1 for o in ops[:index] if o.kind == op.kind and names(o) == own)
+    return op.kind, own, before
+
+
 class FaultFS(RecordingFS):
-    """Fails the step with index ``fail_at`` with ``fault`` (once); logs every step.
+    """Fails the step ``fail_at`` (a `step_key`) with ``fault``, once; logs every step.
 
     ``injected`` is the exception raised, so a test can check it reached the caller
     exactly as itself or as the ``__cause__`` of a `CheckpointWriteError`.
     """
 
-    def __init__(self, fail_at: int, fault: Fault, *, also: tuple[int, Fault] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, fail_at: StepKey, fault: Fault, *,
+                 also: tuple[StepKey, Fault] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fail_at = fail_at
         self.fault = fault
@@ -215,15 +237,19 @@ class FaultFS(RecordingFS):
 
     def step(self, kind: str, *paths: Path) -> int:
         i = super().step(kind, *paths)
-        if i == self.fail_at and self.fault.applies(kind) and not self.fault.short_write:
+        with self._lock:
+            key = step_key(self.ops, i)
+        if key == self.fail_at and self.fault.applies(kind) and not self.fault.short_write:
             self.injected = self.fault.raise_(paths[-1])
             raise self.injected
-        if self.also is not None and i == self.also[0] and self.also[1].applies(kind):
+        if self.also is not None and key == self.also[0] and self.also[1].applies(kind):
             raise self.also[1].raise_(paths[-1])
         return i
 
     def _written(self, index: int, path: Path) -> None:
-        if index == self.fail_at and self.fault.short_write:
+        with self._lock:
+            key = step_key(self.ops, index)
+        if key == self.fail_at and self.fault.short_write:
             size = path.stat().st_size
             os.truncate(path, size // 2)
             self.injected = self.fault.raise_(path)

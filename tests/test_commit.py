@@ -271,7 +271,11 @@ def test_io_failure_leaves_previous_content_and_no_debris(
     fs = RecordingFS(fail=method, fail_at=nth)
     with fsops.use(fs), pytest.raises(ac.CheckpointWriteError, match="injected I/O error"):
         ac.save_checkpoint(ckpt_dir, NEW, OLD_OPT, ac.TrainingState(step=2))
-    assert fs.counts.get(method) == nth, fs.calls  # the fault was reached, once
+    # The fault was reached and its step never retried. The model and optimizer files are
+    # written concurrently, so the other file's step may still run after the fault.
+    calls = [c for c in fs.calls if c[0] == method]
+    assert len(calls) >= nth, fs.calls
+    assert calls.count(calls[nth - 1]) == 1, fs.calls
     if exists == "old":
         assert_old(ckpt_dir)
     elif exists == "empty":
@@ -288,9 +292,11 @@ def test_failed_fsync_aborts_and_is_never_retried(ckpt_dir: Path, method: str) -
     with fsops.use(fs), pytest.raises(ac.CheckpointWriteError):
         save_new(ckpt_dir)
     failed = next(i for i, (m, _) in enumerate(fs.calls) if m == method)
-    after = fs.methods()[failed + 1:]
-    assert method not in after, fs.calls  # not retried
-    assert not {"exchange", "rename", "write_bytes", "write_safetensors"} & set(after)
+    after = fs.calls[failed + 1:]
+    assert fs.calls[failed] not in after, fs.calls  # not retried
+    # Nothing is committed after the failure (the other file's write may still finish:
+    # model and optimizer files are written concurrently).
+    assert not {"exchange", "rename"} & {m for m, _ in after}, fs.calls
     assert_old(ckpt_dir)
 
 

@@ -39,12 +39,12 @@ def clean_ops(tmp_path: Path, saver_name: str, previous: bool, exchange: bool):
 
 
 def run_case(root: Path, saver_name: str, previous: bool, exchange: bool, k: int,
-             fault: faults.Fault, commit_at: int) -> None:
+             fault: faults.Fault, commit_at: int, key: faults.StepKey) -> None:
     target = root / "ckpt"
     with faults.saver(saver_name) as s:
         if previous:
             s.save(target, 1)
-        fs = faults.FaultFS(k, fault, exchange=exchange)
+        fs = faults.FaultFS(key, fault, exchange=exchange)
         raised: BaseException | None = None
         with fsops.use(fs):
             try:
@@ -89,7 +89,8 @@ def test_fault_at_every_step(tmp_path: Path, saver_name: str, scenario: str) -> 
     failures = []
     for n, (k, fault) in enumerate(cases):
         try:
-            run_case(tmp_path / f"case{n}", saver_name, previous, exchange, k, fault, commit_at)
+            run_case(tmp_path / f"case{n}", saver_name, previous, exchange, k, fault, commit_at,
+                     faults.step_key(ops, k))
         except AssertionError as exc:
             failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
     faults.report("crash points", saver=saver_name, scenario=scenario, steps=len(ops),
@@ -102,7 +103,7 @@ def test_errors_reach_the_caller_once_async(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     ckpt = ac.AsyncCheckpointer()
     ckpt.save(target, faults.model_state(1)).result()
-    fs = faults.FaultFS(2, faults.FAULTS[0])
+    fs = faults.FaultFS(("write_safetensors", ("model.safetensors",), 0), faults.FAULTS[0])
     with fsops.use(fs):
         future = ckpt.save(target, faults.model_state(2))
         with pytest.raises(ac.CheckpointWriteError) as info:
@@ -150,13 +151,14 @@ def test_second_fault_during_recovery(tmp_path: Path, saver_name: str, scenario:
     failures, tried = [], 0
     for k, op in enumerate(ops):
         for first in DOUBLE_FIRST:
-            probe = faults.FaultFS(k, first, exchange=exchange)
+            probe = faults.FaultFS(faults.step_key(ops, k), first, exchange=exchange)
             root = tmp_path / f"probe-{k}-{first}"
             outcome_steps = _failing_save(root, saver_name, previous, probe)
             for k2 in range(k + 1, outcome_steps):
                 tried += 1
                 where = tmp_path / f"case-{k}-{first}-{k2}"
-                fs = faults.FaultFS(k, first, exchange=exchange, also=(k2, eio))
+                fs = faults.FaultFS(faults.step_key(ops, k), first, exchange=exchange,
+                                    also=(faults.step_key(probe.ops, k2), eio))
                 try:
                     _failing_save(where, saver_name, previous, fs)
                     _check_double(where, previous)

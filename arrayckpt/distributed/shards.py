@@ -65,7 +65,9 @@ class ShardFile:
         buf = np.empty(e.end - e.start, np.uint8)
         self._fill([(e.start, e.end - e.start)], buf.data)
         sums = self.header.checksums
-        if verify and sums is not None and format.checksum(buf.data) != sums[name]:
+        if verify and sums is not None and (
+            format.tensor_checksum(e.dtype.code, e.shape, buf.data) != sums[name]
+        ):
             raise CorruptCheckpointError(
                 f"{self.path}: tensor {name!r} fails its CRC32C checksum: the file is corrupt; "
                 "restore another checkpoint (or load with verify=False to inspect it)"
