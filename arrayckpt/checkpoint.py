@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import backends, format, fsops
+from . import backends, fill, format, fsops, nested
 from .commit import commit_directory
 from .errors import CheckpointNotFoundError, InvalidInputError
 from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
@@ -24,10 +24,14 @@ PathLike = str | os.PathLike[str]
 
 
 class Checkpoint(NamedTuple):
-    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``."""
+    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``.
 
-    model: dict[str, Any]
-    optimizer: dict[str, Any] | None
+    ``model`` and ``optimizer`` have the structure that was saved: a flat ``str -> array``
+    dict, or the nested dicts/lists/tuples of a state dict or pytree.
+    """
+
+    model: Any
+    optimizer: Any | None
     training_state: TrainingState
 
 
@@ -38,6 +42,9 @@ class Snapshot:
     model: dict[str, HostTensor]
     optimizer: dict[str, HostTensor]
     training_state: TrainingState
+    #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
+    model_tree: str | None = None
+    optimizer_tree: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -86,20 +93,36 @@ def take_snapshot(
             f"training_state must be a TrainingState, not {type(training_state).__name__}"
         )
     training_state.to_json()  # validates; raises before anything is copied
+    model, model_tree = _flatten(model_state, what="model_state")
+    optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
     if staging is not None:
         staging.begin()
     return Snapshot(
-        snapshot_state(model_state, what="model_state", staging=staging),
-        snapshot_state(optimizer_state, what="optimizer_state", staging=staging),
+        snapshot_state(model, what="model_state", staging=staging),
+        snapshot_state(optimizer, what="optimizer_state", staging=staging),
         training_state,
+        model_tree,
+        optimizer_tree,
     )
+
+
+def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:
+    if state is None:
+        return None, None
+    return nested.flatten(state, what=what)
+
+
+def _tree_metadata(tree: str | None) -> dict[str, str] | None:
+    return None if tree is None else {nested.TREE_KEY: tree}
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
     """Write and fsync a checkpoint's files into an (uncommitted) directory."""
-    format.write_file(directory / MODEL_FILE, snap.model)
-    if snap.optimizer:
-        format.write_file(directory / OPTIMIZER_FILE, snap.optimizer)
+    format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
+    if snap.optimizer or snap.optimizer_tree is not None:
+        format.write_file(
+            directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+        )
     state_path = directory / TRAINING_STATE_FILE
     fs = fsops.fs()
     fs.write_bytes(state_path, snap.training_state.to_json().encode())
@@ -163,14 +186,39 @@ def load_state_file(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
-    keys: Any = None,
-) -> dict[str, Any]:
-    """Load one safetensors file's tensors as arrays of ``xp`` on ``device``."""
+    keys: Iterable[str] | None = None,
+    into: Any = None,
+) -> Any:
+    """Load one safetensors file as arrays of ``xp`` on ``device``, in its saved structure.
+
+    With ``keys``, only those tensors (by their names in the file) are read and checked,
+    returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
+    (see `fill.fill`), and ``into`` is returned.
+    """
+    if keys is not None and into is not None:
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
+    reader = format.SafetensorsReader(path, mmap=mmap)
+    if into is not None:
+        return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    reader = format.SafetensorsReader(path, mmap=mmap)
-    host = reader.arrays(keys, verify=verify)
-    return {name: backend.from_host(arr, device) for name, arr in host.items()}
+
+    def get(name: str) -> Any:
+        return backend.from_host(reader.array(name, verify=verify), device)
+
+    if keys is not None:
+        if isinstance(keys, str):
+            raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
+        missing = [k for k in keys if k not in reader.header.entries]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
+            )
+        return {name: get(name) for name in keys}
+    tree = reader.header.metadata.get(nested.TREE_KEY)
+    if tree is not None:
+        return nested.unflatten(tree, get, set(reader.names), source=str(path))
+    return {name: get(name) for name in reader.names}
 
 
 def load_checkpoint(
@@ -180,6 +228,9 @@ def load_checkpoint(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
+    keys: Iterable[str] | None = None,
+    optimizer: bool = True,
+    into: Any = None,
 ) -> Checkpoint:
     """Load a checkpoint directory into arrays of any framework.
 
@@ -189,17 +240,32 @@ def load_checkpoint(
             (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
             or its name.
         device: that framework's device (``"cuda:0"``, a CuPy ``Device``, ...).
-        verify: check every tensor's CRC32C (files from other tools have none).
+        verify: check every loaded tensor's CRC32C (files from other tools have none).
         mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
             each file sequentially (best on network file systems).
+        keys: load only these model tensors (names as in the file, dotted for nested
+            state), as a flat dict; with ``mmap`` the rest of the file is never read.
+        optimizer: ``False`` skips the optimizer file (``optimizer`` is then ``None``).
+        into: an existing model state with the saved structure (e.g.
+            ``model.state_dict()``): tensors are copied into its arrays in place, on
+            their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
+            then unused.
 
     Returns:
-        ``Checkpoint(model, optimizer, training_state)``; ``optimizer`` is ``None`` when
-        no optimizer file was saved.
+        ``Checkpoint(model, optimizer, training_state)``; ``model`` and ``optimizer`` have
+        the saved structure; ``optimizer`` is ``None`` when no optimizer file was saved.
 
     Raises:
-        CheckpointNotFoundError: the directory or a required file is missing.
+        CheckpointNotFoundError: the directory, a required file or a requested key is missing.
         CorruptCheckpointError: a file is malformed or fails its checksum (names which).
+        InvalidInputError: ``into`` does not match the saved structure, shapes or dtypes.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = ac.save_checkpoint(d, {"w": np.ones(2, np.float32), "b": np.zeros(1)})
+        >>> ac.load_checkpoint(d, keys=["w"]).model
+        {'w': array([1., 1.], dtype=float32)}
     """
     root = Path(directory)
     if not root.is_dir():
@@ -209,8 +275,8 @@ def load_checkpoint(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
-    model = load_state_file(root / MODEL_FILE, **options)
+    model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
     opt_path = root / OPTIMIZER_FILE
-    optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
+    opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE)
-    return Checkpoint(model, optimizer, state)
+    return Checkpoint(model, opt, state)
