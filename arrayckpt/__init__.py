@@ -17,6 +17,8 @@ from .errors import (
     TopologyError,
     UnsupportedArrayError,
 )
+from .lazy import LazyCheckpoint, open_checkpoint
+from .manager import CheckpointManager
 from .training_state import CHECKPOINT_VERSION, TrainingState
 
 __version__ = "0.1.0"
@@ -26,13 +28,16 @@ __all__ = [
     "AsyncCheckpointer",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "InvalidInputError",
+    "LazyCheckpoint",
     "TopologyError",
     "TrainingState",
     "UnsupportedArrayError",
     "load_checkpoint",
+    "open_checkpoint",
     "save_checkpoint",
 ]
