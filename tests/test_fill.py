@@ -26,7 +26,7 @@ def test_numpy_arrays_are_filled_in_place(tmp_path):
         ({"w": np.zeros(4, np.float64)}, r"F32\[4\] in the checkpoint but F64\[4\]"),
         ({"v": np.zeros(4, np.float32)}, "keys differ"),
         ({"w": [0.0] * 4}, "not an array"),
-        ({"w": {"x": np.zeros(4, np.float32)}}, "keys differ"),
+        ({"w": {"x": np.zeros(4, np.float32)}}, "goes into a dict"),
     ],
 )
 def test_mismatches_are_refused_naming_the_tensor(tmp_path, target, match):
