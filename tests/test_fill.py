@@ -59,7 +59,7 @@ def test_torch_model_state_dict_is_filled_without_new_tensors(tmp_path):
     ptr = fresh[0].weight.data_ptr()
     ac.load_checkpoint(tmp_path, into=fresh.state_dict())
     assert fresh[0].weight.data_ptr() == ptr
-    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 

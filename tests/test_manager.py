@@ -189,7 +189,7 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ac.InvalidInputError, match="keep_last"):
         ac.CheckpointManager(tmp_path, keep_last=0)
     mgr = ac.CheckpointManager(tmp_path)
-    with pytest.raises(ac.InvalidInputError, match="training_state.step is 3"):
+    with pytest.raises(ac.InvalidInputError, match=r"training_state\.step is 3"):
         mgr.save(4, state(4), training_state=ac.TrainingState(step=3))
     with pytest.raises(ac.InvalidInputError, match="non-negative int"):
         mgr.save(-1, state(1))
@@ -219,7 +219,8 @@ with fsops.use(DieWhileWritingStep4()):
 
 
 def test_resume_after_a_crash_is_one_call(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASHING_CHILD), str(tmp_path)],
                           env=env, timeout=120)
     assert proc.returncode == 9

@@ -25,7 +25,7 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
             assert_same(a[k], b[k], f"{path}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{i}]")
     elif nested.is_array(a):
         x = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
@@ -156,6 +156,7 @@ def test_jax_pytree_round_trips(tmp_path):
     ac.save_checkpoint(tmp_path, params)
     back = ac.load_checkpoint(tmp_path, xp=jnp).model
     assert type(back["scale"]) is tuple
-    for a, b in ((params["dense"]["w"], back["dense"]["w"]), (params["scale"][0], back["scale"][0])):
+    pairs = [(params["dense"]["w"], back["dense"]["w"]), (params["scale"][0], back["scale"][0])]
+    for a, b in pairs:
         assert type(b).__module__.startswith("jax")
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
