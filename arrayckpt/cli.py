@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -197,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
+    except BrokenPipeError:  # e.g. `arrayckpt inspect --json ... | head`: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except (CheckpointNotFoundError, InvalidInputError) as exc:
         print(f"arrayckpt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

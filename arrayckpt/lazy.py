@@ -94,7 +94,10 @@ def open_checkpoint(
 
     Args:
         directory: a checkpoint written by arrayckpt or boostr.
-        xp, device, verify, mmap: as in `load_checkpoint`.
+        xp: the framework of the arrays returned on access, as in `load_checkpoint`.
+        device: where they go, as in `load_checkpoint`.
+        verify: check each tensor's CRC32C when it is accessed.
+        mmap: map the files (``True``) or read each whole once (``False``).
 
     Returns:
         ``LazyCheckpoint(model, optimizer, training_state)``; ``optimizer`` is ``None``

@@ -198,7 +198,8 @@ class CheckpointManager:
 
         Args:
             step: the training step; the directory is ``root/step_{step:08d}``.
-            model_state, optimizer_state: as in `save_checkpoint` (flat or nested).
+            model_state: as in `save_checkpoint`: a flat mapping, a state dict or a pytree.
+            optimizer_state: as ``model_state``; ``None`` writes no optimizer file.
             training_state: defaults to ``TrainingState(step=step)``; its ``step`` must
                 equal ``step``.
 
@@ -265,7 +266,8 @@ class CheckpointManager:
 
         Args:
             step: the step to load; ``None`` for the latest complete one.
-            xp, device: as in `load_checkpoint`.
+            xp: the framework of the returned arrays, as in `load_checkpoint`.
+            device: where they go, as in `load_checkpoint`.
             **options: other `load_checkpoint` options (``into=``, ``keys=``, ``verify=``,
                 ``mmap=``, ``optimizer=``).
 
