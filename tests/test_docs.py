@@ -39,7 +39,7 @@ def blocks() -> list:
     found = []
     for page in PAGES:
         text = page.read_text()
-        for n, m in enumerate(FENCE.finditer(text), 1):
+        for m in FENCE.finditer(text):
             line = text.count("\n", 0, m.start("code")) + 1
             needs = [s.strip() for s in (m["needs"] or "").split(",") if s.strip()]
             found.append(pytest.param(page, line, m["code"], needs,
