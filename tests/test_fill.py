@@ -77,3 +77,18 @@ def test_jax_arrays_cannot_be_filled_in_place(tmp_path):
     ac.save_checkpoint(tmp_path, {"w": np.ones(2, np.float32)})
     with pytest.raises(ac.InvalidInputError, match="immutable"):
         ac.load_checkpoint(tmp_path, into={"w": jnp.zeros(2, jnp.float32)})
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_are_filled_on_their_device(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: torch.cuda.is_available() is False")
+    src = {"w": torch.randn(64, 64), "step": torch.tensor(3)}
+    ac.save_checkpoint(tmp_path, src)
+    dst = {"w": torch.zeros(64, 64, device="cuda"), "step": torch.zeros((), dtype=torch.int64,
+                                                                        device="cuda")}
+    ptr = dst["w"].data_ptr()
+    ac.load_checkpoint(tmp_path, into=dst)
+    assert dst["w"].is_cuda and dst["w"].data_ptr() == ptr
+    assert torch.equal(dst["w"].cpu(), src["w"]) and int(dst["step"]) == 3
