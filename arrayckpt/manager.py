@@ -17,7 +17,12 @@ from . import fsops
 from .async_checkpointer import AsyncCheckpointer
 from .checkpoint import Checkpoint, PathLike, load_checkpoint, take_snapshot, write_snapshot
 from .commit import temporary_sibling
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidInputError,
+)
 from .layout import (
     MODEL_FILE,
     OLD_MARKER,
@@ -123,6 +128,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _recovery_rank(entry: Path) -> tuple[bool, int]:
+    """Complete ``.arrayckpt-old-`` copies first, newest step first: the one to rename back."""
+    if OLD_MARKER not in entry.name or not is_complete(entry):
+        return False, -1
+    single = entry if (entry / TRAINING_STATE_FILE).is_file() else entry / rank_dir_name(0)
+    try:
+        return True, TrainingState.read(single / TRAINING_STATE_FILE).step
+    except CheckpointError:
+        return True, -1
 
 
 class CheckpointManager:
@@ -357,8 +373,10 @@ class CheckpointManager:
         """Remove temporaries left by crashed processes under the root (and its step dirs).
 
         A temporary is stale when the pid in its name is not alive on this host, or it is
-        older than ``stale_after_s``. A stale ``.arrayckpt-old-`` directory whose
-        checkpoint is missing (a crash mid-replace) is renamed back instead of removed.
+        older than ``stale_after_s``. When a checkpoint is missing and a stale, complete
+        ``.arrayckpt-old-`` copy of it exists (a replace interrupted between its two
+        renames), that copy is renamed back instead of removed — the one of the highest
+        step, if a power cut left several.
 
         Returns:
             The temporaries removed or renamed back.
@@ -370,14 +388,14 @@ class CheckpointManager:
                 names = [e for e in place.iterdir() if is_temporary_name(e.name)]
             except OSError:
                 continue
-            for entry in names:
-                if self._stale(entry):
-                    try:
-                        self._clean(entry)
-                    except OSError as exc:
-                        log.warning("could not clean up %s: %s", entry, exc)
-                        continue
-                    handled.append(entry)
+            stale = sorted((e for e in names if self._stale(e)), key=_recovery_rank, reverse=True)
+            for entry in stale:
+                try:
+                    self._clean(entry)
+                except OSError as exc:
+                    log.warning("could not clean up %s: %s", entry, exc)
+                    continue
+                handled.append(entry)
         return handled
 
     def _stale(self, entry: Path) -> bool:
@@ -392,7 +410,7 @@ class CheckpointManager:
 
     def _clean(self, entry: Path) -> None:
         fs = fsops.fs()
-        if OLD_MARKER in entry.name:
+        if OLD_MARKER in entry.name and is_complete(entry):
             original = entry.with_name(entry.name[1:].split(OLD_MARKER, 1)[0])
             if not os.path.lexists(original):
                 fs.rename(entry, original)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .errors import CorruptCheckpointError, InvalidInputError
+from .errors import CorruptCheckpointError, InvalidInputError, UnsupportedArrayError
 
 #: The ``__metadata__`` key holding the tree of a nested state.
 TREE_KEY = "arrayckpt.tree"
@@ -112,7 +112,7 @@ def _encode_scalar(x: Any, where: str) -> Any:
         return {"float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
     if isinstance(x, str):
         return {"str": x}
-    raise InvalidInputError(
+    raise UnsupportedArrayError(
         f"{where}: a {type(x).__name__} is neither an array nor a JSON scalar "
         "(int, float, bool, None, str); convert it before saving"
     )

@@ -229,3 +229,15 @@ def test_resume_after_a_crash_is_one_call(tmp_path):
     ckpt = mgr.restore()
     assert ckpt is not None and ckpt.training_state.step == 3
     assert [e.name for e in scan(tmp_path)] == ["step_00000002", "step_00000003"]
+
+
+def test_of_several_aside_copies_the_newest_complete_one_is_renamed_back(tmp_path):
+    pid = dead_pid()
+    for step, tag in ((4, "aaaa"), (5, "bbbb"), (3, "cccc")):
+        ac.save_checkpoint(tmp_path / f".step_00000005.arrayckpt-old-{pid}-{tag}",
+                           state(step), training_state=ac.TrainingState(step))
+    broken = tmp_path / f".step_00000005.arrayckpt-old-{pid}-ffff"
+    broken.mkdir()  # incomplete: never renamed back
+    mgr = ac.CheckpointManager(tmp_path)
+    assert [e.name for e in scan(tmp_path)] == ["step_00000005"]
+    assert mgr.restore().model["w"][0] == 5
