@@ -170,3 +170,20 @@ def test_console_script_if_installed(ckpt):
         pytest.skip("the arrayckpt console script is not installed (pip install . provides it)")
     out = subprocess.run([exe, "verify", str(ckpt)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_inspect_and_verify_a_sharded_checkpoint(tmp_path):
+    """A sharded layout built by hand (rank_N/ + sharding_meta.json), as boostr writes it."""
+    root = tmp_path / "sharded"
+    for rank in range(2):
+        ac.save_checkpoint(root / f"rank_{rank}", {"w": np.full(2, rank, np.float32)},
+                           training_state=ac.TrainingState(step=9))
+    meta = {"version": 2, "world_size": 2, "strategy": "TensorParallel", "split_dims": {"w": 0}}
+    (root / "sharding_meta.json").write_text(json.dumps(meta))
+    doc = json.loads(cli("inspect", root, "--json").stdout)
+    assert doc["kind"] == "distributed" and doc["sharding"] == meta
+    assert [r["training_state"]["step"] for r in doc["ranks"]] == [9, 9]
+    assert cli("verify", root).returncode == 0
+    corrupt(root / "rank_1" / "model.safetensors", "w")
+    out = cli("verify", root)
+    assert out.returncode == 1 and "rank_1/model.safetensors: tensor 'w'" in out.stdout
