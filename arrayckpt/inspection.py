@@ -131,11 +131,15 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
         ``{"path", "ok", "files": [{"path", "tensors", "nbytes", "checksums", "errors"}]}``.
 
     Raises:
-        CheckpointNotFoundError: nothing to verify at ``path``.
+        CheckpointNotFoundError: nothing to verify at ``path`` (e.g. a root of only
+            incomplete steps).
     """
     path = Path(path)
+    files = files_to_verify(path)
+    if not files:
+        raise CheckpointNotFoundError(f"{path}: no complete step to verify (see `arrayckpt ls`)")
     report = []
-    for f in files_to_verify(path):
+    for f in files:
         entry: dict[str, Any] = {"path": str(f), "tensors": 0, "nbytes": 0, "checksums": None,
                                  "errors": []}
         report.append(entry)

@@ -187,3 +187,9 @@ def test_inspect_and_verify_a_sharded_checkpoint(tmp_path):
     corrupt(root / "rank_1" / "model.safetensors", "w")
     out = cli("verify", root)
     assert out.returncode == 1 and "rank_1/model.safetensors: tensor 'w'" in out.stdout
+
+
+def test_verify_a_root_without_complete_steps_exits_2(tmp_path):
+    (tmp_path / "step_00000001").mkdir()
+    out = cli("verify", tmp_path)
+    assert out.returncode == 2 and "no complete step" in out.stderr
