@@ -26,6 +26,8 @@ from .errors import (
     TopologyError,
     UnsupportedArrayError,
 )
+from .lazy import LazyCheckpoint, open_checkpoint
+from .manager import CheckpointManager
 from .training_state import CHECKPOINT_VERSION, TrainingState
 
 __version__ = "0.1.0"
@@ -35,10 +37,12 @@ __all__ = [
     "AsyncCheckpointer",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "InvalidInputError",
+    "LazyCheckpoint",
     "Replicated",
     "ShardingConfig",
     "TensorParallel",
@@ -49,6 +53,7 @@ __all__ = [
     "consolidate_checkpoint",
     "load_checkpoint",
     "load_distributed_checkpoint",
+    "open_checkpoint",
     "save_checkpoint",
     "save_distributed_checkpoint",
 ]

@@ -7,13 +7,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import backends, format, fsops, hostcopy, pool
+from . import backends, fill, format, fsops, hostcopy, nested, pool
 from .commit import commit_directory
 from .dtypes import DType
 from .errors import (
@@ -38,10 +38,14 @@ PathLike = str | os.PathLike[str]
 
 
 class Checkpoint(NamedTuple):
-    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``."""
+    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``.
 
-    model: dict[str, Any]
-    optimizer: dict[str, Any] | None
+    ``model`` and ``optimizer`` have the structure that was saved: a flat ``str -> array``
+    dict, or the nested dicts/lists/tuples of a state dict or pytree.
+    """
+
+    model: Any
+    optimizer: Any | None
     training_state: TrainingState
 
 
@@ -52,6 +56,9 @@ class Snapshot:
     model: dict[str, HostTensor]
     optimizer: dict[str, HostTensor]
     training_state: TrainingState
+    #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
+    model_tree: str | None = None
+    optimizer_tree: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -90,22 +97,6 @@ def _synchronize(*plans: Plan) -> None:
         backend.synchronize()
 
 
-def snapshot_state(
-    state: Mapping[str, Any] | None, *, what: str, staging: StagingPool | None
-) -> dict[str, HostTensor]:
-    """Copy every array of ``state`` to host memory.
-
-    Every key and value is validated before the first byte is copied. With ``staging``
-    each array is copied into the pool's reusable buffers (so the caller may mutate its
-    arrays afterwards); without it, host arrays that are already contiguous are used in
-    place (zero copy, for synchronous saves).
-    """
-    plan = _plan(state, what=what)
-    out = _copy(plan, staging)
-    _synchronize(plan)
-    return out
-
-
 def take_snapshot(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None,
@@ -113,7 +104,12 @@ def take_snapshot(
     *,
     staging: StagingPool | None,
 ) -> Snapshot:
-    """Validate and copy one checkpoint's state (see `snapshot_state`).
+    """Validate and copy one checkpoint's state to host memory.
+
+    Every key and value is validated before the first byte is copied. With ``staging``
+    each array is copied into the pool's reusable buffers (so the caller may mutate its
+    arrays afterwards); without it, host arrays that are already contiguous are used in
+    place (zero copy, for synchronous saves).
 
     With ``staging``, the pool's previous snapshot is overwritten: its write must be done.
     """
@@ -123,8 +119,10 @@ def take_snapshot(
             f"training_state must be a TrainingState, not {type(training_state).__name__}"
         )
     training_state.to_json()  # validates; raises before anything is copied
-    model_plan = _plan(model_state, what="model_state")
-    optimizer_plan = _plan(optimizer_state, what="optimizer_state")
+    flat_model, model_tree = _flatten(model_state, what="model_state")
+    flat_optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
+    model_plan = _plan(flat_model, what="model_state")
+    optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
     if staging is not None:
         staging.begin(
             math.prod(backend.shape(x)) * dtype.itemsize
@@ -137,7 +135,17 @@ def take_snapshot(
     _synchronize(model_plan, optimizer_plan)  # one synchronisation per snapshot
     if staging is not None:
         staging.end()
-    return Snapshot(model, optimizer, training_state)
+    return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
+
+
+def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:
+    if state is None:
+        return None, None
+    return nested.flatten(state, what=what)
+
+
+def _tree_metadata(tree: str | None) -> dict[str, str] | None:
+    return None if tree is None else {nested.TREE_KEY: tree}
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
@@ -149,8 +157,10 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     """
 
     def other_files() -> None:
-        if snap.optimizer:
-            format.write_file(directory / OPTIMIZER_FILE, snap.optimizer)
+        if snap.optimizer or snap.optimizer_tree is not None:
+            format.write_file(
+                directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+            )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
         fs.write_bytes(state_path, snap.training_state.to_json().encode())
@@ -158,7 +168,7 @@ def write_files(directory: Path, snap: Snapshot) -> None:
 
     others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
     try:
-        format.write_file(directory / MODEL_FILE, snap.model)
+        format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
     finally:
         # Never return (and let the commit remove the directory) while it still writes.
         error = others.exception()
@@ -223,20 +233,42 @@ def load_state_file(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
-    keys: Any = None,
-) -> dict[str, Any]:
-    """Load one safetensors file's tensors as arrays of ``xp`` on ``device``."""
+    keys: Iterable[str] | None = None,
+    into: Any = None,
+) -> Any:
+    """Load one safetensors file as arrays of ``xp`` on ``device``, in its saved structure.
+
+    With ``keys``, only those tensors (by their names in the file) are read and checked,
+    returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
+    (see `fill.fill`), and ``into`` is returned.
+    """
+    if keys is not None and into is not None:
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
+    reader = format.SafetensorsReader(path, mmap=mmap)
+    if into is not None:
+        return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    reader = format.SafetensorsReader(path, mmap=mmap)
-    host = reader.arrays(keys, verify=verify)
-    out = {}
-    for name, arr in host.items():
+
+    def get(name: str) -> Any:
         try:
-            out[name] = backend.from_host(arr, device)
+            return backend.from_host(reader.array(name, verify=verify), device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
-    return out
+
+    if keys is not None:
+        if isinstance(keys, str):
+            raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
+        missing = [k for k in keys if k not in reader.header.entries]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
+            )
+        return {name: get(name) for name in keys}
+    tree = reader.header.metadata.get(nested.TREE_KEY)
+    if tree is not None:
+        return nested.unflatten(tree, get, set(reader.names), source=str(path))
+    return {name: get(name) for name in reader.names}
 
 
 def load_checkpoint(
@@ -246,6 +278,9 @@ def load_checkpoint(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
+    keys: Iterable[str] | None = None,
+    optimizer: bool = True,
+    into: Any = None,
 ) -> Checkpoint:
     """Load a checkpoint directory into arrays of any framework.
 
@@ -255,17 +290,32 @@ def load_checkpoint(
             (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
             or its name.
         device: that framework's device (``"cuda:0"``, a CuPy ``Device``, ...).
-        verify: check every tensor's CRC32C (files from other tools have none).
+        verify: check every loaded tensor's CRC32C (files from other tools have none).
         mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
             each file sequentially (best on network file systems).
+        keys: load only these model tensors (names as in the file, dotted for nested
+            state), as a flat dict; with ``mmap`` the rest of the file is never read.
+        optimizer: ``False`` skips the optimizer file (``optimizer`` is then ``None``).
+        into: an existing model state with the saved structure (e.g.
+            ``model.state_dict()``): tensors are copied into its arrays in place, on
+            their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
+            then unused.
 
     Returns:
-        ``Checkpoint(model, optimizer, training_state)``; ``optimizer`` is ``None`` when
-        no optimizer file was saved.
+        ``Checkpoint(model, optimizer, training_state)``; ``model`` and ``optimizer`` have
+        the saved structure; ``optimizer`` is ``None`` when no optimizer file was saved.
 
     Raises:
-        CheckpointNotFoundError: the directory or a required file is missing.
+        CheckpointNotFoundError: the directory, a required file or a requested key is missing.
         CorruptCheckpointError: a file is malformed or fails its checksum (names which).
+        InvalidInputError: ``into`` does not match the saved structure, shapes or dtypes.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = ac.save_checkpoint(d, {"w": np.ones(2, np.float32), "b": np.zeros(1)})
+        >>> ac.load_checkpoint(d, keys=["w"]).model
+        {'w': array([1., 1.], dtype=float32)}
     """
     root = Path(directory)
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
@@ -275,7 +325,7 @@ def load_checkpoint(
     for _ in range(_LOAD_ATTEMPTS):
         before = _identity(root)
         try:
-            loaded = _load_once(root, options)
+            loaded = _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
         except CheckpointError:
             if before is not None and _identity(root) != before:
                 continue
@@ -299,7 +349,10 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _load_once(root: Path, options: dict[str, Any]) -> Checkpoint:
+def _load_once(
+    root: Path, options: dict[str, Any], *, keys: Iterable[str] | None, optimizer: bool,
+    into: Any,
+) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: not a directory{_interrupted_save_hint(root)}"
@@ -313,11 +366,11 @@ def _load_once(root: Path, options: dict[str, Any]) -> Checkpoint:
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{_interrupted_save_hint(root)}"
         )
-    model = load_state_file(root / MODEL_FILE, **options)
+    model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
     opt_path = root / OPTIMIZER_FILE
-    optimizer = load_state_file(opt_path, **options) if opt_path.exists() else None
+    opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE)
-    return Checkpoint(model, optimizer, state)
+    return Checkpoint(model, opt, state)
 
 
 def _interrupted_save_hint(root: Path) -> str:

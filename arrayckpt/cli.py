@@ -1,26 +1,190 @@
-"""The ``arrayckpt`` command line (also ``python -m arrayckpt``)."""
+"""The ``arrayckpt`` command line (also ``python -m arrayckpt``).
+
+Exit status: 0 success, 1 a checkpoint is corrupt or an operation failed, 2 bad usage or
+nothing to work on at the path.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidInputError
+from .progress import Progress, human_bytes
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def _table(rows: list[list[str]], header: list[str], right: frozenset[int] = frozenset()) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
     demo.run(args.dir, steps=args.steps)
-    return 0
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import describe
+
+    doc = describe(args.path)
+    if args.json:
+        _print_json(doc)
+    else:
+        _print_description(doc)
+    return EXIT_OK
+
+
+def _print_description(doc: dict[str, Any], indent: str = "") -> None:
+    print(f"{indent}{doc['path']} ({doc['kind']})")
+    if "training_state" in doc:
+        s = doc["training_state"]
+        print(f"{indent}training state: step {s['step']}, epoch {s['epoch']}, "
+              f"learning rate {s['learning_rate']:g}, version {s['version']}")
+        for k, v in s["metadata"].items():
+            print(f"{indent}  {k} = {v}")
+    if "sharding" in doc:
+        print(f"{indent}sharding: {json.dumps(doc['sharding'])}")
+    for f in doc.get("files", []):
+        extra = ", nested" if f["nested"] else ""
+        extra += "" if f["checksums"] else ", no checksums"
+        print(f"\n{indent}{Path(f['path']).name}: {len(f['tensors'])} tensors, "
+              f"{human_bytes(f['nbytes'])}{extra}")
+        rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
+                 human_bytes(t["nbytes"])] for t in f["tensors"]]
+        if rows:
+            table = _table(rows, ["tensor", "dtype", "shape", "size"], right=frozenset({3}))
+            print("\n".join(indent + "  " + line for line in table.splitlines()))
+        if f["values"]:
+            print(f"{indent}  other values:")
+            for k, v in f["values"].items():
+                print(f"{indent}    {k} = {v!r}")
+    for rank in doc.get("ranks", []):
+        print()
+        _print_description(rank, indent + "  ")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .inspection import total_tensor_bytes, verify
+
+    path = Path(args.path)
+    with Progress("verify", total_tensor_bytes(path)) as bar:
+        report = verify(path, bar.advance)
+    if args.json:
+        _print_json(report)
+    else:
+        for f in report["files"]:
+            if f["errors"]:
+                for err in f["errors"]:
+                    print(f"CORRUPT  {err}")
+            elif f["checksums"] is False:
+                print(f"ok       {f['path']}: {f['tensors']} tensors, no checksums recorded "
+                      "(another tool wrote it): header validated only")
+            elif f["checksums"]:
+                print(f"ok       {f['path']}: {f['tensors']} tensors, "
+                      f"{human_bytes(f['nbytes'])}, CRC32C verified")
+            else:
+                print(f"ok       {f['path']}")
+        print("verified: all good" if report["ok"] else "verification FAILED")
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from .manager import scan, temporary_owner
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(f"{root} is not a directory")
+    entries: list[dict[str, Any]] = []
+    for e in scan(root):
+        size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
+        modified = time.localtime(e.path.stat().st_mtime)
+        entries.append({"name": e.name, "path": str(e.path), "step": e.step, "status": e.status,
+                        "nbytes": size, "pid": temporary_owner(e.name),
+                        "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified)})
+    if args.json:
+        _print_json(entries)
+        return EXIT_OK
+    if not entries:
+        print(f"{root}: no steps")
+        return EXIT_OK
+    rows = [["-" if e["step"] is None else str(e["step"]), e["status"],
+             human_bytes(e["nbytes"]), e["modified"], e["name"]] for e in entries]
+    print(_table(rows, ["step", "status", "size", "modified", "name"], right=frozenset({0, 2})))
+    return EXIT_OK
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    import arrayckpt
+
+    consolidate = getattr(arrayckpt, "consolidate_checkpoint", None)
+    if consolidate is None:
+        print("arrayckpt: error: this installation has no distributed checkpoint support "
+              "(arrayckpt.consolidate_checkpoint is missing)", file=sys.stderr)
+        return EXIT_USAGE
+    with Progress(f"consolidate {args.src} -> {args.dst}"):
+        out = consolidate(args.src, args.dst)
+    dst = Path(out) if isinstance(out, (str, Path)) else Path(args.dst)
+    if args.json:
+        _print_json({"src": args.src, "dst": str(dst)})
+    else:
+        print(f"consolidated {args.src} into {dst}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="arrayckpt", description="Inspect, verify and demo arrayckpt checkpoints."
+        prog="arrayckpt",
+        description="Inspect, verify, list and consolidate arrayckpt checkpoints.",
+        epilog="Exit status: 0 success; 1 corrupt checkpoint or failed operation; "
+               "2 bad usage or nothing at the path.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="tensors, dtypes, shapes, sizes and training state")
+    p.add_argument("path", help="a checkpoint directory, sharded checkpoint or .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("verify", help="check every header and CRC32C; exit 1 if corrupt")
+    p.add_argument("path", help="a checkpoint, sharded checkpoint, manager root or file")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("ls", help="the steps under a CheckpointManager root, complete or not")
+    p.add_argument("root", help="the manager's root directory")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=_ls)
+
+    p = sub.add_parser("consolidate", help="merge a sharded checkpoint into one checkpoint")
+    p.add_argument("src", help="the sharded checkpoint (rank_*/ and sharding_meta.json)")
+    p.add_argument("dst", help="where the consolidated checkpoint goes")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=_consolidate)
+
     p = sub.add_parser("demo", help="train a small NumPy MLP, crash it, resume from a checkpoint")
     p.add_argument("--dir", help="where checkpoints go (default: a new temporary directory)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
@@ -32,7 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # e.g. `arrayckpt inspect --json ... | head`: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (CheckpointNotFoundError, InvalidInputError) as exc:
+        print(f"arrayckpt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as exc:
+        print(f"arrayckpt: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

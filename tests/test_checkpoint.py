@@ -218,10 +218,9 @@ class NotAnArray:
     pass
 
 
-@pytest.mark.parametrize(
-    "value", [[1.0, 2.0], 3, 2.5, None, "text", b"bytes", {"nested": np.zeros(1)}, NotAnArray()],
-    ids=lambda v: type(v).__name__,
-)
+# Lists, scalars, None, str and nested dicts are valid nested state (see test_nested.py);
+# values that are neither arrays nor JSON leaves are refused.
+@pytest.mark.parametrize("value", [b"bytes", NotAnArray(), {1.5j}], ids=lambda v: type(v).__name__)
 def test_non_array_value_named_before_anything_is_written(ckpt_dir: Path, value: Any) -> None:
     state = {"good": np.zeros(3), "layer.bad": value}
     with pytest.raises(ac.UnsupportedArrayError) as info:
@@ -257,7 +256,7 @@ def test_unsupported_dtype_names_tensor_and_dtype(ckpt_dir: Path, value: Any, na
     assert not ckpt_dir.exists()
 
 
-@pytest.mark.parametrize("key", ["", "a\x00b", "__metadata__", 1, ("t",), "\ud800"],
+@pytest.mark.parametrize("key", ["", "a\x00b", "__metadata__", "\ud800"],
                          ids=repr)
 def test_bad_keys_are_invalid_input(ckpt_dir: Path, key: Any) -> None:
     with pytest.raises(ac.InvalidInputError, match="key"):
@@ -265,7 +264,7 @@ def test_bad_keys_are_invalid_input(ckpt_dir: Path, key: Any) -> None:
     assert not ckpt_dir.exists()
 
 
-@pytest.mark.parametrize("state", [[np.zeros(1)], np.zeros(2), "abc"], ids=repr)
+@pytest.mark.parametrize("state", [np.zeros(2), "abc"], ids=repr)
 def test_state_that_is_not_a_mapping(ckpt_dir: Path, state: Any) -> None:
     with pytest.raises(ac.InvalidInputError, match="mapping"):
         ac.save_checkpoint(ckpt_dir, state)

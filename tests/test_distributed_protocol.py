@@ -232,7 +232,7 @@ def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -
 
 def test_invalid_state_on_one_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
     def body(r: int, coord: Coordinator) -> Any:
-        s: dict[str, Any] = state(r) if r != 1 else {"w": "not an array"}
+        s: dict[str, Any] = state(r) if r != 1 else {"w": b"not an array"}
         return ac.save_distributed_checkpoint(tmp_path / "ckpt", r, 3, s, None, None, TP,
                                               coordinator=coord)
 

@@ -43,7 +43,10 @@ def load_distributed_checkpoint(
         world_size: the world size to load for; default: the saved one.
         keys: load exactly these names (from model and optimizer state) instead of the
             strategy's share; split tensors still come as this rank's slice.
-        xp, device, verify, mmap: as for `load_checkpoint`. A slice narrower than a saved
+        xp: as for `load_checkpoint`.
+        device: as for `load_checkpoint`.
+        verify: as for `load_checkpoint`.
+        mmap: as for `load_checkpoint`. A slice narrower than a saved
             shard cannot be checked against that shard's checksum.
 
     Returns:

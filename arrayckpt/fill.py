@@ -1,0 +1,120 @@
+"""Loading into existing arrays (``load_checkpoint(..., into=model.state_dict())``).
+
+Resuming this way allocates nothing for the state: each saved tensor is copied from the
+file's mapping straight into the array that already holds it (on its own device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, NoReturn
+
+import numpy as np
+
+from . import backends, dtypes, nested
+from .errors import InvalidInputError
+from .format import SafetensorsReader
+
+
+class _TensorRef:
+    """Stands for a saved tensor while the saved structure is walked beside the target."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
+    """Copy every tensor of ``reader``'s file into the matching array of ``target``.
+
+    ``target`` must have the saved structure: the same keys, list lengths and tensor
+    shapes and dtypes. Non-array leaves in dicts and lists are set to the saved values.
+
+    Returns:
+        ``target`` itself, filled.
+
+    Raises:
+        InvalidInputError: the structures, shapes or dtypes differ (names the path), or an
+            array cannot be written in place (JAX arrays are immutable).
+        CorruptCheckpointError: a tensor fails its checksum; ``target`` may be partly filled.
+    """
+    source = str(reader.path)
+    tree = reader.header.metadata.get(nested.TREE_KEY)
+    names = set(reader.names)
+    if tree is None:
+        saved: Any = {name: _TensorRef(name) for name in reader.names}
+    else:
+        saved = nested.unflatten(tree, _TensorRef, names, source=source)
+
+    def fail(path: str, problem: str) -> NoReturn:
+        raise InvalidInputError(
+            f"{source}: cannot load into the given state at {path or 'the top'}: {problem}"
+        )
+
+    def walk(s: Any, t: Any, path: str) -> None:
+        if isinstance(s, _TensorRef):
+            _copy_into(t, reader.array(s.name, verify=verify), s.name, lambda p: fail(path, p))
+            return
+        if isinstance(s, dict):
+            if not isinstance(t, Mapping):
+                fail(path, f"the checkpoint has a dict, the target a {type(t).__name__}")
+            if set(s) != set(t):
+                missing = sorted(map(str, set(s) - set(t)))[:5]
+                extra = sorted(map(str, set(t) - set(s)))[:5]
+                fail(path, f"keys differ: target lacks {missing}, has unexpected {extra}")
+            for k, v in s.items():
+                place(v, t, k, f"{path}[{k!r}]")
+            return
+        if isinstance(s, (list, tuple)):
+            if not isinstance(t, (list, tuple)) or len(t) != len(s):
+                fail(path, f"the checkpoint has a sequence of {len(s)}, the target {t!r:.60}")
+            for i, v in enumerate(s):
+                place(v, t, i, f"{path}[{i}]")
+            return
+        raise AssertionError(f"unexpected node {s!r}")
+
+    def place(s: Any, container: Any, key: Any, path: str) -> None:
+        if isinstance(s, (_TensorRef, dict, list, tuple)):
+            walk(s, container[key], path)
+        elif not _same(s, container[key]):
+            if not isinstance(container, (MutableMapping, list)):
+                fail(path, f"saved {s!r} differs from {container[key]!r} in an immutable tuple")
+            container[key] = s
+
+    walk(saved, target, "")
+    return target
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and bool(a == b)
+
+
+def _copy_into(dst: Any, src: np.ndarray, name: str, fail: Callable[[str], NoReturn]) -> None:
+    if not nested.is_array(dst):
+        fail(f"tensor {name!r} goes into a {type(dst).__name__}, which is not an array")
+    backend = backends.for_array(dst, name)
+    want = dtypes.from_numpy(src.dtype, tensor=name)
+    have = backend.dtype(dst, name)
+    if have != want or backend.shape(dst) != tuple(src.shape):
+        fail(
+            f"tensor {name!r} is {want.code}{list(src.shape)} in the checkpoint but "
+            f"{have.code}{list(backend.shape(dst))} in the target"
+        )
+    if backend.name == "numpy":
+        if not isinstance(dst, np.ndarray) or not dst.flags.writeable:
+            fail(f"tensor {name!r}: the target NumPy array is read-only")
+        np.copyto(dst, src, casting="equiv")
+    elif backend.name == "torch":
+        import torch
+
+        with torch.no_grad():
+            dst.copy_(backend.from_host(src, None))
+    elif backend.name == "cupy":
+        dst.set(np.ascontiguousarray(src))
+    else:
+        fail(
+            f"tensor {name!r}: a {type(dst).__module__}.{type(dst).__qualname__} cannot be "
+            "written in place (JAX arrays are immutable); load without into="
+        )

@@ -1,0 +1,177 @@
+"""What `arrayckpt inspect` and `arrayckpt verify` report, as plain JSON-able dicts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import nested
+from .checkpoint import PathLike
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .format import SafetensorsReader
+from .layout import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SHARDING_META_FILE,
+    TRAINING_STATE_FILE,
+    is_rank_dir_name,
+)
+from .manager import scan
+from .training_state import TrainingState
+
+
+def kind_of(path: Path) -> str:
+    """``"file"``, ``"checkpoint"``, ``"distributed"`` or ``"root"`` (a manager's steps).
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is none of these.
+    """
+    if path.is_file():
+        return "file"
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    if (path / SHARDING_META_FILE).is_file():
+        return "distributed"
+    if (path / MODEL_FILE).exists() or (path / TRAINING_STATE_FILE).exists():
+        return "checkpoint"
+    if any(e.step is not None for e in scan(path)):
+        return "root"
+    raise CheckpointNotFoundError(
+        f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
+    )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def _rank_dirs(path: Path) -> list[Path]:
+    ranks = [p for p in path.iterdir() if is_rank_dir_name(p.name) and p.is_dir()]
+    return sorted(ranks, key=lambda p: int(p.name.partition("_")[2]))
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """Tensors (name, dtype, shape, bytes) and non-array leaves of one safetensors file."""
+    reader = SafetensorsReader(path)
+    entries = reader.header.entries.values()
+    tree = reader.header.metadata.get(nested.TREE_KEY)
+    return {
+        "path": str(path),
+        "nested": tree is not None,
+        "checksums": reader.header.checksums is not None,
+        "nbytes": sum(e.end - e.start for e in entries),
+        "tensors": [
+            {"name": e.name, "dtype": e.dtype.code, "shape": list(e.shape),
+             "nbytes": e.end - e.start}
+            for e in entries
+        ],
+        "values": {k: _jsonable(v) for k, v in nested.leaves(tree).items()} if tree else {},
+    }
+
+
+def describe(path: PathLike) -> dict[str, Any]:
+    """Everything `arrayckpt inspect` shows about a file, checkpoint or sharded checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: nothing to inspect at ``path``.
+        CorruptCheckpointError: a header or training state is malformed.
+    """
+    path = Path(path)
+    kind = kind_of(path)
+    out: dict[str, Any] = {"path": str(path), "kind": kind}
+    if kind == "file":
+        out["files"] = [describe_file(path)]
+    elif kind == "checkpoint":
+        state = TrainingState.read(path / TRAINING_STATE_FILE)
+        out["training_state"] = {
+            "version": state.version, "step": state.step, "epoch": state.epoch,
+            "learning_rate": state.learning_rate, "metadata": state.metadata,
+        }
+        files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
+        out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
+    elif kind == "distributed":
+        try:
+            out["sharding"] = json.loads((path / SHARDING_META_FILE).read_bytes())
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
+        out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
+    else:
+        raise CheckpointNotFoundError(f"{path} holds steps, not one checkpoint: run `arrayckpt ls`")
+    return out
+
+
+def files_to_verify(path: Path) -> list[Path]:
+    """Every file a verification reads under ``path``, tensor files first."""
+    kind = kind_of(path)
+    if kind == "file":
+        return [path]
+    if kind == "root":
+        steps = [e.path for e in scan(path) if e.status == "complete"]
+        return [f for step in steps for f in files_to_verify(step)]
+    if kind == "distributed":
+        ranks = [f for rank in _rank_dirs(path) for f in files_to_verify(rank)]
+        return [*ranks, path / SHARDING_META_FILE]
+    opt = path / OPTIMIZER_FILE
+    return [path / MODEL_FILE, *([opt] if opt.exists() else []), path / TRAINING_STATE_FILE]
+
+
+def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Validate every header and JSON file and check every tensor's CRC32C under ``path``.
+
+    ``advance(nbytes)`` is called as tensor bytes are checked (for a progress bar).
+    Every problem is collected; nothing stops at the first.
+
+    Returns:
+        ``{"path", "ok", "files": [{"path", "tensors", "nbytes", "checksums", "errors"}]}``.
+
+    Raises:
+        CheckpointNotFoundError: nothing to verify at ``path`` (e.g. a root of only
+            incomplete steps).
+    """
+    path = Path(path)
+    files = files_to_verify(path)
+    if not files:
+        raise CheckpointNotFoundError(f"{path}: no complete step to verify (see `arrayckpt ls`)")
+    report = []
+    for f in files:
+        entry: dict[str, Any] = {"path": str(f), "tensors": 0, "nbytes": 0, "checksums": None,
+                                 "errors": []}
+        report.append(entry)
+        try:
+            if f.suffix == ".json":
+                if f.name == TRAINING_STATE_FILE:
+                    TrainingState.read(f)
+                else:
+                    json.loads(f.read_bytes())
+                continue
+            reader = SafetensorsReader(f)
+        except (CheckpointError, OSError, ValueError) as exc:
+            entry["errors"].append(str(exc))
+            continue
+        entry["checksums"] = reader.header.checksums is not None
+        for e in reader.header.entries.values():
+            try:
+                reader.verify(e.name)
+            except CorruptCheckpointError as exc:
+                entry["errors"].append(str(exc))
+            entry["tensors"] += 1
+            entry["nbytes"] += e.end - e.start
+            advance(e.end - e.start)
+    ok = not any(e["errors"] for e in report)
+    return {"path": str(path), "ok": ok, "files": report}
+
+
+def total_tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data a verification will checksum (headers only are read)."""
+    total = 0
+    for f in files_to_verify(path):
+        if f.suffix == ".safetensors":
+            with contextlib.suppress(CheckpointError, OSError):  # verify reports these
+                total += sum(e.end - e.start for e in SafetensorsReader(f).header.entries.values())
+    return total

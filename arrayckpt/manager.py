@@ -1,0 +1,424 @@
+"""`CheckpointManager`: numbered step directories under one root, retention and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any, NamedTuple
+
+from . import fsops
+from .async_checkpointer import AsyncCheckpointer
+from .checkpoint import Checkpoint, PathLike, load_checkpoint, take_snapshot, write_snapshot
+from .commit import temporary_sibling
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidInputError,
+)
+from .layout import (
+    MODEL_FILE,
+    OLD_MARKER,
+    SHARDING_META_FILE,
+    TEMP_MARKER,
+    TRAINING_STATE_FILE,
+    is_temporary_name,
+    rank_dir_name,
+)
+from .training_state import TrainingState
+
+log = logging.getLogger("arrayckpt")
+
+_STEP_DIR = re.compile(r"step_([0-9]{8,})")
+#: A temporary whose creating process is still alive is left alone until it is this old.
+DEFAULT_STALE_AFTER_S = 6 * 3600.0
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000100`` for step 100 (eight digits at least, so names sort by step)."""
+    return f"step_{step:08d}"
+
+
+def parse_step_dir_name(name: str) -> int | None:
+    """The step of a step directory's name, or ``None`` for any other name."""
+    m = _STEP_DIR.fullmatch(name)
+    if m is None or step_dir_name(int(m[1])) != name:
+        return None
+    return int(m[1])
+
+
+def _single_complete(path: Path) -> bool:
+    return (path / MODEL_FILE).is_file() and (path / TRAINING_STATE_FILE).is_file()
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` holds a whole checkpoint: a single one, or every rank of a sharded one.
+
+    A commit renames a directory into place only once it is whole, so this is what a
+    reader can trust; it does not read the tensors (``arrayckpt verify`` does).
+    """
+    meta = path / SHARDING_META_FILE
+    if not meta.is_file():
+        return _single_complete(path)
+    try:
+        world_size = json.loads(meta.read_bytes())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if type(world_size) is not int or world_size < 1:
+        return False
+    return all(_single_complete(path / rank_dir_name(r)) for r in range(world_size))
+
+
+class StepEntry(NamedTuple):
+    """One entry of a manager root, as `scan` finds it."""
+
+    name: str
+    path: Path
+    #: The step number; ``None`` for a temporary.
+    step: int | None
+    #: ``"complete"``, ``"incomplete"`` or ``"temporary"``.
+    status: str
+
+
+def scan(root: PathLike) -> list[StepEntry]:
+    """Every step directory and temporary under ``root``, complete or not, by step.
+
+    Other entries (the user's own files) are not listed. A missing root lists nothing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps, temporaries = [], []
+    for entry in root.iterdir():
+        if is_temporary_name(entry.name):
+            temporaries.append(StepEntry(entry.name, entry, None, "temporary"))
+            continue
+        step = parse_step_dir_name(entry.name)
+        if step is not None and entry.is_dir():
+            status = "complete" if is_complete(entry) else "incomplete"
+            steps.append(StepEntry(entry.name, entry, step, status))
+    steps.sort(key=lambda e: e.step or 0)
+    temporaries.sort(key=lambda e: e.name)
+    return steps + temporaries
+
+
+def temporary_owner(name: str) -> int | None:
+    """The pid a temporary's name records (``.<target>.arrayckpt-tmp-<pid>-<id>``)."""
+    for marker in (TEMP_MARKER, OLD_MARKER):
+        if marker in name:
+            pid = name.split(marker, 1)[1].split("-", 1)[0]
+            return int(pid) if pid.isdigit() else None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recovery_rank(entry: Path) -> tuple[bool, int]:
+    """Complete ``.arrayckpt-old-`` copies first, newest step first: the one to rename back."""
+    if OLD_MARKER not in entry.name or not is_complete(entry):
+        return False, -1
+    single = entry if (entry / TRAINING_STATE_FILE).is_file() else entry / rank_dir_name(0)
+    try:
+        return True, TrainingState.read(single / TRAINING_STATE_FILE).step
+    except CheckpointError:
+        return True, -1
+
+
+class CheckpointManager:
+    """Numbered checkpoints under one root: save by step, keep a few, resume from the latest.
+
+    Each step is a checkpoint directory ``root/step_00000100/``. A step is listed and
+    restored only once it is complete (committed whole); temporaries and incomplete
+    directories never are. Retention deletes old steps only after the new step is
+    durably committed. Temporaries left by a crashed process are removed when the
+    manager starts (those of live processes are left alone until ``stale_after_s`` old).
+
+    Args:
+        root: the directory holding the steps (created if missing).
+        keep_last: keep the newest ``keep_last`` complete steps and delete older ones;
+            ``None`` keeps every step.
+        keep_every: additionally keep every step divisible by ``keep_every``.
+        async_save: write in the background (`AsyncCheckpointer`); ``save`` then returns
+            once the state is copied to host memory. ``False`` writes before returning.
+        stale_after_s: age after which any temporary is removed, even one whose creating
+            pid is alive on this host (pids are reused).
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> with ac.CheckpointManager(root, keep_last=2) as mgr:
+        ...     for step in (100, 200, 300):
+        ...         _ = mgr.save(step, {"w": np.full(2, step, np.float32)})
+        >>> mgr = ac.CheckpointManager(root)
+        >>> mgr.steps()
+        [200, 300]
+        >>> mgr.restore().model["w"]
+        array([300., 300.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    ) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise InvalidInputError(f"{name} must be a positive int or None, not {value!r}")
+        self.root = Path(root).absolute()
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.stale_after_s = stale_after_s
+        try:
+            fsops.fs().makedirs(self.root)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot create the checkpoint root {self.root}: {exc}"
+            ) from exc
+        self._checkpointer = AsyncCheckpointer() if async_save else None
+        self._closed = False
+        self.cleanup()
+
+    def directory(self, step: int) -> Path:
+        """Where step ``step`` is (or would be) saved."""
+        return self.root / step_dir_name(step)
+
+    def save(
+        self,
+        step: int,
+        model_state: Mapping[str, Any],
+        optimizer_state: Any = None,
+        training_state: TrainingState | None = None,
+    ) -> Future[Path]:
+        """Save step ``step``, then apply retention once it is committed.
+
+        Args:
+            step: the training step; the directory is ``root/step_{step:08d}``.
+            model_state: as in `save_checkpoint`: a flat mapping, a state dict or a pytree.
+            optimizer_state: as ``model_state``; ``None`` writes no optimizer file.
+            training_state: defaults to ``TrainingState(step=step)``; its ``step`` must
+                equal ``step``.
+
+        Returns:
+            A future resolving to the committed directory (already resolved when
+            ``async_save=False``).
+
+        Raises:
+            InvalidInputError: bad step or input (nothing is written), or the manager is closed.
+            CheckpointError: the previous asynchronous save failed (raised once).
+        """
+        if self._closed:
+            raise InvalidInputError("this CheckpointManager is closed; create a new one")
+        if type(step) is not int or step < 0:
+            raise InvalidInputError(f"step must be a non-negative int, not {step!r}")
+        if training_state is None:
+            training_state = TrainingState(step=step)
+        elif getattr(training_state, "step", step) != step:
+            raise InvalidInputError(
+                f"training_state.step is {training_state.step} but the step saved is {step}; "
+                "pass equal values"
+            )
+        target = self.directory(step)
+
+        def write_and_retain(snap: Any) -> Path:
+            path = write_snapshot(target, snap)
+            self._retain(step)
+            return path
+
+        if self._checkpointer is None:
+            snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+            done: Future[Path] = Future()
+            done.set_result(write_and_retain(snap))
+            return done
+        ckpt = self._checkpointer
+        ckpt.wait()  # the staging buffers are reused: the previous write must be done
+        started = time.perf_counter()
+        snap = take_snapshot(model_state, optimizer_state, training_state, staging=ckpt.staging)
+        future = ckpt.submit_job(lambda: write_and_retain(snap), f"save {target}")
+        ckpt.last_stall_s = time.perf_counter() - started
+        return future
+
+    def steps(self) -> list[int]:
+        """The complete steps on disk, oldest first (call `wait` to include one in flight)."""
+        return [e.step for e in scan(self.root) if e.status == "complete" and e.step is not None]
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or ``None`` when there is none."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        xp: ModuleType | str | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> Checkpoint | None:
+        """Load step ``step``, or the newest complete step; ``None`` when there is none.
+
+        Waits for a save in flight first. With ``step=None``, a newest step that fails
+        its checksums is skipped (with a warning) for the one before it.
+
+        Args:
+            step: the step to load; ``None`` for the latest complete one.
+            xp: the framework of the returned arrays, as in `load_checkpoint`.
+            device: where they go, as in `load_checkpoint`.
+            **options: other `load_checkpoint` options (``into=``, ``keys=``, ``verify=``,
+                ``mmap=``, ``optimizer=``).
+
+        Returns:
+            The `Checkpoint`, or ``None`` when ``step`` is ``None`` and no step is complete.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and is not a complete step.
+            CorruptCheckpointError: every candidate step is corrupt (the newest's error).
+        """
+        self.wait()
+        if step is not None:
+            path = self.directory(step)
+            if not is_complete(path):
+                raise CheckpointNotFoundError(
+                    f"no complete checkpoint for step {step} at {path}; complete steps: "
+                    f"{self.steps()}"
+                )
+            return load_checkpoint(path, xp=xp, device=device, **options)
+        first_error: CorruptCheckpointError | None = None
+        for candidate in reversed(self.steps()):
+            try:
+                return load_checkpoint(self.directory(candidate), xp=xp, device=device, **options)
+            except CorruptCheckpointError as exc:
+                log.warning("step %d is corrupt, trying the one before: %s", candidate, exc)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return None
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raise its error, once."""
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight (raising its error) and release the staging buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # the exception already propagating matters more
+            log.exception("checkpoint write failed while unwinding another error")
+
+    def _retain(self, saved: int) -> None:
+        """Delete the complete steps retention does not keep (runs after ``saved`` commits)."""
+        if self.keep_last is None:
+            return
+        complete = self.steps()
+        keep = set(complete[-self.keep_last :]) | {saved}
+        if self.keep_every is not None:
+            keep |= {s for s in complete if s % self.keep_every == 0}
+        for step in complete:
+            if step not in keep and step < saved:
+                try:
+                    self._delete(self.directory(step))
+                except OSError as exc:  # the new step is safe; an old one lingers
+                    log.warning("retention could not delete step %d: %s", step, exc)
+
+    def _delete(self, path: Path) -> None:
+        # Renamed aside first, so no half-deleted directory can ever look complete; a
+        # crash before the removal leaves a temporary that `cleanup` removes later.
+        fs = fsops.fs()
+        doomed = temporary_sibling(path, TEMP_MARKER)
+        fs.rename(path, doomed)
+        fs.fsync_dir(path.parent)
+        fs.remove_tree(doomed)
+        log.info("retention deleted %s", path)
+
+    def cleanup(self) -> list[Path]:
+        """Remove temporaries left by crashed processes under the root (and its step dirs).
+
+        A temporary is stale when the pid in its name is not alive on this host, or it is
+        older than ``stale_after_s``. When a checkpoint is missing and a stale, complete
+        ``.arrayckpt-old-`` copy of it exists (a replace interrupted between its two
+        renames), that copy is renamed back instead of removed — the one of the highest
+        step, if a power cut left several.
+
+        Returns:
+            The temporaries removed or renamed back.
+        """
+        handled = []
+        places = [self.root] + [e.path for e in scan(self.root) if e.step is not None]
+        for place in places:
+            try:
+                names = [e for e in place.iterdir() if is_temporary_name(e.name)]
+            except OSError:
+                continue
+            stale = sorted((e for e in names if self._stale(e)), key=_recovery_rank, reverse=True)
+            for entry in stale:
+                try:
+                    self._clean(entry)
+                except OSError as exc:
+                    log.warning("could not clean up %s: %s", entry, exc)
+                    continue
+                handled.append(entry)
+        return handled
+
+    def _stale(self, entry: Path) -> bool:
+        pid = temporary_owner(entry.name)
+        if pid is None or not _alive(pid):
+            return True
+        try:
+            age = time.time() - entry.lstat().st_mtime
+        except OSError:
+            return False
+        return age > self.stale_after_s
+
+    def _clean(self, entry: Path) -> None:
+        fs = fsops.fs()
+        if OLD_MARKER in entry.name and is_complete(entry):
+            original = entry.with_name(entry.name[1:].split(OLD_MARKER, 1)[0])
+            if not os.path.lexists(original):
+                fs.rename(entry, original)
+                fs.fsync_dir(entry.parent)
+                log.warning("recovered %s from %s (a replace was interrupted)", original, entry)
+                return
+        if entry.is_dir() and not entry.is_symlink():
+            fs.remove_tree(entry)
+        else:
+            entry.unlink()
+        log.info("removed stale temporary %s", entry)

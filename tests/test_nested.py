@@ -1,0 +1,162 @@
+"""Nested state: PyTorch state dicts and pytrees round-trip; flat mappings keep boostr's layout."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import arrayckpt as ac
+from arrayckpt import nested
+from arrayckpt.format import SafetensorsReader
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Equal structure, container types, key types, scalar types and array values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path  # dict equality ignores order
+        for k in a:
+            assert type(k) is type(next(kb for kb in b if kb == k)), f"{path}[{k!r}] key type"
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif nested.is_array(a):
+        x = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+        y = b.numpy() if hasattr(b, "numpy") else np.asarray(b)
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        np.testing.assert_array_equal(x, y, err_msg=path)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_flat_mapping_keeps_the_boostr_layout(tmp_path):
+    state = {"layers.0.weight": np.ones((2, 2), np.float32)}
+    ac.save_checkpoint(tmp_path, state)
+    reader = SafetensorsReader(tmp_path / "model.safetensors")
+    assert nested.TREE_KEY not in reader.header.metadata
+    assert reader.names == ["layers.0.weight"]
+
+
+def test_nested_state_round_trips_with_int_keys_tuples_and_scalars(tmp_path):
+    opt = {
+        "state": {0: {"step": np.float32(3), "m": np.arange(4.0)}, 1: {"m": np.zeros((2, 1))}},
+        "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "foreach": None,
+             "name": "group0", "params": [0, 1], "weight_decay": 0, "clip": float("inf"),
+             "bad": float("nan"), "low": float("-inf")},
+        ],
+        "0": "string key that looks like an int",
+    }
+    ac.save_checkpoint(tmp_path, {"w": np.ones(1)}, opt)
+    assert_same(opt, ac.load_checkpoint(tmp_path).optimizer)
+    names = SafetensorsReader(tmp_path / "optimizer.safetensors").names
+    assert sorted(names) == ["state.0.m", "state.0.step", "state.1.m"]
+
+
+def test_optimizer_without_tensors_is_still_written(tmp_path):
+    opt = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    ac.save_checkpoint(tmp_path, {"w": np.ones(1)}, opt)
+    assert ac.load_checkpoint(tmp_path).optimizer == opt
+
+
+def test_top_level_list_pytree_round_trips(tmp_path):
+    tree = [{"w": np.ones(3, np.float32)}, (np.zeros(2, np.int64), None)]
+    ac.save_checkpoint(tmp_path, tree)
+    assert_same(tree, ac.load_checkpoint(tmp_path).model)
+
+
+def test_colliding_paths_are_refused_naming_both():
+    with pytest.raises(ac.InvalidInputError, match=r"'a\.b'"):
+        nested.flatten({"a.b": np.ones(1), "a": {"b": np.ones(1)}}, what="model_state")
+
+
+@pytest.mark.parametrize("bad", [object(), 1 + 2j, b"bytes", {1.5: 2}])
+def test_leaves_that_are_not_json_scalars_are_refused(tmp_path, bad):
+    state = {"w": np.ones(1), "extra": {"x": bad}}
+    with pytest.raises(ac.InvalidInputError):
+        ac.save_checkpoint(tmp_path / "c", state)
+    assert not (tmp_path / "c").exists()
+
+
+def test_malformed_tree_is_reported_as_corrupt(tmp_path):
+    flat, tree = nested.flatten({"a": [np.ones(1)]}, what="x")
+    assert tree is not None
+    doc = json.loads(tree)
+    doc["root"]["dict"][0][1] = {"list": [{"tensor": "missing"}]}
+    with pytest.raises(ac.CorruptCheckpointError, match="missing"):
+        nested.unflatten(json.dumps(doc), lambda n: None, set(flat), source="f")
+    with pytest.raises(ac.CorruptCheckpointError, match="does not list"):
+        nested.unflatten(json.dumps({"version": 1, "root": {"dict": []}}), lambda n: None,
+                         {"a.0"}, source="f")
+    with pytest.raises(ac.CorruptCheckpointError):
+        nested.unflatten('{"version": 1, "root": {"int": 1.5}}', lambda n: None, set(), source="f")
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+    st.text(max_size=5),
+)
+arrays = st.integers(0, 3).map(lambda n: np.arange(n, dtype=np.float32))
+keys = st.one_of(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s),
+                 st.integers(0, 5))
+trees = st.recursive(
+    st.one_of(scalars, arrays),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(keys, children, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees,
+                       max_size=3))
+def test_any_pytree_round_trips_through_flatten(state):
+    try:
+        flat, tree = nested.flatten(state, what="model_state")
+    except ac.InvalidInputError as exc:  # only name collisions (e.g. keys 1 and "1") may fail
+        assert "both flatten" in str(exc) or "not valid" in str(exc)
+        return
+    if tree is None:
+        assert_same(state, flat)
+        return
+    back = nested.unflatten(tree, flat.__getitem__, set(flat), source="t")
+    assert_same(state, back)
+
+
+def test_pytorch_state_dicts_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.8, 0.95))
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    ac.save_checkpoint(tmp_path, model.state_dict(), opt.state_dict(), ac.TrainingState(1))
+    m, o, _ = ac.load_checkpoint(tmp_path, xp=torch)
+    assert_same(dict(model.state_dict()), m)
+    assert_same(opt.state_dict(), o)
+    fresh = torch.optim.AdamW(model.parameters())
+    fresh.load_state_dict(o)  # PyTorch itself accepts what was loaded
+    assert_same(opt.state_dict(), fresh.state_dict())
+
+
+def test_jax_pytree_round_trips(tmp_path):
+    jnp = pytest.importorskip("jax.numpy")
+    params = {"dense": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, "scale": (jnp.float32(2),)}
+    ac.save_checkpoint(tmp_path, params)
+    back = ac.load_checkpoint(tmp_path, xp=jnp).model
+    assert type(back["scale"]) is tuple
+    pairs = [(params["dense"]["w"], back["dense"]["w"]), (params["scale"][0], back["scale"][0])]
+    for a, b in pairs:
+        assert type(b).__module__.startswith("jax")
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
