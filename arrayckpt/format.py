@@ -25,6 +25,7 @@ from . import fsops, pool
 from .dtypes import BY_CODE, DType
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .snapshot import HostTensor
+from .strict_json import reject_constant, unique_keys
 
 #: Largest header accepted (the safetensors library's own cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -147,10 +148,6 @@ def _fail(path: Path, problem: str) -> NoReturn:
     raise CorruptCheckpointError(f"{path}: {problem}")
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
 def _reject_float(token: str) -> Any:
     raise ValueError(f"unexpected number {token} (a safetensors header holds only integers)")
 
@@ -159,15 +156,6 @@ def _strict_int(token: str) -> int:
     if token.startswith("-"):
         raise ValueError(f"negative number {token}")
     return int(token)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _is_count(x: Any) -> bool:
@@ -196,8 +184,8 @@ def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
         text = raw.decode("utf-8")
         top = json.loads(
             text,
-            object_pairs_hook=_unique_keys,
-            parse_constant=_reject_constant,
+            object_pairs_hook=unique_keys,
+            parse_constant=reject_constant,
             parse_float=_reject_float,
             parse_int=_strict_int,
         )
@@ -294,7 +282,7 @@ def _parse_checksums(
             _fail(path, f"__metadata__ is arrayckpt's but lacks its {CHECKSUMS_KEY!r} table")
         return None  # written by another tool: nothing to verify
     try:
-        table = json.loads(text, object_pairs_hook=_unique_keys)
+        table = json.loads(text, object_pairs_hook=unique_keys)
         parsed = {str(k): int(v, 16) for k, v in table.items()}
     except (ValueError, TypeError, AttributeError, RecursionError):
         _fail(path, f"__metadata__[{CHECKSUMS_KEY!r}] is not a map of tensor names to hex CRCs")

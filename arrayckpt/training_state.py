@@ -7,9 +7,10 @@ import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from .errors import CorruptCheckpointError, InvalidInputError
+from .strict_json import is_uint, reject_constant, unique_keys
 
 #: The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``).
 CHECKPOINT_VERSION = 2
@@ -76,8 +77,8 @@ class TrainingState:
                 text = text.decode("utf-8")
             doc = json.loads(
                 text,
-                object_pairs_hook=_unique_keys,
-                parse_constant=_no_constant,
+                object_pairs_hook=unique_keys,
+                parse_constant=reject_constant,
                 parse_int=_serde_int,
             )
         except RecursionError:
@@ -143,26 +144,9 @@ def serde_f64(x: float) -> str:
     return f"{sign}{mantissa}e{kk - 1}"
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _serde_int(token: str) -> int | float:
     # serde_json reads "-0" as the float -0.0, so it is no valid step, epoch or version.
     return -0.0 if token == "-0" else int(token)
-
-
-def _no_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not a number JSON allows")
-
-
-def _is_uint(x: Any, bound: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound
 
 
 def _finite(x: float) -> bool:
@@ -176,11 +160,11 @@ def _check(state: TrainingState, error: type[Exception], source: str) -> None:
     def fail(problem: str) -> NoReturn:
         raise error(f"{source}: {problem}")
 
-    if not _is_uint(state.step, _U64):
+    if not is_uint(state.step, _U64):
         fail(f"step must be an integer in [0, 2**64), got {state.step!r}")
-    if not _is_uint(state.epoch, _U64):
+    if not is_uint(state.epoch, _U64):
         fail(f"epoch must be an integer in [0, 2**64), got {state.epoch!r}")
-    if not _is_uint(state.version, _U32):
+    if not is_uint(state.version, _U32):
         fail(f"version must be an integer in [0, 2**32), got {state.version!r}")
     lr = state.learning_rate
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not _finite(lr):

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 from .. import fsops
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
+from ..strict_json import is_uint, unique_keys
 from ..training_state import CHECKPOINT_VERSION
 
 #: Largest sharding_meta.json accepted (per-rank manifests of big models fit easily).
@@ -65,7 +66,7 @@ class ShardingConfig:
         check_strategy(self.strategy, InvalidInputError, "sharding.strategy")
         dims = self.split_dims
         if not isinstance(dims, Mapping) or not all(
-            isinstance(k, str) and _is_uint(v, _U64) for k, v in dims.items()
+            isinstance(k, str) and is_uint(v, _U64) for k, v in dims.items()
         ):
             raise InvalidInputError(
                 "sharding.split_dims must map tensor names to non-negative integer dimensions, "
@@ -116,7 +117,7 @@ class ShardingMeta:
             raise CorruptCheckpointError(f"{source}: {problem}")
 
         try:
-            doc = json.loads(text, object_pairs_hook=_unique_keys)
+            doc = json.loads(text, object_pairs_hook=unique_keys)
         except RecursionError:
             fail("JSON is nested too deeply")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -124,7 +125,7 @@ class ShardingMeta:
         if not isinstance(doc, dict):
             fail(f"must hold a JSON object, not {type(doc).__name__}")
         for name in ("version", "world_size"):
-            if not _is_uint(doc.get(name), _U64):
+            if not is_uint(doc.get(name), _U64):
                 fail(f"{name} must be a non-negative integer, got {doc.get(name)!r}")
         if doc["world_size"] < 1:
             fail("world_size must be at least 1")
@@ -138,7 +139,7 @@ class ShardingMeta:
         strategy = strategy_from_json(body["strategy"], fail)
         split_dims = body.get("split_dims", {})
         if not isinstance(split_dims, dict) or not all(
-            _is_uint(v, _U64) for v in split_dims.values()
+            is_uint(v, _U64) for v in split_dims.values()
         ):
             fail("split_dims must map tensor names to non-negative integers")
         ranks = None
@@ -183,7 +184,7 @@ def strategy_from_json(value: Any, fail: Any) -> Strategy:
         return TensorParallel()
     if isinstance(value, dict) and list(value) == ["ZeroPartitioned"]:
         inner = value["ZeroPartitioned"]
-        if isinstance(inner, dict) and list(inner) == ["stage"] and _is_uint(inner["stage"], _U8):
+        if isinstance(inner, dict) and list(inner) == ["stage"] and is_uint(inner["stage"], _U8):
             return ZeroPartitioned(inner["stage"])
     fail(
         f"strategy {value!r} is not one of \"Replicated\", "
@@ -194,7 +195,7 @@ def strategy_from_json(value: Any, fail: Any) -> Strategy:
 
 def check_strategy(strategy: Any, error: type[Exception], where: str) -> None:
     if isinstance(strategy, ZeroPartitioned):
-        if not _is_uint(strategy.stage, _U8):
+        if not is_uint(strategy.stage, _U8):
             raise error(f"{where}: ZeroPartitioned stage must be an integer in [0, 255]")
         return
     if not isinstance(strategy, (Replicated, TensorParallel)):
@@ -202,16 +203,3 @@ def check_strategy(strategy: Any, error: type[Exception], where: str) -> None:
             f"{where} must be Replicated(), ZeroPartitioned(stage) or TensorParallel(), "
             f"not {strategy!r}"
         )
-
-
-def _is_uint(x: Any, bound: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
