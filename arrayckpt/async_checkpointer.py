@@ -8,11 +8,11 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from . import backends, writer
 from .checkpoint import PathLike, take_snapshot, write_snapshot
+from .closing import ClosesOnExit
 from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
 from .snapshot import StagingPool
@@ -22,7 +22,7 @@ from .writer import WriteFuture
 log = logging.getLogger("arrayckpt")
 
 
-class AsyncCheckpointer:
+class AsyncCheckpointer(ClosesOnExit):
     """Saves checkpoints without stalling training.
 
     `save` returns once every array is copied into host buffers this checkpointer owns
@@ -158,20 +158,3 @@ class AsyncCheckpointer:
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
-
-    def __enter__(self) -> AsyncCheckpointer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception:  # the exception already propagating matters more
-            log.exception("checkpoint write failed while unwinding another error")

@@ -10,12 +10,13 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import fsops
 from .async_checkpointer import AsyncCheckpointer
 from .checkpoint import Checkpoint, PathLike, load_checkpoint, take_snapshot, write_snapshot
+from .closing import ClosesOnExit
 from .commit import temporary_sibling
 from .errors import (
     CheckpointError,
@@ -141,7 +142,7 @@ def _recovery_rank(entry: Path) -> tuple[bool, int]:
         return True, -1
 
 
-class CheckpointManager:
+class CheckpointManager(ClosesOnExit):
     """Numbered checkpoints under one root: save by step, keep a few, resume from the latest.
 
     Each step is a checkpoint directory ``root/step_00000100/``. A step is listed and
@@ -326,23 +327,6 @@ class CheckpointManager:
         self._closed = True
         if self._checkpointer is not None:
             self._checkpointer.close()
-
-    def __enter__(self) -> CheckpointManager:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception:  # the exception already propagating matters more
-            log.exception("checkpoint write failed while unwinding another error")
 
     def _retain(self, saved: int) -> None:
         """Delete the complete steps retention does not keep (runs after ``saved`` commits)."""
