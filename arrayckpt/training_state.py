@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import CorruptCheckpointError, InvalidInputError
-from .strict_json import is_uint, reject_constant, unique_keys
+from .strict_json import is_uint, load_object, reject_constant
 
 #: The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``).
 CHECKPOINT_VERSION = 2
@@ -70,23 +70,7 @@ class TrainingState:
 
         if len(text) > MAX_STATE_BYTES:
             fail(f"larger than {MAX_STATE_BYTES} bytes")
-        try:
-            if isinstance(text, bytes):
-                # UTF-8 only, as serde_json: json.loads(bytes) would also take UTF-16/32
-                # and skip a BOM.
-                text = text.decode("utf-8")
-            doc = json.loads(
-                text,
-                object_pairs_hook=unique_keys,
-                parse_constant=reject_constant,
-                parse_int=_serde_int,
-            )
-        except RecursionError:
-            fail("JSON is nested too deeply")
-        except (ValueError, UnicodeDecodeError) as exc:
-            fail(f"not valid JSON: {exc}")
-        if not isinstance(doc, dict):
-            fail(f"must hold a JSON object, not {type(doc).__name__}")
+        doc = load_object(text, fail, parse_constant=reject_constant, parse_int=_serde_int)
         if "step" not in doc:
             fail("missing required field 'step'")
         state = cls(

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from .. import fsops
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
-from ..strict_json import is_uint, unique_keys
+from ..strict_json import is_uint, load_object
 from ..training_state import CHECKPOINT_VERSION
 
 #: Largest sharding_meta.json accepted (per-rank manifests of big models fit easily).
@@ -116,14 +116,7 @@ class ShardingMeta:
         def fail(problem: str) -> NoReturn:
             raise CorruptCheckpointError(f"{source}: {problem}")
 
-        try:
-            doc = json.loads(text, object_pairs_hook=unique_keys)
-        except RecursionError:
-            fail("JSON is nested too deeply")
-        except (ValueError, UnicodeDecodeError) as exc:
-            fail(f"not valid JSON: {exc}")
-        if not isinstance(doc, dict):
-            fail(f"must hold a JSON object, not {type(doc).__name__}")
+        doc = load_object(text, fail)
         for name in ("version", "world_size"):
             if not is_uint(doc.get(name), _U64):
                 fail(f"{name} must be a non-negative integer, got {doc.get(name)!r}")
