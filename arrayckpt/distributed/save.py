@@ -213,13 +213,15 @@ def _save_coordinated(
     try:
         report = {"ok": True, "sharding": _sharding_doc(meta), "manifest": _write_rank_into(
             Path(start["tmp"]), rank, snap)}
-    except Exception as exc:
+    except BaseException as exc:  # even Ctrl-C: tell rank 0 rather than leave it waiting
         own = exc
         report = {"ok": False, "error": _describe(exc)}
     coord.gather(json.dumps(report).encode(), timeout)
     decision = json.loads(coord.broadcast(None, timeout))
     if own is not None:
-        raise own if isinstance(own, CheckpointError) else CheckpointWriteError(
+        if isinstance(own, CheckpointError) or not isinstance(own, Exception):
+            raise own
+        raise CheckpointWriteError(
             f"rank {rank}: writing its part of {target} failed: {own}; nothing was committed"
         ) from own
     if not decision["ok"]:
@@ -247,7 +249,7 @@ def _commit_as_root(
         try:
             report = {"ok": True, "sharding": _sharding_doc(meta),
                       "manifest": _write_rank_into(tmp, 0, snap)}
-        except Exception as exc:
+        except BaseException as exc:  # even Ctrl-C: the others wait for the gather
             own = exc
             report = {"ok": False, "error": _describe(exc)}
         reports = coord.gather(json.dumps(report).encode(), timeout)
