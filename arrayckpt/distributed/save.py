@@ -13,7 +13,13 @@ from .. import fsops
 from ..checkpoint import PathLike, Snapshot, take_snapshot, write_files, write_snapshot
 from ..commit import commit_directory, temporary_sibling
 from ..dtypes import BY_CODE
-from ..errors import CheckpointError, CheckpointWriteError, InvalidInputError, TopologyError
+from ..errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    InvalidInputError,
+    TopologyError,
+)
 from ..format import Entry
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, rank_dir_name
 from ..snapshot import StagingPool
@@ -179,7 +185,12 @@ def _write_rank_into(tmp: Path, rank: int, snap: Snapshot | CheckpointError) -> 
     for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
         if part == "optimizer" and not snap.optimizer:
             continue
-        header = ShardFile(rank_dir / file).header  # what reached the disk, checksums included
+        try:
+            header = ShardFile(rank_dir / file).header  # what reached the disk, with checksums
+        except CorruptCheckpointError as exc:
+            if isinstance(exc.__cause__, OSError):
+                raise exc.__cause__ from None  # reading back failed: an I/O error of this save
+            raise
         sums = header.checksums or {}
         manifest[part] = {
             name: {"dtype": e.dtype.code, "shape": list(e.shape), "crc32c": f"{sums[name]:08x}"}
