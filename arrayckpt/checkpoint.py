@@ -28,6 +28,7 @@ from .layout import (
     OPTIMIZER_FILE,
     SHARDING_META_FILE,
     TRAINING_STATE_FILE,
+    rank_dir_name,
 )
 from .snapshot import HostTensor, StagingPool, check_key, check_mapping
 from .training_state import TrainingState
@@ -355,7 +356,7 @@ def _load_once(
 ) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
-            f"no complete checkpoint at {root}: not a directory{_interrupted_save_hint(root)}"
+            f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
         )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
         raise InvalidInputError(
@@ -364,7 +365,7 @@ def _load_once(
     if not (root / MODEL_FILE).exists():
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
-            f"{_interrupted_save_hint(root)}"
+            f"{interrupted_save_hint(root)}"
         )
     model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
     opt_path = root / OPTIMIZER_FILE
@@ -373,7 +374,7 @@ def _load_once(
     return Checkpoint(model, opt, state)
 
 
-def _interrupted_save_hint(root: Path) -> str:
+def interrupted_save_hint(root: Path) -> str:
     """Where a save interrupted between its two renames left the previous checkpoint.
 
     Several aside copies can survive a power cut; the one with the highest step is the
@@ -382,8 +383,12 @@ def _interrupted_save_hint(root: Path) -> str:
     found: list[tuple[int, str]] = []
     try:
         for path in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*"):
+            # a distributed checkpoint keeps its training state in each rank's directory
+            state = path / TRAINING_STATE_FILE
+            if not state.exists():
+                state = path / rank_dir_name(0) / TRAINING_STATE_FILE
             try:
-                found.append((TrainingState.read(path / TRAINING_STATE_FILE).step, str(path)))
+                found.append((TrainingState.read(state).step, str(path)))
             except (CheckpointError, OSError):
                 continue  # not a complete checkpoint: no use to the user
     except OSError:

@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any
 
 from .. import backends
-from ..checkpoint import Checkpoint, PathLike, load_checkpoint
+from ..checkpoint import Checkpoint, PathLike, interrupted_save_hint, load_checkpoint
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
 from ..training_state import TrainingState
@@ -70,7 +70,9 @@ def load_distributed_checkpoint(
     """
     root = Path(directory)
     if not root.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
+        )
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
     saved = meta.world_size
     if world_size is not None and (
