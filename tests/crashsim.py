@@ -97,7 +97,7 @@ def translate(log: Log, root: Path, ops: list[faults.Op]) -> Log:
         if op.kind == "mark":
             log.actions.append(Action("mark", (op.marker,)))
             continue
-        if op.kind in ("read_bytes",):
+        if op.kind in ("read_bytes", "size", "read_ranges"):  # reads change nothing
             continue
         if op.kind == "makedirs":
             missing = [p for p in [op.paths[0], *op.paths[0].parents]

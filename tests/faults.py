@@ -26,7 +26,8 @@ import numpy as np
 
 import arrayckpt as ac
 from arrayckpt import fsops
-from arrayckpt.layout import is_temporary_name
+from arrayckpt.distributed import ShardingMeta
+from arrayckpt.layout import SHARDING_META_FILE, is_temporary_name
 
 #: `nox -s stress` sets ARRAYCKPT_STRESS=1: the suites run their full counts.
 STRESS = os.environ.get("ARRAYCKPT_STRESS") == "1"
@@ -317,8 +318,27 @@ def assert_checkpoint(path: Path, step: int, scale: int = 1) -> None:
 
 
 def loaded_step(path: Path, scale: int = 1) -> int:
-    """Load ``path`` and return its step, checking every array belongs to that step."""
-    model, optimizer, state = ac.load_checkpoint(path)
+    """Load ``path`` and return its step, checking every array belongs to that step.
+
+    A distributed checkpoint (``sharding_meta.json``) is loaded for each of its ranks,
+    and every rank must hold the same step: a mix of ranks from two saves fails here.
+    """
+    if (path / SHARDING_META_FILE).exists() or (path / "rank_0").is_dir():
+        steps = loaded_rank_steps(path, scale)
+        assert len(set(steps)) == 1, f"{path}: ranks hold steps {steps} (a mix of saves)"
+        return steps[0]
+    return _check_loaded(path, ac.load_checkpoint(path), scale)
+
+
+def loaded_rank_steps(path: Path, scale: int = 1) -> list[int]:
+    """Each rank's step of the distributed checkpoint at ``path``, every array checked."""
+    world = ShardingMeta.read(path / SHARDING_META_FILE).world_size
+    return [_check_loaded(path / f"rank_{r}", ac.load_distributed_checkpoint(path, r), scale)
+            for r in range(world)]
+
+
+def _check_loaded(path: Path, loaded: ac.Checkpoint, scale: int) -> int:
+    model, optimizer, state = loaded
     step = state.step
     assert state.metadata == {"step": str(step)}, f"{path}: training state {state} is torn"
     for name, expected in [*model_state(step, scale).items(),
@@ -386,7 +406,13 @@ class Saver:
     """One way of saving a checkpoint; ``save`` raises what the caller would see.
 
     ``after_failure`` checks the error is not raised a second time (async: by `wait`
-    and `close`). A distributed saver adds ranks here and keeps the same interface.
+    and `close`).
+
+    ``dist2`` is a coordinated distributed save by two ranks, run as two threads talking
+    through an in-process `Coordinator`; the caller sees the error of the rank the fault
+    hit (the other rank's says that rank failed). ``dist2-caller`` saves both ranks
+    caller-coordinated, rank 0 then rank 1, as two processes would without a barrier
+    between them: it stops at the first rank that fails.
     """
 
     name: str
@@ -402,8 +428,31 @@ class Saver:
             if self._ckpt is None:
                 self._ckpt = ac.AsyncCheckpointer()
             self._ckpt.save(*args).result()
+        elif self.name == "dist2":
+            self._save_coordinated(target, step)
+        elif self.name == "dist2-caller":
+            for rank in range(2):
+                ac.save_distributed_checkpoint(target, rank, 2, *args[1:], coordinator=None)
         else:
             raise ValueError(self.name)
+
+    def _save_coordinated(self, target: Path, step: int) -> None:
+        from dist_threads import run_ranks  # tests/ is on sys.path for the suites
+
+        def rank(r: int, coord: Any) -> Any:
+            return ac.save_distributed_checkpoint(
+                target, r, 2, model_state(step, self.scale), optimizer_state(step, self.scale),
+                training_state(step), coordinator=coord)
+
+        out = run_ranks(2, rank, timeout=DIST_TIMEOUT)
+        errors = [e for e in out if isinstance(e, BaseException)]
+        if errors:
+            # The rank the fault hit raises it as itself or as its cause; the others say
+            # which rank failed. Every rank must fail when one does.
+            assert len(errors) == 2, f"one rank failed, the other returned: {out}"
+            own = [e for e in errors
+                   if isinstance(e, KeyboardInterrupt) or e.__cause__ is not None]
+            raise (own or errors)[0]
 
     def after_failure(self) -> None:
         if self._ckpt is not None:
@@ -415,7 +464,13 @@ class Saver:
             self._ckpt = None
 
 
-SAVERS = ("sync", "async")
+#: Seconds a thread rank waits for the other: short, since both run in this process; a
+#: save that reaches it is a bug (a rank that did not tell the other it failed).
+DIST_TIMEOUT = 5.0
+
+SINGLE_SAVERS = ("sync", "async")
+#: Savers for which the whole checkpoint is old or new at every instant.
+SAVERS = (*SINGLE_SAVERS, "dist2")
 
 
 @contextmanager

@@ -39,7 +39,7 @@ def index(ops: list[faults.Op], kind: str, *names: str) -> int:
     return hits[0]
 
 
-@pytest.mark.parametrize("saver_name", faults.SAVERS)
+@pytest.mark.parametrize("saver_name", faults.SINGLE_SAVERS)
 @pytest.mark.parametrize(
     "case", ["first save", "replace (exchange)", "replace (two renames)"]
 )

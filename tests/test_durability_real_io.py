@@ -21,7 +21,7 @@ try:
 except ImportError:
     import faults
 
-MODES = faults.SAVERS
+MODES = faults.SINGLE_SAVERS
 
 
 def check(proc: subprocess.CompletedProcess[str], cause: str) -> None:
