@@ -175,9 +175,57 @@ def save_once(target: str, step: str, scale: str) -> None:
     say(f"committed {step}")
 
 
+def dist_save_loop(target: str, rank: str, port: str, scale: str, seconds: str) -> None:
+    """Rank ``rank`` of 2: coordinated saves over torch.distributed (gloo, 127.0.0.1:port)
+    in a loop, every array filled with the step; prints ``committed N`` after each.
+
+    Stops by itself after ``seconds`` (the parent normally kills it long before); every
+    wait for the other rank is bounded by a 20 s timeout.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=int(rank),
+                            world_size=2, timeout=datetime.timedelta(seconds=20))
+    from arrayckpt.distributed import TorchCoordinator
+
+    coord = TorchCoordinator(timeout=20)
+    say("ready")
+    deadline = time.monotonic() + float(seconds)
+    for step in count(1):
+        if time.monotonic() > deadline:
+            break
+        args, _ = save_args(target, step, int(scale))
+        ac.save_distributed_checkpoint(args[0], int(rank), 2, *args[1:], coordinator=coord)
+        say(f"committed {step}")
+    os._exit(0)  # no teardown handshake with a peer that may be gone
+
+
+def dist_read_loop(target: str, seconds: str, scale: str) -> None:
+    """Load each rank of the distributed checkpoint ``target`` over and over; report the
+    steps seen (``read R0 R1``), fail on a torn rank or one not matching its manifest.
+
+    Each rank is a separate load, so the two may come from consecutive saves."""
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline:
+        steps = faults.loaded_rank_steps(Path(target), int(scale))
+        say("read " + " ".join(map(str, steps)))
+
+
+def dist_caller_save_loop(target: str, scale: str, first: str = "1") -> None:
+    """Both ranks of a distributed checkpoint saved caller-coordinated (rank 0, rank 1)
+    in this one process, steps first, first+1, ... forever."""
+    saver = faults.Saver("dist2-caller", int(scale))
+    for step in count(int(first)):
+        saver.save(Path(target), step)
+        say(f"committed {step}")
+
+
 COMMANDS = {f.__name__.replace("_", "-"): f for f in (
     save_loop, pending_at_exit, failing_unobserved, exit_during_save, stuck_storage,
-    interrupt_during_save, read_loop, fail_cleanly, save_once,
+    interrupt_during_save, read_loop, fail_cleanly, save_once, dist_save_loop,
+    dist_read_loop, dist_caller_save_loop,
 )}
 
 if __name__ == "__main__":
