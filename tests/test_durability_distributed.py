@@ -225,3 +225,51 @@ def test_reader_of_caller_coordinated_saves_sees_whole_ranks(tmp_path: Path) -> 
         writer.kill()
         writer.communicate(timeout=30)
     assert len({s for pair in steps for s in pair}) > 3, "the reader saw too few saves"
+
+
+# ---------------------------------------------------------------- caller-coordinated faults
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two renames"])
+def test_caller_coordinated_fault_at_every_step(tmp_path: Path, exchange: bool) -> None:
+    """Every fault kind at every step of a caller-coordinated two-rank save over step 1.
+
+    Ranks commit one by one, so afterwards the ranks saved before the fault hold step 2
+    and the rest step 1 (the documented limit of this mode); each rank's files must be one
+    whole save, the error must reach the caller once with its cause, and the next save
+    must succeed and leave no debris.
+    """
+    probe = tmp_path / "probe" / "ckpt"
+    with faults.saver("dist2-caller") as s:
+        s.save(probe, 1)
+        recorder = faults.RecordingFS(exchange=exchange)
+        with fsops.use(recorder):
+            s.save(probe, 2)
+    ops = recorder.ops
+    cases = [(k, f) for k, op in enumerate(ops) for f in faults.FAULTS if f.applies(op.kind)]
+    failures = []
+    for n, (k, fault) in enumerate(cases):
+        root = tmp_path / f"case{n}"
+        target = root / "ckpt"
+        try:
+            with faults.saver("dist2-caller") as s:
+                s.save(target, 1)
+                fs = faults.FaultFS(faults.step_key(ops, k), fault, exchange=exchange)
+                with fsops.use(fs):
+                    try:
+                        s.save(target, 2)
+                    except KeyboardInterrupt as exc:
+                        assert exc is fs.injected
+                    except faults.ac.CheckpointWriteError as exc:
+                        assert exc.__cause__ is fs.injected, "cause not chained"
+                assert fs.injected is not None, "the fault never fired"
+                steps = faults.loaded_rank_steps(target)
+                assert set(steps) <= {1, 2} and steps == sorted(steps, reverse=True), steps
+                s.save(target, 3)
+            faults.assert_checkpoint(target, 3)
+            assert faults.debris(root) == [], faults.debris(root)
+        except AssertionError as exc:
+            failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
+    faults.report("crash points", saver="dist2-caller", exchange=exchange, steps=len(ops),
+                  faults_injected=len(cases), failures=len(failures))
+    assert failures == [], "\n".join(failures)
