@@ -395,3 +395,14 @@ def test_any_reshard_is_the_even_slice_of_the_merged_tensor(
     for r in range(m):
         got = ac.load_distributed_checkpoint(d, r, world_size=m).model["t"]
         np.testing.assert_array_equal(got, np.array_split(full, m, axis=dim)[r])
+
+
+def test_missing_checkpoint_names_the_aside_copy_a_failed_save_left(tmp_path: Path) -> None:
+    """A two-rename save whose undo failed leaves the previous checkpoint aside: say where."""
+    aside = tmp_path / ".ckpt.arrayckpt-old-1-0123456789ab"
+    for r in range(2):
+        ac.save_distributed_checkpoint(aside, r, 2, {"w": np.zeros(2)}, None,
+                                       ac.TrainingState(7), coordinator=None)
+    for load in (lambda p: ac.load_distributed_checkpoint(p, 0), ac.load_checkpoint):
+        with pytest.raises(ac.CheckpointNotFoundError, match=r"\(step 7\) in .*arrayckpt-old-1"):
+            load(tmp_path / "ckpt")
