@@ -103,3 +103,16 @@ def test_ranks_that_disagree_about_a_leaf_merge_flat_with_a_warning(tmp_path, ca
     assert "merged flat" in caplog.text and "param_groups" in caplog.text
     opt = ac.load_checkpoint(tmp_path / "merged").optimizer
     assert sorted(opt) == ["state.0.m", "state.1.m"]
+
+
+def test_tensor_parallel_nested_state_reshards_and_merges_structured(tmp_path):
+    tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0, "state.0.m": 0})
+    for r in range(2):
+        opt = {"state": {0: {"m": np.full(2, r)}}, "lr": 0.1}
+        ac.save_distributed_checkpoint(tmp_path / "d", r, 2, {"w": np.full((2, 3), r, np.float32)},
+                                       opt, ac.TrainingState(7), tp)
+    third = ac.load_distributed_checkpoint(tmp_path / "d", 2, world_size=3).optimizer
+    assert third["lr"] == 0.1 and third["state"][0]["m"].tolist() == [1]
+    ac.consolidate_checkpoint(tmp_path / "d", tmp_path / "merged")
+    merged = ac.load_checkpoint(tmp_path / "merged").optimizer
+    assert merged["lr"] == 0.1 and merged["state"][0]["m"].tolist() == [0, 0, 1, 1]
