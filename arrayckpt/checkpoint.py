@@ -245,7 +245,8 @@ def load_state_file(
     """
     if keys is not None and into is not None:
         raise InvalidInputError("keys= and into= cannot be combined; pick one")
-    reader = format.SafetensorsReader(path, mmap=mmap)
+    # eager partial loads read only the header and the requested tensors' byte ranges
+    reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
     if into is not None:
         return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
@@ -295,7 +296,8 @@ def load_checkpoint(
         mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
             each file sequentially (best on network file systems).
         keys: load only these model tensors (names as in the file, dotted for nested
-            state), as a flat dict; with ``mmap`` the rest of the file is never read.
+            state), as a flat dict; the rest of the file is never read (with ``mmap=False``
+            only the header and those tensors' byte ranges are read).
         optimizer: ``False`` skips the optimizer file (``optimizer`` is then ``None``).
         into: an existing model state with the saved structure (e.g.
             ``model.state_dict()``): tensors are copied into its arrays in place, on

@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, CheckpointNotFoundError, InvalidInputError
+from .layout import MODEL_FILE, SHARDING_META_FILE
 from .progress import Progress, human_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _print_json(doc: Any) -> None:
@@ -42,7 +47,11 @@ def _table(rows: list[list[str]], header: list[str], right: frozenset[int] = fro
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    demo.run(args.dir, steps=args.steps)
+    try:
+        demo.run(args.dir, steps=args.steps)
+    except AssertionError as exc:  # the resumed run diverged: a bug worth reporting
+        print(f"arrayckpt: demo FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -70,7 +79,7 @@ def _print_description(doc: dict[str, Any], indent: str = "") -> None:
     for f in doc.get("files", []):
         extra = ", nested" if f["nested"] else ""
         extra += "" if f["checksums"] else ", no checksums"
-        print(f"\n{indent}{Path(f['path']).name}: {len(f['tensors'])} tensors, "
+        print(f"\n{indent}{Path(f['path']).name}: {_count(len(f['tensors']), 'tensor')}, "
               f"{human_bytes(f['nbytes'])}{extra}")
         rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
                  human_bytes(t["nbytes"])] for t in f["tensors"]]
@@ -100,14 +109,17 @@ def _verify(args: argparse.Namespace) -> int:
                 for err in f["errors"]:
                     print(f"CORRUPT  {err}")
             elif f["checksums"] is False:
-                print(f"ok       {f['path']}: {f['tensors']} tensors, no checksums recorded "
-                      "(another tool wrote it): header validated only")
+                print(f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, no checksums "
+                      "recorded (another tool wrote it): header validated only")
             elif f["checksums"]:
-                print(f"ok       {f['path']}: {f['tensors']} tensors, "
+                print(f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, "
                       f"{human_bytes(f['nbytes'])}, CRC32C verified")
             else:
                 print(f"ok       {f['path']}")
-        print("verified: all good" if report["ok"] else "verification FAILED")
+        files = report["files"]
+        bad = sum(1 for f in files if f["errors"])
+        print(f"verified: all good ({_count(len(files), 'file')})" if report["ok"] else
+              f"verification FAILED: {bad} of {_count(len(files), 'file')} corrupt or unreadable")
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
@@ -117,6 +129,11 @@ def _ls(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_dir():
         raise CheckpointNotFoundError(f"{root} is not a directory")
+    if (root / MODEL_FILE).is_file() or (root / SHARDING_META_FILE).is_file():
+        raise InvalidInputError(
+            f"{root} is one checkpoint, not a CheckpointManager root: run "
+            f"`arrayckpt inspect {root}`, or `arrayckpt ls {root.parent}` for its siblings"
+        )
     entries: list[dict[str, Any]] = []
     for e in scan(root):
         size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
@@ -128,7 +145,7 @@ def _ls(args: argparse.Namespace) -> int:
         _print_json(entries)
         return EXIT_OK
     if not entries:
-        print(f"{root}: no steps")
+        print(f"{root}: no steps (a CheckpointManager root holds step_00000100/, ...)")
         return EXIT_OK
     rows = [["-" if e["step"] is None else str(e["step"]), e["status"],
              human_bytes(e["nbytes"]), e["modified"], e["name"]] for e in entries]
@@ -139,6 +156,8 @@ def _ls(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     import arrayckpt
 
+    from .inspection import describe
+
     consolidate = getattr(arrayckpt, "consolidate_checkpoint", None)
     if consolidate is None:
         print("arrayckpt: error: this installation has no distributed checkpoint support "
@@ -147,10 +166,14 @@ def _consolidate(args: argparse.Namespace) -> int:
     with Progress(f"consolidate {args.src} -> {args.dst}"):
         out = consolidate(args.src, args.dst)
     dst = Path(out) if isinstance(out, (str, Path)) else Path(args.dst)
+    files = describe(dst)["files"]
+    tensors = sum(len(f["tensors"]) for f in files)
+    nbytes = sum(f["nbytes"] for f in files)
     if args.json:
-        _print_json({"src": args.src, "dst": str(dst)})
+        _print_json({"src": args.src, "dst": str(dst), "tensors": tensors, "nbytes": nbytes})
     else:
-        print(f"consolidated {args.src} into {dst}")
+        print(f"consolidated {args.src} into {dst}: {_count(tensors, 'tensor')}, "
+              f"{human_bytes(nbytes)} (`arrayckpt inspect {dst}` lists them)")
     return EXIT_OK
 
 

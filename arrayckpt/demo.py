@@ -1,4 +1,5 @@
-"""The demo: a NumPy MLP trains, checkpoints asynchronously, "crashes", resumes, finishes."""
+"""The demo: a NumPy MLP trains, checkpoints with an async CheckpointManager, "crashes",
+resumes from the latest step, and finishes with the losses it had before the crash."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .async_checkpointer import AsyncCheckpointer
-from .checkpoint import load_checkpoint
-from .layout import MODEL_FILE
+from .errors import InvalidInputError
+from .manager import CheckpointManager
 from .training_state import TrainingState
 
 
@@ -59,50 +59,66 @@ def _step(
     return loss
 
 
-def _latest(root: Path) -> Path | None:
-    steps = sorted(
-        (p for p in root.glob("step_*") if (p / MODEL_FILE).exists()),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    return steps[-1] if steps else None
+def _save(mgr: CheckpointManager, step: int, model: dict[str, np.ndarray],
+          opt: dict[str, np.ndarray], loss: float, lr: float) -> None:
+    state = TrainingState(step=step, epoch=0, learning_rate=lr, metadata={"loss": f"{loss:.6f}"})
+    started = time.perf_counter()
+    mgr.save(step, model, opt, state)  # returns once the arrays are copied; writes in background
+    stall = time.perf_counter() - started
+    print(f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
+          f"asynchronously, training stalled {stall * 1e3:.2f} ms")
 
 
 def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_at: int = 180,
         lr: float = 0.05) -> None:
-    """Train, checkpoint every ``every`` steps, lose everything at ``crash_at``, resume."""
+    """Train, checkpoint every ``every`` steps, lose everything at ``crash_at``, resume.
+
+    Raises:
+        InvalidInputError: ``steps`` is too short to checkpoint, crash and resume.
+        AssertionError: the resumed run's losses differ from the original run's.
+    """
+    if steps < 2 * every:
+        raise InvalidInputError(f"steps must be at least {2 * every} to checkpoint, crash and "
+                                f"resume, got {steps}")
+    crash_at = min(crash_at, steps * 3 // 5) if steps <= crash_at else crash_at
     root = Path(directory or tempfile.mkdtemp(prefix="arrayckpt-demo-"))
     x, y = _data()
     model, opt = _init()
-    print(f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, checkpoints in {root}")
+    print(f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, CheckpointManager(keep_last=3) "
+          f"in {root}")
     losses: dict[int, float] = {}
-    with AsyncCheckpointer() as ckpt:
+    with CheckpointManager(root, keep_last=3) as mgr:
         for step in range(1, crash_at + 1):
             losses[step] = _step(model, opt, x, y, lr)
             if step % every == 0:
-                state = TrainingState(step=step, epoch=0, learning_rate=lr,
-                                      metadata={"loss": f"{losses[step]:.6f}"})
-                ckpt.save(root / f"step_{step:06d}", model, opt, state)
-                print(f"  step {step:4d}  loss {losses[step]:.5f}  saved asynchronously, "
-                      f"training stalled {ckpt.last_stall_s * 1e3:.2f} ms")
+                _save(mgr, step, model, opt, losses[step], lr)
     print(f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
           "in-memory state lost")
     del model, opt
 
-    latest = _latest(root)
-    assert latest is not None, "no checkpoint was written"
-    started = time.perf_counter()
-    ckpt_model, ckpt_opt, state = load_checkpoint(latest)
-    print(f"resumed from {latest.name} (step {state.step}, saved loss {state.metadata['loss']}) "
-          f"in {(time.perf_counter() - started) * 1e3:.2f} ms; CRC32C of every tensor verified")
-    model = {k: np.array(v) for k, v in ckpt_model.items()}
-    opt = {k: np.array(v) for k, v in (ckpt_opt or {}).items()}
-    for step in range(state.step + 1, steps + 1):
-        loss = _step(model, opt, x, y, state.learning_rate)
-        if step in losses and abs(loss - losses[step]) > 1e-5 * max(1.0, losses[step]):
-            raise AssertionError(f"step {step}: resumed loss {loss} != original {losses[step]}")
-        if step % every == 0 or step == state.step + 1:
+    with CheckpointManager(root, keep_last=3) as mgr:
+        started = time.perf_counter()
+        ckpt = mgr.restore()  # the latest complete step, checksums verified
+        if ckpt is None:
+            raise AssertionError(f"no checkpoint was written to {root}")
+        state = ckpt.training_state
+        print(f"resumed from {mgr.directory(state.step).name} (step {state.step}, saved loss "
+              f"{state.metadata['loss']}) in {(time.perf_counter() - started) * 1e3:.2f} ms; "
+              "CRC32C of every tensor verified")
+        model = {k: np.array(v) for k, v in ckpt.model.items()}
+        opt = {k: np.array(v) for k, v in (ckpt.optimizer or {}).items()}
+        for step in range(state.step + 1, steps + 1):
+            loss = _step(model, opt, x, y, state.learning_rate)
+            if step in losses and abs(loss - losses[step]) > 1e-5 * max(1.0, losses[step]):
+                raise AssertionError(
+                    f"step {step}: resumed loss {loss} != original {losses[step]}"
+                )
             again = " (same as before the crash)" if step in losses else ""
-            print(f"  step {step:4d}  loss {loss:.5f}{again}")
-    files = sorted(latest.iterdir())
-    sizes = ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in files)
-    print(f"last checkpoint on disk: {sizes}")
+            if step % every == 0:
+                _save(mgr, step, model, opt, loss, state.learning_rate)
+            elif step == state.step + 1:
+                print(f"  step {step:4d}  loss {loss:.5f}{again}")
+    latest = mgr.directory(mgr.latest_step() or 0)
+    sizes = ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in sorted(latest.iterdir()))
+    print(f"kept steps {mgr.steps()}; newest on disk: {sizes}")
+    print(f"next: python -m arrayckpt ls {root}   (or inspect / verify {latest})")

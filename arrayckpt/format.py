@@ -296,11 +296,19 @@ class SafetensorsReader:
 
     With ``mmap=True`` (the default, best on local disks) the file is mapped copy-on-write:
     arrays are zero-copy, writable, and writes never reach the file. With ``mmap=False``
-    the file is read in one sequential pass (best on network file systems).
+    the file is read in one sequential pass (best on network file systems). With
+    ``ranges=True`` only the header is read up front and each tensor's byte range when it
+    is asked for, through `fsops` (for loading a few tensors of a large file eagerly).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, mmap: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, mmap: bool = True, ranges: bool = False
+    ) -> None:
         self.path = Path(path)
+        self._ranges: dict[str, np.ndarray] | None = None
+        if ranges:
+            self._read_header_only()
+            return
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -325,12 +333,46 @@ class SafetensorsReader:
         limit = 8 + min(n, MAX_HEADER_BYTES, size - 8)
         self.header = parse_header(self.path, bytes(prefix[:limit]), size)
 
+    def _read_header_only(self) -> None:
+        fs = fsops.fs()
+        try:
+            size = fs.size(self.path)
+            if size < 8:
+                _fail(self.path, f"file is {size} bytes, shorter than the 8-byte header length")
+            head = bytearray(8)
+            fs.read_ranges(self.path, [(0, 8)], memoryview(head))
+            (n,) = struct.unpack("<Q", head)
+            rest = bytearray(min(n, MAX_HEADER_BYTES, size - 8))
+            fs.read_ranges(self.path, [(8, len(rest))], memoryview(rest))
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{self.path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise CorruptCheckpointError(f"{self.path} is a directory, not a file") from exc
+        self.header = parse_header(self.path, bytes(head + rest), size)
+        self._ranges = {}
+
     @property
     def names(self) -> list[str]:
         return list(self.header.entries)
 
+    def _bytes(self, name: str) -> Any:
+        """Tensor ``name``'s bytes: a view of the whole file, or (``ranges``) its own read."""
+        e = self.header.entries[name]
+        if self._ranges is None:
+            return self._buf
+        if name not in self._ranges:  # read once, for verify() and array() alike
+            buf = np.empty(e.end - e.start, np.uint8)
+            try:
+                fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
+            except (OSError, EOFError) as exc:  # e.g. truncated after the header was read
+                _fail(self.path, f"reading tensor {name!r} failed: {exc}")
+            self._ranges[name] = buf
+        return self._ranges[name]
+
     def raw(self, name: str) -> memoryview:
         e = self.header.entries[name]
+        if self._ranges is not None:
+            return memoryview(self._bytes(name))
         return memoryview(self._buf)[e.start : e.end]
 
     def verify(self, name: str) -> None:
@@ -355,6 +397,10 @@ class SafetensorsReader:
         count = e.end - e.start
         if count == 0:
             return np.empty(e.shape, dtype)
+        if self._ranges is not None:
+            arr = self._bytes(name)
+            del self._ranges[name]  # the array owns the buffer now; the reader lets go
+            return arr.view(dtype).reshape(e.shape)  # np.empty is aligned
         arr = np.frombuffer(self._buf, dtype=np.uint8, count=count, offset=e.start)
         if e.start % e.dtype.itemsize:
             arr = arr.copy()  # misaligned (another tool's file): frameworks want aligned data

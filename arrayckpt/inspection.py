@@ -102,7 +102,10 @@ def describe(path: PathLike) -> dict[str, Any]:
             raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
     else:
-        raise CheckpointNotFoundError(f"{path} holds steps, not one checkpoint: run `arrayckpt ls`")
+        raise CheckpointNotFoundError(
+            f"{path} holds steps, not one checkpoint: run `arrayckpt ls {path}` and inspect "
+            "one step (`arrayckpt verify` takes the whole root)"
+        )
     return out
 
 

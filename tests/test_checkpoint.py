@@ -28,6 +28,7 @@ from strategies import (
 
 import arrayckpt as ac
 from arrayckpt import dtypes as ac_dtypes
+from arrayckpt import fsops
 from arrayckpt.layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE
 
 
@@ -373,3 +374,43 @@ def test_parameters_state_dict_and_memmap(tmp_path: Path) -> None:
     assert torch.equal(model["weight"], layer.weight.detach())
     assert torch.equal(model["sd.bias"], layer.bias.detach())
     assert model["mm"].tolist() == [5.0] * 4
+
+
+
+class RangeLog(fsops.FileSystem):
+    """Records every byte range read through fsops."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, int, int]] = []
+
+    def read_ranges(self, path: Path, ranges: Any, out: memoryview) -> None:
+        ranges = list(ranges)
+        self.reads += [(Path(path).name, offset, length) for offset, length in ranges]
+        super().read_ranges(path, ranges, out)
+
+
+def test_eager_partial_load_reads_only_the_header_and_the_requested_tensors(tmp_path):
+    big, small = np.arange(1 << 16, dtype=np.float32), np.arange(3, dtype=np.int64)
+    ac.save_checkpoint(tmp_path, {"big": big, "small": small, "other": np.ones(5)})
+    header = ac.format.SafetensorsReader(tmp_path / MODEL_FILE).header
+    entry = header.entries["small"]
+    log = RangeLog()
+    with fsops.use(log):
+        got = ac.load_checkpoint(tmp_path, keys=["small"], mmap=False, optimizer=False).model
+    np.testing.assert_array_equal(got["small"], small)
+    model_reads = [(o, n) for f, o, n in log.reads if f == MODEL_FILE]
+    tensor = (entry.start, entry.end - entry.start)
+    assert model_reads == [(0, 8), (8, header.data_start - 8), tensor]
+
+
+def test_eager_partial_load_still_verifies_checksums(tmp_path):
+    ac.save_checkpoint(tmp_path, {"a": np.zeros(4, np.float32), "b": np.ones(4, np.float32)})
+    entry = ac.format.SafetensorsReader(tmp_path / MODEL_FILE).header.entries["b"]
+    with open(tmp_path / MODEL_FILE, "r+b") as f:
+        f.seek(entry.start)
+        f.write(b"\x07")
+    a = ac.load_checkpoint(tmp_path, keys=["a"], mmap=False).model["a"]
+    np.testing.assert_array_equal(a, 0)  # the corrupt tensor is not read
+    with pytest.raises(ac.CorruptCheckpointError, match="'b' fails its CRC32C"):
+        ac.load_checkpoint(tmp_path, keys=["b"], mmap=False)
+    assert ac.load_checkpoint(tmp_path, keys=["b"], mmap=False, verify=False).model["b"][0] != 1

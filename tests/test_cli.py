@@ -75,7 +75,8 @@ def test_verify_passes_and_fails_by_exit_status(ckpt):
     corrupt(ckpt / "optimizer.safetensors", "state.0.m")
     bad = cli("verify", ckpt)
     assert bad.returncode == 1
-    assert "'state.0.m' fails its CRC32C" in bad.stdout and "FAILED" in bad.stdout
+    assert "'state.0.m' fails its CRC32C" in bad.stdout
+    assert "verification FAILED: 1 of 3 files corrupt" in bad.stdout
     report = json.loads(cli("verify", ckpt, "--json").stdout)
     assert not report["ok"] and [len(f["errors"]) for f in report["files"]] == [0, 1, 0]
 
@@ -155,13 +156,28 @@ def test_consolidate_merges_a_sharded_checkpoint(tmp_path):
             ac.TrainingState(step=5), ac.ShardingConfig(ac.TensorParallel(), {"w": 0}))
     out = cli("consolidate", src, dst)
     assert out.returncode == 0, out.stderr
+    assert f"consolidated {src} into {dst}: 2 tensors, 40 B" in out.stdout
     np.testing.assert_array_equal(ac.load_checkpoint(dst).model["w"], full)
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs_and_leaves_a_manager_root(tmp_path):
     out = cli("demo", "--dir", tmp_path, "--steps", 200)
     assert out.returncode == 0, out.stderr
-    assert "resumed from" in out.stdout
+    assert "resumed from step_00000150" in out.stdout
+    assert "step  151  loss" in out.stdout and "(same as before the crash)" in out.stdout
+    listed = json.loads(cli("ls", tmp_path, "--json").stdout)
+    assert [(e["step"], e["status"]) for e in listed] == [(100, "complete"), (150, "complete"),
+                                                            (200, "complete")]
+    assert cli("verify", tmp_path).returncode == 0
+
+
+def test_ls_and_inspect_point_at_each_other(ckpt, tmp_path):
+    out = cli("ls", ckpt)
+    assert out.returncode == 2 and f"arrayckpt inspect {ckpt}" in out.stderr
+    root = tmp_path / "root"
+    ac.CheckpointManager(root, async_save=False).save(100, {"w": np.zeros(1)})
+    out = cli("inspect", root)
+    assert out.returncode == 2 and f"arrayckpt ls {root}" in out.stderr
 
 
 def test_console_script_if_installed(ckpt):

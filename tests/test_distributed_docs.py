@@ -1,4 +1,4 @@
-"""The examples in docs/distributed.md and examples/distributed_torchrun.py run as written."""
+"""The examples in docs/distributed.md and docs/examples/distributed_torchrun.py run as written."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_torchrun_example_runs(tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="torch is not installed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "examples" / "distributed_torchrun.py"), str(tmp_path / "ckpt")]
+           str(ROOT / "docs" / "examples" / "distributed_torchrun.py"), str(tmp_path / "ckpt")]
     log = tmp_path / "torchrun.txt"
     with open(log, "wb") as f:  # its own session: a timeout kills torchrun and its workers
         proc = subprocess.Popen(cmd, env=base_env(), stdout=f, stderr=subprocess.STDOUT,

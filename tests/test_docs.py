@@ -112,3 +112,13 @@ def test_site_builds_strictly(tmp_path):
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+def test_readme_starts_with_the_demo_and_the_tests_and_links_every_page():
+    text = (REPO / "README.md").read_text()
+    commands = [line.strip() for line in text.splitlines() if line.startswith("    ")][:2]
+    assert commands == ["pip install . && python -m arrayckpt demo",
+                        "pip install nox && nox -s tests"]
+    pages = sorted((REPO / "docs").glob("*.md"))
+    missing = [p.name for p in pages if f"(docs/{p.name})" not in text]
+    assert not missing, f"README.md does not link {missing}"

@@ -15,6 +15,7 @@ from ..commit import commit_directory
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from ..nested import TREE_KEY
 from ..training_state import TrainingState
 from .reshard import PARTS
 from .shards import (
@@ -25,6 +26,7 @@ from .shards import (
     check_ranks_present,
     plan_split,
 )
+from .trees import merged_tree
 from .types import Replicated, ShardingMeta, TensorParallel
 
 log = logging.getLogger("arrayckpt")
@@ -48,7 +50,9 @@ def consolidate_checkpoint(
     it), not the model. Replicated: rank 0's state. ZeroPartitioned: every rank's keys
     (a key several ranks hold is taken from the lowest; they must agree in dtype and
     shape). TensorParallel: tensors in ``split_dims`` are concatenated along their dim
-    in rank order, for model and optimizer state; the rest are rank 0's.
+    in rank order, for model and optimizer state; the rest are rank 0's. Nested state
+    (state dicts, pytrees) keeps its structure: rank 0's for Replicated, else the ranks'
+    structures merged (see `arrayckpt.distributed.trees`; flat when they disagree).
 
     Args:
         sharded_dir: the distributed checkpoint.
@@ -89,13 +93,14 @@ def consolidate_checkpoint(
             "split_dims={...})"
         )
     plans = {part: _plan(ranks, meta, part) for part in PARTS}
+    trees = {part: _tree(ranks, meta, part, plans[part]) for part in PARTS}
     state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
     meter = _Meter(sum(_nbytes(p) for plan in plans.values() if plan for p in plan), progress)
 
     def fill(tmp: Path) -> None:
         for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
             plan = plans[part]
-            if plan is None or (part == "optimizer" and not plan):
+            if plan is None or (part == "optimizer" and not plan and trees[part] is None):
                 continue
             by_name = {p.name: p for p in plan}
 
@@ -103,7 +108,9 @@ def consolidate_checkpoint(
                 return meter.each(by_name[name], verify)
 
             layout = [(p.name, p.dtype, p.shape) for p in plan]
-            format.write_file_streaming(tmp / file, layout, produce)
+            tree = trees[part]
+            metadata = None if tree is None else {TREE_KEY: tree}
+            format.write_file_streaming(tmp / file, layout, produce, metadata)
         fs = fsops.fs()
         fs.write_bytes(tmp / TRAINING_STATE_FILE, state.to_json().encode())
         fs.fsync_file(tmp / TRAINING_STATE_FILE)
@@ -111,6 +118,17 @@ def consolidate_checkpoint(
     target = commit_directory(output_dir, fill)
     meter.finish(target)
     return target
+
+
+def _tree(
+    ranks: Sequence[SavedRank], meta: ShardingMeta, part: str, plan: list[_Source] | None
+) -> str | None:
+    if plan is None:
+        return None
+    files = [r.part(part) for r in ranks]
+    if isinstance(meta.sharding.strategy, Replicated):
+        files = files[:1]  # rank 0's state, so rank 0's structure
+    return merged_tree(files, [p.name for p in plan], part)
 
 
 class _Source:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import backends
+from .. import backends, nested
 from ..checkpoint import (
     _LOAD_ATTEMPTS,
     Checkpoint,
@@ -20,8 +20,9 @@ from ..errors import CheckpointError, CheckpointNotFoundError, InvalidInputError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
 from ..training_state import TrainingState
 from .reshard import load_share
-from .shards import check_manifest, check_ranks_present
-from .types import ShardingMeta
+from .shards import SavedRank, check_manifest, check_ranks_present
+from .trees import merged_tree
+from .types import Replicated, ShardingMeta
 
 
 def load_distributed_checkpoint(
@@ -58,7 +59,10 @@ def load_distributed_checkpoint(
 
     Returns:
         ``Checkpoint(model, optimizer, training_state)``; when resharding, the training
-        state is rank 0's.
+        state is rank 0's. Nested state comes back in its saved structure when the rank
+        loads all of it (Replicated, TensorParallel, ZeroPartitioned into one rank); a
+        partial share (ZeroPartitioned into several ranks, or ``keys=``) is flat, with
+        dotted names.
 
     Raises:
         TopologyError: ``rank`` is out of range (for the saved world size unless
@@ -139,7 +143,30 @@ def _load_once(
     model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
     state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
 
-    def convert(arrays: dict[str, Any]) -> dict[str, Any]:
-        return {name: backend.from_host(a, device) for name, a in arrays.items()}
+    def convert(arrays: dict[str, Any], part: str) -> Any:
+        out = {name: backend.from_host(a, device) for name, a in arrays.items()}
+        return out if keys is not None else _structured(out, ranks, meta, part, root)
 
-    return Checkpoint(convert(model), None if optimizer is None else convert(optimizer), state)
+    return Checkpoint(
+        convert(model, "model"),
+        None if optimizer is None else convert(optimizer, "optimizer"),
+        state,
+    )
+
+
+def _structured(
+    arrays: dict[str, Any], ranks: Sequence[SavedRank], meta: ShardingMeta, part: str,
+    root: Path,
+) -> Any:
+    """``arrays`` in the saved nested structure when this rank's share is the whole state
+    (Replicated, TensorParallel, or everything of ZeroPartitioned); else flat."""
+    files = [r.part(part) for r in ranks]
+    if isinstance(meta.sharding.strategy, Replicated):
+        files = files[:1]
+    everything = {n for f in files if f is not None for n in f.entries}
+    if set(arrays) != everything:
+        return arrays  # a ZeroPartitioned share: a partial tree is not well-defined
+    tree = merged_tree(files, everything, part)
+    if tree is None:
+        return arrays
+    return nested.unflatten(tree, arrays.__getitem__, everything, source=f"{root} ({part})")

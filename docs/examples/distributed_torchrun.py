@@ -2,7 +2,8 @@
 
 Run (CPU, two processes on this machine):
 
-    torchrun --nproc-per-node 2 --master-addr 127.0.0.1 examples/distributed_torchrun.py /tmp/ckpt
+    torchrun --nproc-per-node 2 --master-addr 127.0.0.1 \
+        docs/examples/distributed_torchrun.py /tmp/ckpt
 
 Each rank holds half of a tensor-parallel layer. Saves are asynchronous: the training loop
 keeps running its own collectives while the writer thread commits the checkpoint over a
