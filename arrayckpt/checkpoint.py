@@ -129,10 +129,14 @@ def take_snapshot(
             for plan in (model_plan, optimizer_plan)
             for _, x, backend, dtype in plan
         )
-    with hostcopy.batched():  # one batch of copies for both states
-        model = _copy(model_plan, staging)
-        optimizer = _copy(optimizer_plan, staging)
-    _synchronize(model_plan, optimizer_plan)  # one synchronisation per snapshot
+    try:
+        with hostcopy.batched():  # one batch of copies for both states
+            model = _copy(model_plan, staging)
+            optimizer = _copy(optimizer_plan, staging)
+    finally:
+        # One synchronisation per snapshot; also after a failed copy, so no device copy
+        # still writes into staging buffers the next snapshot will reuse.
+        _synchronize(model_plan, optimizer_plan)
     if staging is not None:
         staging.end()
     return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
