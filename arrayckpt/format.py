@@ -89,14 +89,15 @@ def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
     """
     items = list(tensors.values())
     workers = pool.threads()
-    share = sum(t.nbytes for t in items) / workers
+    sizes = [t.data.nbytes for t in items]
+    share = sum(sizes) / workers
     batches: list[list[HostTensor]] = [[]]
     filled = 0.0
-    for t in items:
+    for t, size in zip(items, sizes, strict=True):
         if filled >= share * len(batches) and len(batches) < workers:
             batches.append([])
         batches[-1].append(t)
-        filled += t.nbytes
+        filled += size
     helper = pool.executor()
     futures = [helper.submit(_checksum_all, batch) for batch in batches[1:]]
     try:
