@@ -69,7 +69,9 @@ class CupyBackend(Backend):
                 "or xp=numpy"
             )
         with self._device(device):
-            return cupy.asarray(host)
+            # Blocking: `host` is usually a temporary view of the file's mapping, unmapped
+            # once the last view is freed; CuPy's default copy may still be reading it then.
+            return cupy.asarray(host, blocking=True)
 
     def check_device(self, device: Any) -> None:
         self._device(device)
