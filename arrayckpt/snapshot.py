@@ -24,6 +24,9 @@ class HostTensor:
 
     data: np.ndarray
     dtype: DType
+    #: ``data``'s address when the snapshot already knows it (a view into a slab), which
+    #: saves the writer an `__array_interface__` lookup per tensor.
+    address: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -143,6 +143,90 @@ def case_d2h_pinned(c: Case) -> None:
     c.repeat(once)
 
 
+def case_d2h_cpu(c: Case) -> None:
+    """GPU baseline: what a plain snapshot does, ``t.cpu()`` of each tensor (fresh pageable
+    memory, one synchronous copy each)."""
+    tensors = [*c.w.model.values(), *c.w.optimizer.values()]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        copies = [s.cpu() for s in tensors]
+        elapsed = time.perf_counter() - t
+        del copies
+        return {"stall": elapsed}
+
+    c.repeat(once)
+
+
+def _cupy_state(c: Case) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workload as CuPy arrays on the GPU (sharing the torch tensors' memory)."""
+    import cupy
+
+    def conv(x: Any) -> Any:
+        return cupy.asarray(x)  # torch CUDA tensors through __cuda_array_interface__
+
+    return {k: conv(v) for k, v in c.w.model.items()}, {
+        k: conv(v) for k, v in c.w.optimizer.items()
+    }
+
+
+def case_cupy_d2h_pinned(c: Case) -> None:
+    """CuPy limit: ``get`` into reused pinned buffers on one stream, one synchronisation."""
+    import cupy
+
+    model, optimizer = _cupy_state(c)
+    arrays = [*model.values(), *optimizer.values()]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    dsts = [
+        np.frombuffer(cupy.cuda.alloc_pinned_memory(max(a.nbytes, 1)), a.dtype, a.size).reshape(
+            a.shape
+        )
+        for a in arrays
+    ]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        for d, a in zip(dsts, arrays, strict=True):
+            a.get(stream=stream, out=d, blocking=False)
+        stream.synchronize()
+        return {"stall": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_cupy_asnumpy(c: Case) -> None:
+    """CuPy baseline: ``cupy.asnumpy`` of each array (fresh pageable memory)."""
+    import cupy
+
+    model, optimizer = _cupy_state(c)
+    arrays = [*model.values(), *optimizer.values()]
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        copies = [cupy.asnumpy(a) for a in arrays]
+        elapsed = time.perf_counter() - t
+        del copies
+        return {"stall": elapsed}
+
+    c.repeat(once)
+
+
+def case_cupy_arrayckpt_async(c: Case) -> None:
+    """arrayckpt's async save of the same state as CuPy arrays."""
+    model, optimizer = _cupy_state(c)
+    ckpt = ac.AsyncCheckpointer()
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        future = ckpt.save(target, model, optimizer or None, ac.TrainingState(step=1))
+        returned = time.perf_counter()
+        future.result()
+        return {"stall": returned - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+    ckpt.close()
+
+
 def case_raw_write(c: Case) -> None:
     """Sequential write of the same bytes to one file, then fsync."""
     srcs = c.w.byte_buffers()
@@ -347,6 +431,33 @@ def case_dcp_async(c: Case) -> None:
         return {"stall": returned - t, "total": time.perf_counter() - t}
 
     c.repeat(once)
+
+
+def case_dcp_async_pinned(c: Case) -> None:
+    """DCP async_save with its stager told to use reused pinned memory and non-blocking
+    copies (its defaults use neither); GPU only."""
+    dcp = _dcp()
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    state = _torch_state(c)
+    stager = DefaultStager(
+        StagingOptions(
+            use_pinned_memory=True,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=True,
+        )
+    )
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(target), async_stager=stager)
+        returned = time.perf_counter()
+        future.result()
+        return {"stall": returned - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+    stager.close()
 
 
 CASES: dict[str, Callable[[Case], None]] = {

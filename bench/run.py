@@ -2,7 +2,8 @@
 
     python bench/run.py            # full run (W1, W2, W3; median of 7 runs each)
     python bench/run.py --quick    # small sizes, 3 runs: a smoke test of the suite
-    python bench/run.py --gpu      # the same on a CUDA device (torch tensors on cuda:0)
+    python bench/run.py --gpu      # on a CUDA device: torch tensors on cuda:0 (and CuPy
+                                   # arrays where CuPy is installed)
 
 Each measurement runs in its own process (bench/measure.py) so peak RSS is its own. Prints
 a table and the ratios, checks the targets, writes JSON to bench/results/ and, with
@@ -12,6 +13,7 @@ a table and the ratios, checks the targets, writes JSON to bench/results/ and, w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -49,23 +51,33 @@ LOADS = [
     ("st_load", "safetensors load_file [torch: lazy]"),
     ("torch_load", "torch.load(mmap=True) [lazy]"),
 ]
-GPU_CASES = [
-    "d2h_pinned",
-    "arrayckpt_async",
-    "arrayckpt_sync",
-    "st_torch",
-    "torch_save",
-    "dcp_save",
-    "dcp_async",
+GPU_SAVES = [
+    ("d2h_pinned", "limit: D2H into pinned, 1 sync"),
+    ("d2h_cpu", "plain .cpu() of each tensor"),
+    ("arrayckpt_async", "arrayckpt AsyncCheckpointer"),
+    ("arrayckpt_sync", "arrayckpt save_checkpoint"),
+    ("st_torch", "safetensors.torch.save_file"),
+    ("torch_save", "torch.save"),
+    ("dcp_save", "DCP save"),
+    ("dcp_async", "DCP async_save"),
+    ("dcp_async_pinned", "DCP async_save, pinned stager"),
 ]
-LABELS = dict(SAVES + LOADS + [("d2h_pinned", "limit: D2H into pinned, 1 sync")])
+#: Run with ``--gpu`` where CuPy is importable: the same state as CuPy arrays.
+CUPY_SAVES = [
+    ("cupy_d2h_pinned", "CuPy limit: get into pinned, 1 sync"),
+    ("cupy_asnumpy", "CuPy: cupy.asnumpy of each array"),
+    ("cupy_arrayckpt_async", "arrayckpt AsyncCheckpointer, CuPy"),
+]
+GPU_CASES = [c for c, _ in GPU_SAVES]
+LABELS = dict(SAVES + LOADS + GPU_SAVES + CUPY_SAVES)
 SHORT = {
     "W1": "W1: 512 MiB, 32 f32 tensors",
     "W2": "W2: 20,000 x 4 KiB",
     "W3": "W3: transformer-like, 260 MiB, 189 tensors",
 }
 #: Cases that do not apply to a workload (safetensors.numpy has no bfloat16).
-SKIP = {"W3": {"st_numpy"}}
+#: CuPy has no bfloat16, so W3 has no CuPy form.
+SKIP = {"W3": {"st_numpy", *(c for c, _ in CUPY_SAVES)}}
 
 
 def run_case(workload: str, case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -148,9 +160,15 @@ def ratios(results: dict[str, dict[str, Any]], workload: str) -> list[str]:
     add("stall / warm memcpy (1 thread)", ours_stall, "memcpy", "stall")
     add("stall / warm memcpy (all cores)", ours_stall, "memcpy_threads", "stall")
     add("stall / GPU D2H into pinned", ours_stall, "d2h_pinned", "stall")
+    add("stall / plain .cpu() of each tensor", ours_stall, "d2h_cpu", "stall")
     add("stall / DCP async_save stall", ours_stall, "dcp_async", "stall")
+    add("stall / DCP async_save stall, pinned stager", ours_stall, "dcp_async_pinned", "stall")
+    cupy_stall = med(results, workload, "cupy_arrayckpt_async", "stall")
+    add("CuPy stall / CuPy get into pinned", cupy_stall, "cupy_d2h_pinned", "stall")
+    add("CuPy stall / cupy.asnumpy of each array", cupy_stall, "cupy_asnumpy", "stall")
     add("total (durable) / raw write + fsync", ours_total, "raw_write", "total")
-    for case in ("st_numpy", "st_torch", "torch_save", "dcp_save", "dcp_async"):
+    for case in ("st_numpy", "st_torch", "torch_save", "dcp_save", "dcp_async",
+                 "dcp_async_pinned"):
         add(f"total / {LABELS[case]} (+fsync)", ours_total, case, "total")
     add(
         "sync save_checkpoint / raw write + fsync",
@@ -295,6 +313,8 @@ def main() -> None:
             raise SystemExit("--gpu needs a CUDA GPU: torch.cuda.is_available() is False")
     chosen = set(args.cases.split(",")) if args.cases else None
     cases = GPU_CASES if args.gpu else [c for c, _ in SAVES + LOADS]
+    if args.gpu and importlib.util.find_spec("cupy") is not None:
+        cases = cases + [c for c, _ in CUPY_SAVES]
     machine = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),

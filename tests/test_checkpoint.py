@@ -24,6 +24,7 @@ from strategies import (
     tensor_names,
     to_backend,
     training_states,
+    with_layout,
 )
 
 import arrayckpt as ac
@@ -414,3 +415,51 @@ def test_eager_partial_load_still_verifies_checksums(tmp_path):
     with pytest.raises(ac.CorruptCheckpointError, match="'b' fails its CRC32C"):
         ac.load_checkpoint(tmp_path, keys=["b"], mmap=False)
     assert ac.load_checkpoint(tmp_path, keys=["b"], mmap=False, verify=False).model["b"][0] != 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(dtypes(), shapes(max_dims=3, max_side=4), layouts()), min_size=2,
+                max_size=12).flatmap(lambda specs: st.tuples(*(
+                    arrays(code, shape).map(lambda a, lay=lay: with_layout(a, lay))
+                    for code, shape, lay in specs))))
+def test_small_arrays_share_one_slab_and_keep_their_bytes(arrays_: tuple[np.ndarray, ...]) -> None:
+    from arrayckpt.checkpoint import take_snapshot
+    from arrayckpt.snapshot import StagingPool
+
+    state = {f"t{i}": a for i, a in enumerate(arrays_)}
+    expected = {k: a.copy() for k, a in state.items()}
+    pool = StagingPool()
+    for _ in range(2):  # the second snapshot reuses the first one's slab
+        snap = take_snapshot(state, state, None, staging=pool)
+        for part in (snap.model, snap.optimizer):
+            for key, t in part.items():
+                assert_same_array(t.data, expected[key], key)
+                assert t.data.flags.c_contiguous and t.data.dtype.byteorder in "=|<"
+                if t.address is not None and t.nbytes:  # an empty view has no address
+                    assert t.address == t.data.__array_interface__["data"][0], key
+                # The snapshot owns its bytes: none is a view of the caller's array.
+                assert not np.shares_memory(t.data, state[key]), key
+    for a in state.values():
+        if a.size and a.flags.writeable:
+            a.reshape(-1)[...] = 0 if a.dtype != bool else False
+    for key, t in snap.model.items():
+        assert_same_array(t.data, expected[key], key)
+
+
+def test_small_arrays_are_copied_into_one_reused_slab() -> None:
+    from arrayckpt.checkpoint import take_snapshot
+    from arrayckpt.snapshot import StagingPool
+
+    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32),
+             "m": np.array([True, False]), "s": np.array(2.5),
+             "big_endian": np.arange(3, dtype=">i4"), "strided": np.arange(8)[::2]}
+    pool = StagingPool()
+    first = take_snapshot(state, None, None, staging=pool).model
+    second = take_snapshot(state, None, None, staging=pool).model
+    in_slab = {k for k, t in first.items() if t.address is not None}
+    assert in_slab == {"a", "b", "m", "s"}  # the others need a conversion: buffers of their own
+    for key in in_slab:
+        assert second[key].address == first[key].address  # the warm slab, reused
+        np.testing.assert_array_equal(second[key].data, state[key])
+    np.testing.assert_array_equal(second["big_endian"].data, [0, 1, 2])
+    assert second["big_endian"].data.dtype.byteorder in "=<"

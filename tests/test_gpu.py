@@ -129,3 +129,37 @@ def test_mixed_gpu_frameworks_in_one_mapping(tmp_path: Path) -> None:
     got = ac.load_checkpoint(tmp_path / "c").model
     assert got["t"].tolist() == [1, 1, 1] and got["c"].tolist() == [0, 1, 2, 3]
     assert got["n"].dtype == np.float16
+
+
+def test_cupy_bad_ordinal_is_invalid_input(tmp_path: Path) -> None:
+    cupy = _need_cupy()
+    ac.save_checkpoint(tmp_path / "c", {"w": np.ones(2)})
+    count = cupy.cuda.runtime.getDeviceCount()
+    for device in (count, f"cuda:{count}", "cuda:x"):
+        with pytest.raises(ac.InvalidInputError):
+            ac.load_checkpoint(tmp_path / "c", xp=cupy, device=device)
+
+
+def test_cupy_load_of_bf16_names_the_tensor_and_the_fix(tmp_path: Path) -> None:
+    _need_cupy()
+    # CuPy has no BF16 (nor float8): a clear error instead of CuPy's own TypeError.
+    ac.save_checkpoint(tmp_path / "c", {"w": _sample("BF16")})
+    with pytest.raises(ac.UnsupportedArrayError, match=r"'w'.*BF16.*xp=torch"):
+        ac.load_checkpoint(tmp_path / "c", xp="cupy")
+
+
+def test_torch_cuda_strided_views_in_an_async_save(tmp_path: Path) -> None:
+    torch = _need_torch_cuda()
+    base = torch.arange(64, device="cuda", dtype=torch.float32).reshape(8, 8)
+    state = {"t": base.t(), "every_other": base[:, ::2], "row": base[3], "s": base[2, 2],
+             "neg": torch.zeros(3, device="cuda") - base[0, :3],
+             "e": base[:0], "h": base.to(torch.bfloat16).t()}
+    expected = {k: v.cpu().clone() for k, v in state.items()}
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "c", state)
+        base.fill_(-1)  # every view above reads `base`: the snapshot must already hold it
+        ckpt.wait()
+    got = ac.load_checkpoint(tmp_path / "c", xp=torch, device="cuda:0").model
+    for k, v in expected.items():
+        assert got[k].device.type == "cuda", k
+        assert got[k].dtype == v.dtype and torch.equal(got[k].cpu(), v), k

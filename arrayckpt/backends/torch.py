@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ class TorchBackend(Backend):
         # Device tensors read by copies not yet synchronised: a temporary (from
         # resolve_conj/resolve_neg) freed early returns to the caching allocator of the
         # caller's stream, which could reuse it while the side stream still reads it.
-        self._sources: list[Any] = []
+        # Per thread: one thread's `synchronize` must not drop another's in-flight sources.
+        self._local = threading.local()
 
     def dtype(self, x: Any, key: str) -> DType:
         if x.layout != torch.strided:
@@ -67,7 +69,7 @@ class TorchBackend(Backend):
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
                 dst.copy_(x, non_blocking=True)
-            self._sources.append(x)
+            self._sources().append(x)
         elif x.is_contiguous():
             copy_bytes(flat, x.reshape(-1).view(torch.uint8).numpy())
         else:
@@ -79,10 +81,16 @@ class TorchBackend(Backend):
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def _sources(self) -> list[Any]:
+        sources: list[Any] | None = getattr(self._local, "sources", None)
+        if sources is None:
+            sources = self._local.sources = []
+        return sources
+
     def synchronize(self) -> None:
-        for stream in self._streams.values():
+        for stream in list(self._streams.values()):
             stream.synchronize()
-        self._sources.clear()
+        self._sources().clear()
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)
@@ -98,6 +106,15 @@ class TorchBackend(Backend):
         target = self._device(device)
         if target is None or target.type == "cpu":
             return
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"device {device!r} is not available: torch.cuda.is_available() is False"
+            )
+        if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"device {device!r} is out of range: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
         try:  # "cuda" parses on a CPU-only build; only an allocation tells it is unusable
             torch.empty(0, device=target)
         except (RuntimeError, AssertionError) as exc:
