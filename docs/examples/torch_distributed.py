@@ -32,15 +32,18 @@ def run(rank: int, root: str, steps: int, port: int) -> None:
     mgr = ac.CheckpointManager(root, keep_last=2) if rank == 0 else None
 
     # Rank 0 picks the step to resume from; every rank loads that same step.
-    chosen = [mgr.latest_step() if mgr else None]
-    dist.broadcast_object_list(chosen, src=0)
+    # A plain tensor broadcast (broadcast_object_list would pickle); -1: nothing saved yet.
+    latest = mgr.latest_step() if mgr is not None else None
+    chosen = torch.tensor([-1 if latest is None else latest], dtype=torch.int64)
+    dist.broadcast(chosen, src=0)
+    resume_step = int(chosen.item())
     start = 1
-    if chosen[0] is not None:
-        ckpt = ac.load_checkpoint(f"{root}/step_{chosen[0]:08d}", xp=torch,
+    if resume_step >= 0:
+        ckpt = ac.load_checkpoint(f"{root}/step_{resume_step:08d}", xp=torch,
                                   into=model.state_dict())
         optimizer.load_state_dict(ckpt.optimizer)
-        start = chosen[0] + 1
-        print(f"rank {rank}: resumed from step {chosen[0]}", flush=True)
+        start = resume_step + 1
+        print(f"rank {rank}: resumed from step {resume_step}", flush=True)
 
     for step in range(start, steps + 1):
         g = torch.Generator().manual_seed(step * WORLD_SIZE + rank)  # each rank its own shard
