@@ -18,6 +18,8 @@ from typing import Any
 
 import safetensors
 
+from .writeback import early_writeback
+
 _AT_FDCWD = -100
 _OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
 _RENAME_EXCHANGE = 2
@@ -49,9 +51,12 @@ class FileSystem:
     def write_safetensors(
         self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
     ) -> None:
-        # The Rust writer releases the GIL and writes straight from our host buffers.
+        # The Rust writer releases the GIL and writes straight from our host buffers; the
+        # flusher has the disk write its pages meanwhile, so the fsync after is short.
+        nbytes = sum(spec.data_len for spec in specs.values())
         try:
-            safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
+            with early_writeback(path.parent, nbytes):
+                safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
         except safetensors.SafetensorError as exc:
             # Its I/O errors arrive as text ("... (os error 28)"): give callers the errno.
             found = _OS_ERROR.search(str(exc))
@@ -126,7 +131,7 @@ class FileSystem:
 
     def write_chunks(self, path: Path, chunks: Iterable[Any]) -> None:
         """Create ``path`` and write the buffers ``chunks`` yields, in order (streaming)."""
-        with open(path, "xb") as f:
+        with early_writeback(path.parent), open(path, "xb") as f:
             for chunk in chunks:
                 f.write(chunk)
                 del chunk  # let the producer free it before making the next one

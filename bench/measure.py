@@ -244,6 +244,31 @@ def case_raw_write(c: Case) -> None:
     c.repeat(once)
 
 
+def case_raw_write_overlapped(c: Case) -> None:
+    """As `case_raw_write`, with the disk started on each 32 MiB as soon as it is written
+    (``sync_file_range``): writing to memory and to disk overlap, the limit the disk sets."""
+    from arrayckpt import writeback
+
+    srcs = c.w.byte_buffers()
+    step = 32 << 20
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        with open(target, "wb", buffering=0) as f:
+            flushed = at = 0
+            for s in srcs:
+                f.write(s.data)
+                at += s.nbytes
+                if at - flushed >= step and writeback.sync_file_range is not None:
+                    writeback.sync_file_range(f.fileno(), flushed, at - flushed, 2)
+                    flushed = at
+            written = time.perf_counter()
+            os.fsync(f.fileno())
+        return {"write": written - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
 # --- arrayckpt --------------------------------------------------------------------------
 
 
