@@ -239,6 +239,7 @@ def _unsupported_values() -> list[tuple[Any, str]]:
         (np.zeros(2, np.complex128), "complex128"), (np.array([object()]), "object"),
         (np.array(["a"]), "str"), (np.zeros(2, "M8[s]"), "datetime64"),
         (np.zeros(2, [("a", "f4")]), "void"), (np.zeros(2, np.longdouble), "float"),
+        (np.ma.masked_array([1.0, 2.0], mask=[0, 1]), "mask"),
     ]
     try:
         import torch

@@ -56,7 +56,14 @@ def for_array(x: Any, key: str) -> Backend:
     Raises:
         UnsupportedArrayError: naming ``key`` and the type, when ``x`` is not an array.
     """
-    root = type(x).__module__.partition(".")[0]
+    module = type(x).__module__
+    root = module.partition(".")[0]
+    if module.startswith("numpy.ma"):
+        # np.asarray would keep the data and silently drop the mask.
+        raise UnsupportedArrayError(
+            f"tensor {key!r}: a NumPy masked array would lose its mask; save "
+            "x.filled() or x.data and np.ma.getmaskarray(x) as two arrays"
+        )
     if root == "numpy" and isinstance(x, (np.ndarray, np.generic)):
         return _numpy()
     if root == "torch" and hasattr(x, "untyped_storage"):
