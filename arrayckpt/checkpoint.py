@@ -7,11 +7,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from .training_state import TrainingState
 log = logging.getLogger("arrayckpt")
 
 PathLike = str | os.PathLike[str]
+T = TypeVar("T")
 
 
 class Checkpoint(NamedTuple):
@@ -432,13 +433,25 @@ def load_checkpoint(
     """
     root = Path(directory)
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
-    # A save may replace the directory while we read it. Its files are never changed in
-    # place, so if the directory is the same one before and after, every file came from
-    # it; otherwise read the new one (a renamed directory gets a new ctime).
+    return read_consistently(
+        root, lambda: _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
+    )
+
+
+_LOAD_ATTEMPTS = 100
+
+
+def read_consistently(root: Path, read: Callable[[], T]) -> T:
+    """``read()`` the directory ``root`` as one unit, even while saves replace it.
+
+    A save may swap the directory while we read it. Its files are never changed in place,
+    so if the directory is the same one before and after, everything read came from it;
+    otherwise read again (a renamed-in directory has a new inode or ctime).
+    """
     for _ in range(_LOAD_ATTEMPTS):
         before = _identity(root)
         try:
-            loaded = _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
+            loaded = read()
         except CheckpointError:
             if before is not None and _identity(root) != before:
                 continue
@@ -449,9 +462,6 @@ def load_checkpoint(
         f"{root} was replaced {_LOAD_ATTEMPTS} times while it was being loaded; "
         "load it when saves to it pause"
     )
-
-
-_LOAD_ATTEMPTS = 100
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -48,3 +49,30 @@ class Backend(ABC):
 
     def check_device(self, device: Any) -> None:  # noqa: B027 - optional hook
         """Raise `InvalidInputError` early for a device this framework cannot place on."""
+
+
+class SideStreamBackend(Backend):
+    """A GPU backend whose copies to host run on side streams (one per device), with one
+    synchronisation per snapshot.
+
+    Device arrays read by copies not yet synchronised are kept alive until then
+    (`_keep_until_synchronized`): a temporary (a contiguous copy, a resolved conjugate)
+    freed early goes back to the caller's stream's memory pool, which could hand it to the
+    next array's work while the side stream still reads it. Per thread: one thread's
+    `synchronize` must not drop another's in-flight sources.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[Any, Any] = {}
+        self._local = threading.local()
+
+    def _keep_until_synchronized(self, x: Any) -> None:
+        sources: list[Any] | None = getattr(self._local, "sources", None)
+        if sources is None:
+            sources = self._local.sources = []
+        sources.append(x)
+
+    def synchronize(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.synchronize()
+        self._local.sources = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import cupy
@@ -12,23 +11,15 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
 from ..snapshot import Allocator, host_view
-from .base import Backend
+from .base import SideStreamBackend
 
 #: NumPy dtype kinds CuPy arrays can hold; ml_dtypes' BF16 and float8 types (kind "V")
 #: have no CuPy counterpart.
 _CUPY_KINDS = frozenset("biufc")
 
 
-class CupyBackend(Backend):
+class CupyBackend(SideStreamBackend):
     name = "cupy"
-
-    def __init__(self) -> None:
-        self._streams: dict[int, Any] = {}
-        # Device arrays read by copies not yet synchronised. A temporary from
-        # `ascontiguousarray` freed early would go back to the current stream's pool and
-        # could be overwritten by the next array's work while our side stream still reads it.
-        # Per thread: one thread's `synchronize` must not drop another's in-flight sources.
-        self._local = threading.local()
 
     def dtype(self, x: Any, key: str) -> DType:
         return dtypes.from_numpy(x.dtype, tensor=key)
@@ -47,19 +38,8 @@ class CupyBackend(Backend):
             # Order the copy after the work that produced `x` on the caller's stream.
             stream.wait_event(cupy.cuda.get_current_stream().record())
             x.get(stream=stream, out=out, blocking=False)
-        self._sources().append(x)
+        self._keep_until_synchronized(x)
         return out
-
-    def _sources(self) -> list[Any]:
-        sources: list[Any] | None = getattr(self._local, "sources", None)
-        if sources is None:
-            sources = self._local.sources = []
-        return sources
-
-    def synchronize(self) -> None:
-        for stream in list(self._streams.values()):
-            stream.synchronize()
-        self._sources().clear()
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         if host.dtype.kind not in _CUPY_KINDS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
 from ..hostcopy import copy_bytes
 from ..snapshot import Allocator, host_view
-from .base import Backend
+from .base import SideStreamBackend
 
 
 def torch_dtype(dtype: DType) -> torch.dtype:
@@ -26,16 +25,8 @@ def torch_dtype(dtype: DType) -> torch.dtype:
     return found
 
 
-class TorchBackend(Backend):
+class TorchBackend(SideStreamBackend):
     name = "torch"
-
-    def __init__(self) -> None:
-        self._streams: dict[torch.device, Any] = {}
-        # Device tensors read by copies not yet synchronised: a temporary (from
-        # resolve_conj/resolve_neg) freed early returns to the caching allocator of the
-        # caller's stream, which could reuse it while the side stream still reads it.
-        # Per thread: one thread's `synchronize` must not drop another's in-flight sources.
-        self._local = threading.local()
 
     def dtype(self, x: Any, key: str) -> DType:
         if x.layout != torch.strided:
@@ -69,7 +60,7 @@ class TorchBackend(Backend):
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
                 dst.copy_(x, non_blocking=True)
-            self._sources().append(x)
+            self._keep_until_synchronized(x)
         elif x.is_contiguous():
             copy_bytes(flat, x.reshape(-1).view(torch.uint8).numpy())
         else:
@@ -80,17 +71,6 @@ class TorchBackend(Backend):
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
-
-    def _sources(self) -> list[Any]:
-        sources: list[Any] | None = getattr(self._local, "sources", None)
-        if sources is None:
-            sources = self._local.sources = []
-        return sources
-
-    def synchronize(self) -> None:
-        for stream in list(self._streams.values()):
-            stream.synchronize()
-        self._sources().clear()
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)

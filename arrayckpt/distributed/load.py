@@ -9,14 +9,13 @@ from typing import Any
 
 from .. import backends, nested
 from ..checkpoint import (
-    _LOAD_ATTEMPTS,
     Checkpoint,
     PathLike,
-    _identity,
     interrupted_save_hint,
     load_checkpoint,
+    read_consistently,
 )
-from ..errors import CheckpointError, CheckpointNotFoundError, InvalidInputError, TopologyError
+from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
 from ..training_state import TrainingState
 from .reshard import load_share
@@ -81,21 +80,9 @@ def load_distributed_checkpoint(
     """
     root = Path(directory)
     # A coordinated save swaps the whole directory while we read: the manifest of one
-    # save would meet the files of the next. Read again if the directory was replaced
-    # (as `load_checkpoint` does).
-    for _ in range(_LOAD_ATTEMPTS):
-        before = _identity(root)
-        try:
-            loaded = _load_once(root, rank, world_size, keys, xp, device, verify, mmap)
-        except CheckpointError:
-            if before is not None and _identity(root) != before:
-                continue
-            raise
-        if _identity(root) == before:
-            return loaded
-    raise CheckpointError(
-        f"{root} was replaced {_LOAD_ATTEMPTS} times while it was being loaded; "
-        "load it when saves to it pause"
+    # save would meet the files of the next.
+    return read_consistently(
+        root, lambda: _load_once(root, rank, world_size, keys, xp, device, verify, mmap)
     )
 
 
