@@ -190,31 +190,17 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
     w1 = results.get(("W1", "arrayckpt_async"), {})
     rss = w1.get("extra_peak_rss")
+    def vs(workload: str, case: str, other: str, key: str) -> float | None:
+        return ratio(med(results, workload, case, key), med(results, workload, other, key))
+
     checks = [
-        (
-            "W1 stall <= 1.3x warm memcpy",
-            1.3,
-            ratio(
-                med(results, "W1", "arrayckpt_async", "stall"),
-                med(results, "W1", "memcpy", "stall"),
-            ),
-        ),
+        ("W1 stall <= 1.3x warm memcpy", 1.3, vs("W1", "arrayckpt_async", "memcpy", "stall")),
         (
             "W1 durable total <= 1.10x raw write + fsync",
             1.10,
-            ratio(
-                med(results, "W1", "arrayckpt_async", "total"),
-                med(results, "W1", "raw_write", "total"),
-            ),
+            vs("W1", "arrayckpt_async", "raw_write", "total"),
         ),
-        (
-            "W1 load <= 1.1x np.fromfile",
-            1.1,
-            ratio(
-                med(results, "W1", "arrayckpt_load", "load"),
-                med(results, "W1", "np_fromfile", "load"),
-            ),
-        ),
+        ("W1 load <= 1.1x np.fromfile", 1.1, vs("W1", "arrayckpt_load", "np_fromfile", "load")),
         (
             "W1 extra peak RSS during async save <= 1.1x state",
             1.1,
@@ -223,18 +209,12 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         (
             "W2 total <= 1.5x safetensors.numpy.save_file (+fsync)",
             1.5,
-            ratio(
-                med(results, "W2", "arrayckpt_async", "total"),
-                med(results, "W2", "st_numpy", "total"),
-            ),
+            vs("W2", "arrayckpt_async", "st_numpy", "total"),
         ),
         (
             "W1 stall <= 0.5x DCP async_save stall",
             0.5,
-            ratio(
-                med(results, "W1", "arrayckpt_async", "stall"),
-                med(results, "W1", "dcp_async", "stall"),
-            ),
+            vs("W1", "arrayckpt_async", "dcp_async", "stall"),
         ),
     ]
     return [
