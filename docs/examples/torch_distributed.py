@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,20 @@ def run(rank: int, root: str, steps: int, port: int) -> None:
     if rank == 0:
         print(f"done at step {steps}: ranks agree: {bool(spread.abs().max() == 0)}", flush=True)
     dist.destroy_process_group()
+    leave_without_shutdown()
+
+
+def leave_without_shutdown() -> None:
+    """End this process now, skipping the interpreter's shutdown.
+
+    PyTorch's gloo worker threads outlive `destroy_process_group` and may free a finished
+    collective's tensors while the interpreter shuts down, which aborts the process
+    ("terminate called without an active exception"; pytorch/pytorch#179291). Here every
+    checkpoint is committed (the manager was closed) and the output is flushed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
