@@ -18,25 +18,15 @@ from typing import Any
 
 import safetensors
 
+from . import libc
 from .writeback import early_writeback
 
 _AT_FDCWD = -100
 _OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
 _RENAME_EXCHANGE = 2
-
-
-def _load_renameat2() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _load_renameat2()
+_renameat2 = libc.function(
+    "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+)
 
 
 class FileSystem:

@@ -23,7 +23,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+
+from . import libc
 
 log = logging.getLogger("arrayckpt")
 
@@ -32,21 +33,13 @@ MIN_BYTES = 32 << 20
 #: How often the flusher asks the kernel to start writing (see the measurements above).
 INTERVAL_S = 0.010
 
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
+#: ``flags`` of `sync_file_range`: start writeback of the range's dirty pages, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
 
 #: ``sync_file_range(fd, offset, nbytes, flags)``, or None where the platform lacks it.
-sync_file_range = _load_sync_file_range()
+sync_file_range = libc.function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+)
 
 
 def _flush_new_files(directory: Path, before: set[str], open_fds: dict[int, int]) -> None:
@@ -66,7 +59,7 @@ def _flush_new_files(directory: Path, before: set[str], open_fds: dict[int, int]
                 open_fds[inode] = os.open(entry.path, os.O_RDONLY)
         except OSError:  # renamed or removed meanwhile: the next round sees its new name
             continue
-        if sync_file_range(open_fds[inode], 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+        if sync_file_range(open_fds[inode], 0, 0, SYNC_FILE_RANGE_WRITE) != 0:
             log.debug("sync_file_range on %s: %s", entry.path, os.strerror(ctypes.get_errno()))
 
 

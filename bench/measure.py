@@ -260,7 +260,9 @@ def case_raw_write_overlapped(c: Case) -> None:
                 f.write(s.data)
                 at += s.nbytes
                 if at - flushed >= step and writeback.sync_file_range is not None:
-                    writeback.sync_file_range(f.fileno(), flushed, at - flushed, 2)
+                    writeback.sync_file_range(
+                        f.fileno(), flushed, at - flushed, writeback.SYNC_FILE_RANGE_WRITE
+                    )
                     flushed = at
             written = time.perf_counter()
             os.fsync(f.fileno())

@@ -190,6 +190,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
     w1 = results.get(("W1", "arrayckpt_async"), {})
     rss = w1.get("extra_peak_rss")
+
     def vs(workload: str, case: str, other: str, key: str) -> float | None:
         return ratio(med(results, workload, case, key), med(results, workload, other, key))
 
