@@ -28,6 +28,7 @@ from .errors import (
 from .lazy import LazyCheckpoint, open_checkpoint
 from .load import Checkpoint, load_checkpoint
 from .manager import CheckpointManager
+from .rng import get_rng_state, set_rng_state
 from .save import save_checkpoint
 from .training_state import CHECKPOINT_VERSION, TrainingState
 
@@ -52,9 +53,11 @@ __all__ = [
     "UnsupportedArrayError",
     "ZeroPartitioned",
     "consolidate_checkpoint",
+    "get_rng_state",
     "load_checkpoint",
     "load_distributed_checkpoint",
     "open_checkpoint",
     "save_checkpoint",
     "save_distributed_checkpoint",
+    "set_rng_state",
 ]

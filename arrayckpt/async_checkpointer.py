@@ -58,6 +58,8 @@ class AsyncCheckpointer(ClosesOnExit):
         model_state: Mapping[str, Any],
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
+        *,
+        extra: Any = None,
     ) -> WriteFuture[Path]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
@@ -73,7 +75,7 @@ class AsyncCheckpointer(ClosesOnExit):
             self._check_open()
             self.wait()
             snap = take_snapshot(
-                model_state, optimizer_state, training_state, staging=self._staging
+                model_state, optimizer_state, training_state, staging=self._staging, extra=extra
             )
             future = writer.submit(lambda: write_snapshot(directory, snap), f"save {directory}")
             self._pending = future

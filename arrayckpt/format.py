@@ -36,6 +36,9 @@ MAX_TENSORS = 1 << 20
 FORMAT_KEY = "arrayckpt.format"
 FORMAT_VERSION = "1"
 CHECKSUMS_KEY = "arrayckpt.crc32c"
+#: Hugging Face's (and DCP's) framework tag; transformers refuses files without one.
+HF_FORMAT_KEY = "format"
+HF_FORMAT = "pt"
 _OWN_PREFIX = "arrayckpt."
 
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
@@ -118,6 +121,7 @@ def write_file(
     and replay those steps), so the checksums are computed first, in parallel.
     """
     meta = dict(metadata or {})
+    meta[HF_FORMAT_KEY] = HF_FORMAT
     meta[FORMAT_KEY] = FORMAT_VERSION
     meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
     specs = {
@@ -447,6 +451,7 @@ def write_file_streaming(
 
     def header() -> bytes:
         meta = dict(metadata or {})
+        meta[HF_FORMAT_KEY] = HF_FORMAT
         meta[FORMAT_KEY] = FORMAT_VERSION
         meta[CHECKSUMS_KEY] = _checksums_json(crcs)
         doc: dict[str, Any] = {"__metadata__": meta}

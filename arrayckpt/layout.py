@@ -13,12 +13,14 @@ PathLike = str | os.PathLike[str]
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+#: Extra nested state (scheduler, data position, RNG states); written only when given.
+EXTRA_FILE = "extra.safetensors"
 TRAINING_STATE_FILE = "training_state.json"
 SHARDING_META_FILE = "sharding_meta.json"
 
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 _RANK_DIR = re.compile(r"rank_(0|[1-9][0-9]*)")
-_CHECKPOINT_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE})
+_CHECKPOINT_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, EXTRA_FILE, TRAINING_STATE_FILE})
 TEMP_MARKER = ".arrayckpt-tmp-"
 OLD_MARKER = ".arrayckpt-old-"
 

@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedArrayError,
 )
 from .layout import (
+    EXTRA_FILE,
     MODEL_FILE,
     OLD_MARKER,
     OPTIMIZER_FILE,
@@ -30,16 +31,39 @@ from .training_state import TrainingState
 T = TypeVar("T")
 
 
-class Checkpoint(NamedTuple):
-    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``.
-
-    ``model`` and ``optimizer`` have the structure that was saved: a flat ``str -> array``
-    dict, or the nested dicts/lists/tuples of a state dict or pytree.
-    """
-
+class _Parts(NamedTuple):
     model: Any
     optimizer: Any | None
     training_state: TrainingState
+
+
+class Checkpoint(_Parts):
+    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``.
+
+    ``model`` and ``optimizer`` have the structure that was saved: a flat ``str -> array``
+    dict, or the nested dicts/lists/tuples of a state dict or pytree. ``extra`` is the
+    ``extra=`` state (``None`` when none was saved); it is an attribute, not a fourth
+    tuple item, so three-way unpacking keeps working.
+    """
+
+    extra: Any
+
+    def __new__(
+        cls, model: Any, optimizer: Any | None, training_state: TrainingState, extra: Any = None
+    ) -> Checkpoint:
+        self = super().__new__(cls, model, optimizer, training_state)
+        self.extra = extra
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint(model={self.model!r}, optimizer={self.optimizer!r}, "
+            f"training_state={self.training_state!r}, extra={self.extra!r})"
+        )
+
+    def _replace(self, **changes: Any) -> Checkpoint:
+        fields = {"extra": self.extra, **self._asdict(), **changes}
+        return Checkpoint(**fields)
 
 
 
@@ -123,6 +147,7 @@ def load_checkpoint(
     Returns:
         ``Checkpoint(model, optimizer, training_state)``; ``model`` and ``optimizer`` have
         the saved structure; ``optimizer`` is ``None`` when no optimizer file was saved.
+        ``.extra`` holds the ``extra=`` state (``None`` when none was saved).
 
     Raises:
         CheckpointNotFoundError: the directory, a required file or a requested key is missing.
@@ -197,8 +222,10 @@ def _load_once(
     model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
     opt_path = root / OPTIMIZER_FILE
     opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
+    extra_path = root / EXTRA_FILE
+    extra = load_state_file(extra_path, **options) if extra_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE)
-    return Checkpoint(model, opt, state)
+    return Checkpoint(model, opt, state, extra)
 
 
 def interrupted_save_hint(root: Path) -> str:

@@ -124,6 +124,8 @@ class CheckpointManager(ClosesOnExit):
         model_state: Mapping[str, Any],
         optimizer_state: Any = None,
         training_state: TrainingState | None = None,
+        *,
+        extra: Any = None,
     ) -> Future[Path]:
         """Save step ``step``, then apply retention once it is committed.
 
@@ -133,6 +135,7 @@ class CheckpointManager(ClosesOnExit):
             optimizer_state: as ``model_state``; ``None`` writes no optimizer file.
             training_state: defaults to ``TrainingState(step=step)``; its ``step`` must
                 equal ``step``.
+            extra: scheduler, data position, RNG states, ... (see `save_checkpoint`).
 
         Returns:
             A future resolving to the committed directory (already resolved when
@@ -161,14 +164,18 @@ class CheckpointManager(ClosesOnExit):
             return path
 
         if self._checkpointer is None:
-            snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+            snap = take_snapshot(
+                model_state, optimizer_state, training_state, staging=None, extra=extra
+            )
             done: Future[Path] = Future()
             done.set_result(write_and_retain(snap))
             return done
         ckpt = self._checkpointer
         ckpt.wait()  # the staging buffers are reused: the previous write must be done
         started = time.perf_counter()
-        snap = take_snapshot(model_state, optimizer_state, training_state, staging=ckpt.staging)
+        snap = take_snapshot(
+            model_state, optimizer_state, training_state, staging=ckpt.staging, extra=extra
+        )
         future = ckpt.submit_job(lambda: write_and_retain(snap), f"save {target}")
         ckpt.last_stall_s = time.perf_counter() - started
         return future

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import format, fsops, nested, pool
 from .commit import commit_directory
-from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
+from .layout import EXTRA_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
 from .training_state import TrainingState
 
@@ -24,8 +24,8 @@ def _tree_metadata(tree: str | None) -> dict[str, str] | None:
 def write_files(directory: Path, snap: Snapshot) -> None:
     """Write and fsync a checkpoint's files into an (uncommitted) directory.
 
-    Two threads write at once: this one the model file, a second one the optimizer file
-    and ``training_state.json``. Overlapping one file's fsync with the other's writing
+    Two threads write at once: this one the model file, a second one the optimizer file,
+    the extra file and ``training_state.json``. Overlapping one file's fsync with the other's writing
     finished sooner than one file after the other (``bench/writer_variants.py``).
     """
 
@@ -34,6 +34,8 @@ def write_files(directory: Path, snap: Snapshot) -> None:
             format.write_file(
                 directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
             )
+        if snap.extra is not None:
+            format.write_file(directory / EXTRA_FILE, snap.extra, _tree_metadata(snap.extra_tree))
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
         fs.write_bytes(state_path, snap.training_state.to_json().encode())
@@ -56,7 +58,7 @@ def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:
     log.info(
         "saved %s: %d tensors, %.1f MiB in %.3f s",
         target,
-        len(snap.model) + len(snap.optimizer),
+        len(snap.model) + len(snap.optimizer) + len(snap.extra or {}),
         snap.nbytes / 2**20,
         time.perf_counter() - started,
     )
@@ -68,6 +70,8 @@ def save_checkpoint(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     training_state: TrainingState | None = None,
+    *,
+    extra: Any = None,
 ) -> Path:
     """Save a checkpoint directory atomically and durably, and return its path.
 
@@ -81,6 +85,11 @@ def save_checkpoint(
         model_state: ``str -> array`` of any supported framework (mixed is fine).
         optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
         training_state: step, epoch, learning rate and metadata; default ``step=0``.
+        extra: anything else exact resume needs (LR scheduler and data loader state,
+            `get_rng_state`), nested like ``optimizer_state``: arrays and JSON values
+            (ints of any size, floats incl. inf/nan, str, bool, None, lists, tuples, dicts
+            with str or int keys). Written to ``extra.safetensors``; loaded as
+            ``Checkpoint.extra``. ``None`` writes no extra file.
 
     Raises:
         InvalidInputError: a key, value or training-state field cannot be saved
@@ -95,7 +104,7 @@ def save_checkpoint(
         >>> ac.load_checkpoint(f"{d}/step_1").model["w"]
         array([1., 1., 1.], dtype=float32)
     """
-    snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+    snap = take_snapshot(model_state, optimizer_state, training_state, staging=None, extra=extra)
     return write_snapshot(directory, snap)
 
 

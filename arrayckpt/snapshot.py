@@ -26,10 +26,14 @@ class Snapshot:
     #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
     model_tree: str | None = None
     optimizer_tree: str | None = None
+    #: The ``extra=`` state; ``None`` when none was given (no extra file is written).
+    extra: dict[str, HostTensor] | None = None
+    extra_tree: str | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for part in (self.model, self.optimizer) for t in part.values())
+        parts = (self.model, self.optimizer, self.extra or {})
+        return sum(t.nbytes for part in parts for t in part.values())
 
 
 Plan = list[tuple[str, Any, backends.Backend, DType]]
@@ -177,6 +181,7 @@ def take_snapshot(
     training_state: TrainingState | None,
     *,
     staging: StagingPool | None,
+    extra: Any = None,
 ) -> Snapshot:
     """Validate and copy one checkpoint's state to host memory.
 
@@ -186,6 +191,7 @@ def take_snapshot(
     place (zero copy, for synchronous saves).
 
     With ``staging``, the pool's previous snapshot is overwritten: its write must be done.
+    ``extra`` is nested state like the optimizer's (see `nested.flatten`); ``None`` saves none.
     """
     training_state = TrainingState(step=0) if training_state is None else training_state
     if not isinstance(training_state, TrainingState):
@@ -197,20 +203,25 @@ def take_snapshot(
     flat_optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
     model_plan = _plan(flat_model, what="model_state")
     optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
-    slabs = (
-        _begin_staging(staging, model_plan, optimizer_plan) if staging is not None else [None, None]
-    )
+    flat_extra, extra_tree = _flatten(extra, what="extra")
+    extra_plan = _plan(flat_extra, what="extra")
+    plans = (model_plan, optimizer_plan, extra_plan)
+    slabs = _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     try:
-        with hostcopy.batched():  # one batch of copies for both states
-            model = _copy(model_plan, staging, slabs[0])
-            optimizer = _copy(optimizer_plan, staging, slabs[1])
+        with hostcopy.batched():  # one batch of copies for all states
+            model, optimizer, extra_copy = (
+                _copy(plan, staging, slab) for plan, slab in zip(plans, slabs, strict=True)
+            )
     finally:
         # One synchronisation per snapshot; also after a failed copy, so no device copy
         # still writes into staging buffers the next snapshot will reuse.
-        _synchronize(model_plan, optimizer_plan)
+        _synchronize(*plans)
     if staging is not None:
         staging.end()
-    return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
+    return Snapshot(
+        model, optimizer, training_state, model_tree, optimizer_tree,
+        extra=None if extra is None else extra_copy, extra_tree=extra_tree,
+    )
 
 
 def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:

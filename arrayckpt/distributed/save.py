@@ -43,6 +43,7 @@ def save_distributed_checkpoint(
     *,
     coordinator: Any = "auto",
     timeout: float | None = None,
+    extra: Any = None,
 ) -> Path:
     """Save this rank's part of a distributed checkpoint (boostr's layout).
 
@@ -69,6 +70,7 @@ def save_distributed_checkpoint(
         sharding: how the state is sharded; default ``ShardingConfig(Replicated())``.
         coordinator: see the modes above.
         timeout: seconds each cross-rank wait may take (default: the coordinator's).
+        extra: this rank's extra state (as in `save_checkpoint`), in ``rank_{rank}/``.
 
     Returns:
         The checkpoint directory.
@@ -91,7 +93,7 @@ def save_distributed_checkpoint(
     """
     job = prepare_save(
         directory, rank, world_size, model_state, optimizer_state, training_state, sharding,
-        staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True,
+        staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True, extra=extra,
     )
     return job()
 
@@ -110,6 +112,7 @@ def prepare_save(
     timeout: float | None = None,
     background: bool = False,
     join_on_error: bool = False,
+    extra: Any = None,
 ) -> Callable[[], Path]:
     """Validate, pick the coordinator and snapshot on the calling thread; return the write.
 
@@ -136,7 +139,9 @@ def prepare_save(
         )
     snap: Snapshot | CheckpointError
     try:
-        snap = take_snapshot(model_state, optimizer_state, training_state, staging=staging)
+        snap = take_snapshot(
+            model_state, optimizer_state, training_state, staging=staging, extra=extra
+        )
     except CheckpointError as exc:
         if coord is None or not join_on_error:
             raise
