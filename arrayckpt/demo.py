@@ -1,5 +1,6 @@
-"""The demo: a NumPy MLP trains, checkpoints with an async CheckpointManager, "crashes",
-resumes from the latest step, and finishes with the losses it had before the crash."""
+"""The demo: a NumPy MLP trains on shuffled minibatches, checkpoints with an async
+CheckpointManager (the shuffling generator's state as ``extra=``), "crashes", resumes from
+the latest step, and repeats the losses it had before the crash bit for bit."""
 
 from __future__ import annotations
 
@@ -59,11 +60,17 @@ def _step(
     return loss
 
 
+BATCH = 256
+
+
 def _save(mgr: CheckpointManager, step: int, model: dict[str, np.ndarray],
-          opt: dict[str, np.ndarray], loss: float, lr: float) -> None:
+          opt: dict[str, np.ndarray], loss: float, lr: float,
+          shuffle: np.random.Generator) -> None:
     state = TrainingState(step=step, epoch=0, learning_rate=lr, metadata={"loss": f"{loss:.6f}"})
     started = time.perf_counter()
-    mgr.save(step, model, opt, state)  # returns once the arrays are copied; writes in background
+    # Returns once the arrays are copied; writes in background. `extra` holds what else
+    # an exact resume needs: here the data order (the generator's 128-bit PCG64 state).
+    mgr.save(step, model, opt, state, extra={"shuffle": shuffle.bit_generator.state})
     stall = time.perf_counter() - started
     print(f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
           f"asynchronously, training stalled {stall * 1e3:.2f} ms")
@@ -84,17 +91,19 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
     root = Path(directory or tempfile.mkdtemp(prefix="arrayckpt-demo-"))
     x, y = _data()
     model, opt = _init()
+    shuffle = np.random.default_rng(2)
     print(f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, CheckpointManager(keep_last=3) "
           f"in {root}")
     losses: dict[int, float] = {}
     with CheckpointManager(root, keep_last=3) as mgr:
         for step in range(1, crash_at + 1):
-            losses[step] = _step(model, opt, x, y, lr)
+            batch = shuffle.integers(0, len(x), BATCH)
+            losses[step] = _step(model, opt, x[batch], y[batch], lr)
             if step % every == 0:
-                _save(mgr, step, model, opt, losses[step], lr)
+                _save(mgr, step, model, opt, losses[step], lr, shuffle)
     print(f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
           "in-memory state lost")
-    del model, opt
+    del model, opt, shuffle
 
     with CheckpointManager(root, keep_last=3) as mgr:
         started = time.perf_counter()
@@ -107,15 +116,18 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
               "CRC32C of every tensor verified")
         model = {k: np.array(v) for k, v in ckpt.model.items()}
         opt = {k: np.array(v) for k, v in (ckpt.optimizer or {}).items()}
+        shuffle = np.random.default_rng()
+        shuffle.bit_generator.state = ckpt.extra["shuffle"]
         for step in range(state.step + 1, steps + 1):
-            loss = _step(model, opt, x, y, state.learning_rate)
-            if step in losses and abs(loss - losses[step]) > 1e-5 * max(1.0, losses[step]):
+            batch = shuffle.integers(0, len(x), BATCH)
+            loss = _step(model, opt, x[batch], y[batch], state.learning_rate)
+            if step in losses and loss != losses[step]:
                 raise AssertionError(
-                    f"step {step}: resumed loss {loss} != original {losses[step]}"
+                    f"step {step}: resumed loss {loss!r} != original {losses[step]!r}"
                 )
-            again = " (same as before the crash)" if step in losses else ""
+            again = " (bit-identical to before the crash)" if step in losses else ""
             if step % every == 0:
-                _save(mgr, step, model, opt, loss, state.learning_rate)
+                _save(mgr, step, model, opt, loss, state.learning_rate, shuffle)
             elif step == state.step + 1:
                 print(f"  step {step:4d}  loss {loss:.5f}{again}")
     latest = mgr.directory(mgr.latest_step() or 0)

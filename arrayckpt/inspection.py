@@ -13,6 +13,7 @@ from . import nested
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import SafetensorsReader
 from .layout import (
+    EXTRA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     SHARDING_META_FILE,
@@ -93,7 +94,7 @@ def describe(path: PathLike) -> dict[str, Any]:
             "version": state.version, "step": state.step, "epoch": state.epoch,
             "learning_rate": state.learning_rate, "metadata": state.metadata,
         }
-        files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
+        files = [path / MODEL_FILE, path / OPTIMIZER_FILE, path / EXTRA_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
         try:
@@ -120,8 +121,8 @@ def files_to_verify(path: Path) -> list[Path]:
     if kind == "distributed":
         ranks = [f for rank in _rank_dirs(path) for f in files_to_verify(rank)]
         return [*ranks, path / SHARDING_META_FILE]
-    opt = path / OPTIMIZER_FILE
-    return [path / MODEL_FILE, *([opt] if opt.exists() else []), path / TRAINING_STATE_FILE]
+    optional = [f for f in (path / OPTIMIZER_FILE, path / EXTRA_FILE) if f.exists()]
+    return [path / MODEL_FILE, *optional, path / TRAINING_STATE_FILE]
 
 
 def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def test_demo_runs_and_leaves_a_manager_root(tmp_path):
     out = cli("demo", "--dir", tmp_path, "--steps", 200)
     assert out.returncode == 0, out.stderr
     assert "resumed from step_00000150" in out.stdout
-    assert "step  151  loss" in out.stdout and "(same as before the crash)" in out.stdout
+    assert "step  151  loss" in out.stdout and "(bit-identical to before the crash)" in out.stdout
     listed = json.loads(cli("ls", tmp_path, "--json").stdout)
     assert [(e["step"], e["status"]) for e in listed] == [(100, "complete"), (150, "complete"),
                                                             (200, "complete")]

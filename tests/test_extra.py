@@ -126,3 +126,17 @@ def test_distributed_extra_per_rank(tmp_path: Path) -> None:
                 coordinator=None, extra={"rank": rank},
             ).result()
     assert ac.load_distributed_checkpoint(tmp_path / "async", 1).extra == {"rank": 1}
+
+
+def test_verify_checks_the_extra_file(tmp_path: Path) -> None:
+    from arrayckpt.inspection import verify
+
+    d = tmp_path / "c"
+    ac.save_checkpoint(d, {"w": np.ones(2)}, extra={"buf": np.arange(4, dtype=np.int64)})
+    assert verify(d)["ok"] and any(f["path"].endswith(EXTRA_FILE) for f in verify(d)["files"])
+    data = bytearray((d / EXTRA_FILE).read_bytes())
+    data[-3] ^= 1
+    (d / EXTRA_FILE).write_bytes(bytes(data))
+    report = verify(d)
+    assert not report["ok"]
+    assert [f["path"] for f in report["files"] if f["errors"]] == [str(d / EXTRA_FILE)]
