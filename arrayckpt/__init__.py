@@ -26,7 +26,7 @@ from .errors import (
     UnsupportedArrayError,
 )
 from .lazy import LazyCheckpoint, open_checkpoint
-from .load import Checkpoint, load_checkpoint
+from .load import Checkpoint, load_checkpoint, load_file
 from .manager import CheckpointManager
 from .rng import get_rng_state, set_rng_state
 from .save import save_checkpoint
@@ -56,6 +56,7 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "load_distributed_checkpoint",
+    "load_file",
     "open_checkpoint",
     "save_checkpoint",
     "save_distributed_checkpoint",

@@ -113,6 +113,44 @@ def load_state_file(
     return {name: get(name) for name in reader.names}
 
 
+def load_file(
+    path: PathLike,
+    *,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    keys: Iterable[str] | None = None,
+    verify: bool = True,
+) -> Any:
+    """Load one safetensors file, of any name, written by any tool, as arrays of ``xp``.
+
+    Args:
+        path: the file (a Hugging Face ``model.safetensors``, a shard, an arrayckpt file).
+        xp: as in `load_checkpoint`.
+        device: as in `load_checkpoint`.
+        keys: only these tensors, as a flat dict; the others are never read.
+        verify: check the CRC32C arrayckpt recorded (files from other tools have none).
+
+    Returns:
+        ``{name: array}``; a file arrayckpt wrote from nested state comes back nested.
+
+    Raises:
+        CheckpointNotFoundError: no such file, or a requested key is missing.
+        CorruptCheckpointError: the file is malformed or fails its checksum.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> from safetensors.numpy import save_file
+        >>> f = tempfile.mkdtemp() + "/weights.safetensors"
+        >>> save_file({"w": np.arange(3, dtype=np.int32)}, f)
+        >>> ac.load_file(f)
+        {'w': array([0, 1, 2], dtype=int32)}
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{file}: no such file")
+    return load_state_file(file, xp=xp, device=device, keys=keys, verify=verify)
+
+
 def load_checkpoint(
     directory: PathLike,
     *,
