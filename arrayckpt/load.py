@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from . import backends, fill, format, nested
+from . import backends, fill, format, hf, nested
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -165,7 +165,11 @@ def load_checkpoint(
     """Load a checkpoint directory into arrays of any framework.
 
     Args:
-        directory: a checkpoint written by arrayckpt or boostr.
+        directory: a checkpoint written by arrayckpt or boostr, or a Hugging Face model
+            directory (``model.safetensors``, or shards listed in
+            ``model.safetensors.index.json``, without ``training_state.json``: then
+            ``training_state`` is ``TrainingState(step=0)``, ``optimizer`` is ``None``,
+            and with ``keys`` only the shards holding them are opened).
         xp: the namespace of the arrays to return: ``None`` (NumPy), a module
             (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
             or its name.
@@ -252,6 +256,16 @@ def _load_once(
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )
+    if hf.is_model_dir(root):
+        if into is not None:
+            raise InvalidInputError(
+                f"{root} is a Hugging Face model directory; load it without into= "
+                "(or use the model's own load_state_dict)"
+            )
+        model = hf.load_model_dir(
+            root, lambda path, keys: load_state_file(path, keys=keys, **options), keys
+        )
+        return Checkpoint(model, None, TrainingState(step=0))
     if not (root / MODEL_FILE).exists():
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
