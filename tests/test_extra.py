@@ -1,4 +1,5 @@
-"""`extra=` state: saved to extra.safetensors by every save entry point, back as Checkpoint.extra."""
+"""`extra=` state: saved as extra.safetensors by every save entry point, loaded as
+Checkpoint.extra."""
 
 from __future__ import annotations
 
