@@ -25,8 +25,8 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     """Write and fsync a checkpoint's files into an (uncommitted) directory.
 
     Two threads write at once: this one the model file, a second one the optimizer
-    file, the extra file and ``training_state.json``. Overlapping one file's fsync with the other's writing
-    finished sooner than one file after the other (``bench/writer_variants.py``).
+    file, the extra file and ``training_state.json``. Overlapping one file's fsync with
+    the other's writing finished sooner than one file after the other (``bench/writer_variants.py``).
     """
 
     def other_files() -> None:

@@ -87,7 +87,10 @@ def run_torch(root: Path, steps: int, pause: int | None) -> None:
             log(root, {"step": step, "loss": float(loss).hex(), "lr": float(lr).hex()})
             if step % EVERY == 0:
                 mgr.save(
-                    step, model.state_dict(), opt.state_dict(), ac.TrainingState(step, epoch),
+                    step,
+                    model.state_dict(),
+                    opt.state_dict(),
+                    ac.TrainingState(step, epoch),
                     extra={
                         "scheduler": sched.state_dict(),
                         "data": {"epoch": epoch, "index": index, "epoch_start": epoch_start},
@@ -103,8 +106,12 @@ def run_numpy(root: Path, steps: int, pause: int | None) -> None:
     data_rng = np.random.default_rng(1)
     x = data_rng.standard_normal((N, 8))
     y = np.sin(x.sum(1, keepdims=True))
-    model = {"w1": data_rng.standard_normal((8, 32)) / 3, "b1": np.zeros(32),
-             "w2": data_rng.standard_normal((32, 1)) / 6, "b2": np.zeros(1)}
+    model = {
+        "w1": data_rng.standard_normal((8, 32)) / 3,
+        "b1": np.zeros(32),
+        "w2": data_rng.standard_normal((32, 1)) / 6,
+        "b2": np.zeros(1),
+    }
     moments = {k: {"m": np.zeros_like(v), "v": np.zeros_like(v)} for k, v in model.items()}
     np.random.seed(0)  # the global generator drives dropout
     shuffle = np.random.default_rng(2)  # PCG64: its state holds 128-bit ints
@@ -147,7 +154,10 @@ def run_numpy(root: Path, steps: int, pause: int | None) -> None:
             log(root, {"step": step, "loss": loss.hex(), "lr": lr.hex()})
             if step % EVERY == 0:
                 mgr.save(
-                    step, model, moments, ac.TrainingState(step, epoch, lr),
+                    step,
+                    model,
+                    moments,
+                    ac.TrainingState(step, epoch, lr),
                     extra={
                         "data": {"epoch": epoch, "index": index, "epoch_start": epoch_start},
                         "rng": ac.get_rng_state(),

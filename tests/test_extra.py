@@ -115,16 +115,28 @@ def test_async_and_manager_save_extra(tmp_path: Path) -> None:
 def test_distributed_extra_per_rank(tmp_path: Path) -> None:
     for rank in range(2):
         ac.save_distributed_checkpoint(
-            tmp_path, rank, 2, {"w": np.ones(2)}, None, ac.TrainingState(3),
-            coordinator=None, extra={"rank": rank},
+            tmp_path,
+            rank,
+            2,
+            {"w": np.ones(2)},
+            None,
+            ac.TrainingState(3),
+            coordinator=None,
+            extra={"rank": rank},
         )
     for rank in range(2):
         assert ac.load_distributed_checkpoint(tmp_path, rank).extra == {"rank": rank}
     with ac.AsyncCheckpointer() as ckpt:
         for rank in range(2):
             ckpt.save_distributed(
-                tmp_path / "async", rank, 2, {"w": np.ones(2)}, None, ac.TrainingState(3),
-                coordinator=None, extra={"rank": rank},
+                tmp_path / "async",
+                rank,
+                2,
+                {"w": np.ones(2)},
+                None,
+                ac.TrainingState(3),
+                coordinator=None,
+                extra={"rank": rank},
             ).result()
     assert ac.load_distributed_checkpoint(tmp_path / "async", 1).extra == {"rank": 1}
 

@@ -16,8 +16,15 @@ def test_from_pretrained_loads_an_arrayckpt_model_file(
     torch = pytest.importorskip("torch", reason="torch is not installed")
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100,
-                                     n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     ac.save_checkpoint(tmp_path, model.state_dict())
     config.save_pretrained(tmp_path)
@@ -38,8 +45,9 @@ def test_load_checkpoint_on_a_hugging_face_directory(tmp_path: Path) -> None:
 
     single = tmp_path / "single"
     single.mkdir()
-    save_file({"w": np.ones(3, np.float32)}, str(single / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {"w": np.ones(3, np.float32)}, str(single / "model.safetensors"), metadata={"format": "pt"}
+    )
     model, optimizer, state = ac.load_checkpoint(single)
     assert list(model) == ["w"] and optimizer is None and state.step == 0
 
@@ -47,8 +55,13 @@ def test_load_checkpoint_on_a_hugging_face_directory(tmp_path: Path) -> None:
     sharded.mkdir()
     save_file({"a": np.zeros(2)}, str(sharded / "model-00001-of-00002.safetensors"))
     save_file({"b": np.ones(2)}, str(sharded / "model-00002-of-00002.safetensors"))
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        },
+    }
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     assert sorted(ac.load_checkpoint(sharded).model) == ["a", "b"]
     # only the shard holding "b" is opened: the other may even be unreadable

@@ -14,8 +14,11 @@ import arrayckpt as ac
 
 def test_reads_a_file_written_by_safetensors(tmp_path: Path) -> None:
     f = tmp_path / "pytorch_model-00001.safetensors"
-    save_file({"a": np.arange(4, dtype=np.float16), "b": np.ones((2, 2))}, str(f),
-              metadata={"format": "pt"})
+    save_file(
+        {"a": np.arange(4, dtype=np.float16), "b": np.ones((2, 2))},
+        str(f),
+        metadata={"format": "pt"},
+    )
     out = ac.load_file(f)
     assert sorted(out) == ["a", "b"]
     np.testing.assert_array_equal(out["a"], np.arange(4, dtype=np.float16))
