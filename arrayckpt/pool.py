@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from . import env
+
 T = TypeVar("T")
 
 #: Upper bound on helper threads; memory and disk bandwidth stop scaling well before cores.
@@ -25,10 +27,7 @@ _CPUS = os.cpu_count() or 1  # asked once: the call costs microseconds
 
 def threads() -> int:
     """How many threads may work on one job at once (env ``ARRAYCKPT_THREADS`` overrides)."""
-    env = os.environ.get("ARRAYCKPT_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(MAX_THREADS, _CPUS))
+    return env.positive_int("ARRAYCKPT_THREADS", max(1, min(MAX_THREADS, _CPUS)))
 
 
 def _start(thread: threading.Thread) -> bool:
@@ -76,6 +75,8 @@ class HelperPool:
         while True:
             future, job = self._jobs.get()
             _run_into(future, job)
+            # Else this idle thread keeps its last job's arguments (tensors) alive.
+            del future, job
 
 
 _lock = threading.Lock()
