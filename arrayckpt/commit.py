@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from . import fsops
+from . import forking, fsops
 from .errors import CheckpointError, CheckpointWriteError, InvalidInputError
 from .layout import OLD_MARKER, TEMP_MARKER, replaceable
 
@@ -80,6 +80,15 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
 
 _IN_USE: set[Path] = set()
 _IN_USE_LOCK = threading.Lock()
+
+
+@forking.in_child
+def _after_fork_in_child() -> None:
+    # A thread fork did not copy may have held the lock; the parent's saves are its own.
+    global _IN_USE_LOCK
+    _IN_USE_LOCK = threading.Lock()
+    _IN_USE.clear()
+
 
 
 def _in_use(path: Path, using: bool) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from . import env
+from . import env, forking
 
 T = TypeVar("T")
 
@@ -93,6 +93,16 @@ def executor() -> HelperPool:
             _pool = HelperPool(threads())
             _pool_pid = os.getpid()
         return _pool
+
+
+@forking.in_child
+def _after_fork_in_child() -> None:
+    # fork copies only the forking thread: another one may have held the lock, and the
+    # pool's threads are gone (`executor` would also notice the pid).
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
 
 
 def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import sys
 import threading
@@ -13,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from . import env
+from . import env, forking
 from .errors import InvalidInputError
 
 log = logging.getLogger("arrayckpt")
@@ -64,9 +63,9 @@ class Writer:
     """A single daemon thread running write jobs in submission order."""
 
     def __init__(self) -> None:
-        self._reset()
+        self._start_fresh()
 
-    def _reset(self) -> None:
+    def _start_fresh(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[WriteFuture[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -155,10 +154,9 @@ class Writer:
 
 _writer = Writer()
 atexit.register(_writer.at_exit)
-if hasattr(os, "register_at_fork"):
-    # A forked child has no writer thread and must not wait at exit for its parent's
-    # writes (they would never finish there); it starts afresh.
-    os.register_at_fork(after_in_child=_writer._reset)
+# A forked child has no writer thread and must not wait at exit for its parent's writes
+# (they would never finish there); it starts afresh.
+forking.reset_in_child(_writer)
 
 
 def submit(fn: Callable[[], T], description: str) -> WriteFuture[T]:
