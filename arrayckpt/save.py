@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format, fsops, nested, pool
-from .commit import commit_directory
+from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
 from .training_state import TrainingState
@@ -32,7 +32,10 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
             format.write_file(
-                directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+                directory / OPTIMIZER_FILE,
+                snap.optimizer,
+                _tree_metadata(snap.optimizer_tree),
+                borrowed=snap.borrowed,
             )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
@@ -41,10 +44,17 @@ def write_files(directory: Path, snap: Snapshot) -> None:
 
     others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
     try:
-        format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
+        format.write_file(
+            directory / MODEL_FILE,
+            snap.model,
+            _tree_metadata(snap.model_tree),
+            borrowed=snap.borrowed,
+        )
     finally:
-        # Never return (and let the commit remove the directory) while it still writes.
-        error = others.exception()
+        # Never return (and let the commit remove the directory) while it still writes,
+        # not even on Ctrl-C.
+        with interrupts_deferred():
+            error = others.exception()
     if error is not None:
         raise error
 
