@@ -136,8 +136,11 @@ def _ls(args: argparse.Namespace) -> int:
         )
     entries: list[dict[str, Any]] = []
     for e in scan(root):
-        size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
-        modified = time.localtime(e.path.stat().st_mtime)
+        try:
+            size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
+            modified = time.localtime(e.path.stat().st_mtime)
+        except FileNotFoundError:  # deleted since the scan (retention, a finished save)
+            continue
         entries.append({"name": e.name, "path": str(e.path), "step": e.step, "status": e.status,
                         "nbytes": size, "pid": temporary_owner(e.name),
                         "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified)})
