@@ -146,15 +146,20 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
     if kind_of(path) != "root":
         report = _verify_files(files_to_verify(path), advance)
         return {"path": str(path), "ok": not any(e["errors"] for e in report), "files": report}
-    for step in [e.path for e in scan(path) if e.status == "complete"]:
-        try:
-            entries = _verify_files(files_to_verify(step), advance)
-        except CheckpointNotFoundError:
-            entries = None
-        if (entries is None or any(e["errors"] for e in entries)) and not is_complete(step):
-            # Deleted (by retention) while we read it: not corruption, and not there to check.
-            continue
-        report += entries or []
+    tried: set[Path] = set()
+    while not report:  # rescan while every step we chose was deleted under us
+        steps = [e.path for e in scan(path) if e.status == "complete" and e.path not in tried]
+        if not steps:
+            break
+        for step in steps:
+            tried.add(step)
+            try:
+                entries = _verify_files(files_to_verify(step), advance)
+            except CheckpointNotFoundError:
+                entries = None
+            if (entries is None or any(e["errors"] for e in entries)) and not is_complete(step):
+                continue  # deleted (by retention) while we read it: not corruption
+            report += entries or []
     if not report:
         raise CheckpointNotFoundError(f"{path}: no complete step to verify (see `arrayckpt ls`)")
     return {"path": str(path), "ok": not any(e["errors"] for e in report), "files": report}
