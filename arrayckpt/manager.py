@@ -202,10 +202,11 @@ class CheckpointManager(ClosesOnExit):
             newer.append(in_flight)  # queued by this manager, not committed yet
         if newer:
             raise InvalidInputError(
-                f"cannot save step {step} under {self.root}: step(s) {sorted(newer)} already "
-                f"exist there and restore() would not return step {step}. Save a step "
-                f"above {max(newer)}, resume from the latest with restore(), use a new root, "
-                "or pass rollback=True to delete the newer steps and go back to this one"
+                f"cannot save step {step} under {self.root}: steps only move forward, and it "
+                f"already holds step(s) {sorted(newer)} at or above it (from this run or an "
+                f"earlier one). Save a step above {max(newer)}, resume with restore(), use a "
+                f"new root, or pass rollback=True to go back to step {step} (deletes the "
+                "newer steps and replaces this one)"
             )
 
     def _roll_back_to(self, step: int) -> None:
