@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,13 @@ def write_files(directory: Path, snap: Snapshot) -> None:
         fs.write_bytes(state_path, snap.training_state.to_json().encode())
         fs.fsync_file(state_path)
 
-    others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+    # Never return (and let the commit remove the directory) while the second thread
+    # still writes, not even on Ctrl-C: it is started and joined with Ctrl-C held back.
+    others: Future[None] | None = None
+    error: BaseException | None = None
     try:
+        with interrupts_deferred():
+            others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
         format.write_file(
             directory / MODEL_FILE,
             snap.model,
@@ -51,10 +57,9 @@ def write_files(directory: Path, snap: Snapshot) -> None:
             borrowed=snap.borrowed,
         )
     finally:
-        # Never return (and let the commit remove the directory) while it still writes,
-        # not even on Ctrl-C.
-        with interrupts_deferred():
-            error = others.exception()
+        if others is not None:
+            with interrupts_deferred():
+                error = others.exception()
     if error is not None:
         raise error
 
