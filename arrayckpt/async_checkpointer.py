@@ -123,10 +123,12 @@ class AsyncCheckpointer(ClosesOnExit):
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
         sharding: ShardingConfig | None = None,
-        **kw: Any,
+        *,
+        coordinator: Any = "auto",
+        timeout: float | None = None,
     ) -> WriteFuture[Path]:
         """Snapshot this rank's state now and write it in the background; see
-        `save_distributed_checkpoint` (``coordinator=``, ``timeout=`` go in ``kw``).
+        `save_distributed_checkpoint` for the arguments (``coordinator``, ``timeout``).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
         channel (a gloo group of their own, a duplicated MPI communicator), never the
@@ -141,7 +143,8 @@ class AsyncCheckpointer(ClosesOnExit):
             self.wait()
             job = prepare_save(
                 directory, rank, world_size, model_state, optimizer_state, training_state,
-                sharding, staging=self._staging, background=True, **kw,
+                sharding, staging=self._staging, background=True, coordinator=coordinator,
+                timeout=timeout,
             )
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
