@@ -124,7 +124,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .layout import scan, temporary_owner
+    from .layout import settled_scan, temporary_owner
 
     root = Path(args.root)
     if not root.is_dir():
@@ -135,7 +135,7 @@ def _ls(args: argparse.Namespace) -> int:
             f"`arrayckpt inspect {root}`, or `arrayckpt ls {root.parent}` for its siblings"
         )
     entries: list[dict[str, Any]] = []
-    for e in scan(root):
+    for e in settled_scan(root):
         try:
             size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
             modified = time.localtime(e.path.stat().st_mtime)

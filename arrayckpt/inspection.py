@@ -20,7 +20,7 @@ from .layout import (
     PathLike,
     is_complete,
     is_rank_dir_name,
-    scan,
+    settled_scan,
 )
 from .training_state import TrainingState
 
@@ -39,7 +39,7 @@ def kind_of(path: Path) -> str:
         return "distributed"
     if (path / MODEL_FILE).exists() or (path / TRAINING_STATE_FILE).exists():
         return "checkpoint"
-    if any(e.step is not None for e in scan(path)):
+    if any(e.step is not None for e in settled_scan(path)):
         return "root"
     raise CheckpointNotFoundError(
         f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
@@ -117,7 +117,7 @@ def files_to_verify(path: Path) -> list[Path]:
         return [path]
     if kind == "root":
         files = []
-        for step in [e.path for e in scan(path) if e.status == "complete"]:
+        for step in [e.path for e in settled_scan(path) if e.status == "complete"]:
             with contextlib.suppress(CheckpointNotFoundError):  # deleted since the scan
                 files += files_to_verify(step)
         return files
@@ -148,7 +148,8 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
         return {"path": str(path), "ok": not any(e["errors"] for e in report), "files": report}
     tried: set[Path] = set()
     while not report:  # rescan while every step we chose was deleted under us
-        steps = [e.path for e in scan(path) if e.status == "complete" and e.path not in tried]
+        listing = settled_scan(path)
+        steps = [e.path for e in listing if e.status == "complete" and e.path not in tried]
         if not steps:
             break
         for step in steps:

@@ -32,6 +32,7 @@ from .layout import (
     process_alive,
     rank_dir_name,
     scan,
+    settled_scan,
     step_dir_name,
     temporary_owner,
 )
@@ -121,9 +122,9 @@ class CheckpointManager(ClosesOnExit):
             ) from exc
         self._checkpointer = AsyncCheckpointer() if async_save else None
         self._closed = False
+        self._lock = threading.RLock()
         #: The step and future of the last asynchronous save; see `_in_flight_step`.
         self._queued: tuple[int, Future[Path]] | None = None
-        self._start_fresh()
         forking.reset_in_child(self)
         self.cleanup()
 
@@ -234,7 +235,8 @@ class CheckpointManager(ClosesOnExit):
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first (call `wait` to include one in flight)."""
-        return [e.step for e in scan(self.root) if e.status == "complete" and e.step is not None]
+        entries = settled_scan(self.root)
+        return [e.step for e in entries if e.status == "complete" and e.step is not None]
 
     def latest_step(self) -> int | None:
         """The newest complete step, or ``None`` when there is none."""
@@ -344,9 +346,11 @@ class CheckpointManager(ClosesOnExit):
             raise InvalidInputError("this CheckpointManager is closed; create a new one")
 
     def _start_fresh(self) -> None:
-        # In a forked child (see `forking`): the parent's lock may be held by a thread the
-        # child does not have; the checkpointer resets itself.
+        # Also in a forked child (see `forking`): the parent's lock may be held by a thread
+        # the child does not have, and its save in flight is the parent's; the
+        # checkpointer resets itself.
         self._lock = threading.RLock()
+        self._queued = None
 
     def _retain(self) -> None:
         """Delete the complete steps retention does not keep: of ``keep_last`` exactly the
