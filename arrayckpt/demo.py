@@ -65,12 +65,13 @@ BATCH = 256
 
 def _save(mgr: CheckpointManager, step: int, model: dict[str, np.ndarray],
           opt: dict[str, np.ndarray], loss: float, lr: float,
-          shuffle: np.random.Generator) -> None:
+          shuffle: np.random.Generator, rollback: bool = False) -> None:
     state = TrainingState(step=step, epoch=0, learning_rate=lr, metadata={"loss": f"{loss:.6f}"})
     started = time.perf_counter()
-    # Returns once the arrays are copied; writes in background. `extra` holds what else
-    # an exact resume needs: here the data order (the generator's 128-bit PCG64 state).
-    mgr.save(step, model, opt, state, extra={"shuffle": shuffle.bit_generator.state})
+    # Returns once the arrays are copied; writes in the background. `extra` holds what
+    # else an exact resume needs: here the data order (the generator's 128-bit PCG64 state).
+    mgr.save(step, model, opt, state, extra={"shuffle": shuffle.bit_generator.state},
+             rollback=rollback)
     stall = time.perf_counter() - started
     print(f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
           f"asynchronously, training stalled {stall * 1e3:.2f} ms")
@@ -96,11 +97,16 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
           f"in {root}")
     losses: dict[int, float] = {}
     with CheckpointManager(root, keep_last=3) as mgr:
+        previous = mgr.steps()
+        if previous:
+            print(f"  {root} holds steps {previous} of an earlier run: this run starts from "
+                  "scratch, so its first save rolls back (deletes) those steps")
         for step in range(1, crash_at + 1):
             batch = shuffle.integers(0, len(x), BATCH)
             losses[step] = _step(model, opt, x[batch], y[batch], lr)
             if step % every == 0:
-                _save(mgr, step, model, opt, losses[step], lr, shuffle)
+                # Steps only move forward; an explicit rollback replaces the earlier run's.
+                _save(mgr, step, model, opt, losses[step], lr, shuffle, rollback=step == every)
     print(f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
           "in-memory state lost")
     del model, opt, shuffle

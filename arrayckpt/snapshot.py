@@ -29,6 +29,9 @@ class Snapshot:
     #: The ``extra=`` state; ``None`` when none was given (no extra file is written).
     extra: dict[str, HostTensor] | None = None
     extra_tree: str | None = None
+    #: The tensors may be the caller's own arrays (no staging: zero copy), which another
+    #: thread may change while they are written; see `format.write_file`.
+    borrowed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -220,6 +223,7 @@ def take_snapshot(
         staging.end()
     return Snapshot(
         model, optimizer, training_state, model_tree, optimizer_tree,
+        borrowed=staging is None,
         extra=None if extra is None else extra_copy, extra_tree=extra_tree,
     )
 
