@@ -127,9 +127,11 @@ class AsyncCheckpointer(ClosesOnExit):
         *,
         coordinator: Any = "auto",
         timeout: float | None = None,
+        extra: Any = None,
     ) -> WriteFuture[Path]:
         """Snapshot this rank's state now and write it in the background; see
-        `save_distributed_checkpoint` for the arguments (``coordinator``, ``timeout``).
+        `save_distributed_checkpoint` for the arguments (``coordinator``, ``timeout``,
+        ``extra``).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
         channel (a gloo group of their own, a duplicated MPI communicator), never the
@@ -145,7 +147,7 @@ class AsyncCheckpointer(ClosesOnExit):
             job = prepare_save(
                 directory, rank, world_size, model_state, optimizer_state, training_state,
                 sharding, staging=self._staging, background=True, coordinator=coordinator,
-                timeout=timeout,
+                timeout=timeout, extra=extra,
             )
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
