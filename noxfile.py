@@ -11,7 +11,8 @@ nox.options.default_venv_backend = "venv"
 
 # A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax"]
+# transformers: tests/test_hf.py (installed with the torch pin in the same command).
+TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax", "transformers"]
 
 
 @nox.session
