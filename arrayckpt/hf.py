@@ -8,17 +8,30 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .layout import MODEL_FILE, TRAINING_STATE_FILE
+from . import format
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .layout import EXTRA_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def is_model_dir(root: Path) -> bool:
-    """True for a Hugging Face model directory (not an arrayckpt or boostr checkpoint)."""
-    if (root / TRAINING_STATE_FILE).exists():
+    """True for a Hugging Face model directory, not an arrayckpt or boostr checkpoint.
+
+    An arrayckpt checkpoint that lost its ``training_state.json`` is damaged, not a model
+    directory: its files are recognised by arrayckpt's own ``__metadata__`` keys.
+    """
+    if any((root / f).exists() for f in (TRAINING_STATE_FILE, OPTIMIZER_FILE, EXTRA_FILE)):
         return False
-    return (root / MODEL_FILE).is_file() or (root / INDEX_FILE).is_file()
+    if (root / INDEX_FILE).is_file():
+        return True
+    if not (root / MODEL_FILE).is_file():
+        return False
+    try:
+        metadata = format.SafetensorsReader(root / MODEL_FILE, ranges=True).header.metadata
+    except CheckpointError:
+        return False  # the load reports what is wrong with the file
+    return format.FORMAT_KEY not in metadata
 
 
 def weight_map(root: Path) -> dict[str, str]:

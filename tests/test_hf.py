@@ -75,3 +75,14 @@ def test_load_checkpoint_on_a_hugging_face_directory(tmp_path: Path) -> None:
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ac.CorruptCheckpointError, match="not a file name"):
         ac.load_checkpoint(sharded, keys=["a"])
+
+
+def test_an_arrayckpt_checkpoint_without_training_state_is_not_a_model_dir(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    ac.save_checkpoint(tmp_path, {"w": np.ones(2)})
+    (tmp_path / "training_state.json").unlink()
+    with pytest.raises(ac.CheckpointNotFoundError, match="training_state"):
+        ac.load_checkpoint(tmp_path)
