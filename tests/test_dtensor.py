@@ -143,3 +143,15 @@ def test_ranks_disagreeing_on_global_shape_name_tensor_and_ranks(
 def test_several_ranks_without_targets_are_told_to_pass_into(saved: Path) -> None:
     with pytest.raises(ac.InvalidInputError, match="needs into="):
         ac.load_distributed_checkpoint(saved, 1, world_size=3)
+
+
+def test_fsdp2_example_reshards_2_to_3_exactly(tmp_path: Path) -> None:
+    """docs/examples/fsdp2_reshard.py: fully_shard training on 2 ranks, restored on 3."""
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "fsdp2_reshard.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=base_env(),
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restored on 3: weights exact" in proc.stdout
+    # 51 float32 parameters in all: each of the 3 ranks reads its third, no more.
+    assert sorted(proc.stdout.count(f"rank {r}: step 3, read 68 bytes") for r in range(3)) == [
+        1, 1, 1]
