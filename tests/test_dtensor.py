@@ -155,3 +155,14 @@ def test_fsdp2_example_reshards_2_to_3_exactly(tmp_path: Path) -> None:
     # 51 float32 parameters in all: each of the 3 ranks reads its third, no more.
     assert sorted(proc.stdout.count(f"rank {r}: step 3, read 68 bytes") for r in range(3)) == [
         1, 1, 1]
+
+
+def test_consolidate_assembles_whole_tensors(saved: Path, tmp_path: Path) -> None:
+    ac.consolidate_checkpoint(saved, tmp_path / "merged")
+    merged = ac.load_checkpoint(tmp_path / "merged")
+    model, opt = expected()
+    assert merged.model.keys() == model.keys()
+    for name, want in model.items():
+        np.testing.assert_array_equal(merged.model[name], want)
+    np.testing.assert_array_equal(merged.optimizer["w.exp_avg"], opt["w.exp_avg"])
+    assert merged.training_state.step == 7
