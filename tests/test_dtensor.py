@@ -166,3 +166,19 @@ def test_consolidate_assembles_whole_tensors(saved: Path, tmp_path: Path) -> Non
         np.testing.assert_array_equal(merged.model[name], want)
     np.testing.assert_array_equal(merged.optimizer["w.exp_avg"], opt["w.exp_avg"])
     assert merged.training_state.step == 7
+
+
+def test_changed_dtype_or_larger_target_names_the_tensor(saved: Path) -> None:
+    torch = pytest.importorskip("torch")
+    model, _ = expected()
+    into = {n: torch.zeros(a.shape, dtype=torch.from_numpy(a).dtype) for n, a in model.items()}
+    ac.load_distributed_checkpoint(saved, 0, world_size=1, into=into)
+    assert torch.equal(into["w"], torch.from_numpy(model["w"]))  # filled in place
+    with pytest.raises(ac.InvalidInputError, match=r"into\['w'\] on rank 0: the target is F64, "
+                       r"the checkpoint holds F32"):
+        ac.load_distributed_checkpoint(saved, 0, world_size=1,
+                                       into={"w": torch.zeros(5, 3, dtype=torch.float64)})
+    with pytest.raises(ac.TopologyError, match=r"into\['c'\].*\[2, 6\] is larger than the saved "
+                       r"\[2, 5\] \(saved by ranks \[0, 1\]\)"):
+        ac.load_distributed_checkpoint(saved, 0, world_size=1,
+                                       into={"c": torch.zeros(2, 6, dtype=torch.int64)})
