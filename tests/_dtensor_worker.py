@@ -57,6 +57,10 @@ def main() -> None:
         model, opt = sharded(mesh)
         if SCENARIO == "save":
             ac.save_distributed_checkpoint(CKPT, rank, world, model, opt, ac.TrainingState(7))
+            with ac.AsyncCheckpointer() as ckpt:  # the same save, from the writer thread
+                ckpt.save_distributed(
+                    CKPT.parent / "async", rank, world, model, opt, ac.TrainingState(7)
+                ).result(timeout=60)
             result["ok"] = True
         else:
             for v in [*model.values(), *opt.values()]:

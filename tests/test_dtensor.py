@@ -79,9 +79,11 @@ def test_each_rank_writes_only_its_shards_and_replicas_once(saved: Path) -> None
     assert ranks[0]["model"]["w"]["global_shape"] == [5, 3]
 
 
-def test_one_process_gets_whole_tensors(saved: Path) -> None:
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_one_process_gets_whole_tensors(saved: Path, how: str) -> None:
     stats = ac.ReadStats()
-    ckpt = ac.load_distributed_checkpoint(saved, 0, world_size=1, stats=stats)
+    where = saved if how == "sync" else saved.parent / "async"
+    ckpt = ac.load_distributed_checkpoint(where, 0, world_size=1, stats=stats)
     model, opt = expected()
     assert ckpt.model.keys() == model.keys() and ckpt.optimizer is not None
     for name, want in model.items():
