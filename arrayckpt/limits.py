@@ -1,4 +1,4 @@
-"""The one table of limits: the largest things arrayckpt writes or reads, checked at save and at load."""
+"""The one table of limits: the largest things arrayckpt writes or reads (checked at both)."""
 
 from __future__ import annotations
 

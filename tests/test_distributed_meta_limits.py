@@ -76,7 +76,7 @@ def test_meta_over_the_cap_is_refused_without_parsing(tmp_path: Path) -> None:
     doc = json.loads((ckpt / "sharding_meta.json").read_text())
     doc["padding"] = "x" * (MAX_SHARDING_META_BYTES + 1)
     (ckpt / "sharding_meta.json").write_text(json.dumps(doc))
-    with pytest.raises(CorruptCheckpointError, match="larger than .*limit for sharding_meta"):
+    with pytest.raises(CorruptCheckpointError, match=r"larger than .*limit for sharding_meta"):
         ac.load_distributed_checkpoint(ckpt, 0)
     with pytest.raises(CorruptCheckpointError, match="limit for sharding_meta"):
         ac.consolidate_checkpoint(ckpt, tmp_path / "merged")
@@ -111,7 +111,7 @@ def test_a_meta_too_large_to_load_is_never_written() -> None:
     tensors = {f"layer.{i}.weight": entry for i in range(60_000)}
     meta = ShardingMeta(2, ac.ShardingConfig(ac.ZeroPartitioned(1)),
                         ranks=[{"rank": r, "model": tensors} for r in range(2)])
-    with pytest.raises(InvalidInputError, match="over the .* a load accepts"):
+    with pytest.raises(InvalidInputError, match=r"over the .* a load accepts"):
         meta.to_json()
 
 
@@ -140,7 +140,7 @@ def test_bad_dist_timeout_fails_the_save_not_the_import(tmp_path: Path,
     subprocess.run([sys.executable, "-c", "import arrayckpt"], env=env, timeout=120, check=True)
     for bad in ("five minutes", "0", "-3", "nan", "inf"):
         monkeypatch.setenv("ARRAYCKPT_DIST_TIMEOUT", bad)
-        with pytest.raises(InvalidInputError, match="ARRAYCKPT_DIST_TIMEOUT=.*e.g."):
+        with pytest.raises(InvalidInputError, match=r"ARRAYCKPT_DIST_TIMEOUT=.*e\.g\."):
             default_timeout()
     monkeypatch.setenv("ARRAYCKPT_DIST_TIMEOUT", "12.5")
     assert default_timeout() == 12.5
