@@ -8,8 +8,6 @@ with, deadlock on, or trip the watchdog of the training collectives.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import threading
 import time
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .. import env
 from ..errors import InvalidInputError, TopologyError
 
 #: Seconds a rank waits for the others at each step unless ARRAYCKPT_DIST_TIMEOUT says otherwise.
@@ -33,19 +32,7 @@ def default_timeout() -> float:
     Raises:
         InvalidInputError: the variable is not a positive finite number of seconds.
     """
-    text = os.environ.get(_TIMEOUT_ENV)
-    if text is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidInputError(
-            f"{_TIMEOUT_ENV}={text!r} is not a positive number of seconds; set it to, e.g., "
-            f"{_TIMEOUT_ENV}=600, or unset it for the default {DEFAULT_TIMEOUT_S:.0f}"
-        )
-    return value
+    return env.positive_seconds(_TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 class Coordinator(ABC):
