@@ -57,7 +57,8 @@ def load_distributed_checkpoint(
         state is rank 0's. Nested state comes back in its saved structure when the rank
         loads all of it (Replicated, TensorParallel, ZeroPartitioned into one rank); a
         partial share (ZeroPartitioned into several ranks, or ``keys=``) is flat, with
-        dotted names.
+        dotted names, except a ZeroPartitioned torch optimizer state_dict saved over each
+        rank's own parameters: its share is a state_dict for exactly this rank's parameters.
 
     Raises:
         TopologyError: ``rank`` is out of range (for the saved world size unless
