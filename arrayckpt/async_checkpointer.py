@@ -58,7 +58,7 @@ class AsyncCheckpointer(ClosesOnExit):
         model_state: Mapping[str, Any],
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
-    ) -> WriteFuture[Path]:
+    ) -> WriteFuture[Path | str]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
         Returns:

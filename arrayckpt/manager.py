@@ -158,7 +158,7 @@ class CheckpointManager(ClosesOnExit):
         def write_and_retain(snap: Any) -> Path:
             path = write_snapshot(target, snap)
             self._retain(step)
-            return path
+            return Path(path)  # the manager's root is a local path
 
         if self._checkpointer is None:
             snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
