@@ -11,7 +11,7 @@ nox.options.default_venv_backend = "venv"
 
 # A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax"]
+TEST_DEPS = [".[test,s3]", TORCH, "array-api-strict", "jax"]
 
 
 @nox.session

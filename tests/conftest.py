@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 
 #: the SeaweedFS S3 server fixtures (s3_server, s3_env) for the object-store tests

