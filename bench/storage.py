@@ -18,8 +18,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import arrayckpt as ac  # noqa: E402
-from arrayckpt.storage import objects, parse_url  # noqa: E402
+import arrayckpt as ac
+from arrayckpt.storage import objects, parse_url
 
 
 def _best(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -44,7 +44,8 @@ def main() -> None:
         server = start_server(Path(tmp))
         try:
             opts = {"endpoint": server.endpoint, "access_key_id": "k",
-                    "secret_access_key": "s", "region": "us-east-1"}
+                    "secret_access_key": "s", "region": "us-east-1",
+                    "client_options": {"timeout": "300s"}}
             store = objects.open_store(parse_url(server.url("x")), opts)
             # 16 tensors of 64 MiB, as a model's large layers
             state = {f"layer{i}": np.ones(nbytes // 16 // 4, np.float32) for i in range(16)}

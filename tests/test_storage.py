@@ -3,6 +3,8 @@ incomplete steps invisible, failures named by URL, no credentials in messages.""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
 from s3server import S3Server
@@ -204,7 +206,7 @@ def test_server_killed_mid_save_then_restarted(tmp_path) -> None:  # type: ignor
     options = {
         "endpoint": server.endpoint, "access_key_id": "k", "secret_access_key": "s",
         "region": "us-east-1",
-        "retry_config": {"max_retries": 2, "retry_timeout": __import__("datetime").timedelta(seconds=3)},
+        "retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=3)},
     }
     try:
         ac.save_checkpoint(server.url("run/step_1"), {"x": np.arange(10)}, storage_options=options)
@@ -250,3 +252,18 @@ def _listing_with(url: str, options: dict) -> set[str]:  # type: ignore[type-arg
     parsed = parse_url(url)
     store = objects.open_store(parsed, options)
     return {m["path"].rsplit("/", 1)[1] for m in obstore.list(store, parsed.prefix).collect()}
+
+
+@pytest.mark.parametrize("call", [
+    lambda u: ac.CheckpointManager(u),
+    lambda u: ac.open_checkpoint(u),
+    lambda u: ac.load_distributed_checkpoint(u, 0),
+    lambda u: ac.consolidate_checkpoint(u, "/tmp/never-written"),
+    lambda u: ac.save_distributed_checkpoint(u, 0, 1, {"x": np.arange(2)}),
+])
+def test_entry_points_without_object_stores_refuse_urls(call, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Not yet wired to object stores: a URL is refused, never made a local `s3:` folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match="does not support object-store URLs yet"):
+        call("s3://bucket/run")
+    assert not (tmp_path / "s3:").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import backends, nested
+from .. import backends, nested, storage
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
@@ -72,6 +72,7 @@ def load_distributed_checkpoint(
         >>> sorted(ac.load_distributed_checkpoint(d, 0, world_size=1).model)
         ['a', 'b']
     """
+    directory = storage.local_only(directory, "load_distributed_checkpoint")
     root = Path(directory)
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.
