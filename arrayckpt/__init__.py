@@ -7,7 +7,6 @@ host memory, and loading never runs code. Importing arrayckpt imports no framewo
 from __future__ import annotations
 
 from .async_checkpointer import AsyncCheckpointer
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distributed import (
     Replicated,
     ShardingConfig,
@@ -27,7 +26,9 @@ from .errors import (
     UnsupportedArrayError,
 )
 from .lazy import LazyCheckpoint, open_checkpoint
+from .load import Checkpoint, load_checkpoint
 from .manager import CheckpointManager
+from .save import save_checkpoint
 from .training_state import CHECKPOINT_VERSION, TrainingState
 
 __version__ = "0.1.0"

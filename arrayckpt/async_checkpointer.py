@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from . import backends, writer
-from .checkpoint import PathLike, take_snapshot, write_snapshot
 from .closing import ClosesOnExit
 from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
-from .snapshot import StagingPool
+from .layout import PathLike
+from .save import write_snapshot
+from .snapshot import take_snapshot
+from .staging import StagingPool
 from .training_state import TrainingState
 from .writer import WriteFuture
 

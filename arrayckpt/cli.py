@@ -124,7 +124,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .manager import scan, temporary_owner
+    from .layout import scan, temporary_owner
 
     root = Path(args.root)
     if not root.is_dir():

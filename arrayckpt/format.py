@@ -25,7 +25,7 @@ import safetensors
 from . import fsops, pool
 from .dtypes import BY_CODE, DType
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .snapshot import HostTensor
+from .staging import HostTensor
 from .strict_json import reject_constant, unique_keys
 
 #: Largest header accepted (the safetensors library's own cap).

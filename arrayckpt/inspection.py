@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from . import nested
-from .checkpoint import PathLike
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import SafetensorsReader
 from .layout import (
@@ -18,9 +17,10 @@ from .layout import (
     OPTIMIZER_FILE,
     SHARDING_META_FILE,
     TRAINING_STATE_FILE,
+    PathLike,
     is_rank_dir_name,
+    scan,
 )
-from .manager import scan
 from .training_state import TrainingState
 
 

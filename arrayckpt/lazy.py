@@ -8,9 +8,8 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import backends, format, nested
-from .checkpoint import PathLike
 from .errors import CheckpointNotFoundError, InvalidInputError
-from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from .training_state import TrainingState
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import fsops
 from .async_checkpointer import AsyncCheckpointer
-from .checkpoint import Checkpoint, PathLike, load_checkpoint, take_snapshot, write_snapshot
 from .closing import ClosesOnExit
 from .commit import temporary_sibling
 from .errors import (
@@ -25,110 +22,27 @@ from .errors import (
     InvalidInputError,
 )
 from .layout import (
-    MODEL_FILE,
     OLD_MARKER,
-    SHARDING_META_FILE,
     TEMP_MARKER,
     TRAINING_STATE_FILE,
+    PathLike,
+    is_complete,
     is_temporary_name,
+    process_alive,
     rank_dir_name,
+    scan,
+    step_dir_name,
+    temporary_owner,
 )
+from .load import Checkpoint, load_checkpoint
+from .save import write_snapshot
+from .snapshot import take_snapshot
 from .training_state import TrainingState
 
 log = logging.getLogger("arrayckpt")
 
-_STEP_DIR = re.compile(r"step_([0-9]{8,})")
 #: A temporary whose creating process is still alive is left alone until it is this old.
 DEFAULT_STALE_AFTER_S = 6 * 3600.0
-
-
-def step_dir_name(step: int) -> str:
-    """``step_00000100`` for step 100 (eight digits at least, so names sort by step)."""
-    return f"step_{step:08d}"
-
-
-def parse_step_dir_name(name: str) -> int | None:
-    """The step of a step directory's name, or ``None`` for any other name."""
-    m = _STEP_DIR.fullmatch(name)
-    if m is None or step_dir_name(int(m[1])) != name:
-        return None
-    return int(m[1])
-
-
-def _single_complete(path: Path) -> bool:
-    return (path / MODEL_FILE).is_file() and (path / TRAINING_STATE_FILE).is_file()
-
-
-def is_complete(path: Path) -> bool:
-    """True when ``path`` holds a whole checkpoint: a single one, or every rank of a sharded one.
-
-    A commit renames a directory into place only once it is whole, so this is what a
-    reader can trust; it does not read the tensors (``arrayckpt verify`` does).
-    """
-    meta = path / SHARDING_META_FILE
-    if not meta.is_file():
-        return _single_complete(path)
-    try:
-        world_size = json.loads(meta.read_bytes())["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if type(world_size) is not int or world_size < 1:
-        return False
-    return all(_single_complete(path / rank_dir_name(r)) for r in range(world_size))
-
-
-class StepEntry(NamedTuple):
-    """One entry of a manager root, as `scan` finds it."""
-
-    name: str
-    path: Path
-    #: The step number; ``None`` for a temporary.
-    step: int | None
-    #: ``"complete"``, ``"incomplete"`` or ``"temporary"``.
-    status: str
-
-
-def scan(root: PathLike) -> list[StepEntry]:
-    """Every step directory and temporary under ``root``, complete or not, by step.
-
-    Other entries (the user's own files) are not listed. A missing root lists nothing.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    steps, temporaries = [], []
-    for entry in root.iterdir():
-        if is_temporary_name(entry.name):
-            temporaries.append(StepEntry(entry.name, entry, None, "temporary"))
-            continue
-        step = parse_step_dir_name(entry.name)
-        if step is not None and entry.is_dir():
-            status = "complete" if is_complete(entry) else "incomplete"
-            steps.append(StepEntry(entry.name, entry, step, status))
-    steps.sort(key=lambda e: e.step or 0)
-    temporaries.sort(key=lambda e: e.name)
-    return steps + temporaries
-
-
-def temporary_owner(name: str) -> int | None:
-    """The pid a temporary's name records (``.<target>.arrayckpt-tmp-<pid>-<id>``)."""
-    for marker in (TEMP_MARKER, OLD_MARKER):
-        if marker in name:
-            pid = name.split(marker, 1)[1].split("-", 1)[0]
-            return int(pid) if pid.isdigit() else None
-    return None
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _recovery_rank(entry: Path) -> tuple[bool, int]:
@@ -384,7 +298,7 @@ class CheckpointManager(ClosesOnExit):
 
     def _stale(self, entry: Path) -> bool:
         pid = temporary_owner(entry.name)
-        if pid is None or not _alive(pid):
+        if pid is None or not process_alive(pid):
             return True
         try:
             age = time.time() - entry.lstat().st_mtime

@@ -1,125 +1,223 @@
-"""Host snapshots of arrays: `HostTensor` and the reusable staging pool they are copied into."""
+"""Snapshots: validate a checkpoint's state and copy it to host memory owned by arrayckpt."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import backends, hostcopy, nested
 from .dtypes import DType
 from .errors import InvalidInputError
-
-#: Allocates ``nbytes`` of host memory as a flat uint8 array; ``pinned`` asks for
-#: page-locked memory (for device-to-host copies).
-Allocator = Callable[[int, bool], np.ndarray]
+from .staging import HostTensor, StagingPool
+from .training_state import TrainingState
 
 
 @dataclass(frozen=True)
-class HostTensor:
-    """One array's bytes in host memory: C-contiguous, little-endian, ready to write."""
+class Snapshot:
+    """Everything one save writes, already in host memory owned by arrayckpt."""
 
-    data: np.ndarray
-    dtype: DType
-    #: ``data``'s address when the snapshot already knows it (a view into a slab), which
-    #: saves the writer an `__array_interface__` lookup per tensor.
-    address: int | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
+    model: dict[str, HostTensor]
+    optimizer: dict[str, HostTensor]
+    training_state: TrainingState
+    #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
+    model_tree: str | None = None
+    optimizer_tree: str | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
-
-    def bytes(self) -> memoryview:
-        """The raw bytes, without a copy."""
-        return self.data.reshape(-1).view(np.uint8).data
+        return sum(t.nbytes for part in (self.model, self.optimizer) for t in part.values())
 
 
-class StagingPool:
-    """Host buffers reused from one snapshot to the next, keyed by size.
+Plan = list[tuple[str, Any, backends.Backend, DType]]
 
-    Reuse matters: copying into warm pages runs at memcpy speed, while fresh allocations
-    pay a page fault per 4 KiB. Buffers the previous snapshot used become free again at
-    `begin`; the ones the new snapshot cannot reuse are dropped (at `begin` when it is told
-    the sizes, else at `end`), so the pool holds one snapshot at most.
 
-    Example:
-        >>> pool = StagingPool()
-        >>> pool.begin([8]); a = pool.take(8); pool.end()
-        >>> pool.begin([8]); b = pool.take(8); pool.end()
-        >>> a.ctypes.data == b.ctypes.data  # the same warm buffer, reused
-        True
+def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
+    """Validate every key and value of ``state`` before the first byte is copied."""
+    if state is None:
+        return []
+    state = check_mapping(state, what=what)
+    plan = []
+    for key, x in state.items():
+        check_key(key, what=what)
+        backend = backends.for_array(x, key)
+        plan.append((key, x, backend, backend.dtype(x, key)))
+    return plan
+
+
+#: NumPy arrays up to this size share one staging slab per snapshot (see `_slab_copy`).
+SLAB_MAX_BYTES = 64 << 10
+
+
+def _split_small(plan: Plan) -> tuple[Plan, Plan]:
+    """Split off the small, C-contiguous, little-endian NumPy arrays of ``plan``."""
+    small: Plan = []
+    rest: Plan = []
+    numpy_backend = backends.for_array(_NUMPY_PROBE, "")
+    for item in plan:
+        _, x, backend, dtype = item
+        if (
+            backend is numpy_backend
+            and type(x) is np.ndarray
+            and x.nbytes <= SLAB_MAX_BYTES
+            and x.dtype == dtype.numpy
+            and x.flags.c_contiguous
+        ):
+            small.append(item)
+        else:
+            rest.append(item)
+    return small, rest
+
+
+_NUMPY_PROBE = np.empty(0, np.uint8)
+
+
+SlabLayout = list[tuple[np.dtype[Any], list[int]]]
+
+
+def _slab_layout(small: Plan) -> tuple[SlabLayout, int]:
+    """Group ``small`` by dtype: each group's plan indices, and the slab's byte size.
+
+    Each group starts 64-byte aligned, so every view into the slab is aligned.
     """
-
-    def __init__(self, pinned_allocator: Callable[[int], np.ndarray] | None = None) -> None:
-        self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
-        self._used: dict[tuple[int, bool], list[np.ndarray]] = {}
-        self.pinned_allocator = pinned_allocator
-
-    def begin(self, sizes: Iterable[int] | None = None) -> None:
-        """Start a snapshot: the previous one's buffers may be overwritten from now on.
-
-        Args:
-            sizes: the byte sizes the snapshot will `take`, when known; buffers of other
-                sizes are dropped now, so the pool never holds two snapshots at once.
-        """
-        self._free, self._used = self._used, {}
-        for bufs in self._free.values():
-            bufs.reverse()  # `take` pops from the end: each tensor gets back its own buffer
-        if sizes is None:
-            return
-        wanted = Counter(sizes)
-        for (nbytes, pinned), bufs in list(self._free.items()):
-            keep = wanted[nbytes]
-            wanted[nbytes] -= min(keep, len(bufs))
-            del bufs[keep:]
-            if not bufs:
-                del self._free[(nbytes, pinned)]
-
-    def end(self) -> None:
-        """Finish a snapshot: drop the previous snapshot's buffers it did not reuse."""
-        self._free = {}
-
-    def take(self, nbytes: int, pinned: bool = False) -> np.ndarray:
-        key = (nbytes, pinned)
-        free = self._free.get(key)
-        buf = free.pop() if free else self._allocate(nbytes, pinned)
-        self._used.setdefault(key, []).append(buf)
-        return buf
-
-    def _allocate(self, nbytes: int, pinned: bool) -> np.ndarray:
-        if pinned and self.pinned_allocator is not None:
-            return self.pinned_allocator(nbytes)
-        return np.empty(nbytes, np.uint8)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the pool holds."""
-        return sum(b.nbytes for d in (self._free, self._used) for bs in d.values() for b in bs)
-
-    def release(self) -> None:
-        self._free.clear()
-        self._used.clear()
+    groups: dict[np.dtype[Any], list[int]] = {}
+    sizes: dict[np.dtype[Any], int] = {}
+    for i, (_, x, _, _) in enumerate(small):
+        dt = x.dtype
+        if dt in groups:
+            groups[dt].append(i)
+            sizes[dt] += x.nbytes
+        else:
+            groups[dt] = [i]
+            sizes[dt] = x.nbytes
+    total = 0
+    for dt in groups:
+        total = -(-total // 64) * 64 + sizes[dt]
+    return list(groups.items()), total
 
 
-def fresh_allocator(nbytes: int, pinned: bool) -> np.ndarray:
-    """An allocator with no reuse (for one-off saves)."""
-    return np.empty(nbytes, np.uint8)
+def _slab_copy(small: Plan, groups: SlabLayout, slab: np.ndarray) -> dict[str, HostTensor]:
+    """Copy many small arrays into one slab laid out by `_slab_layout`: one
+    `np.concatenate` per dtype instead of a staging buffer, views and a copy call per array
+    (20,000 tensors of 4 KiB: ~5 µs less each)."""
+    out: list[HostTensor | None] = [None] * len(small)
+    at = 0
+    for dt, members in groups:
+        at = -(-at // 64) * 64
+        arrays = [small[i][1] for i in members]
+        count = sum(a.size for a in arrays)
+        segment = slab[at : at + count * dt.itemsize].view(dt)
+        np.concatenate([a.ravel() for a in arrays], out=segment)
+        dtype = small[members[0]][3]
+        start = 0
+        address = segment.__array_interface__["data"][0]
+        for i, a in zip(members, arrays, strict=True):
+            end = start + a.size
+            view = segment[start:end]
+            out[i] = HostTensor(
+                view if a.ndim == 1 else view.reshape(a.shape),
+                dtype,
+                address + start * dt.itemsize,
+            )
+            start = end
+        at += count * dt.itemsize
+    return {item[0]: t for item, t in zip(small, out, strict=True) if t is not None}
 
 
-def host_view(flat: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
-    """View a flat uint8 buffer as an array of ``dtype`` and ``shape``."""
-    return flat.view(dtype.numpy).reshape(shape)
+def _copy(
+    plan: Plan,
+    staging: StagingPool | None,
+    slab: tuple[Plan, SlabLayout, np.ndarray] | None = None,
+) -> dict[str, HostTensor]:
+    """Copy ``plan`` to host memory; ``slab``: its small arrays, their layout, the slab."""
+    alloc = staging.take if staging is not None else None
+    in_slab = _slab_copy(*slab) if slab is not None else {}
+    # Host copies are collected and run together at the end, spread across threads.
+    with hostcopy.batched():
+        return {
+            key: in_slab[key] if key in in_slab
+            else HostTensor(backend.to_host(x, key, dtype, alloc), dtype)
+            for key, x, backend, dtype in plan
+        }
 
 
-def nbytes_of(dtype: DType, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * dtype.itemsize
+def _begin_staging(
+    staging: StagingPool, *plans: Plan
+) -> list[tuple[Plan, SlabLayout, np.ndarray] | None]:
+    """Tell ``staging`` the snapshot's buffer sizes; take one slab per plan for its small
+    NumPy arrays (`None` where a plan has fewer than two)."""
+    sizes: list[int] = []
+    smalls: list[Plan] = []
+    for plan in plans:
+        small, rest = _split_small(plan)
+        if len(small) <= 1:
+            small, rest = [], plan  # a slab of one array saves nothing
+        smalls.append(small)
+        sizes += [math.prod(backend.shape(x)) * dtype.itemsize for _, x, backend, dtype in rest]
+    layouts = [_slab_layout(small) for small in smalls]
+    staging.begin(sizes + [n for small, (_, n) in zip(smalls, layouts, strict=True) if small])
+    return [
+        (small, groups, staging.take(n)) if small else None
+        for small, (groups, n) in zip(smalls, layouts, strict=True)
+    ]
+
+
+def _synchronize(*plans: Plan) -> None:
+    """Wait once per backend for the (possibly asynchronous) device-to-host copies."""
+    for backend in {id(b): b for plan in plans for _, _, b, _ in plan}.values():
+        backend.synchronize()
+
+
+def take_snapshot(
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None,
+    training_state: TrainingState | None,
+    *,
+    staging: StagingPool | None,
+) -> Snapshot:
+    """Validate and copy one checkpoint's state to host memory.
+
+    Every key and value is validated before the first byte is copied. With ``staging``
+    each array is copied into the pool's reusable buffers (so the caller may mutate its
+    arrays afterwards); without it, host arrays that are already contiguous are used in
+    place (zero copy, for synchronous saves).
+
+    With ``staging``, the pool's previous snapshot is overwritten: its write must be done.
+    """
+    training_state = TrainingState(step=0) if training_state is None else training_state
+    if not isinstance(training_state, TrainingState):
+        raise InvalidInputError(
+            f"training_state must be a TrainingState, not {type(training_state).__name__}"
+        )
+    training_state.to_json()  # validates; raises before anything is copied
+    flat_model, model_tree = _flatten(model_state, what="model_state")
+    flat_optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
+    model_plan = _plan(flat_model, what="model_state")
+    optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
+    slabs = (
+        _begin_staging(staging, model_plan, optimizer_plan) if staging is not None else [None, None]
+    )
+    try:
+        with hostcopy.batched():  # one batch of copies for both states
+            model = _copy(model_plan, staging, slabs[0])
+            optimizer = _copy(optimizer_plan, staging, slabs[1])
+    finally:
+        # One synchronisation per snapshot; also after a failed copy, so no device copy
+        # still writes into staging buffers the next snapshot will reuse.
+        _synchronize(model_plan, optimizer_plan)
+    if staging is not None:
+        staging.end()
+    return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
+
+
+def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:
+    if state is None:
+        return None, None
+    return nested.flatten(state, what=what)
+
 
 
 def check_key(key: Any, *, what: str) -> str:

@@ -1,6 +1,6 @@
 """Experiment: which way of writing a snapshot is fastest on this machine.
 
-Variants of `arrayckpt.checkpoint.write_files`, run round-robin (so drifts of the virtual
+Variants of `arrayckpt.save.write_files`, run round-robin (so drifts of the virtual
 disk hit them alike), median of the rounds:
 
 - ``crc_first``: CRC32C of every tensor, then safetensors' serializer, then fsync; files
@@ -8,7 +8,7 @@ disk hit them alike), median of the rounds:
 - ``crc_threads``: the CRC32Cs split across threads before writing;
 - ``two_files``: ``crc_threads``, with model and optimizer files written by two threads
   at once;
-- ``library``: `arrayckpt.checkpoint.write_files` as it is now (``two_files``).
+- ``library``: `arrayckpt.save.write_files` as it is now (``two_files``).
 
 (A variant that wrote placeholder CRCs and patched the header after the write measured
 no better than ``crc_threads`` here and needs a second file-system step per file; it was
@@ -35,8 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arrayckpt import format as fmt
-from arrayckpt.checkpoint import take_snapshot, write_files
-from arrayckpt.snapshot import StagingPool
+from arrayckpt.save import write_files
+from arrayckpt.snapshot import take_snapshot
+from arrayckpt.staging import StagingPool
 
 POOL = ThreadPoolExecutor(os.cpu_count() or 2)
 

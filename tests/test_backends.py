@@ -15,7 +15,7 @@ from strategies import assert_same_array, backend_arrays, cpu_backends, importab
 
 import arrayckpt as ac
 from arrayckpt import backends
-from arrayckpt.snapshot import StagingPool
+from arrayckpt.staging import StagingPool
 
 ROOT = Path(__file__).resolve().parent.parent
 

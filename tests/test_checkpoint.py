@@ -424,8 +424,8 @@ def test_eager_partial_load_still_verifies_checksums(tmp_path):
                     arrays(code, shape).map(lambda a, lay=lay: with_layout(a, lay))
                     for code, shape, lay in specs))))
 def test_small_arrays_share_one_slab_and_keep_their_bytes(arrays_: tuple[np.ndarray, ...]) -> None:
-    from arrayckpt.checkpoint import take_snapshot
-    from arrayckpt.snapshot import StagingPool
+    from arrayckpt.snapshot import take_snapshot
+    from arrayckpt.staging import StagingPool
 
     state = {f"t{i}": a for i, a in enumerate(arrays_)}
     expected = {k: a.copy() for k, a in state.items()}
@@ -448,8 +448,8 @@ def test_small_arrays_share_one_slab_and_keep_their_bytes(arrays_: tuple[np.ndar
 
 
 def test_small_arrays_are_copied_into_one_reused_slab() -> None:
-    from arrayckpt.checkpoint import take_snapshot
-    from arrayckpt.snapshot import StagingPool
+    from arrayckpt.snapshot import take_snapshot
+    from arrayckpt.staging import StagingPool
 
     state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32),
              "m": np.array([True, False]), "s": np.array(2.5),

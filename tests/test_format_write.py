@@ -10,7 +10,7 @@ import pytest
 import safetensors.numpy
 
 from arrayckpt import format as fmt
-from arrayckpt.checkpoint import take_snapshot
+from arrayckpt.snapshot import take_snapshot
 
 NAMES = ["plain", 'quote"d', "back\\slash", "ünïcödé/层", "tab\tand\nnewline", "\x01ctl", "\x7f"]
 

@@ -16,7 +16,7 @@ import pytest
 
 import arrayckpt as ac
 from arrayckpt import fsops
-from arrayckpt.manager import scan, temporary_owner
+from arrayckpt.layout import scan, temporary_owner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import DType
-from ..snapshot import Allocator
+from ..staging import Allocator
 
 
 class Backend(ABC):

@@ -10,7 +10,7 @@ import numpy as np
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
-from ..snapshot import Allocator, host_view
+from ..staging import Allocator, host_view
 from .base import SideStreamBackend
 
 #: NumPy dtype kinds CuPy arrays can hold; ml_dtypes' BF16 and float8 types (kind "V")

@@ -10,7 +10,7 @@ import numpy as np
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
-from ..snapshot import Allocator
+from ..staging import Allocator
 from .base import Backend
 from .numpy import NumpyBackend
 

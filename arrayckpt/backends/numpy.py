@@ -10,7 +10,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError
 from ..hostcopy import copy_bytes
-from ..snapshot import Allocator, host_view
+from ..staging import Allocator, host_view
 from .base import Backend
 
 

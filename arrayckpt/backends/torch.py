@@ -11,7 +11,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import InvalidInputError, UnsupportedArrayError
 from ..hostcopy import copy_bytes
-from ..snapshot import Allocator, host_view
+from ..staging import Allocator, host_view
 from .base import SideStreamBackend
 
 

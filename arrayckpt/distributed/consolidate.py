@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import format, fsops
-from ..checkpoint import PathLike
 from ..commit import commit_directory
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError
-from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE
+from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..nested import TREE_KEY
 from ..training_state import TrainingState
 from .reshard import PARTS

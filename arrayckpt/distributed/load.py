@@ -8,15 +8,9 @@ from types import ModuleType
 from typing import Any
 
 from .. import backends, nested
-from ..checkpoint import (
-    Checkpoint,
-    PathLike,
-    interrupted_save_hint,
-    load_checkpoint,
-    read_consistently,
-)
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
-from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE
+from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
+from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
 from ..training_state import TrainingState
 from .reshard import load_share
 from .shards import SavedRank, check_manifest, check_ranks_present

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsops
-from ..checkpoint import PathLike, Snapshot, take_snapshot, write_files, write_snapshot
 from ..commit import commit_directory, temporary_sibling
 from ..dtypes import BY_CODE
 from ..errors import (
@@ -21,8 +20,10 @@ from ..errors import (
     TopologyError,
 )
 from ..format import Entry
-from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, rank_dir_name
-from ..snapshot import StagingPool
+from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, PathLike, rank_dir_name
+from ..save import write_files, write_snapshot
+from ..snapshot import Snapshot, take_snapshot
+from ..staging import StagingPool
 from ..training_state import TrainingState
 from .coordinator import Coordinator, resolve
 from .shards import ShardFile, plan_split

@@ -1,0 +1,229 @@
+"""Load of one checkpoint directory (boostr's layout) into arrays of any framework."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple, TypeVar
+
+from . import backends, fill, format, nested
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidInputError,
+    UnsupportedArrayError,
+)
+from .layout import (
+    MODEL_FILE,
+    OLD_MARKER,
+    OPTIMIZER_FILE,
+    SHARDING_META_FILE,
+    TRAINING_STATE_FILE,
+    PathLike,
+    rank_dir_name,
+)
+from .training_state import TrainingState
+
+T = TypeVar("T")
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: ``model, optimizer, training_state = load_checkpoint(...)``.
+
+    ``model`` and ``optimizer`` have the structure that was saved: a flat ``str -> array``
+    dict, or the nested dicts/lists/tuples of a state dict or pytree.
+    """
+
+    model: Any
+    optimizer: Any | None
+    training_state: TrainingState
+
+
+
+def load_state_file(
+    path: Path,
+    *,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    verify: bool = True,
+    mmap: bool = True,
+    keys: Iterable[str] | None = None,
+    into: Any = None,
+) -> Any:
+    """Load one safetensors file as arrays of ``xp`` on ``device``, in its saved structure.
+
+    With ``keys``, only those tensors (by their names in the file) are read and checked,
+    returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
+    (see `fill.fill`), and ``into`` is returned.
+    """
+    if keys is not None and into is not None:
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
+    # eager partial loads read only the header and the requested tensors' byte ranges
+    reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
+    if into is not None:
+        return fill.fill(into, reader, verify=verify)
+    backend = backends.for_namespace(xp)
+    backend.check_device(device)
+
+    def get(name: str) -> Any:
+        try:
+            return backend.from_host(reader.array(name, verify=verify), device)
+        except UnsupportedArrayError as exc:
+            raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
+
+    if keys is not None:
+        if isinstance(keys, str):
+            raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
+        missing = [k for k in keys if k not in reader.header.entries]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
+            )
+        return {name: get(name) for name in keys}
+    tree = reader.header.metadata.get(nested.TREE_KEY)
+    if tree is not None:
+        return nested.unflatten(tree, get, set(reader.names), source=str(path))
+    return {name: get(name) for name in reader.names}
+
+
+def load_checkpoint(
+    directory: PathLike,
+    *,
+    xp: ModuleType | str | None = None,
+    device: Any = None,
+    verify: bool = True,
+    mmap: bool = True,
+    keys: Iterable[str] | None = None,
+    optimizer: bool = True,
+    into: Any = None,
+) -> Checkpoint:
+    """Load a checkpoint directory into arrays of any framework.
+
+    Args:
+        directory: a checkpoint written by arrayckpt or boostr.
+        xp: the namespace of the arrays to return: ``None`` (NumPy), a module
+            (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
+            or its name.
+        device: that framework's device (``"cuda:0"``, a CuPy ``Device``, ...).
+        verify: check every loaded tensor's CRC32C (files from other tools have none).
+        mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
+            each file sequentially (best on network file systems).
+        keys: load only these model tensors (names as in the file, dotted for nested
+            state), as a flat dict; the rest of the file is never read (with ``mmap=False``
+            only the header and those tensors' byte ranges are read).
+        optimizer: ``False`` skips the optimizer file (``optimizer`` is then ``None``).
+        into: an existing model state with the saved structure (e.g.
+            ``model.state_dict()``): tensors are copied into its arrays in place, on
+            their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
+            then unused.
+
+    Returns:
+        ``Checkpoint(model, optimizer, training_state)``; ``model`` and ``optimizer`` have
+        the saved structure; ``optimizer`` is ``None`` when no optimizer file was saved.
+
+    Raises:
+        CheckpointNotFoundError: the directory, a required file or a requested key is missing.
+        CorruptCheckpointError: a file is malformed or fails its checksum (names which).
+        InvalidInputError: ``into`` does not match the saved structure, shapes or dtypes.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = ac.save_checkpoint(d, {"w": np.ones(2, np.float32), "b": np.zeros(1)})
+        >>> ac.load_checkpoint(d, keys=["w"]).model
+        {'w': array([1., 1.], dtype=float32)}
+    """
+    root = Path(directory)
+    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
+    return read_consistently(
+        root, lambda: _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
+    )
+
+
+_LOAD_ATTEMPTS = 100
+
+
+def read_consistently(root: Path, read: Callable[[], T]) -> T:
+    """``read()`` the directory ``root`` as one unit, even while saves replace it.
+
+    A save may swap the directory while we read it. Its files are never changed in place,
+    so if the directory is the same one before and after, everything read came from it;
+    otherwise read again (a renamed-in directory has a new inode or ctime).
+    """
+    for _ in range(_LOAD_ATTEMPTS):
+        before = _identity(root)
+        try:
+            loaded = read()
+        except CheckpointError:
+            if before is not None and _identity(root) != before:
+                continue
+            raise
+        if _identity(root) == before:
+            return loaded
+    raise CheckpointError(
+        f"{root} was replaced {_LOAD_ATTEMPTS} times while it was being loaded; "
+        "load it when saves to it pause"
+    )
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _load_once(
+    root: Path, options: dict[str, Any], *, keys: Iterable[str] | None, optimizer: bool,
+    into: Any,
+) -> Checkpoint:
+    if not root.is_dir():
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
+        )
+    if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
+        raise InvalidInputError(
+            f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
+        )
+    if not (root / MODEL_FILE).exists():
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
+            f"{interrupted_save_hint(root)}"
+        )
+    model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
+    opt_path = root / OPTIMIZER_FILE
+    opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
+    state = TrainingState.read(root / TRAINING_STATE_FILE)
+    return Checkpoint(model, opt, state)
+
+
+def interrupted_save_hint(root: Path) -> str:
+    """Where a save interrupted between its two renames left the previous checkpoint.
+
+    Several aside copies can survive a power cut; the one with the highest step is the
+    previous checkpoint.
+    """
+    found: list[tuple[int, str]] = []
+    try:
+        for path in root.parent.glob(f".{glob.escape(root.name)}{OLD_MARKER}*"):
+            # a distributed checkpoint keeps its training state in each rank's directory
+            state = path / TRAINING_STATE_FILE
+            if not state.exists():
+                state = path / rank_dir_name(0) / TRAINING_STATE_FILE
+            try:
+                found.append((TrainingState.read(state).step, str(path)))
+            except (CheckpointError, OSError):
+                continue  # not a complete checkpoint: no use to the user
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    step, newest = max(found)
+    return (
+        f"; a save was interrupted and left the previous checkpoint (step {step}) in {newest}: "
+        f"rename it to {root} to restore it"
+    )

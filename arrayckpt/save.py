@@ -1,0 +1,101 @@
+"""Synchronous save of one checkpoint directory (boostr's layout)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import format, fsops, nested, pool
+from .commit import commit_directory
+from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
+from .snapshot import Snapshot, take_snapshot
+from .training_state import TrainingState
+
+log = logging.getLogger("arrayckpt")
+
+
+def _tree_metadata(tree: str | None) -> dict[str, str] | None:
+    return None if tree is None else {nested.TREE_KEY: tree}
+
+
+def write_files(directory: Path, snap: Snapshot) -> None:
+    """Write and fsync a checkpoint's files into an (uncommitted) directory.
+
+    Two threads write at once: this one the model file, a second one the optimizer file
+    and ``training_state.json``. Overlapping one file's fsync with the other's writing
+    finished sooner than one file after the other (``bench/writer_variants.py``).
+    """
+
+    def other_files() -> None:
+        if snap.optimizer or snap.optimizer_tree is not None:
+            format.write_file(
+                directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+            )
+        state_path = directory / TRAINING_STATE_FILE
+        fs = fsops.fs()
+        fs.write_bytes(state_path, snap.training_state.to_json().encode())
+        fs.fsync_file(state_path)
+
+    others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+    try:
+        format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
+    finally:
+        # Never return (and let the commit remove the directory) while it still writes.
+        error = others.exception()
+    if error is not None:
+        raise error
+
+
+def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:
+    """Atomically commit ``snap`` as the checkpoint at ``directory``."""
+    started = time.perf_counter()
+    target = commit_directory(directory, lambda tmp: write_files(tmp, snap))
+    log.info(
+        "saved %s: %d tensors, %.1f MiB in %.3f s",
+        target,
+        len(snap.model) + len(snap.optimizer),
+        snap.nbytes / 2**20,
+        time.perf_counter() - started,
+    )
+    return target
+
+
+def save_checkpoint(
+    directory: PathLike,
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+    training_state: TrainingState | None = None,
+) -> Path:
+    """Save a checkpoint directory atomically and durably, and return its path.
+
+    Writes ``model.safetensors``, ``optimizer.safetensors`` (only when non-empty) and
+    ``training_state.json`` into a temporary sibling, fsyncs them, and swaps the
+    directory into place: ``directory`` holds the complete previous checkpoint or the
+    complete new one at every instant.
+
+    Args:
+        directory: where the checkpoint goes; must be new, empty, or a checkpoint.
+        model_state: ``str -> array`` of any supported framework (mixed is fine).
+        optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
+        training_state: step, epoch, learning rate and metadata; default ``step=0``.
+
+    Raises:
+        InvalidInputError: a key, value or training-state field cannot be saved
+            (`UnsupportedArrayError` for arrays and dtypes); nothing is written.
+        CheckpointWriteError: I/O failed; the previous checkpoint is intact.
+
+    Example:
+        >>> import numpy as np, arrayckpt as ac, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = ac.save_checkpoint(f"{d}/step_1", {"w": np.ones(3, np.float32)},
+        ...                        training_state=ac.TrainingState(step=1))
+        >>> ac.load_checkpoint(f"{d}/step_1").model["w"]
+        array([1., 1., 1.], dtype=float32)
+    """
+    snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+    return write_snapshot(directory, snap)
+
+
