@@ -58,6 +58,11 @@ class Progress:
         self.done += nbytes
         self._draw()
 
+    def update(self, done: int, total: int) -> None:
+        """A ``progress(done, total)`` callback: work whose total is known only once it starts."""
+        self.done, self.total = done, total
+        self._draw()
+
     def _tick(self) -> None:
         while not self._stop.wait(_INTERVAL_S):
             self._draw(force=True)
