@@ -221,6 +221,15 @@ def test_consolidate_merges_a_sharded_checkpoint(tmp_path):
     np.testing.assert_array_equal(ac.load_checkpoint(dst).model["w"], full)
 
 
+def test_demo_without_dir_leaves_nothing_behind(tmp_path):
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "arrayckpt", "demo", "--steps", "200"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from step_00000150" in out.stdout and "--dir" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_runs_and_leaves_a_manager_root(tmp_path):
     out = cli("demo", "--dir", tmp_path, "--steps", 200)
     assert out.returncode == 0, out.stderr
