@@ -33,7 +33,7 @@ class AsyncCheckpointer(ClosesOnExit):
     a new `save` first waits for the previous one. A failed write is raised exactly once,
     by `wait`, the next `save`, or `close`.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> with ac.AsyncCheckpointer() as ckpt:

@@ -28,7 +28,7 @@ class Progress:
     (for work that reports no progress of its own). Disabled, it prints nothing: the
     default is enabled only when ``stream`` is a terminal, so piped output stays clean.
 
-    Example:
+    Examples:
         >>> with Progress("verify", total=100) as bar:  # silent here: not a terminal
         ...     bar.advance(100)
     """

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ast
 import doctest
+import html
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import re
@@ -155,7 +157,32 @@ def test_site_builds_strictly(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    check_api_page((tmp_path / "site" / "api" / "index.html").read_text())
+    index = json.loads((tmp_path / "site" / "search" / "search_index.json").read_text())
+    assert any("save_checkpoint" in doc["location"] for doc in index["docs"]), "search misses it"
+
+
+def check_api_page(page: str) -> None:
+    """Examples render as code, signatures are wrapped, every public name has a section."""
+    sections = set(re.findall(r'id="arrayckpt\.([A-Za-z_]+)"', page))
+    assert not set(arrayckpt.__all__) - sections, "public names without an API section"
+    examples = re.findall(r"<pre[^>]*>(?:(?!</pre>).)*?<code[^>]*>(?:(?!</pre>).)*?&gt;&gt;&gt;",
+                          page, re.DOTALL)
+    assert len(examples) >= 8, "docstring examples do not render as code blocks"
+    assert "&gt;&gt;&gt;" not in re.sub(r"<pre.*?</pre>", "", page, flags=re.DOTALL)
+    signatures = re.findall(r'<div class="doc-signature[^>]*>.*?<pre[^>]*>(.*?)</pre>', page,
+                            re.DOTALL)
+    assert signatures, "no separate signatures"
+    lines = [html.unescape(re.sub(r"<[^>]+>", "", sig)).splitlines() for sig in signatures]
+    assert max(len(line) for sig in lines for line in sig) <= 100
+
+
+def test_docstrings_use_the_examples_section_the_generator_renders():
+    """mkdocstrings' Google style renders `Examples:` as code, `Example:` as quoted text."""
+    bad = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "arrayckpt").rglob("*.py"))
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if line.strip() == "Example:"]
+    assert not bad
 
 
 def test_readme_starts_with_the_demo_and_the_tests_and_links_every_page():
