@@ -56,6 +56,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
     session.install(".", TORCH, "matplotlib", "psutil")
     session.run("python", "bench/run.py", *session.posargs)
+    # Import time is measured, not asserted in a test: timings on shared CI machines vary.
+    session.run("python", "bench/import_time.py", success_codes=[0, 1])
 
 
 @nox.session
