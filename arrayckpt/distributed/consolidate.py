@@ -12,10 +12,12 @@ import numpy as np
 from .. import format, fsops
 from ..commit import commit_directory
 from ..dtypes import DType
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, InvalidInputError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..nested import TREE_KEY
 from ..training_state import TrainingState
+from .global_shards import GlobalTensor, ReadStats, is_global, read_box
+from .global_shards import plan as plan_boxes
 from .reshard import PARTS
 from .shards import (
     SavedRank,
@@ -36,6 +38,18 @@ PROGRESS_LOG_BYTES = 256 * 2**20
 Progress = Callable[[int, int], None]
 
 
+def _check_apart(source: Path, output: Path) -> None:
+    """Refuse an output that is, holds or lies inside the source: the commit would replace
+    (part of) the checkpoint being read, e.g. ``src/rank_0`` with the merged state."""
+    src, out = source.resolve(), output.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise InvalidInputError(
+            f"consolidate_checkpoint: output {output} overlaps the distributed checkpoint "
+            f"{source} it reads; write the merged checkpoint to a directory outside it, "
+            f"e.g. {src.parent / (src.name + '-merged')}"
+        )
+
+
 def consolidate_checkpoint(
     sharded_dir: PathLike,
     output_dir: PathLike,
@@ -49,7 +63,8 @@ def consolidate_checkpoint(
     it), not the model. Replicated: rank 0's state. ZeroPartitioned: every rank's keys
     (a key several ranks hold is taken from the lowest; they must agree in dtype and
     shape). TensorParallel: tensors in ``split_dims`` are concatenated along their dim
-    in rank order, for model and optimizer state; the rest are rank 0's. Nested state
+    in rank order, for model and optimizer state; the rest are rank 0's. DTensor state:
+    each tensor assembled from its saved boxes. Nested state
     (state dicts, pytrees) keeps its structure: rank 0's for Replicated, else the ranks'
     structures merged (see `arrayckpt.distributed.trees`; flat when they disagree).
 
@@ -80,12 +95,15 @@ def consolidate_checkpoint(
         [[0, 1], [0, 1]]
     """
     root = Path(sharded_dir)
+    _check_apart(root, Path(output_dir))
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
     ranks = check_ranks_present(root, meta.world_size)
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for saved, manifest in zip(ranks, meta.ranks, strict=True):
             check_manifest(saved, manifest)
-    if isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims:
+    boxes = meta.ranks is not None and is_global(meta.ranks)
+    if (isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims
+            and not boxes):
         raise CorruptCheckpointError(
             f"{root / SHARDING_META_FILE}: TensorParallel with empty split_dims says nothing "
             "about how to merge the shards; save with ShardingConfig(TensorParallel(), "
@@ -155,6 +173,18 @@ class _Source:
         yield merged
 
 
+class _BoxSource(_Source):
+    """A tensor saved as boxes of one global tensor (DTensor state), assembled whole."""
+
+    def __init__(self, t: GlobalTensor) -> None:
+        super().__init__(t.name, t.dtype, t.shape, [p.file for p in t.pieces], None)
+        self.tensor = t
+
+    def produce(self, verify: bool) -> Iterator[np.ndarray]:
+        t = self.tensor
+        yield read_box(t, (0,) * len(t.shape), t.shape, ReadStats(), verify)
+
+
 def _nbytes(source: _Source) -> int:
     n = source.dtype.itemsize
     for d in source.shape:
@@ -166,6 +196,9 @@ def _plan(ranks: Sequence[SavedRank], meta: ShardingMeta, part: str) -> list[_So
     files = [r.part(part) for r in ranks]
     if all(f is None for f in files):
         return None
+    if meta.ranks is not None and is_global(meta.ranks):
+        boxes = plan_boxes(ranks, meta.ranks, part, str(ranks[0].path.parent))
+        return [_BoxSource(t) for t in (boxes or {}).values()]
     strategy = meta.sharding.strategy
     if isinstance(strategy, Replicated):
         first = files[0]
