@@ -74,7 +74,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(arrayckpt.__all__) == sorted([
         "CHECKPOINT_VERSION", "AsyncCheckpointer", "Checkpoint", "CheckpointError",
         "CheckpointManager", "CheckpointNotFoundError", "CheckpointWriteError",
-        "CorruptCheckpointError", "InvalidInputError", "LazyCheckpoint", "Replicated",
+        "CorruptCheckpointError", "InvalidInputError", "LazyCheckpoint", "ReadStats", "Replicated",
         "ShardingConfig", "TensorParallel", "TopologyError", "TrainingState",
         "UnsupportedArrayError", "ZeroPartitioned", "consolidate_checkpoint", "load_checkpoint",
         "load_distributed_checkpoint", "open_checkpoint", "save_checkpoint",
