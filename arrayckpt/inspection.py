@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from . import nested
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidInputError,
+)
 from .format import SafetensorsReader
 from .layout import (
     EXTRA_FILE,
@@ -21,6 +26,7 @@ from .layout import (
     PathLike,
     is_complete,
     is_rank_dir_name,
+    misnamed_step_dir,
     settled_scan,
 )
 from .training_state import TrainingState
@@ -33,6 +39,11 @@ def kind_of(path: Path) -> str:
         CheckpointNotFoundError: ``path`` is none of these.
     """
     if path.is_file():
+        if path.suffix == ".json":  # its first 8 bytes would read as an absurd header length
+            raise InvalidInputError(
+                f"{path} is a JSON file, not a safetensors file: inspect the checkpoint "
+                f"directory instead (`arrayckpt inspect {path.parent}`)"
+            )
         return "file"
     if not path.is_dir():
         raise CheckpointNotFoundError(f"{path} does not exist")
@@ -42,8 +53,12 @@ def kind_of(path: Path) -> str:
         return "checkpoint"
     if any(e.step is not None for e in settled_scan(path)):
         return "root"
+    misnamed = sorted(p.name for p in path.iterdir() if misnamed_step_dir(p.name))
+    hint = (f"; {', '.join(misnamed[:3])} are not step names the manager reads "
+            f"(`arrayckpt ls {path}` shows how to rename them)" if misnamed else "")
     raise CheckpointNotFoundError(
         f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
+        f"{hint}"
     )
 
 
@@ -98,8 +113,10 @@ def describe(path: PathLike) -> dict[str, Any]:
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE, path / EXTRA_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
+        meta = path / SHARDING_META_FILE
+        _check_distributed(meta)  # strict and size-capped before the plain parse below
         try:
-            out["sharding"] = json.loads((path / SHARDING_META_FILE).read_bytes())
+            out["sharding"] = json.loads(meta.read_bytes())
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
@@ -109,6 +126,18 @@ def describe(path: PathLike) -> dict[str, Any]:
             "one step (`arrayckpt verify` takes the whole root)"
         )
     return out
+
+
+def _check_distributed(meta: Path) -> None:
+    """Parse ``sharding_meta.json`` as the loader does and check every rank it names is there.
+
+    Raises:
+        CheckpointError: the meta is malformed, or a rank's directory or files are missing.
+    """
+    from .distributed.shards import check_ranks_present
+    from .distributed.types import ShardingMeta
+
+    check_ranks_present(meta.parent, ShardingMeta.read(meta).world_size)
 
 
 def files_to_verify(path: Path) -> list[Path]:
@@ -178,7 +207,7 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
                 if f.name == TRAINING_STATE_FILE:
                     TrainingState.read(f)
                 else:
-                    json.loads(f.read_bytes())
+                    _check_distributed(f)
                 continue
             reader = SafetensorsReader(f)
         except (CheckpointError, OSError, ValueError) as exc:

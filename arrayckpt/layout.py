@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import NamedTuple
+
+from .errors import CheckpointError
 
 #: A local path; every entry point that takes a directory accepts one.
 PathLike = str | os.PathLike[str]
@@ -19,6 +20,7 @@ TRAINING_STATE_FILE = "training_state.json"
 SHARDING_META_FILE = "sharding_meta.json"
 
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
+_LOOSE_STEP_DIR = re.compile(r"step[_-]?([0-9]+)")
 _RANK_DIR = re.compile(r"rank_(0|[1-9][0-9]*)")
 _CHECKPOINT_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, EXTRA_FILE, TRAINING_STATE_FILE})
 TEMP_MARKER = ".arrayckpt-tmp-"
@@ -58,6 +60,16 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def misnamed_step_dir(name: str) -> str | None:
+    """The manager's name for a hand-made step directory it does not read (``step_1`` ->
+    ``step_00000001``); ``None`` for a proper step name or anything else."""
+    m = _LOOSE_STEP_DIR.fullmatch(name)
+    if m is None:
+        return None
+    proper = step_dir_name(int(m[1]))
+    return None if proper == name else proper
+
+
 def parse_step_dir_name(name: str) -> int | None:
     """The step of a step directory's name, or ``None`` for any other name."""
     m = _STEP_DIR.fullmatch(name)
@@ -79,13 +91,16 @@ def is_complete(path: Path) -> bool:
     meta = path / SHARDING_META_FILE
     if not meta.is_file():
         return _single_complete(path)
+    # distributed/ owns sharding_meta.json (size cap, strict parse) and the rank check;
+    # imported here, not at the top, because it builds on this module.
+    from .distributed.shards import rank_files_missing
+    from .distributed.types import ShardingMeta
+
     try:
-        world_size = json.loads(meta.read_bytes())["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+        world_size = ShardingMeta.read(meta).world_size
+    except (CheckpointError, OSError):
         return False
-    if type(world_size) is not int or world_size < 1:
-        return False
-    return all(_single_complete(path / rank_dir_name(r)) for r in range(world_size))
+    return rank_files_missing(path, world_size) == ([], 0)
 
 
 class StepEntry(NamedTuple):
