@@ -79,6 +79,8 @@ def object_files(snap: Snapshot) -> dict[str, list[memoryview]]:
         files[OPTIMIZER_FILE] = format.file_parts(
             snap.optimizer, _tree_metadata(snap.optimizer_tree)
         )
+    if snap.extra is not None:
+        files[EXTRA_FILE] = format.file_parts(snap.extra, _tree_metadata(snap.extra_tree))
     files[TRAINING_STATE_FILE] = [memoryview(snap.training_state.to_json().encode())]
     return files
 

@@ -267,3 +267,14 @@ def test_entry_points_without_object_stores_refuse_urls(call, tmp_path, monkeypa
     with pytest.raises(InvalidInputError, match="does not support object-store URLs yet"):
         call("s3://bucket/run")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_extra_state_on_an_object_store(s3_env: S3Server) -> None:
+    url = s3_env.url("extra/step_1")
+    shuffle = np.random.default_rng(3)
+    ac.save_checkpoint(
+        url, _state(), extra={"shuffle": shuffle.bit_generator.state, "buf": np.ones(2)}
+    )
+    got = ac.load_checkpoint(url).extra
+    assert got["shuffle"] == shuffle.bit_generator.state  # PCG64's 128-bit ints exact
+    np.testing.assert_array_equal(got["buf"], np.ones(2))
