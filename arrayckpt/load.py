@@ -137,7 +137,7 @@ def load_file(
         CheckpointNotFoundError: no such file, or a requested key is missing.
         CorruptCheckpointError: the file is malformed or fails its checksum.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> from safetensors.numpy import save_file
         >>> f = tempfile.mkdtemp() + "/weights.safetensors"

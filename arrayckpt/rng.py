@@ -24,7 +24,7 @@ def get_rng_state() -> dict[str, Any]:
     for a data loader) are yours to save: ``rng.bit_generator.state``, ``g.get_state()``.
     CuPy's global generator is not covered: CuPy offers no way to read its state.
 
-    Example:
+    Examples:
         >>> import random, arrayckpt as ac
         >>> state = ac.get_rng_state()
         >>> a = random.random()
