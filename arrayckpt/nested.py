@@ -99,6 +99,38 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
     return flat, json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: Returned by a `map_arrays` function: leave this array out of the mapped state.
+DROP: Any = object()
+
+
+def map_arrays(state: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """``state`` with each array leaf replaced by ``fn(name, leaf)``, ``name`` being the
+    tensor name `flatten` gives it; containers are rebuilt, scalars kept.
+
+    A leaf for which ``fn`` returns `DROP` is left out: its dict key is omitted, or, in a
+    list or tuple (whose later names would shift), it becomes ``None``. Used to keep only
+    the shards a rank owns while the others keep their names.
+
+    Example:
+        >>> import numpy as np
+        >>> map_arrays({"a": {"b": np.ones(1)}, "c": np.ones(1), "lr": 0.1},
+        ...            lambda n, x: DROP if n == "c" else n)
+        {'a': {'b': 'a.b'}, 'lr': 0.1}
+    """
+
+    def walk(x: Any, parts: tuple[str, ...]) -> Any:
+        if isinstance(x, Mapping):
+            out = {k: walk(v, (*parts, str(k))) for k, v in x.items()}
+            return {k: v for k, v in out.items() if v is not DROP}
+        if isinstance(x, (list, tuple)):
+            items = [walk(v, (*parts, str(i))) for i, v in enumerate(x)]
+            items = [None if v is DROP else v for v in items]
+            return tuple(items) if isinstance(x, tuple) else items
+        return fn(".".join(parts), x) if is_array(x) else x
+
+    return walk(state, ())
+
+
 def _encode_scalar(x: Any, where: str) -> Any:
     if x is None:
         return {"none": None}
