@@ -75,18 +75,29 @@ def main() -> None:
         model, opt = build()
         if SCENARIO == "train":
             before = [step(model, opt, rank) for _ in range(3)]
-            ac.save_distributed_checkpoint(CKPT, rank, world, model.state_dict(),
-                                           opt.state_dict(), ac.TrainingState(3))
+            ac.save_distributed_checkpoint(
+                CKPT, rank, world, model.state_dict(), opt.state_dict(), ac.TrainingState(3)
+            )
             with ac.AsyncCheckpointer() as ckpt:  # the same save, from the writer thread
-                ckpt.save_distributed(CKPT.parent / "async", rank, world, model.state_dict(),
-                                      opt.state_dict(), ac.TrainingState(3)).result(timeout=60)
+                ckpt.save_distributed(
+                    CKPT.parent / "async",
+                    rank,
+                    world,
+                    model.state_dict(),
+                    opt.state_dict(),
+                    ac.TrainingState(3),
+                ).result(timeout=60)
             result["losses"] = before + [step(model, opt, rank) for _ in range(3)]
         else:
             init_state(model, opt)
             stats = ac.ReadStats()
             got = ac.load_distributed_checkpoint(
-                CKPT, rank, world_size=world, into=model.state_dict(),
-                optimizer_into=opt.state_dict(), stats=stats,
+                CKPT,
+                rank,
+                world_size=world,
+                into=model.state_dict(),
+                optimizer_into=opt.state_dict(),
+                stats=stats,
             )
             result["step"] = got.training_state.step
             result["opt_steps"] = sorted({float(s["step"]) for s in opt.state.values()})

@@ -135,6 +135,25 @@ def test_any_pytree_round_trips_through_flatten(state):
     assert_same(state, back)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees,
+                       max_size=3))
+def test_map_arrays_names_leaves_as_flatten_does(state):
+    """A rank's pruned state (distributed/global_shards.py) keeps flatten's tensor names."""
+    try:
+        flat, _ = nested.flatten(state, what="model_state")
+    except ac.InvalidInputError:
+        return  # names that collide are refused by flatten itself
+    seen: list[str] = []
+    same = nested.map_arrays(state, lambda n, x: seen.append(n) or x)
+    assert seen == list(flat)
+    assert_same(state, same)
+    # Dropping every other leaf leaves the rest under their own names.
+    kept = set(seen[::2])
+    pruned = nested.map_arrays(state, lambda n, x: x if n in kept else nested.DROP)
+    assert set(nested.flatten(pruned, what="model_state")[0]) == kept
+
+
 def test_pytorch_state_dicts_round_trip(tmp_path):
     torch = pytest.importorskip("torch")
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
