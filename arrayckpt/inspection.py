@@ -97,8 +97,10 @@ def describe(path: PathLike) -> dict[str, Any]:
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
+        meta = path / SHARDING_META_FILE
+        _check_distributed(meta)  # strict and size-capped before the plain parse below
         try:
-            out["sharding"] = json.loads((path / SHARDING_META_FILE).read_bytes())
+            out["sharding"] = json.loads(meta.read_bytes())
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
@@ -108,6 +110,18 @@ def describe(path: PathLike) -> dict[str, Any]:
             "one step (`arrayckpt verify` takes the whole root)"
         )
     return out
+
+
+def _check_distributed(meta: Path) -> None:
+    """Parse ``sharding_meta.json`` as the loader does and check every rank it names is there.
+
+    Raises:
+        CheckpointError: the meta is malformed, or a rank's directory or files are missing.
+    """
+    from .distributed.shards import check_ranks_present
+    from .distributed.types import ShardingMeta
+
+    check_ranks_present(meta.parent, ShardingMeta.read(meta).world_size)
 
 
 def files_to_verify(path: Path) -> list[Path]:
@@ -177,7 +191,7 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
                 if f.name == TRAINING_STATE_FILE:
                     TrainingState.read(f)
                 else:
-                    json.loads(f.read_bytes())
+                    _check_distributed(f)
                 continue
             reader = SafetensorsReader(f)
         except (CheckpointError, OSError, ValueError) as exc:
