@@ -1,5 +1,5 @@
 """FSDP2 + AdamW saved on 2 gloo ranks (nested optimizer state with DTensor leaves) and
-resumed on 3 and 1 ranks: the continued losses are bit-identical to the uninterrupted run."""
+resumed on 3, 1 and 4 ranks: the continued losses are bit-identical to the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]
     return base / "ckpt", res[0]["losses"]
 
 
-@pytest.mark.parametrize(("world", "which"), [(3, "ckpt"), (1, "async")])
+@pytest.mark.parametrize(("world", "which"), [(3, "ckpt"), (1, "async"), (4, "ckpt")])
 def test_resume_at_another_world_size_continues_bit_identically(
     trained: tuple[Path, list[float]], tmp_path: Path, world: int, which: str
 ) -> None:
