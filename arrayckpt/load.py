@@ -133,7 +133,7 @@ def load_checkpoint(
         CorruptCheckpointError: a file is malformed or fails its checksum (names which).
         InvalidInputError: ``into`` does not match the saved structure, shapes or dtypes.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> _ = ac.save_checkpoint(d, {"w": np.ones(2, np.float32), "b": np.zeros(1)})

@@ -85,7 +85,7 @@ class CheckpointManager(ClosesOnExit):
         stale_after_s: age after which any temporary is removed, even one whose creating
             pid is alive on this host (pids are reused).
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> root = tempfile.mkdtemp()
         >>> with ac.CheckpointManager(root, keep_last=2) as mgr:

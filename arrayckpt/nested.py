@@ -51,7 +51,7 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
     Raises:
         InvalidInputError: a key or leaf cannot be saved, or two paths flatten to one name.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> flat, tree = flatten({"state": {0: {"m": np.zeros(2)}}, "lr": 0.1}, what="x")
         >>> list(flat)
@@ -225,7 +225,7 @@ def _decode_scalar(kind: str, value: Any, fail: Callable[[str], NoReturn]) -> An
 def leaves(tree: str) -> dict[str, Any]:
     """The non-array leaves of a tree by dotted path (for ``arrayckpt inspect``).
 
-    Example:
+    Examples:
         >>> _, t = flatten({"param_groups": [{"lr": 0.1}]}, what="x")
         >>> leaves(t)
         {'param_groups.0.lr': 0.1}

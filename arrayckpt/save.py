@@ -129,7 +129,7 @@ def save_checkpoint(
             (`UnsupportedArrayError` for arrays and dtypes); nothing is written.
         CheckpointWriteError: I/O failed; the previous checkpoint is intact.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> _ = ac.save_checkpoint(f"{d}/step_1", {"w": np.ones(3, np.float32)},

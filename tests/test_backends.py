@@ -98,6 +98,8 @@ def test_for_namespace(xp: object, name: str) -> None:
     assert backends.for_namespace(xp).name == name  # type: ignore[arg-type]
 
 
+# 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
+@pytest.mark.usefixtures("jax_x64")
 @given(data=st.data(), staged=st.booleans())
 def test_to_host_copies_exact_bytes_for_every_layout(data: st.DataObject, staged: bool) -> None:
     expected, x, backend, layout = data.draw(backend_arrays())

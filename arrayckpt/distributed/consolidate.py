@@ -83,7 +83,7 @@ def consolidate_checkpoint(
         CorruptCheckpointError: a split tensor is missing from a rank, or shards disagree
             in dtype or shape (boostr skips these silently; arrayckpt refuses).
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 1})

@@ -76,7 +76,7 @@ def load_distributed_checkpoint(
         CheckpointNotFoundError: ``sharding_meta.json`` or a rank's files are missing.
         CorruptCheckpointError: a file is malformed, or shards do not fit together.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> zero = ac.ShardingConfig(ac.ZeroPartitioned(3))

@@ -85,7 +85,7 @@ def save_distributed_checkpoint(
             in time (names which).
         CheckpointWriteError: writing failed on this or (coordinated) another rank.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
