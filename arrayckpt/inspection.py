@@ -18,7 +18,8 @@ from .layout import (
     SHARDING_META_FILE,
     TRAINING_STATE_FILE,
     PathLike,
-    is_rank_dir_name,
+    missing_ranks,
+    rank_dirs,
     scan,
 )
 from .training_state import TrainingState
@@ -49,11 +50,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
-
-
-def _rank_dirs(path: Path) -> list[Path]:
-    ranks = [p for p in path.iterdir() if is_rank_dir_name(p.name) and p.is_dir()]
-    return sorted(ranks, key=lambda p: int(p.name.partition("_")[2]))
 
 
 def describe_file(path: Path) -> dict[str, Any]:
@@ -96,11 +92,11 @@ def describe(path: PathLike) -> dict[str, Any]:
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
-        try:
-            out["sharding"] = json.loads((path / SHARDING_META_FILE).read_bytes())
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
-        out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
+        from .distributed.types import ShardingMeta
+
+        meta = ShardingMeta.read(path / SHARDING_META_FILE)  # strict: a bad one is an error
+        out["sharding"] = json.loads(meta.to_json())
+        out["ranks"] = [describe(rank) for rank in rank_dirs(path)]
     else:
         raise CheckpointNotFoundError(
             f"{path} holds steps, not one checkpoint: run `arrayckpt ls {path}` and inspect "
@@ -118,7 +114,7 @@ def files_to_verify(path: Path) -> list[Path]:
         steps = [e.path for e in scan(path) if e.status == "complete"]
         return [f for step in steps for f in files_to_verify(step)]
     if kind == "distributed":
-        ranks = [f for rank in _rank_dirs(path) for f in files_to_verify(rank)]
+        ranks = [f for rank in rank_dirs(path) for f in files_to_verify(rank)]
         return [*ranks, path / SHARDING_META_FILE]
     opt = path / OPTIMIZER_FILE
     return [path / MODEL_FILE, *([opt] if opt.exists() else []), path / TRAINING_STATE_FILE]
@@ -147,11 +143,12 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
                                  "errors": []}
         report.append(entry)
         try:
+            if f.name == SHARDING_META_FILE:
+                # parsed by its owner; missing or incomplete ranks are this file's problem
+                entry["errors"] += missing_ranks(f.parent)
+                continue
             if f.suffix == ".json":
-                if f.name == TRAINING_STATE_FILE:
-                    TrainingState.read(f)
-                else:
-                    json.loads(f.read_bytes())
+                TrainingState.read(f)
                 continue
             reader = SafetensorsReader(f)
         except (CheckpointError, OSError, ValueError) as exc:
