@@ -39,7 +39,7 @@ def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
         CorruptCheckpointError: a tensor fails its checksum; ``target`` may be partly filled.
     """
     source = str(reader.path)
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    tree = nested.tree_text(reader.header.metadata, source=source)
     names = set(reader.names)
     if tree is None:
         saved: Any = {name: _TensorRef(name) for name in reader.names}

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import nested
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import SafetensorsReader
@@ -47,6 +49,8 @@ def kind_of(path: Path) -> str:
 
 
 def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):  # a NumPy scalar kept in the tree
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
@@ -56,7 +60,7 @@ def describe_file(path: Path) -> dict[str, Any]:
     """Tensors (name, dtype, shape, bytes) and non-array leaves of one safetensors file."""
     reader = SafetensorsReader(path)
     entries = reader.header.entries.values()
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    tree = nested.tree_text(reader.header.metadata, source=str(path))
     return {
         "path": str(path),
         "nested": tree is not None,
@@ -67,7 +71,7 @@ def describe_file(path: Path) -> dict[str, Any]:
              "nbytes": e.end - e.start}
             for e in entries
         ],
-        "values": {k: _jsonable(v) for k, v in nested.leaves(tree).items()} if tree else {},
+        "values": {k: _jsonable(v) for k, v in nested.leaves(tree, source=str(path)).items()} if tree else {},
     }
 
 
@@ -148,9 +152,10 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
                 entry["errors"] += missing_ranks(f.parent)
                 continue
             if f.suffix == ".json":
-                TrainingState.read(f)
+                TrainingState.read(f, metadata=_model_metadata(f.parent))
                 continue
             reader = SafetensorsReader(f)
+            _check_tree(reader)
         except (CheckpointError, OSError, ValueError) as exc:
             entry["errors"].append(str(exc))
             continue
@@ -165,6 +170,23 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
             advance(e.end - e.start)
     ok = not any(e["errors"] for e in report)
     return {"path": str(path), "ok": ok, "files": report}
+
+
+def _check_tree(reader: SafetensorsReader) -> None:
+    """The nested-state tree, as every loader checks it: checksum, grammar, tensor names."""
+    source = str(reader.path)
+    tree = nested.tree_text(reader.header.metadata, source=source)
+    if tree is not None:
+        nested.check_names(nested.parse(tree, source=source), set(reader.names), source=source)
+
+
+def _model_metadata(checkpoint: Path) -> dict[str, str] | None:
+    """The model file's ``__metadata__`` (where the training state's checksum is), if readable;
+    an unreadable model file is reported on its own."""
+    try:
+        return SafetensorsReader(checkpoint / MODEL_FILE).header.metadata
+    except (CheckpointError, OSError):
+        return None
 
 
 def total_tensor_bytes(path: Path) -> int:

@@ -59,10 +59,24 @@ def load_state_file(
     returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
     (see `fill.fill`), and ``into`` is returned.
     """
-    if keys is not None and into is not None:
-        raise InvalidInputError("keys= and into= cannot be combined; pick one")
     # eager partial loads read only the header and the requested tensors' byte ranges
     reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
+    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
+
+
+def read_state(
+    reader: format.SafetensorsReader,
+    *,
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    keys: Iterable[str] | None,
+    into: Any,
+) -> Any:
+    """`load_state_file` for a file already open (the loader also needs its header)."""
+    if keys is not None and into is not None:
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
+    path = reader.path
     if into is not None:
         return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
@@ -83,7 +97,7 @@ def load_state_file(
                 f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
             )
         return {name: get(name) for name in keys}
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    tree = nested.tree_text(reader.header.metadata, source=str(path))
     if tree is not None:
         return nested.unflatten(tree, get, set(reader.names), source=str(path))
     return {name: get(name) for name in reader.names}
@@ -194,10 +208,17 @@ def _load_once(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"
         )
-    model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
+    mmap = options["mmap"]
+    reader = format.SafetensorsReader(
+        root / MODEL_FILE, mmap=mmap, ranges=keys is not None and not mmap
+    )
+    model = read_state(
+        reader, xp=options["xp"], device=options["device"], verify=options["verify"],
+        keys=keys, into=into,
+    )
     opt_path = root / OPTIMIZER_FILE
     opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
-    state = TrainingState.read(root / TRAINING_STATE_FILE)
+    state = TrainingState.read(root / TRAINING_STATE_FILE, metadata=reader.header.metadata)
     return Checkpoint(model, opt, state)
 
 

@@ -12,13 +12,9 @@ from . import format, fsops, nested, pool
 from .commit import commit_directory
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
-from .training_state import TrainingState
+from .training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 
 log = logging.getLogger("arrayckpt")
-
-
-def _tree_metadata(tree: str | None) -> dict[str, str] | None:
-    return None if tree is None else {nested.TREE_KEY: tree}
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
@@ -29,19 +25,26 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     finished sooner than one file after the other (``bench/writer_variants.py``).
     """
 
+    state_bytes = snap.training_state.to_json().encode()
+    # The JSON file stays boostr's; its checksum goes where boostr never looks.
+    model_meta = {
+        **(nested.tree_metadata(snap.model_tree) or {}),
+        STATE_CHECKSUM_KEY: state_checksum(state_bytes),
+    }
+
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
             format.write_file(
-                directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+                directory / OPTIMIZER_FILE, snap.optimizer, nested.tree_metadata(snap.optimizer_tree)
             )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
-        fs.write_bytes(state_path, snap.training_state.to_json().encode())
+        fs.write_bytes(state_path, state_bytes)
         fs.fsync_file(state_path)
 
     others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
     try:
-        format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
+        format.write_file(directory / MODEL_FILE, snap.model, model_meta)
     finally:
         # Never return (and let the commit remove the directory) while it still writes.
         error = others.exception()

@@ -122,7 +122,9 @@ def _load_once(
     backend = backends.for_namespace(xp)
     backend.check_device(device)
     model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
-    state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
+    state = TrainingState.read(
+        ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
+    )
 
     def convert(arrays: dict[str, Any], part: str) -> Any:
         out = {name: backend.from_host(a, device) for name, a in arrays.items()}
