@@ -61,6 +61,7 @@ def describe_file(path: Path) -> dict[str, Any]:
     reader = SafetensorsReader(path)
     entries = reader.header.entries.values()
     tree = nested.tree_text(reader.header.metadata, source=str(path))
+    values = nested.leaves(tree, source=str(path)) if tree is not None else {}
     return {
         "path": str(path),
         "nested": tree is not None,
@@ -71,7 +72,7 @@ def describe_file(path: Path) -> dict[str, Any]:
              "nbytes": e.end - e.start}
             for e in entries
         ],
-        "values": {k: _jsonable(v) for k, v in nested.leaves(tree, source=str(path)).items()} if tree else {},
+        "values": {k: _jsonable(v) for k, v in values.items()},
     }
 
 

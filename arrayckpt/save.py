@@ -34,9 +34,8 @@ def write_files(directory: Path, snap: Snapshot) -> None:
 
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
-            format.write_file(
-                directory / OPTIMIZER_FILE, snap.optimizer, nested.tree_metadata(snap.optimizer_tree)
-            )
+            optimizer_meta = nested.tree_metadata(snap.optimizer_tree)
+            format.write_file(directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta)
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
         fs.write_bytes(state_path, state_bytes)

@@ -231,7 +231,7 @@ def test_a_flipped_digit_in_training_state_json_fails_its_checksum(nested_ckpt, 
 
     state = nested_ckpt / "training_state.json"
     state.write_text(state.read_text().replace("0.001", "0.009"))
-    with pytest.raises(ac.CorruptCheckpointError, match="training_state.json fails the CRC32C"):
+    with pytest.raises(ac.CorruptCheckpointError, match=r"training_state\.json fails the CRC32C"):
         ac.load_checkpoint(nested_ckpt)
     assert cli.main(["verify", str(nested_ckpt)]) == cli.EXIT_FAILED
     capsys.readouterr()
