@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import nested
+from . import aliases, nested
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import SafetensorsReader
 from .layout import (
@@ -177,8 +177,10 @@ def _check_tree(reader: SafetensorsReader) -> None:
     """The nested-state tree, as every loader checks it: checksum, grammar, tensor names."""
     source = str(reader.path)
     tree = nested.tree_text(reader.header.metadata, source=source)
+    tied = aliases.read(reader.header.metadata, reader.header.entries, source=source)
     if tree is not None:
-        nested.check_names(nested.parse(tree, source=source), set(reader.names), source=source)
+        names = {*reader.names, *tied}
+        nested.check_names(nested.parse(tree, source=source), names, source=source)
 
 
 def _model_metadata(checkpoint: Path) -> dict[str, str] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from . import backends, fill, format, nested
+from . import aliases, backends, fill, format, nested
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -82,16 +82,20 @@ def read_state(
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 
-    def get(name: str) -> Any:
+    def load_one(name: str) -> Any:
         try:
             return backend.from_host(reader.array(name, verify=verify), device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
 
+    tied = aliases.read(reader.header.metadata, reader.header.entries, source=str(path))
+    get = aliases.resolver(load_one, tied)  # a tied tensor comes back as one object
+
     if keys is not None:
         if isinstance(keys, str):
             raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
-        missing = [k for k in keys if k not in reader.header.entries]
+        keys = list(keys)
+        missing = [k for k in keys if k not in reader.header.entries and k not in tied]
         if missing:
             raise CheckpointNotFoundError(
                 f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
@@ -99,8 +103,8 @@ def read_state(
         return {name: get(name) for name in keys}
     tree = nested.tree_text(reader.header.metadata, source=str(path))
     if tree is not None:
-        return nested.unflatten(tree, get, set(reader.names), source=str(path))
-    return {name: get(name) for name in reader.names}
+        return nested.unflatten(tree, get, {*reader.names, *tied}, source=str(path))
+    return {name: get(name) for name in [*reader.names, *tied]}
 
 
 def load_checkpoint(

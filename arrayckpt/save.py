@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import format, fsops, nested, pool
+from . import aliases, format, fsops, nested, pool
 from .commit import commit_directory
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
@@ -29,12 +29,16 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     # The JSON file stays boostr's; its checksum goes where boostr never looks.
     model_meta = {
         **(nested.tree_metadata(snap.model_tree) or {}),
+        **aliases.metadata(snap.model_aliases),
         STATE_CHECKSUM_KEY: state_checksum(state_bytes),
     }
 
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
-            optimizer_meta = nested.tree_metadata(snap.optimizer_tree)
+            optimizer_meta = {
+                **(nested.tree_metadata(snap.optimizer_tree) or {}),
+                **aliases.metadata(snap.optimizer_aliases),
+            }
             format.write_file(directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta)
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
