@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from . import aliases, format, fsops, nested, pool
-from .commit import commit_directory
+from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
 from .training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
@@ -39,18 +40,26 @@ def write_files(directory: Path, snap: Snapshot) -> None:
                 **(nested.tree_metadata(snap.optimizer_tree) or {}),
                 **aliases.metadata(snap.optimizer_aliases),
             }
-            format.write_file(directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta)
+            format.write_file(
+                directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta, borrowed=snap.borrowed
+            )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
         fs.write_bytes(state_path, state_bytes)
         fs.fsync_file(state_path)
 
-    others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+    # Never return (and let the commit remove the directory) while the second thread
+    # still writes, not even on Ctrl-C: it is started and joined with Ctrl-C held back.
+    others: Future[None] | None = None
+    error: BaseException | None = None
     try:
-        format.write_file(directory / MODEL_FILE, snap.model, model_meta)
+        with interrupts_deferred():
+            others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+        format.write_file(directory / MODEL_FILE, snap.model, model_meta, borrowed=snap.borrowed)
     finally:
-        # Never return (and let the commit remove the directory) while it still writes.
-        error = others.exception()
+        if others is not None:
+            with interrupts_deferred():
+                error = others.exception()
     if error is not None:
         raise error
 

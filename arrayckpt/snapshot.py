@@ -29,6 +29,9 @@ class Snapshot:
     #: Tied tensors (see `aliases`): ``{alias: stored name}`` per part.
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     optimizer_aliases: Mapping[str, str] = field(default_factory=dict)
+    #: The tensors may be the caller's own arrays (no staging: zero copy), which another
+    #: thread may change while they are written; see `format.write_file`.
+    borrowed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +220,7 @@ def take_snapshot(
         staging.end()
     return Snapshot(
         model, optimizer, training_state, model_tree, optimizer_tree, model_aliases,
-        optimizer_aliases,
+        optimizer_aliases, borrowed=staging is None,
     )
 
 
