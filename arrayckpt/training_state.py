@@ -109,13 +109,14 @@ class TrainingState:
             raise CorruptCheckpointError(f"{path} is a directory, not a file") from exc
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
+        state = cls.from_json(data, source=str(path))  # a malformed file says what is wrong
         recorded = None if metadata is None else metadata.get(STATE_CHECKSUM_KEY)
         if recorded is not None and recorded != state_checksum(data):
             raise CorruptCheckpointError(
                 f"{path} fails the CRC32C recorded in {MODEL_FILE}: the file is corrupt; "
                 "restore another checkpoint"
             )
-        return cls.from_json(data, source=str(path))
+        return state
 
 
 def state_checksum(data: bytes) -> str:
