@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import backends, forking, writer
 from .closing import ClosesOnExit
-from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
 from .layout import PathLike
 from .save import write_snapshot
@@ -20,6 +19,9 @@ from .snapshot import take_snapshot
 from .staging import StagingPool
 from .training_state import TrainingState
 from .writer import WriteFuture
+
+if TYPE_CHECKING:  # only a type hint: importing arrayckpt.distributed here costs every import
+    from .distributed.types import ShardingConfig
 
 log = logging.getLogger("arrayckpt")
 

@@ -21,7 +21,6 @@ from .layout import (
     TRAINING_STATE_FILE,
     PathLike,
     is_complete,
-    missing_ranks,
     rank_dirs,
     settled_scan,
 )
@@ -98,10 +97,12 @@ def describe(path: PathLike) -> dict[str, Any]:
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
-        from .distributed.types import ShardingMeta
-
-        meta = ShardingMeta.read(path / SHARDING_META_FILE)  # strict: a bad one is an error
-        out["sharding"] = json.loads(meta.to_json())
+        meta = path / SHARDING_META_FILE
+        _check_distributed(meta)  # strict and size-capped before the plain parse below
+        try:
+            out["sharding"] = json.loads(meta.read_bytes())
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in rank_dirs(path)]
     else:
         raise CheckpointNotFoundError(
@@ -109,6 +110,18 @@ def describe(path: PathLike) -> dict[str, Any]:
             "one step (`arrayckpt verify` takes the whole root)"
         )
     return out
+
+
+def _check_distributed(meta: Path) -> None:
+    """Parse ``sharding_meta.json`` as the loader does and check every rank it names is there.
+
+    Raises:
+        CheckpointError: the meta is malformed, or a rank's directory or files are missing.
+    """
+    from .distributed.shards import check_ranks_present
+    from .distributed.types import ShardingMeta
+
+    check_ranks_present(meta.parent, ShardingMeta.read(meta).world_size)
 
 
 def files_to_verify(path: Path) -> list[Path]:
@@ -174,12 +187,11 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
                                  "errors": []}
         report.append(entry)
         try:
-            if f.name == SHARDING_META_FILE:
-                # parsed by its owner; missing or incomplete ranks are this file's problem
-                entry["errors"] += missing_ranks(f.parent)
-                continue
             if f.suffix == ".json":
-                TrainingState.read(f, metadata=_model_metadata(f.parent))
+                if f.name == TRAINING_STATE_FILE:
+                    TrainingState.read(f, metadata=_model_metadata(f.parent))
+                else:
+                    _check_distributed(f)
                 continue
             reader = SafetensorsReader(f)
             _check_tree(reader)

@@ -68,11 +68,6 @@ def parse_step_dir_name(name: str) -> int | None:
     return step if step <= _MAX_STEP else None
 
 
-def parse_rank_dir_name(name: str) -> int | None:
-    """The rank of a ``rank_<r>`` directory's name, or ``None`` for any other name."""
-    return int(name[5:]) if is_rank_dir_name(name) else None
-
-
 def rank_dirs(path: Path) -> list[Path]:
     """The ``rank_<r>`` directories under ``path``, by rank."""
     ranks = [p for p in path.iterdir() if is_rank_dir_name(p.name) and p.is_dir()]
@@ -92,28 +87,16 @@ def is_complete(path: Path) -> bool:
     meta = path / SHARDING_META_FILE
     if not meta.is_file():
         return _single_complete(path)
-    return not missing_ranks(path)
-
-
-def missing_ranks(path: Path) -> list[str]:
-    """What a distributed checkpoint at ``path`` lacks (``[]`` when every rank is whole).
-
-    ``sharding_meta.json`` is parsed by its one owner (`ShardingMeta.read`); a malformed
-    one is reported as the problem, so a reader never trusts a world size it cannot read.
-    """
-    from .distributed.types import ShardingMeta  # the distributed package imports us
+    # distributed/ owns sharding_meta.json (size cap, strict parse) and the rank check;
+    # imported here, not at the top, because it builds on this module.
+    from .distributed.shards import rank_files_missing
+    from .distributed.types import ShardingMeta
 
     try:
-        world_size = ShardingMeta.read(path / SHARDING_META_FILE).world_size
-    except (CheckpointError, OSError) as exc:
-        return [str(exc)]
-    found = {parse_rank_dir_name(p.name) for p in rank_dirs(path)}
-    return [
-        f"{path / rank_dir_name(r)} is missing" if r not in found else
-        f"{path / rank_dir_name(r)} is incomplete (needs {MODEL_FILE} and {TRAINING_STATE_FILE})"
-        for r in range(world_size)
-        if r not in found or not _single_complete(path / rank_dir_name(r))
-    ]
+        world_size = ShardingMeta.read(meta).world_size
+    except (CheckpointError, OSError):
+        return False
+    return rank_files_missing(path, world_size) == ([], 0)
 
 
 class StepEntry(NamedTuple):
