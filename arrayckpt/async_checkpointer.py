@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backends, forking, writer
+from . import backends, forking, storage, writer
 from .closing import ClosesOnExit
 from .errors import InvalidInputError
 from .layout import PathLike
@@ -41,7 +41,7 @@ class AsyncCheckpointer(ClosesOnExit):
     child made by ``fork()`` (e.g. a DataLoader worker) gets a fresh checkpointer: no
     write in flight (the parent's stays the parent's) and empty staging buffers.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> with ac.AsyncCheckpointer() as ckpt:
@@ -77,8 +77,8 @@ class AsyncCheckpointer(ClosesOnExit):
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
         *,
-        on_commit: Callable[[Path], None] | None = None,
-    ) -> WriteFuture[Path]:
+        on_commit: Callable[[Path | str], None] | None = None,
+    ) -> WriteFuture[Path | str]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
         Safe to call from several threads: each call waits for the write in flight,
@@ -99,7 +99,7 @@ class AsyncCheckpointer(ClosesOnExit):
         """
         target = absolute(directory)
 
-        def write() -> Path:
+        def write() -> Path | str:
             path = write_snapshot(target, snap)
             if on_commit is not None:
                 on_commit(path)
@@ -211,7 +211,10 @@ class AsyncCheckpointer(ClosesOnExit):
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
 
 
-def absolute(directory: PathLike) -> Path:
-    """``directory`` made absolute now, so a later ``os.chdir`` cannot move a queued write."""
-    return Path(directory).absolute()
+def absolute(directory: PathLike) -> Path | str:
+    """``directory`` made absolute now, so a later ``os.chdir`` cannot move a queued write
+    (an object-store URL is absolute already)."""
+    if storage.is_url(directory):
+        return str(directory)
+    return Path(storage.local_path(directory)).absolute()
 

@@ -75,7 +75,7 @@ def _print_description(doc: dict[str, Any], indent: str = "") -> None:
         for k, v in s["metadata"].items():
             print(f"{indent}  {k} = {v}")
     if "sharding" in doc:
-        print(f"{indent}sharding: {json.dumps(doc['sharding'])}")
+        _print_sharding(doc["sharding"], indent)
     for f in doc.get("files", []):
         extra = ", nested" if f["nested"] else ""
         extra += "" if f["checksums"] else ", no checksums"
@@ -93,6 +93,21 @@ def _print_description(doc: dict[str, Any], indent: str = "") -> None:
     for rank in doc.get("ranks", []):
         print()
         _print_description(rank, indent + "  ")
+
+
+def _print_sharding(meta: Any, indent: str) -> None:
+    """One line per field, and per split tensor: a long split_dims map stays readable."""
+    if not isinstance(meta, dict):
+        print(f"{indent}sharding: {json.dumps(meta)}")
+        return
+    print(f"{indent}sharding:")
+    for key, value in meta.items():
+        if isinstance(value, dict) and value and key == "split_dims":
+            print(f"{indent}  {key}:")
+            for name, dim in value.items():
+                print(f"{indent}    {name}: {json.dumps(dim)}")
+        else:
+            print(f"{indent}  {key}: {json.dumps(value)}")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -124,7 +139,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .layout import settled_scan, temporary_owner
+    from .layout import misnamed_step_dir, settled_scan, temporary_owner
 
     root = Path(args.root)
     if not root.is_dir():
@@ -144,6 +159,15 @@ def _ls(args: argparse.Namespace) -> int:
         entries.append({"name": e.name, "path": str(e.path), "step": e.step, "status": e.status,
                         "nbytes": size, "pid": temporary_owner(e.name),
                         "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified)})
+    for path in sorted(root.iterdir()):
+        proper = misnamed_step_dir(path.name)
+        if proper is not None and path.is_dir():  # the manager skips these: say so, not nothing
+            entries.append({"name": path.name, "path": str(path), "step": None,
+                            "status": f"ignored: not a step name (rename to {proper})",
+                            "nbytes": sum(f.stat().st_size for f in path.rglob("*")
+                                          if f.is_file()),
+                            "pid": None, "modified": time.strftime(
+                                "%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))})
     if args.json:
         _print_json(entries)
         return EXIT_OK
@@ -166,8 +190,8 @@ def _consolidate(args: argparse.Namespace) -> int:
         print("arrayckpt: error: this installation has no distributed checkpoint support "
               "(arrayckpt.consolidate_checkpoint is missing)", file=sys.stderr)
         return EXIT_USAGE
-    with Progress(f"consolidate {args.src} -> {args.dst}"):
-        out = consolidate(args.src, args.dst)
+    with Progress(f"consolidate {args.src} -> {args.dst}") as bar:
+        out = consolidate(args.src, args.dst, progress=bar.update)
     dst = Path(out) if isinstance(out, (str, Path)) else Path(args.dst)
     files = describe(dst)["files"]
     tensors = sum(len(f["tensors"]) for f in files)
@@ -187,31 +211,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 success; 1 corrupt checkpoint or failed operation; "
                "2 bad usage or nothing at the path.",
     )
+    from . import __version__
+
+    parser.add_argument("-V", "--version", action="version", version=f"arrayckpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    # Also after the command (`verify -v`); SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what is done")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="tensors, dtypes, shapes, sizes and training state")
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text)
+
+    p = add("inspect", "tensors, dtypes, shapes, sizes and training state")
     p.add_argument("path", help="a checkpoint directory, sharded checkpoint or .safetensors file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("verify", help="check every header and CRC32C; exit 1 if corrupt")
+    p = add("verify", "check every header and CRC32C; exit 1 if corrupt")
     p.add_argument("path", help="a checkpoint, sharded checkpoint, manager root or file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("ls", help="the steps under a CheckpointManager root, complete or not")
+    p = add("ls", "the steps under a CheckpointManager root, complete or not")
     p.add_argument("root", help="the manager's root directory")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_ls)
 
-    p = sub.add_parser("consolidate", help="merge a sharded checkpoint into one checkpoint")
+    p = add("consolidate", "merge a sharded checkpoint into one checkpoint")
     p.add_argument("src", help="the sharded checkpoint (rank_*/ and sharding_meta.json)")
     p.add_argument("dst", help="where the consolidated checkpoint goes")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_consolidate)
 
-    p = sub.add_parser("demo", help="train a small NumPy MLP, crash it, resume from a checkpoint")
+    p = add("demo", "train a small NumPy MLP, crash it, resume from a checkpoint")
     p.add_argument("--dir", help="where checkpoints go (default: a new temporary directory)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.set_defaults(run=_demo)

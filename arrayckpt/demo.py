@@ -82,7 +82,16 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
         raise InvalidInputError(f"steps must be at least {2 * every} to checkpoint, crash and "
                                 f"resume, got {steps}")
     crash_at = min(crash_at, steps * 3 // 5) if steps <= crash_at else crash_at
-    root = Path(directory or tempfile.mkdtemp(prefix="arrayckpt-demo-"))
+    if directory is not None:
+        _train(Path(directory), steps, every, crash_at, lr, kept=True)
+        return
+    # Without --dir nothing is left behind in the temporary directory.
+    with tempfile.TemporaryDirectory(prefix="arrayckpt-demo-") as tmp:
+        _train(Path(tmp), steps, every, crash_at, lr, kept=False)
+    print(f"removed {tmp}; run with --dir DIR to keep the checkpoints")
+
+
+def _train(root: Path, steps: int, every: int, crash_at: int, lr: float, *, kept: bool) -> None:
     x, y = _data()
     model, opt = _init()
     print(f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, CheckpointManager(keep_last=3) "
@@ -127,4 +136,5 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
     latest = mgr.directory(mgr.latest_step() or 0)
     sizes = ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in sorted(latest.iterdir()))
     print(f"kept steps {mgr.steps()}; newest on disk: {sizes}")
-    print(f"next: python -m arrayckpt ls {root}   (or inspect / verify {latest})")
+    if kept:
+        print(f"next: python -m arrayckpt ls {root}   (or inspect / verify {latest})")

@@ -29,6 +29,21 @@ _renameat2 = libc.function(
 )
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` alone must set one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Not Linux: set and restore. Another thread creating a file in between would get 077.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 class FileSystem:
     """The real file system. Each method is one durable step of a save or a read."""
 
@@ -54,6 +69,9 @@ class FileSystem:
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from exc
+        # safetensors writes through a 0600 temporary file; give the file the mode every
+        # other file we create gets (0644 under umask 022), so teammates can read weights.
+        os.chmod(path, 0o666 & ~current_umask())
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         with open(path, "xb") as f:

@@ -35,7 +35,7 @@ def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
         src: a C-contiguous uint8 array of ``dst.size`` bytes; it must stay unchanged
             until the copy has run.
 
-    Example:
+    Examples:
         >>> a, b = np.arange(10, dtype=np.uint8), np.empty(10, np.uint8)
         >>> copy_bytes(b, a); int(b[-1])
         9

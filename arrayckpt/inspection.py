@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 
 from . import aliases, nested
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidInputError,
+)
 from .format import SafetensorsReader
 from .layout import (
     MODEL_FILE,
@@ -21,6 +26,7 @@ from .layout import (
     TRAINING_STATE_FILE,
     PathLike,
     is_complete,
+    misnamed_step_dir,
     rank_dirs,
     settled_scan,
 )
@@ -34,6 +40,11 @@ def kind_of(path: Path) -> str:
         CheckpointNotFoundError: ``path`` is none of these.
     """
     if path.is_file():
+        if path.suffix == ".json":  # its first 8 bytes would read as an absurd header length
+            raise InvalidInputError(
+                f"{path} is a JSON file, not a safetensors file: inspect the checkpoint "
+                f"directory instead (`arrayckpt inspect {path.parent}`)"
+            )
         return "file"
     if not path.is_dir():
         raise CheckpointNotFoundError(f"{path} does not exist")
@@ -43,8 +54,12 @@ def kind_of(path: Path) -> str:
         return "checkpoint"
     if any(e.step is not None for e in settled_scan(path)):
         return "root"
+    misnamed = sorted(p.name for p in path.iterdir() if misnamed_step_dir(p.name))
+    hint = (f"; {', '.join(misnamed[:3])} are not step names the manager reads "
+            f"(`arrayckpt ls {path}` shows how to rename them)" if misnamed else "")
     raise CheckpointNotFoundError(
         f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
+        f"{hint}"
     )
 
 

@@ -20,6 +20,7 @@ SHARDING_META_FILE = "sharding_meta.json"
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 #: Steps are u64 in boostr's TrainingState; a longer digit string is no step of ours.
 _MAX_STEP = 2**64 - 1
+_LOOSE_STEP_DIR = re.compile(r"step[_-]?([0-9]+)")
 _RANK_DIR = re.compile(r"rank_(0|[1-9][0-9]*)")
 _CHECKPOINT_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE})
 TEMP_MARKER = ".arrayckpt-tmp-"
@@ -57,6 +58,16 @@ def replaceable(path: Path) -> bool:
 def step_dir_name(step: int) -> str:
     """``step_00000100`` for step 100 (eight digits at least, so names sort by step)."""
     return f"step_{step:08d}"
+
+
+def misnamed_step_dir(name: str) -> str | None:
+    """The manager's name for a hand-made step directory it does not read (``step_1`` ->
+    ``step_00000001``); ``None`` for a proper step name or anything else."""
+    m = _LOOSE_STEP_DIR.fullmatch(name)
+    if m is None:
+        return None
+    proper = step_dir_name(int(m[1]))
+    return None if proper == name else proper
 
 
 def parse_step_dir_name(name: str) -> int | None:

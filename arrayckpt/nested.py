@@ -109,7 +109,7 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
     Raises:
         InvalidInputError: a key or leaf cannot be saved, or two paths flatten to one name.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> flat, tree = flatten({"state": {0: {"m": np.zeros(2)}}, "lr": 0.1}, what="x")
         >>> list(flat)
@@ -346,7 +346,7 @@ def leaves(tree: str, *, source: str = "tree") -> dict[str, Any]:
     Raises:
         CorruptCheckpointError: the tree is malformed.
 
-    Example:
+    Examples:
         >>> _, t = flatten({"param_groups": [{"lr": 0.1}]}, what="x")
         >>> leaves(t)
         {'param_groups.0.lr': 0.1}

@@ -28,7 +28,7 @@ class Progress:
     (for work that reports no progress of its own). Disabled, it prints nothing: the
     default is enabled only when ``stream`` is a terminal, so piped output stays clean.
 
-    Example:
+    Examples:
         >>> with Progress("verify", total=100) as bar:  # silent here: not a terminal
         ...     bar.advance(100)
     """
@@ -56,6 +56,11 @@ class Progress:
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
+        self._draw()
+
+    def update(self, done: int, total: int) -> None:
+        """A ``progress(done, total)`` callback: work whose total is known only once it starts."""
+        self.done, self.total = done, total
         self._draw()
 
     def _tick(self) -> None:

@@ -9,13 +9,30 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import aliases, format, fsops, nested, pool
+from . import aliases, format, fsops, nested, pool, storage
 from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
 from .training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 
 log = logging.getLogger("arrayckpt")
+
+
+def _file_metadata(snap: Snapshot) -> tuple[dict[str, str], dict[str, str], bytes]:
+    """The model and optimizer files' ``__metadata__`` and ``training_state.json``'s bytes:
+    the same for a directory and an object-store upload."""
+    state_bytes = snap.training_state.to_json().encode()
+    # The JSON file stays boostr's; its checksum goes where boostr never looks.
+    model_meta = {
+        **(nested.tree_metadata(snap.model_tree) or {}),
+        **aliases.metadata(snap.model_aliases),
+        STATE_CHECKSUM_KEY: state_checksum(state_bytes),
+    }
+    optimizer_meta = {
+        **(nested.tree_metadata(snap.optimizer_tree) or {}),
+        **aliases.metadata(snap.optimizer_aliases),
+    }
+    return model_meta, optimizer_meta, state_bytes
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
@@ -25,21 +42,10 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     and ``training_state.json``. Overlapping one file's fsync with the other's writing
     finished sooner than one file after the other (``bench/writer_variants.py``).
     """
-
-    state_bytes = snap.training_state.to_json().encode()
-    # The JSON file stays boostr's; its checksum goes where boostr never looks.
-    model_meta = {
-        **(nested.tree_metadata(snap.model_tree) or {}),
-        **aliases.metadata(snap.model_aliases),
-        STATE_CHECKSUM_KEY: state_checksum(state_bytes),
-    }
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
 
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
-            optimizer_meta = {
-                **(nested.tree_metadata(snap.optimizer_tree) or {}),
-                **aliases.metadata(snap.optimizer_aliases),
-            }
             format.write_file(
                 directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta, borrowed=snap.borrowed
             )
@@ -64,10 +70,30 @@ def write_files(directory: Path, snap: Snapshot) -> None:
         raise error
 
 
-def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:
-    """Atomically commit ``snap`` as the checkpoint at ``directory``."""
+def object_files(snap: Snapshot) -> dict[str, list[memoryview]]:
+    """The files `write_files` writes, as buffers for an object-store upload."""
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
+    files = {MODEL_FILE: format.file_parts(snap.model, model_meta)}
+    if snap.optimizer or snap.optimizer_tree is not None:
+        files[OPTIMIZER_FILE] = format.file_parts(snap.optimizer, optimizer_meta)
+    files[TRAINING_STATE_FILE] = [memoryview(state_bytes)]
+    return files
+
+
+def write_snapshot(
+    directory: PathLike, snap: Snapshot, storage_options: Mapping[str, Any] | None = None
+) -> Path | str:
+    """Atomically commit ``snap`` as the checkpoint at ``directory`` (a path or URL)."""
     started = time.perf_counter()
-    target = commit_directory(directory, lambda tmp: write_files(tmp, snap))
+    target: Path | str
+    if storage.is_url(directory):
+        from .storage import objects  # the object-store client is imported only here
+
+        target = objects.save_files(str(directory), object_files(snap), storage_options)
+    else:
+        target = commit_directory(
+            storage.local_path(directory), lambda tmp: write_files(tmp, snap)
+        )
     log.info(
         "saved %s: %d tensors, %.1f MiB in %.3f s",
         target,
@@ -83,7 +109,9 @@ def save_checkpoint(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     training_state: TrainingState | None = None,
-) -> Path:
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Save a checkpoint directory atomically and durably, and return its path.
 
     Writes ``model.safetensors``, ``optimizer.safetensors`` (only when non-empty) and
@@ -92,17 +120,21 @@ def save_checkpoint(
     complete new one at every instant.
 
     Args:
-        directory: where the checkpoint goes; must be new, empty, or a checkpoint.
+        directory: where the checkpoint goes; must be new, empty, or a checkpoint. An
+            ``s3://``, ``gs://`` or ``az://`` URL saves to an object store (data objects,
+            then a commit object; see docs/storage.md); ``file://`` is a local path.
         model_state: ``str -> array`` of any supported framework (mixed is fine).
         optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
         training_state: step, epoch, learning rate and metadata; default ``step=0``.
+        storage_options: object-store settings (``endpoint``, ``access_key_id``, ...)
+            over those from the environment; unused for local paths.
 
     Raises:
         InvalidInputError: a key, value or training-state field cannot be saved
             (`UnsupportedArrayError` for arrays and dtypes); nothing is written.
         CheckpointWriteError: I/O failed; the previous checkpoint is intact.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> _ = ac.save_checkpoint(f"{d}/step_1", {"w": np.ones(3, np.float32)},
@@ -111,6 +143,6 @@ def save_checkpoint(
         array([1., 1., 1.], dtype=float32)
     """
     snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
-    return write_snapshot(directory, snap)
+    return write_snapshot(directory, snap, storage_options)
 
 

@@ -47,7 +47,7 @@ class StagingPool:
     `begin`; the ones the new snapshot cannot reuse are dropped (at `begin` when it is told
     the sizes, else at `end`), so the pool holds one snapshot at most.
 
-    Example:
+    Examples:
         >>> pool = StagingPool()
         >>> pool.begin([8]); a = pool.take(8); pool.end()
         >>> pool.begin([8]); b = pool.take(8); pool.end()

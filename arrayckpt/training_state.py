@@ -14,8 +14,8 @@ from .errors import CorruptCheckpointError, InvalidInputError
 from .layout import MODEL_FILE
 from .strict_json import is_uint, load_object, reject_constant
 
-#: The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``).
 CHECKPOINT_VERSION = 2
+"""The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``)."""
 #: Largest training_state.json accepted.
 MAX_STATE_BYTES = 16 * 1024 * 1024
 #: The model file's ``__metadata__`` key recording the CRC32C of ``training_state.json``'s
@@ -32,7 +32,7 @@ class TrainingState:
     A file without ``version`` is version 1; missing ``epoch``, ``learning_rate`` and
     ``metadata`` default to ``0``, ``0.0`` and ``{}``, as in boostr.
 
-    Example:
+    Examples:
         >>> s = TrainingState(step=100, epoch=1, learning_rate=3e-4, metadata={"run": "a"})
         >>> TrainingState.from_json(s.to_json()) == s
         True
@@ -132,7 +132,7 @@ def serde_f64(x: float) -> str:
     Both Python's ``repr`` and Ryu print the shortest digits that round-trip; they
     differ only in where they switch to exponents and how exponents look.
 
-    Example:
+    Examples:
         >>> serde_f64(1e-5), serde_f64(1e-6), serde_f64(1e16), serde_f64(3.0)
         ('0.00001', '1e-6', '1e16', '3.0')
     """

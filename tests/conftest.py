@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+#: the SeaweedFS S3 server fixtures (s3_server, s3_env) for the object-store tests
+pytest_plugins = ["s3server"]
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the package is imported from the worktree, not installed
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # `from strategies import ...` under any rootdir
-
-# Before anything imports jax: the suite checks 64-bit dtypes exactly.
-os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import strategies  # noqa: E402
 
@@ -65,15 +65,18 @@ def torch_module() -> object:
 
 
 @pytest.fixture
-def jax_numpy() -> object:
-    """jax.numpy with 64-bit types on, or a skip saying why it is missing."""
-    pytest.importorskip("jax", reason="JAX is not installed (pip install jax)")
+def jax_x64() -> Iterator[None]:
+    """64-bit JAX types for one test, then JAX's default again (32-bit: users run that).
+
+    Only tests that put 64-bit arrays through JAX use it; they say so where they do.
+    """
+    if not strategies.importable("jax"):
+        yield
+        return
     import jax
 
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
-    return jnp
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import os
 from functools import cache
 from typing import Any
 
@@ -27,10 +26,6 @@ from hypothesis import strategies as st
 
 import arrayckpt as ac
 from arrayckpt import dtypes as ac_dtypes
-
-# JAX truncates 64-bit types to 32 bits unless x64 is on; the suite tests exact dtypes.
-# Set before jax is first imported (a later import reads this at initialisation).
-os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 #: Every safetensors dtype code arrayckpt supports, in table order.
 ALL_DTYPE_CODES: tuple[str, ...] = tuple(ac_dtypes.BY_CODE)
@@ -209,7 +204,8 @@ def to_backend(
         import jax.numpy as jnp
 
         out = jnp.asarray(np.asarray(a, order="C"))
-        assert out.dtype == a.dtype, f"JAX changed {a.dtype} to {out.dtype} (is x64 on?)"
+        assert out.dtype == a.dtype, (f"JAX changed {a.dtype} to {out.dtype}: a test with "
+                                     "64-bit JAX arrays takes the jax_x64 fixture")
         return out
     if backend == "cupy":
         import cupy

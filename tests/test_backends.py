@@ -38,7 +38,9 @@ def test_importing_arrayckpt_imports_no_framework() -> None:
         ac.save_checkpoint(d + "/c", {"w": np.ones(3)}, {"m": np.zeros(1)})
         ac.load_checkpoint(d + "/c")
         ac.load_checkpoint(d + "/c", xp="numpy", mmap=False)
-        print(sorted(m for m in ("torch", "jax", "jaxlib", "cupy", "array_api_strict")
+        ac.load_checkpoint("file://" + d + "/c")
+        print(sorted(m for m in ("torch", "jax", "jaxlib", "cupy", "array_api_strict",
+                                 "obstore", "fsspec", "s3fs", "boto3", "botocore")
                      if m in sys.modules))
         """
     )
@@ -96,6 +98,8 @@ def test_for_namespace(xp: object, name: str) -> None:
     assert backends.for_namespace(xp).name == name  # type: ignore[arg-type]
 
 
+# 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
+@pytest.mark.usefixtures("jax_x64")
 @given(data=st.data(), staged=st.booleans())
 def test_to_host_copies_exact_bytes_for_every_layout(data: st.DataObject, staged: bool) -> None:
     expected, x, backend, layout = data.draw(backend_arrays())

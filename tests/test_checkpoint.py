@@ -57,6 +57,8 @@ def _code(a: np.ndarray) -> str:
     return ac_dtypes.from_numpy(a.dtype, tensor="?").code
 
 
+# 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
+@pytest.mark.usefixtures("jax_x64")
 @given(data=st.data())
 def test_round_trip_every_backend_dtype_shape_layout(tmp_path: Path, data: st.DataObject) -> None:
     expected, x, _, _ = data.draw(backend_arrays())
@@ -65,6 +67,8 @@ def test_round_trip_every_backend_dtype_shape_layout(tmp_path: Path, data: st.Da
     _check_loads(path, {name: expected})
 
 
+# 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
+@pytest.mark.usefixtures("jax_x64")
 @pytest.mark.parametrize("code", sorted(ac_dtypes.BY_CODE))
 def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) -> None:
     """A deterministic sweep, so every (dtype, backend) pair runs on every test run."""
@@ -81,6 +85,8 @@ def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) ->
             _check_loads(path, {"t": a})
 
 
+# 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
+@pytest.mark.usefixtures("jax_x64")
 @given(state=states(min_size=1), opt=states(), layout=layouts(), data=st.data())
 def test_mixed_frameworks_in_one_mapping(
     tmp_path: Path, state: dict[str, np.ndarray], opt: dict[str, np.ndarray], layout: str,

@@ -113,10 +113,11 @@ def test_ls_lists_complete_incomplete_and_temporary_steps(tmp_path):
     assert cli("verify", tmp_path).returncode == 0  # a root: every complete step
 
 
-def test_progress_bar_shows_on_a_terminal(ckpt):
+def on_a_terminal(*args: object) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal; its exit status and what stderr showed."""
     primary, secondary = pty.openpty()
     try:
-        proc = subprocess.run([sys.executable, "-m", "arrayckpt", "verify", str(ckpt)], env=ENV,
+        proc = subprocess.run([sys.executable, "-m", "arrayckpt", *map(str, args)], env=ENV,
                               stdout=subprocess.PIPE, stderr=secondary, timeout=120)
         os.close(secondary)
         secondary = -1
@@ -133,9 +134,69 @@ def test_progress_bar_shows_on_a_terminal(ckpt):
         os.close(primary)
         if secondary != -1:
             os.close(secondary)
-    assert proc.returncode == 0
-    shown = b"".join(chunks).decode()
+    return proc.returncode, b"".join(chunks).decode()
+
+
+def test_progress_bar_shows_on_a_terminal(ckpt):
+    status, shown = on_a_terminal("verify", ckpt)
+    assert status == 0
     assert "verify  [" in shown and "100%" in shown
+
+
+def tensor_parallel(src: Path, names: int = 1) -> np.ndarray:
+    full = np.arange(8, dtype=np.float32)
+    split = {f"layers.{i}.attention.query_key_value.weight": 0 for i in range(names)}
+    for rank in range(2):
+        model = {name: full[rank * 4:(rank + 1) * 4] for name in split}
+        ac.save_distributed_checkpoint(
+            src, rank, 2, {"w": full[rank * 4:(rank + 1) * 4], **model,
+                           "b": np.ones(2, np.float32)}, None,
+            ac.TrainingState(step=5), ac.ShardingConfig(ac.TensorParallel(), {"w": 0, **split}))
+    return full
+
+
+def test_consolidate_draws_a_progress_bar_on_a_terminal(tmp_path):
+    tensor_parallel(tmp_path / "sharded")
+    status, shown = on_a_terminal("consolidate", tmp_path / "sharded", tmp_path / "merged")
+    assert status == 0, shown
+    assert "[" in shown and "100%" in shown and " B / " in shown
+
+
+def test_version():
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"arrayckpt {ac.__version__}"
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_verbose_before_or_after_the_command(ckpt, order):
+    args = ["-v", "verify", ckpt] if order == "before" else ["verify", "-v", ckpt]
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "verified: all good" in out.stdout
+
+
+def test_inspect_a_json_file_says_it_is_one(ckpt):
+    out = cli("inspect", ckpt / "training_state.json")
+    assert out.returncode == 2
+    assert "is a JSON file" in out.stderr and f"arrayckpt inspect {ckpt}" in out.stderr
+    assert "header length" not in out.stderr
+
+
+def test_ls_shows_hand_named_step_folders_and_how_to_rename_them(tmp_path):
+    ac.save_checkpoint(tmp_path / "step_1", {"w": np.zeros(1, np.float32)})
+    out = cli("verify", tmp_path)
+    assert out.returncode == 2 and f"arrayckpt ls {tmp_path}" in out.stderr
+    out = cli("ls", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "step_1" in out.stdout and "rename to step_00000001" in out.stdout
+
+
+def test_inspect_wraps_the_sharding_of_a_distributed_checkpoint(tmp_path):
+    tensor_parallel(tmp_path / "sharded", names=12)
+    out = cli("inspect", tmp_path / "sharded")
+    assert out.returncode == 0, out.stderr
+    assert "layers.11.attention.query_key_value.weight: 0" in out.stdout
+    assert max(map(len, out.stdout.splitlines())) <= 100
 
 
 def test_consolidate_without_distributed_support_says_so(tmp_path):
@@ -158,6 +219,15 @@ def test_consolidate_merges_a_sharded_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"consolidated {src} into {dst}: 2 tensors, 40 B" in out.stdout
     np.testing.assert_array_equal(ac.load_checkpoint(dst).model["w"], full)
+
+
+def test_demo_without_dir_leaves_nothing_behind(tmp_path):
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "arrayckpt", "demo", "--steps", "200"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from step_00000150" in out.stdout and "--dir" in out.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_runs_and_leaves_a_manager_root(tmp_path):

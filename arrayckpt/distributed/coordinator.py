@@ -75,7 +75,7 @@ class TorchCoordinator(Coordinator):
     at the same point of its program, on the training thread. arrayckpt makes one per
     group and reuses it.
 
-    Example:
+    Examples:
         >>> # coordinator = TorchCoordinator()  # after dist.init_process_group(...)
     """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends, nested
+from .. import backends, nested, storage
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
@@ -76,7 +76,7 @@ def load_distributed_checkpoint(
         CheckpointNotFoundError: ``sharding_meta.json`` or a rank's files are missing.
         CorruptCheckpointError: a file is malformed, or shards do not fit together.
 
-    Example:
+    Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
         >>> zero = ac.ShardingConfig(ac.ZeroPartitioned(3))
@@ -85,6 +85,7 @@ def load_distributed_checkpoint(
         >>> sorted(ac.load_distributed_checkpoint(d, 0, world_size=1).model)
         ['a', 'b']
     """
+    directory = storage.local_only(directory, "load_distributed_checkpoint")
     root = Path(directory)
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.

@@ -28,7 +28,7 @@ from ..layout import (
 class ShardFile:
     """One saved safetensors file, read by byte ranges: only its header is read up front.
 
-    Example:
+    Examples:
         >>> # ShardFile(path).read_slab("attn.wq", dim=0, lo=2, hi=4) reads just those rows
     """
 

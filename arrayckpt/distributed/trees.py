@@ -28,7 +28,7 @@ class _Conflict(Exception):
 def merged_tree(files: Sequence[ShardFile | None], names: Collection[str], part: str) -> str | None:
     """The JSON tree for the merged ``part`` whose tensors are ``names``, or ``None`` (flat).
 
-    Example:
+    Examples:
         >>> # merged_tree([rank0.optimizer, rank1.optimizer], names, "optimizer")
     """
     present = [(r, f) for r, f in enumerate(files) if f is not None]

@@ -53,7 +53,7 @@ class ShardingConfig:
         split_dims: for `TensorParallel`, tensor name -> the dimension it is split along
             (applies to model and optimizer keys alike, as in boostr).
 
-    Example:
+    Examples:
         >>> ShardingConfig(TensorParallel(), {"attn.wq": 0, "mlp.w1": 1}).strategy
         TensorParallel()
     """
