@@ -9,17 +9,30 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import format, fsops, nested, pool, storage
+from . import aliases, format, fsops, nested, pool, storage
 from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
-from .training_state import TrainingState
+from .training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 
 log = logging.getLogger("arrayckpt")
 
 
-def _tree_metadata(tree: str | None) -> dict[str, str] | None:
-    return None if tree is None else {nested.TREE_KEY: tree}
+def _file_metadata(snap: Snapshot) -> tuple[dict[str, str], dict[str, str], bytes]:
+    """The model and optimizer files' ``__metadata__`` and ``training_state.json``'s bytes:
+    the same for a directory and an object-store upload."""
+    state_bytes = snap.training_state.to_json().encode()
+    # The JSON file stays boostr's; its checksum goes where boostr never looks.
+    model_meta = {
+        **(nested.tree_metadata(snap.model_tree) or {}),
+        **aliases.metadata(snap.model_aliases),
+        STATE_CHECKSUM_KEY: state_checksum(state_bytes),
+    }
+    optimizer_meta = {
+        **(nested.tree_metadata(snap.optimizer_tree) or {}),
+        **aliases.metadata(snap.optimizer_aliases),
+    }
+    return model_meta, optimizer_meta, state_bytes
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
@@ -29,18 +42,16 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     and ``training_state.json``. Overlapping one file's fsync with the other's writing
     finished sooner than one file after the other (``bench/writer_variants.py``).
     """
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
 
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
             format.write_file(
-                directory / OPTIMIZER_FILE,
-                snap.optimizer,
-                _tree_metadata(snap.optimizer_tree),
-                borrowed=snap.borrowed,
+                directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta, borrowed=snap.borrowed
             )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
-        fs.write_bytes(state_path, snap.training_state.to_json().encode())
+        fs.write_bytes(state_path, state_bytes)
         fs.fsync_file(state_path)
 
     # Never return (and let the commit remove the directory) while the second thread
@@ -50,12 +61,7 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     try:
         with interrupts_deferred():
             others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
-        format.write_file(
-            directory / MODEL_FILE,
-            snap.model,
-            _tree_metadata(snap.model_tree),
-            borrowed=snap.borrowed,
-        )
+        format.write_file(directory / MODEL_FILE, snap.model, model_meta, borrowed=snap.borrowed)
     finally:
         if others is not None:
             with interrupts_deferred():
@@ -66,12 +72,11 @@ def write_files(directory: Path, snap: Snapshot) -> None:
 
 def object_files(snap: Snapshot) -> dict[str, list[memoryview]]:
     """The files `write_files` writes, as buffers for an object-store upload."""
-    files = {MODEL_FILE: format.file_parts(snap.model, _tree_metadata(snap.model_tree))}
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
+    files = {MODEL_FILE: format.file_parts(snap.model, model_meta)}
     if snap.optimizer or snap.optimizer_tree is not None:
-        files[OPTIMIZER_FILE] = format.file_parts(
-            snap.optimizer, _tree_metadata(snap.optimizer_tree)
-        )
-    files[TRAINING_STATE_FILE] = [memoryview(snap.training_state.to_json().encode())]
+        files[OPTIMIZER_FILE] = format.file_parts(snap.optimizer, optimizer_meta)
+    files[TRAINING_STATE_FILE] = [memoryview(state_bytes)]
     return files
 
 
