@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import signal
 import threading
 import uuid
@@ -16,14 +15,22 @@ from types import FrameType
 
 from . import forking, fsops
 from .errors import CheckpointError, CheckpointWriteError, InvalidInputError
-from .layout import OLD_MARKER, TEMP_MARKER, replaceable
+from .layout import (
+    OLD_MARKER,
+    TEMP_MARKER,
+    process_alive,
+    replaceable,
+    temporary_name,
+    temporary_owner,
+    temporary_target,
+)
 
 log = logging.getLogger("arrayckpt")
 
 
 def temporary_sibling(target: Path, marker: str = TEMP_MARKER) -> Path:
     """A unique hidden name beside ``target``; the pid tells a later cleanup who made it."""
-    return target.with_name(f".{target.name}{marker}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return target.with_name(temporary_name(target.name, marker, os.getpid(), uuid.uuid4().hex[:12]))
 
 
 def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
@@ -140,35 +147,20 @@ def _discard_stale_siblings(target: Path) -> None:
     checkpoint is superseded. Siblings of a live process other than this one are left:
     that save may still be running.
     """
-    owned = re.compile(
-        re.escape(f".{target.name}") + f"(?:{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)})"
-        r"([0-9]+)-[0-9a-f]{12}"
-    )
     try:
         names = [entry.name for entry in target.parent.iterdir()]
     except OSError:
         return
     for name in names:
-        match = owned.fullmatch(name)
-        if match is None:
+        if temporary_target(name) != target.name:
             continue
         path = target.parent / name
-        pid = int(match.group(1))
+        pid = temporary_owner(name)
         with _IN_USE_LOCK:
             busy = path in _IN_USE
-        if busy or (pid != os.getpid() and _alive(pid)):
+        if busy or (pid is not None and pid != os.getpid() and process_alive(pid)):
             continue
         _discard(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _swap_into_place(tmp: Path, target: Path) -> tuple[Callable[[], None], Path | None]:

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import backends, dtypes, nested
+from . import aliases, backends, dtypes, nested
 from .errors import InvalidInputError
 from .format import SafetensorsReader
 
@@ -39,10 +39,11 @@ def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
         CorruptCheckpointError: a tensor fails its checksum; ``target`` may be partly filled.
     """
     source = str(reader.path)
-    tree = reader.header.metadata.get(nested.TREE_KEY)
-    names = set(reader.names)
+    tree = nested.tree_text(reader.header.metadata, source=source)
+    tied = aliases.read(reader.header.metadata, reader.header.entries, source=source)
+    names = {*reader.names, *tied}
     if tree is None:
-        saved: Any = {name: _TensorRef(name) for name in reader.names}
+        saved: Any = {name: _TensorRef(name) for name in names}
     else:
         saved = nested.unflatten(tree, _TensorRef, names, source=source)
 
@@ -53,7 +54,8 @@ def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
 
     def walk(s: Any, t: Any, path: str) -> None:
         if isinstance(s, _TensorRef):
-            _copy_into(t, reader.array(s.name, verify=verify), s.name, lambda p: fail(path, p))
+            src = reader.array(tied.get(s.name, s.name), verify=verify)
+            _copy_into(t, src, s.name, lambda p: fail(path, p))
             return
         if isinstance(s, dict):
             if not isinstance(t, Mapping):

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import nested
+import numpy as np
+
+from . import aliases, nested
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -25,8 +27,8 @@ from .layout import (
     TRAINING_STATE_FILE,
     PathLike,
     is_complete,
-    is_rank_dir_name,
     misnamed_step_dir,
+    rank_dirs,
     settled_scan,
 )
 from .training_state import TrainingState
@@ -63,21 +65,19 @@ def kind_of(path: Path) -> str:
 
 
 def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):  # a NumPy scalar kept in the tree
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
-
-
-def _rank_dirs(path: Path) -> list[Path]:
-    ranks = [p for p in path.iterdir() if is_rank_dir_name(p.name) and p.is_dir()]
-    return sorted(ranks, key=lambda p: int(p.name.partition("_")[2]))
 
 
 def describe_file(path: Path) -> dict[str, Any]:
     """Tensors (name, dtype, shape, bytes) and non-array leaves of one safetensors file."""
     reader = SafetensorsReader(path)
     entries = reader.header.entries.values()
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    tree = nested.tree_text(reader.header.metadata, source=str(path))
+    values = nested.leaves(tree, source=str(path)) if tree is not None else {}
     return {
         "path": str(path),
         "nested": tree is not None,
@@ -88,7 +88,7 @@ def describe_file(path: Path) -> dict[str, Any]:
              "nbytes": e.end - e.start}
             for e in entries
         ],
-        "values": {k: _jsonable(v) for k, v in nested.leaves(tree).items()} if tree else {},
+        "values": {k: _jsonable(v) for k, v in values.items()},
     }
 
 
@@ -119,7 +119,7 @@ def describe(path: PathLike) -> dict[str, Any]:
             out["sharding"] = json.loads(meta.read_bytes())
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
-        out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
+        out["ranks"] = [describe(rank) for rank in rank_dirs(path)]
     else:
         raise CheckpointNotFoundError(
             f"{path} holds steps, not one checkpoint: run `arrayckpt ls {path}` and inspect "
@@ -152,7 +152,7 @@ def files_to_verify(path: Path) -> list[Path]:
                 files += files_to_verify(step)
         return files
     if kind == "distributed":
-        ranks = [f for rank in _rank_dirs(path) for f in files_to_verify(rank)]
+        ranks = [f for rank in rank_dirs(path) for f in files_to_verify(rank)]
         return [*ranks, path / SHARDING_META_FILE]
     optional = [f for f in (path / OPTIMIZER_FILE, path / EXTRA_FILE) if f.exists()]
     return [path / MODEL_FILE, *optional, path / TRAINING_STATE_FILE]
@@ -205,11 +205,12 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
         try:
             if f.suffix == ".json":
                 if f.name == TRAINING_STATE_FILE:
-                    TrainingState.read(f)
+                    TrainingState.read(f, metadata=_model_metadata(f.parent))
                 else:
                     _check_distributed(f)
                 continue
             reader = SafetensorsReader(f)
+            _check_tree(reader)
         except (CheckpointError, OSError, ValueError) as exc:
             entry["errors"].append(str(exc))
             continue
@@ -223,6 +224,25 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
             entry["nbytes"] += e.end - e.start
             advance(e.end - e.start)
     return report
+
+
+def _check_tree(reader: SafetensorsReader) -> None:
+    """The nested-state tree, as every loader checks it: checksum, grammar, tensor names."""
+    source = str(reader.path)
+    tree = nested.tree_text(reader.header.metadata, source=source)
+    tied = aliases.read(reader.header.metadata, reader.header.entries, source=source)
+    if tree is not None:
+        names = {*reader.names, *tied}
+        nested.check_names(nested.parse(tree, source=source), names, source=source)
+
+
+def _model_metadata(checkpoint: Path) -> dict[str, str] | None:
+    """The model file's ``__metadata__`` (where the training state's checksum is), if readable;
+    an unreadable model file is reported on its own."""
+    try:
+        return SafetensorsReader(checkpoint / MODEL_FILE).header.metadata
+    except (CheckpointError, OSError):
+        return None
 
 
 def total_tensor_bytes(path: Path) -> int:

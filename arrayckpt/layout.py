@@ -20,6 +20,8 @@ TRAINING_STATE_FILE = "training_state.json"
 SHARDING_META_FILE = "sharding_meta.json"
 
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
+#: Steps are u64 in boostr's TrainingState; a longer digit string is no step of ours.
+_MAX_STEP = 2**64 - 1
 _LOOSE_STEP_DIR = re.compile(r"step[_-]?([0-9]+)")
 _RANK_DIR = re.compile(r"rank_(0|[1-9][0-9]*)")
 _CHECKPOINT_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, EXTRA_FILE, TRAINING_STATE_FILE})
@@ -73,9 +75,16 @@ def misnamed_step_dir(name: str) -> str | None:
 def parse_step_dir_name(name: str) -> int | None:
     """The step of a step directory's name, or ``None`` for any other name."""
     m = _STEP_DIR.fullmatch(name)
-    if m is None or step_dir_name(int(m[1])) != name:
+    if m is None or len(m[1]) > 20 or step_dir_name(int(m[1])) != name:
         return None
-    return int(m[1])
+    step = int(m[1])
+    return step if step <= _MAX_STEP else None
+
+
+def rank_dirs(path: Path) -> list[Path]:
+    """The ``rank_<r>`` directories under ``path``, by rank."""
+    ranks = [p for p in path.iterdir() if is_rank_dir_name(p.name) and p.is_dir()]
+    return sorted(ranks, key=lambda p: int(p.name[5:]))
 
 
 def _single_complete(path: Path) -> bool:
@@ -136,23 +145,44 @@ def scan(root: PathLike) -> list[StepEntry]:
     return steps + temporaries
 
 
+#: Linux caps pids at 2**22; anything beyond a C int is no pid at all.
+_MAX_PID = 2**31 - 1
+
+
+def temporary_name(target: str, marker: str, pid: int, token: str) -> str:
+    """``.<target><marker><pid>-<token>``: hidden, and naming the process that made it."""
+    return f".{target}{marker}{pid}-{token}"
+
+
 def temporary_owner(name: str) -> int | None:
-    """The pid a temporary's name records (``.<target>.arrayckpt-tmp-<pid>-<id>``)."""
+    """The pid a temporary's name records (``.<target>.arrayckpt-tmp-<pid>-<id>``), or
+    ``None`` when it records none that could be a process (no digits, out of range)."""
     for marker in (TEMP_MARKER, OLD_MARKER):
         if marker in name:
-            pid = name.split(marker, 1)[1].split("-", 1)[0]
-            return int(pid) if pid.isdigit() else None
+            pid = name.rsplit(marker, 1)[1].split("-", 1)[0]
+            if pid.isascii() and pid.isdigit() and len(pid) <= 10 and 0 < int(pid) <= _MAX_PID:
+                return int(pid)
+            return None
+    return None
+
+
+def temporary_target(name: str) -> str | None:
+    """The name of the directory a temporary belongs to (``step_00000100``), or ``None``."""
+    for marker in (TEMP_MARKER, OLD_MARKER):
+        if name.startswith(".") and marker in name:
+            return name[1:].rsplit(marker, 1)[0]
     return None
 
 
 def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host (the owner of a temporary)."""
     if pid == os.getpid():
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
+    except (PermissionError, OverflowError):  # someone else's process; not ours to judge
         return True
     return True
 

@@ -66,8 +66,9 @@ class LazyState(Mapping[str, Any]):
     @property
     def leaves(self) -> dict[str, Any]:
         """The non-array leaves of a nested state by dotted path (``{}`` for flat files)."""
-        tree = self._reader.header.metadata.get(nested.TREE_KEY)
-        return {} if tree is None else nested.leaves(tree)
+        source = str(self._reader.path)
+        tree = nested.tree_text(self._reader.header.metadata, source=source)
+        return {} if tree is None else nested.leaves(tree, source=source)
 
 
 class LazyCheckpoint(NamedTuple):

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from . import backends, fill, format, hf, nested, storage
+from . import aliases, backends, fill, format, hf, nested, storage
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -83,34 +83,52 @@ def load_state_file(
     returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
     (see `fill.fill`), and ``into`` is returned.
     """
-    if keys is not None and into is not None:
-        raise InvalidInputError("keys= and into= cannot be combined; pick one")
     # eager partial loads read only the header and the requested tensors' byte ranges
     reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
+    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
+
+
+def read_state(
+    reader: format.SafetensorsReader,
+    *,
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    keys: Iterable[str] | None,
+    into: Any,
+) -> Any:
+    """`load_state_file` for a file already open (the loader also needs its header)."""
+    if keys is not None and into is not None:
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
+    path = reader.path
     if into is not None:
         return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 
-    def get(name: str) -> Any:
+    def load_one(name: str) -> Any:
         try:
             return backend.from_host(reader.array(name, verify=verify), device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
 
+    tied = aliases.read(reader.header.metadata, reader.header.entries, source=str(path))
+    get = aliases.resolver(load_one, tied)  # a tied tensor comes back as one object
+
     if keys is not None:
         if isinstance(keys, str):
             raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
-        missing = [k for k in keys if k not in reader.header.entries]
+        keys = list(keys)
+        missing = [k for k in keys if k not in reader.header.entries and k not in tied]
         if missing:
             raise CheckpointNotFoundError(
                 f"{path}: no tensors named {missing[:5]}; `arrayckpt inspect` lists them"
             )
         return {name: get(name) for name in keys}
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    tree = nested.tree_text(reader.header.metadata, source=str(path))
     if tree is not None:
-        return nested.unflatten(tree, get, set(reader.names), source=str(path))
-    return {name: get(name) for name in reader.names}
+        return nested.unflatten(tree, get, {*reader.names, *tied}, source=str(path))
+    return {name: get(name) for name in [*reader.names, *tied]}
 
 
 def load_file(
@@ -287,12 +305,19 @@ def _load_once(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"
         )
-    model = load_state_file(root / MODEL_FILE, keys=keys, into=into, **options)
+    mmap = options["mmap"]
+    reader = format.SafetensorsReader(
+        root / MODEL_FILE, mmap=mmap, ranges=keys is not None and not mmap
+    )
+    model = read_state(
+        reader, xp=options["xp"], device=options["device"], verify=options["verify"],
+        keys=keys, into=into,
+    )
     opt_path = root / OPTIMIZER_FILE
     opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
     extra_path = root / EXTRA_FILE
     extra = load_state_file(extra_path, **options) if extra_path.exists() else None
-    state = TrainingState.read(root / TRAINING_STATE_FILE)
+    state = TrainingState.read(root / TRAINING_STATE_FILE, metadata=reader.header.metadata)
     return Checkpoint(model, opt, state, extra)
 
 

@@ -35,6 +35,7 @@ from .layout import (
     settled_scan,
     step_dir_name,
     temporary_owner,
+    temporary_target,
 )
 from .load import Checkpoint, load_checkpoint
 from .save import write_snapshot
@@ -426,8 +427,8 @@ class CheckpointManager(ClosesOnExit):
     def _clean(self, entry: Path) -> None:
         fs = fsops.fs()
         if OLD_MARKER in entry.name and is_complete(entry):
-            original = entry.with_name(entry.name[1:].split(OLD_MARKER, 1)[0])
-            if not os.path.lexists(original):
+            original = entry.with_name(temporary_target(entry.name) or "")
+            if original.name and not os.path.lexists(original):
                 fs.rename(entry, original)
                 fs.fsync_dir(entry.parent)
                 log.warning("recovered %s from %s (a replace was interrupted)", original, entry)

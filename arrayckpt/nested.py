@@ -16,20 +16,78 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .errors import CorruptCheckpointError, InvalidInputError, UnsupportedArrayError
+from .limits import MAX_TREE_DEPTH
 
 #: The ``__metadata__`` key holding the tree of a nested state.
 TREE_KEY = "arrayckpt.tree"
+#: The ``__metadata__`` key holding the CRC32C of the tree's UTF-8 bytes (8 hex digits);
+#: files from before it was recorded have none and load unchecked.
+TREE_CHECKSUM_KEY = "arrayckpt.tree.crc32c"
 TREE_VERSION = 1
 
 _SCALARS = (bool, int, float, str, type(None))
 _FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+#: NumPy scalar types kept in the tree (as ``{"numpy": [dtype, value]}``), so they come
+#: back as themselves whatever framework the arrays load into; every value is exact in JSON.
+_NUMPY_SCALARS = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64"]
+)
 
 
 def is_array(x: Any) -> bool:
-    """True for anything that is not a container or a Python scalar (NumPy scalars are arrays)."""
-    if isinstance(x, np.generic):
+    """True for arrays of any framework (NumPy scalars included): things that export array
+    data; False for containers, Python scalars and other objects (``Path``, ``set``, ``bytes``).
+    """
+    if isinstance(x, (np.ndarray, np.generic)):
         return True
-    return not isinstance(x, (Mapping, list, tuple, *_SCALARS))
+    if isinstance(x, (Mapping, list, tuple, *_SCALARS, bytes, bytearray, memoryview)):
+        return False
+    return any(
+        hasattr(x, attr)
+        for attr in ("__dlpack__", "__array_namespace__", "__cuda_array_interface__",
+                     "__array__", "__array_interface__", "untyped_storage")
+    )
+
+
+def _is_tree_scalar(x: Any) -> bool:
+    return isinstance(x, np.generic) and x.dtype.name in _NUMPY_SCALARS
+
+
+def checksum_of(tree: str) -> str:
+    """The CRC32C recorded for a tree (or any JSON text arrayckpt covers), as 8 hex digits."""
+    from .format import checksum  # format imports the safetensors bindings: only on use
+
+    return f"{checksum(tree.encode()):08x}"
+
+
+def tree_metadata(tree: str | None) -> dict[str, str] | None:
+    """The ``__metadata__`` entries that record ``tree`` (``None`` for a flat state)."""
+    return None if tree is None else {TREE_KEY: tree, TREE_CHECKSUM_KEY: checksum_of(tree)}
+
+
+def tree_text(metadata: Mapping[str, str], *, source: str) -> str | None:
+    """The tree a file's ``__metadata__`` records, checked against its CRC32C; ``None``
+    for a flat state.
+
+    Raises:
+        CorruptCheckpointError: the tree does not match its checksum.
+    """
+    tree = metadata.get(TREE_KEY)
+    recorded = metadata.get(TREE_CHECKSUM_KEY)
+    if tree is None:
+        if recorded is not None:
+            raise CorruptCheckpointError(
+                f"{source}: __metadata__ records a tree checksum but no {TREE_KEY!r}; "
+                "restore another checkpoint"
+            )
+        return None
+    if recorded is not None and recorded != checksum_of(tree):
+        raise CorruptCheckpointError(
+            f"{source}: __metadata__[{TREE_KEY!r}] (the nested structure and its values) "
+            "fails its CRC32C checksum: the file is corrupt; restore another checkpoint"
+        )
+    return tree
 
 
 def is_flat(state: Any) -> bool:
@@ -67,6 +125,11 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
     paths: dict[str, str] = {}
 
     def encode(x: Any, parts: tuple[str, ...], path: str) -> Any:
+        if isinstance(x, (Mapping, list, tuple)) and len(parts) >= MAX_TREE_DEPTH:
+            raise InvalidInputError(
+                f"{what}{_short(path)}: nested deeper than {MAX_TREE_DEPTH} levels (a container "
+                "that holds itself?); flatten that part into a dict of arrays before saving"
+            )
         if isinstance(x, Mapping):
             items = []
             for k, v in x.items():
@@ -79,6 +142,8 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
         if isinstance(x, (list, tuple)):
             kind = "tuple" if isinstance(x, tuple) else "list"
             return {kind: [encode(v, (*parts, str(i)), f"{path}[{i}]") for i, v in enumerate(x)]}
+        if _is_tree_scalar(x):
+            return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{path}")]}
         if is_array(x):
             name = ".".join(parts)
             if not name or "\x00" in name or name == "__metadata__":
@@ -99,6 +164,42 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
     return flat, json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: Returned by a `map_arrays` function: leave this array out of the mapped state.
+DROP: Any = object()
+
+
+def map_arrays(state: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """``state`` with each array leaf replaced by ``fn(name, leaf)``, ``name`` being the
+    tensor name `flatten` gives it; containers are rebuilt, scalars kept.
+
+    A leaf for which ``fn`` returns `DROP` is left out: its dict key is omitted, or, in a
+    list or tuple (whose later names would shift), it becomes ``None``. Used to keep only
+    the shards a rank owns while the others keep their names.
+
+    Examples:
+        >>> import numpy as np
+        >>> map_arrays({"a": {"b": np.ones(1)}, "c": np.ones(1), "lr": 0.1},
+        ...            lambda n, x: DROP if n == "c" else n)
+        {'a': {'b': 'a.b'}, 'lr': 0.1}
+    """
+
+    def walk(x: Any, parts: tuple[str, ...]) -> Any:
+        if isinstance(x, Mapping):
+            out = {k: walk(v, (*parts, str(k))) for k, v in x.items()}
+            return {k: v for k, v in out.items() if v is not DROP}
+        if isinstance(x, (list, tuple)):
+            items = [walk(v, (*parts, str(i))) for i, v in enumerate(x)]
+            items = [None if v is DROP else v for v in items]
+            return tuple(items) if isinstance(x, tuple) else items
+        return fn(".".join(parts), x) if is_array(x) else x
+
+    return walk(state, ())
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 120 else f"{path[:60]}...{path[-60:]}"
+
+
 def _encode_scalar(x: Any, where: str) -> Any:
     if x is None:
         return {"none": None}
@@ -113,20 +214,24 @@ def _encode_scalar(x: Any, where: str) -> Any:
     if isinstance(x, str):
         return {"str": x}
     raise UnsupportedArrayError(
-        f"{where}: a {type(x).__name__} is neither an array nor a JSON scalar "
-        "(int, float, bool, None, str); convert it before saving"
+        f"{where}: a {type(x).__module__}.{type(x).__qualname__} is neither an array nor a "
+        "JSON value (int, float, bool, None, str); convert it before saving (str(path), "
+        "list(a_set), an np.frombuffer of bytes)"
     )
 
 
-def unflatten(
-    tree: str, get: Callable[[str], Any], names: set[str], *, source: str
-) -> Any:
-    """Rebuild the nested state described by ``tree``, taking each tensor from ``get(name)``.
+Node = dict[str, Any]
 
-    ``names`` are the tensors the file holds; the tree must reference each exactly once.
+
+def parse(tree: str, *, source: str) -> Node:
+    """Validate the whole tree and return its root node; the one reader of the grammar.
+
+    Checks every node's kind and value, the depth (`MAX_TREE_DEPTH`) and that no tensor is
+    referenced twice, so every walker after it (`unflatten`, `leaves`, the distributed
+    merge) may trust what it walks.
 
     Raises:
-        CorruptCheckpointError: the tree is malformed or does not match the file's tensors.
+        CorruptCheckpointError: naming ``source`` and the malformed node.
     """
 
     def fail(problem: str) -> NoReturn:
@@ -134,43 +239,120 @@ def unflatten(
 
     try:
         doc = json.loads(tree)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        fail(f"is nested deeper than {MAX_TREE_DEPTH} levels")
+    except ValueError as exc:
         fail(f"is not valid JSON: {exc}")
     if not isinstance(doc, dict) or doc.get("version") != TREE_VERSION or "root" not in doc:
         fail(f"must be an object with version {TREE_VERSION} and a root")
     used: set[str] = set()
 
-    def decode(node: Any) -> Any:
+    def check(node: Any, depth: int) -> None:
+        if depth > MAX_TREE_DEPTH:
+            fail(f"is nested deeper than {MAX_TREE_DEPTH} levels")
         if not isinstance(node, dict) or len(node) != 1:
             fail(f"holds a malformed node {str(node)[:80]}")
         ((kind, value),) = node.items()
         if kind == "tensor":
-            if not isinstance(value, str) or value not in names or value in used:
-                fail(f"references tensor {value!r}, which the file lacks or which is repeated")
+            if not isinstance(value, str) or value in used:
+                fail(f"references tensor {value!r} twice (or by a non-string)")
             used.add(value)
-            return get(value)
-        if kind == "dict" and isinstance(value, list):
-            out = {}
+        elif kind == "dict" and isinstance(value, list):
+            keys: set[tuple[type, Any]] = set()
             for pair in value:
-                ok_key = isinstance(pair, list) and len(pair) == 2 and (
+                ok = isinstance(pair, list) and len(pair) == 2 and (
                     isinstance(pair[0], str) or type(pair[0]) is int
                 )
-                if not ok_key or pair[0] in out:
+                if not ok or (type(pair[0]), pair[0]) in keys:
                     fail(f"holds a malformed or repeated dict entry {str(pair)[:80]}")
-                out[pair[0]] = decode(pair[1])
-            return out
-        if kind in ("list", "tuple") and isinstance(value, list):
-            items = [decode(v) for v in value]
-            return tuple(items) if kind == "tuple" else items
-        return _decode_scalar(kind, value, fail)
+                keys.add((type(pair[0]), pair[0]))
+                check(pair[1], depth + 1)
+        elif kind in ("list", "tuple") and isinstance(value, list):
+            for v in value:
+                check(v, depth + 1)
+        elif kind == "numpy":
+            ok = isinstance(value, list) and len(value) == 2 and value[0] in _NUMPY_SCALARS
+            if not ok or not isinstance(value[1], dict) or len(value[1]) != 1:
+                fail(f"holds a malformed 'numpy' leaf {str(value)[:80]}")
+            ((inner, scalar),) = value[1].items()
+            _decode_scalar(inner, scalar, fail)
+        else:
+            _decode_scalar(kind, value, fail)
 
     try:
-        root = decode(doc["root"])
+        check(doc["root"], 0)
     except RecursionError:
-        fail("is nested too deeply")
+        fail(f"is nested deeper than {MAX_TREE_DEPTH} levels")
+    return dict(doc["root"])
+
+
+def tensors_of(node: Node) -> list[str]:
+    """The tensor names a (parsed) node references, in tree order."""
+    ((kind, value),) = node.items()
+    if kind == "tensor":
+        return [value]
+    if kind == "dict":
+        return [n for _, v in value for n in tensors_of(v)]
+    if kind in ("list", "tuple"):
+        return [n for v in value for n in tensors_of(v)]
+    return []
+
+
+def to_text(root: Node) -> str:
+    """The tree text of a (parsed or merged) root node, as `flatten` writes it."""
+    doc = {"version": TREE_VERSION, "root": root}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def check_names(root: Node, names: set[str], *, source: str) -> None:
+    """The tree must reference exactly the file's tensors ``names``.
+
+    Raises:
+        CorruptCheckpointError: a tensor is missing from the file or from the tree.
+    """
+    used = set(tensors_of(root))
     if used != names:
-        fail(f"does not list the file's tensors {sorted(names - used)[:5]}")
-    return root
+        lacking, unlisted = sorted(used - names)[:5], sorted(names - used)[:5]
+        raise CorruptCheckpointError(
+            f"{source}: __metadata__[{TREE_KEY!r}] does not match the file's tensors: it "
+            f"references {lacking}, which the file lacks, and does not list {unlisted}"
+        )
+
+
+def unflatten(tree: str, get: Callable[[str], Any], names: set[str], *, source: str) -> Any:
+    """Rebuild the nested state described by ``tree``, taking each tensor from ``get(name)``.
+
+    ``names`` are the tensors the file holds; the tree must reference each exactly once.
+    JSON values come back as the Python (or NumPy scalar) values they were saved as.
+
+    Raises:
+        CorruptCheckpointError: the tree is malformed or does not match the file's tensors.
+    """
+    root = parse(tree, source=source)
+    check_names(root, names, source=source)
+
+    def fail(problem: str) -> NoReturn:
+        raise AssertionError(problem)  # parse() accepted the tree: unreachable
+
+    def build(node: Node) -> Any:
+        ((kind, value),) = node.items()
+        if kind == "tensor":
+            return get(value)
+        if kind == "dict":
+            return {k: build(v) for k, v in value}
+        if kind in ("list", "tuple"):
+            items = [build(v) for v in value]
+            return tuple(items) if kind == "tuple" else items
+        return _leaf(kind, value, fail)
+
+    return build(root)
+
+
+def _leaf(kind: str, value: Any, fail: Callable[[str], NoReturn]) -> Any:
+    if kind == "numpy":
+        ((inner, scalar),) = value[1].items()
+        return np.dtype(value[0]).type(_decode_scalar(inner, scalar, fail))
+    return _decode_scalar(kind, value, fail)
 
 
 def _decode_scalar(kind: str, value: Any, fail: Callable[[str], NoReturn]) -> Any:
@@ -190,8 +372,11 @@ def _decode_scalar(kind: str, value: Any, fail: Callable[[str], NoReturn]) -> An
     fail(f"holds a malformed {kind!r} leaf {str(value)[:80]}")
 
 
-def leaves(tree: str) -> dict[str, Any]:
+def leaves(tree: str, *, source: str = "tree") -> dict[str, Any]:
     """The non-array leaves of a tree by dotted path (for ``arrayckpt inspect``).
+
+    Raises:
+        CorruptCheckpointError: the tree is malformed.
 
     Examples:
         >>> _, t = flatten({"param_groups": [{"lr": 0.1}]}, what="x")
@@ -200,7 +385,10 @@ def leaves(tree: str) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
 
-    def walk(node: Any, parts: tuple[str, ...]) -> None:
+    def fail(problem: str) -> NoReturn:
+        raise AssertionError(problem)  # parse() accepted the tree: unreachable
+
+    def walk(node: Node, parts: tuple[str, ...]) -> None:
         ((kind, value),) = node.items()
         if kind == "dict":
             for k, v in value:
@@ -209,7 +397,7 @@ def leaves(tree: str) -> dict[str, Any]:
             for i, v in enumerate(value):
                 walk(v, (*parts, str(i)))
         elif kind != "tensor":
-            out[".".join(parts)] = _FLOAT_WORDS.get(value, value) if kind == "float" else value
+            out[".".join(parts)] = _leaf(kind, value, fail)
 
-    walk(json.loads(tree)["root"], ())
+    walk(parse(tree, source=source), ())
     return out

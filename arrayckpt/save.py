@@ -9,17 +9,37 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import format, fsops, nested, pool, storage
+from . import aliases, format, fsops, nested, pool, storage
 from .commit import commit_directory, interrupts_deferred
 from .layout import EXTRA_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
-from .training_state import TrainingState
+from .training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 
 log = logging.getLogger("arrayckpt")
 
 
-def _tree_metadata(tree: str | None) -> dict[str, str] | None:
-    return None if tree is None else {nested.TREE_KEY: tree}
+def _file_metadata(snap: Snapshot) -> tuple[dict[str, str], dict[str, str], bytes]:
+    """The model and optimizer files' ``__metadata__`` and ``training_state.json``'s bytes:
+    the same for a directory and an object-store upload."""
+    state_bytes = snap.training_state.to_json().encode()
+    # The JSON file stays boostr's; its checksum goes where boostr never looks.
+    model_meta = {
+        **(nested.tree_metadata(snap.model_tree) or {}),
+        **aliases.metadata(snap.model_aliases),
+        STATE_CHECKSUM_KEY: state_checksum(state_bytes),
+    }
+    optimizer_meta = {
+        **(nested.tree_metadata(snap.optimizer_tree) or {}),
+        **aliases.metadata(snap.optimizer_aliases),
+    }
+    return model_meta, optimizer_meta, state_bytes
+
+
+def _extra_metadata(snap: Snapshot) -> dict[str, str]:
+    return {
+        **(nested.tree_metadata(snap.extra_tree) or {}),
+        **aliases.metadata(snap.extra_aliases),
+    }
 
 
 def write_files(directory: Path, snap: Snapshot) -> None:
@@ -30,25 +50,23 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     the other's writing finished sooner than one file after the other
     (``bench/writer_variants.py``).
     """
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
 
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
             format.write_file(
-                directory / OPTIMIZER_FILE,
-                snap.optimizer,
-                _tree_metadata(snap.optimizer_tree),
-                borrowed=snap.borrowed,
+                directory / OPTIMIZER_FILE, snap.optimizer, optimizer_meta, borrowed=snap.borrowed
             )
         if snap.extra is not None:
             format.write_file(
                 directory / EXTRA_FILE,
                 snap.extra,
-                _tree_metadata(snap.extra_tree),
+                _extra_metadata(snap),
                 borrowed=snap.borrowed,
             )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
-        fs.write_bytes(state_path, snap.training_state.to_json().encode())
+        fs.write_bytes(state_path, state_bytes)
         fs.fsync_file(state_path)
 
     # Never return (and let the commit remove the directory) while the second thread
@@ -58,12 +76,7 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     try:
         with interrupts_deferred():
             others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
-        format.write_file(
-            directory / MODEL_FILE,
-            snap.model,
-            _tree_metadata(snap.model_tree),
-            borrowed=snap.borrowed,
-        )
+        format.write_file(directory / MODEL_FILE, snap.model, model_meta, borrowed=snap.borrowed)
     finally:
         if others is not None:
             with interrupts_deferred():
@@ -74,14 +87,13 @@ def write_files(directory: Path, snap: Snapshot) -> None:
 
 def object_files(snap: Snapshot) -> dict[str, list[memoryview]]:
     """The files `write_files` writes, as buffers for an object-store upload."""
-    files = {MODEL_FILE: format.file_parts(snap.model, _tree_metadata(snap.model_tree))}
+    model_meta, optimizer_meta, state_bytes = _file_metadata(snap)
+    files = {MODEL_FILE: format.file_parts(snap.model, model_meta)}
     if snap.optimizer or snap.optimizer_tree is not None:
-        files[OPTIMIZER_FILE] = format.file_parts(
-            snap.optimizer, _tree_metadata(snap.optimizer_tree)
-        )
+        files[OPTIMIZER_FILE] = format.file_parts(snap.optimizer, optimizer_meta)
     if snap.extra is not None:
-        files[EXTRA_FILE] = format.file_parts(snap.extra, _tree_metadata(snap.extra_tree))
-    files[TRAINING_STATE_FILE] = [memoryview(snap.training_state.to_json().encode())]
+        files[EXTRA_FILE] = format.file_parts(snap.extra, _extra_metadata(snap))
+    files[TRAINING_STATE_FILE] = [memoryview(state_bytes)]
     return files
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import backends, hostcopy, nested
+from . import aliases, backends, hostcopy, nested
 from .dtypes import DType
 from .errors import InvalidInputError
 from .staging import HostTensor, StagingPool
@@ -26,9 +26,13 @@ class Snapshot:
     #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
     model_tree: str | None = None
     optimizer_tree: str | None = None
+    #: Tied tensors (see `aliases`): ``{alias: stored name}`` per part.
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    optimizer_aliases: Mapping[str, str] = field(default_factory=dict)
     #: The ``extra=`` state; ``None`` when none was given (no extra file is written).
     extra: dict[str, HostTensor] | None = None
     extra_tree: str | None = None
+    extra_aliases: Mapping[str, str] = field(default_factory=dict)
     #: The tensors may be the caller's own arrays (no staging: zero copy), which another
     #: thread may change while they are written; see `format.write_file`.
     borrowed: bool = False
@@ -202,11 +206,13 @@ def take_snapshot(
             f"training_state must be a TrainingState, not {type(training_state).__name__}"
         )
     training_state.to_json()  # validates; raises before anything is copied
-    flat_model, model_tree = _flatten(model_state, what="model_state")
-    flat_optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
+    flat_model, model_tree, model_aliases = _flatten(model_state, what="model_state")
+    flat_optimizer, optimizer_tree, optimizer_aliases = _flatten(
+        optimizer_state, what="optimizer_state"
+    )
     model_plan = _plan(flat_model, what="model_state")
     optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
-    flat_extra, extra_tree = _flatten(extra, what="extra")
+    flat_extra, extra_tree, extra_aliases = _flatten(extra, what="extra")
     extra_plan = _plan(flat_extra, what="extra")
     plans = (model_plan, optimizer_plan, extra_plan)
     slabs = _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
@@ -222,16 +228,22 @@ def take_snapshot(
     if staging is not None:
         staging.end()
     return Snapshot(
-        model, optimizer, training_state, model_tree, optimizer_tree,
-        borrowed=staging is None,
+        model, optimizer, training_state, model_tree, optimizer_tree, model_aliases,
+        optimizer_aliases, borrowed=staging is None,
         extra=None if extra is None else extra_copy, extra_tree=extra_tree,
+        extra_aliases=extra_aliases,
     )
 
 
-def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:
+def _flatten(
+    state: Any, *, what: str
+) -> tuple[Mapping[str, Any] | None, str | None, dict[str, str]]:
+    """The arrays to store (a tied tensor once), the tree, and the aliases of tied tensors."""
     if state is None:
-        return None, None
-    return nested.flatten(state, what=what)
+        return None, None, {}
+    flat, tree = nested.flatten(state, what=what)
+    tied = aliases.find_aliases(flat, what=what)
+    return {k: v for k, v in flat.items() if k not in tied}, tree, tied
 
 
 

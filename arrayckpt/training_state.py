@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
 from .errors import CorruptCheckpointError, InvalidInputError
+from .layout import MODEL_FILE
 from .strict_json import is_uint, load_object, reject_constant
 
 CHECKPOINT_VERSION = 2
 """The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``)."""
 #: Largest training_state.json accepted.
 MAX_STATE_BYTES = 16 * 1024 * 1024
+#: The model file's ``__metadata__`` key recording the CRC32C of ``training_state.json``'s
+#: bytes (boostr reads the JSON file unchanged and ignores the model file's metadata).
+STATE_CHECKSUM_KEY = "arrayckpt.training_state.crc32c"
 _U64 = 2**64
 _U32 = 2**32
 
@@ -85,7 +90,14 @@ class TrainingState:
         return state
 
     @classmethod
-    def read(cls, path: Path) -> TrainingState:
+    def read(cls, path: Path, *, metadata: Mapping[str, str] | None = None) -> TrainingState:
+        """Read ``path``; with ``metadata`` (the model file's ``__metadata__``), its bytes
+        must match the CRC32C recorded there, if one is (older checkpoints have none).
+
+        Raises:
+            CheckpointNotFoundError: no such file.
+            CorruptCheckpointError: the file is malformed or fails its checksum.
+        """
         from . import fsops
         from .errors import CheckpointNotFoundError
 
@@ -97,7 +109,21 @@ class TrainingState:
             raise CorruptCheckpointError(f"{path} is a directory, not a file") from exc
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
-        return cls.from_json(data, source=str(path))
+        state = cls.from_json(data, source=str(path))  # a malformed file says what is wrong
+        recorded = None if metadata is None else metadata.get(STATE_CHECKSUM_KEY)
+        if recorded is not None and recorded != state_checksum(data):
+            raise CorruptCheckpointError(
+                f"{path} fails the CRC32C recorded in {MODEL_FILE}: the file is corrupt; "
+                "restore another checkpoint"
+            )
+        return state
+
+
+def state_checksum(data: bytes) -> str:
+    """The CRC32C recorded for ``training_state.json``'s bytes, as 8 hex digits."""
+    from .format import checksum  # the safetensors bindings load only when used
+
+    return f"{checksum(data):08x}"
 
 
 def serde_f64(x: float) -> str:

@@ -148,14 +148,15 @@ def test_several_ranks_without_targets_are_told_to_pass_into(saved: Path) -> Non
 
 
 def test_fsdp2_example_reshards_2_to_3_exactly(tmp_path: Path) -> None:
-    """docs/examples/fsdp2_reshard.py: fully_shard training on 2 ranks, restored on 3."""
+    """docs/examples/fsdp2_reshard.py: fully_shard + AdamW on 2 ranks, restored on 3."""
     script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "fsdp2_reshard.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=base_env(),
                           capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "restored on 3: weights exact" in proc.stdout
-    # 51 float32 parameters in all: each of the 3 ranks reads its third, no more.
-    assert sorted(proc.stdout.count(f"rank {r}: step 3, read 68 bytes") for r in range(3)) == [
+    assert "restored on 3: weights and AdamW state exact" in proc.stdout
+    # 51 float32 parameters, and as many of each AdamW moment: each of the 3 ranks reads
+    # its third of the three (3 x 68 bytes), plus the 4 float32 step counters (16 bytes).
+    assert sorted(proc.stdout.count(f"rank {r}: step 3, read 220 bytes") for r in range(3)) == [
         1, 1, 1]
 
 

@@ -59,7 +59,7 @@ def test_nested_state_round_trips_with_int_keys_tuples_and_scalars(tmp_path):
     ac.save_checkpoint(tmp_path, {"w": np.ones(1)}, opt)
     assert_same(opt, ac.load_checkpoint(tmp_path).optimizer)
     names = SafetensorsReader(tmp_path / "optimizer.safetensors").names
-    assert sorted(names) == ["state.0.m", "state.0.step", "state.1.m"]
+    assert sorted(names) == ["state.0.m", "state.1.m"]  # NumPy scalars live in the tree
 
 
 def test_optimizer_without_tensors_is_still_written(tmp_path):
@@ -135,6 +135,25 @@ def test_any_pytree_round_trips_through_flatten(state):
     assert_same(state, back)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees,
+                       max_size=3))
+def test_map_arrays_names_leaves_as_flatten_does(state):
+    """A rank's pruned state (distributed/global_shards.py) keeps flatten's tensor names."""
+    try:
+        flat, _ = nested.flatten(state, what="model_state")
+    except ac.InvalidInputError:
+        return  # names that collide are refused by flatten itself
+    seen: list[str] = []
+    same = nested.map_arrays(state, lambda n, x: seen.append(n) or x)
+    assert seen == list(flat)
+    assert_same(state, same)
+    # Dropping every other leaf leaves the rest under their own names.
+    kept = set(seen[::2])
+    pruned = nested.map_arrays(state, lambda n, x: x if n in kept else nested.DROP)
+    assert set(nested.flatten(pruned, what="model_state")[0]) == kept
+
+
 def test_pytorch_state_dicts_round_trip(tmp_path):
     torch = pytest.importorskip("torch")
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
@@ -160,3 +179,141 @@ def test_jax_pytree_round_trips(tmp_path):
     for a, b in pairs:
         assert type(b).__module__.startswith("jax")
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _rewrite_metadata(path, key, change):
+    """Rewrite (or, where ``change`` returns None, remove) one ``__metadata__`` value of a
+    safetensors file, keeping the tensors' bytes."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    value = change(header["__metadata__"][key])
+    if value is None:
+        del header["__metadata__"][key]
+    else:
+        header["__metadata__"][key] = value
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+@pytest.fixture
+def nested_ckpt(tmp_path):
+    opt = {"state": {0: {"m": np.zeros(2, np.float32)}}, "param_groups": [{"lr": 0.001}]}
+    path = tmp_path / "c"
+    ac.save_checkpoint(path, {"w": np.ones(2)}, opt, ac.TrainingState(step=7, learning_rate=0.001))
+    return path
+
+
+def test_a_flipped_digit_in_the_tree_fails_its_checksum(nested_ckpt, capsys):
+    from arrayckpt import cli
+
+    opt = nested_ckpt / "optimizer.safetensors"
+    _rewrite_metadata(opt, nested.TREE_KEY, lambda t: t.replace("0.001", "0.009"))
+    with pytest.raises(ac.CorruptCheckpointError, match="fails its CRC32C"):
+        ac.load_checkpoint(nested_ckpt)
+    assert cli.main(["verify", str(nested_ckpt)]) == cli.EXIT_FAILED
+    assert "fails its CRC32C" in capsys.readouterr().out
+
+
+def test_a_malformed_tree_fails_verify_and_inspect_without_a_traceback(nested_ckpt, capsys):
+    from arrayckpt import cli
+
+    opt = nested_ckpt / "optimizer.safetensors"
+    bad = '{"version":1,"root":{"dict":[["x",{"what":1}]]}}'
+    _rewrite_metadata(opt, nested.TREE_KEY, lambda t: bad)
+    _rewrite_metadata(opt, nested.TREE_CHECKSUM_KEY, lambda c: nested.checksum_of(bad))
+    assert cli.main(["verify", str(nested_ckpt)]) == cli.EXIT_FAILED
+    assert "malformed" in capsys.readouterr().out
+    assert cli.main(["inspect", str(nested_ckpt)]) == cli.EXIT_FAILED
+    assert "malformed" in capsys.readouterr().err
+    with pytest.raises(ac.CorruptCheckpointError, match="malformed"):
+        ac.load_checkpoint(nested_ckpt)
+
+
+def test_a_tree_naming_tensors_the_file_lacks_fails_verify(nested_ckpt):
+    from arrayckpt import inspection
+
+    opt = nested_ckpt / "optimizer.safetensors"
+    bad = '{"version":1,"root":{"dict":[["x",{"tensor":"nope"}]]}}'
+    _rewrite_metadata(opt, nested.TREE_KEY, lambda t: bad)
+    _rewrite_metadata(opt, nested.TREE_CHECKSUM_KEY, lambda c: nested.checksum_of(bad))
+    report = inspection.verify(nested_ckpt)
+    assert not report["ok"]
+    assert any("'nope'" in e for f in report["files"] for e in f["errors"])
+
+
+def test_a_flipped_digit_in_training_state_json_fails_its_checksum(nested_ckpt, capsys):
+    from arrayckpt import cli
+
+    state = nested_ckpt / "training_state.json"
+    state.write_text(state.read_text().replace("0.001", "0.009"))
+    with pytest.raises(ac.CorruptCheckpointError, match=r"training_state\.json fails the CRC32C"):
+        ac.load_checkpoint(nested_ckpt)
+    assert cli.main(["verify", str(nested_ckpt)]) == cli.EXIT_FAILED
+    capsys.readouterr()
+
+
+def test_checkpoints_without_tree_or_state_checksums_still_load(nested_ckpt):
+    from arrayckpt.training_state import STATE_CHECKSUM_KEY
+
+    for name, key in (("optimizer.safetensors", nested.TREE_CHECKSUM_KEY),
+                      ("model.safetensors", STATE_CHECKSUM_KEY)):
+        _rewrite_metadata(nested_ckpt / name, key, lambda v: None)
+    ckpt = ac.load_checkpoint(nested_ckpt)
+    assert ckpt.optimizer["param_groups"] == [{"lr": 0.001}]
+    assert ckpt.training_state.learning_rate == 0.001
+
+
+def _deep(levels):
+    state: Any = {"w": np.ones(1)}
+    for _ in range(levels):
+        state = {"a": state}
+    return state
+
+
+def test_state_nested_too_deeply_is_refused_at_save_naming_the_path(tmp_path):
+    from arrayckpt.limits import MAX_TREE_DEPTH
+
+    ac.save_checkpoint(tmp_path / "ok", _deep(MAX_TREE_DEPTH - 1))
+    with pytest.raises(ac.InvalidInputError, match=r"model_state\['a'\].*deeper than"):
+        ac.save_checkpoint(tmp_path / "deep", _deep(400))
+    cyclic: list[Any] = [np.ones(1)]
+    cyclic.append(cyclic)
+    with pytest.raises(ac.InvalidInputError, match="deeper than"):
+        ac.save_checkpoint(tmp_path / "cyclic", {"x": cyclic})
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "cyclic").exists()
+
+
+def test_a_tree_nested_too_deeply_on_disk_is_corrupt_not_a_recursion_error():
+    for levels in (150, 5000):
+        root = '{"none":null}'
+        for _ in range(levels):
+            root = '{"list":[' + root + "]}"
+        with pytest.raises(ac.CorruptCheckpointError, match="deeper than"):
+            nested.unflatten('{"version":1,"root":' + root + "}", lambda n: None, set(),
+                             source="f")
+
+
+@pytest.mark.parametrize("leaf", [__import__("pathlib").Path("/tmp"), {1, 2}, b"raw", object()])
+def test_non_array_leaves_are_named_neither_array_nor_json_value(tmp_path, leaf):
+    for state in ({"w": np.ones(1), "x": leaf}, {"nested": {"x": leaf}}):
+        with pytest.raises(ac.UnsupportedArrayError, match="neither an array nor a JSON value"):
+            ac.save_checkpoint(tmp_path / "c", state)
+    assert not (tmp_path / "c").exists()
+
+
+def test_json_values_and_numpy_scalars_come_back_as_saved_with_xp_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    opt = {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "name": "g", "fused": None,
+                             "step": np.int64(3), "scale": np.float32(0.5)}],
+           "state": {0: {"m": np.ones(2, np.float32)}}}
+    ac.save_checkpoint(tmp_path, {"w": np.ones(1)}, opt)
+    back = ac.load_checkpoint(tmp_path, xp=torch).optimizer
+    group = back["param_groups"][0]
+    assert type(group["lr"]) is float and group["betas"] == (0.9, 0.99) and group["fused"] is None
+    assert type(group["step"]) is np.int64 and group["step"] == 3
+    assert type(group["scale"]) is np.float32 and group["scale"] == np.float32(0.5)
+    assert isinstance(back["state"][0]["m"], torch.Tensor)

@@ -14,8 +14,8 @@ from ..commit import commit_directory
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError, InvalidInputError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
-from ..nested import TREE_KEY
-from ..training_state import TrainingState
+from ..nested import tree_metadata
+from ..training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 from .global_shards import GlobalTensor, ReadStats, is_global, read_box
 from .global_shards import plan as plan_boxes
 from .reshard import PARTS
@@ -113,7 +113,10 @@ def consolidate_checkpoint(
         )
     plans = {part: _plan(ranks, meta, part) for part in PARTS}
     trees = {part: _tree(ranks, meta, part, plans[part]) for part in PARTS}
-    state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
+    state = TrainingState.read(
+        ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
+    )
+    state_bytes = state.to_json().encode()
     meter = _Meter(sum(_nbytes(p) for plan in plans.values() if plan for p in plan), progress)
 
     def fill(tmp: Path) -> None:
@@ -128,10 +131,12 @@ def consolidate_checkpoint(
 
             layout = [(p.name, p.dtype, p.shape) for p in plan]
             tree = trees[part]
-            metadata = None if tree is None else {TREE_KEY: tree}
+            metadata = tree_metadata(tree) or {}
+            if part == "model":
+                metadata[STATE_CHECKSUM_KEY] = state_checksum(state_bytes)
             format.write_file_streaming(tmp / file, layout, produce, metadata)
         fs = fsops.fs()
-        fs.write_bytes(tmp / TRAINING_STATE_FILE, state.to_json().encode())
+        fs.write_bytes(tmp / TRAINING_STATE_FILE, state_bytes)
         fs.fsync_file(tmp / TRAINING_STATE_FILE)
 
     target = commit_directory(output_dir, fill)

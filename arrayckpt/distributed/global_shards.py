@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import nested
 from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
 from .shards import SavedRank, ShardFile
+from .trees import merged_tree
 
 PARTS = ("model", "optimizer")
 #: Manifest fields a sharded-array save adds to each tensor (boostr's fields are untouched).
@@ -32,46 +34,56 @@ def _dtensor_type() -> Any:
 
 
 def has_sharded(*states: Any) -> bool:
-    """True when a flat state mapping holds a torch DTensor."""
+    """True when a state (a flat mapping or a nested one) holds a torch DTensor."""
     dt = _dtensor_type()
-    return dt is not None and any(
-        isinstance(s, Mapping) and any(isinstance(v, dt) for v in s.values()) for s in states
-    )
+    if dt is None:
+        return False
+    found = False
+
+    def look(name: str, v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, dt)
+        return v
+
+    for s in states:
+        if s is not None:
+            nested.map_arrays(s, look)
+    return found
 
 
 def localize(
-    state: Mapping[str, Any] | None, rank: int, what: str
-) -> tuple[dict[str, Any] | None, dict[str, dict[str, list[int]]]]:
+    state: Any, rank: int, what: str
+) -> tuple[Any, dict[str, dict[str, list[int]]]]:
     """This rank's boxes of ``state`` to write, and each written box's global facts.
 
-    A DTensor contributes its local tensor when this rank is its box's writer; a plain
-    array is taken as replicated (rank 0 writes it).
+    ``state`` may be nested (an FSDP2 ``optimizer.state_dict()``): it keeps its
+    structure, each DTensor replaced by its local tensor when this rank is its box's
+    writer and left out otherwise; facts are keyed by the tensor names `nested.flatten`
+    gives. A plain array is taken as replicated (rank 0 writes it); scalars stay on
+    every rank.
 
     Raises:
-        InvalidInputError: a nested state, or a ``Partial`` placement (not yet reduced).
+        InvalidInputError: a ``Partial`` placement (not yet reduced).
     """
     if state is None:
         return None, {}
     dt = _dtensor_type()
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise InvalidInputError(
-            f"{what}: state holding DTensors must be a flat str -> tensor mapping (as "
-            "model.state_dict() is); flatten nested optimizer state first"
-        )
-    local: dict[str, Any] = {}
     facts: dict[str, dict[str, list[int]]] = {}
-    for name, v in state.items():
+
+    def own(name: str, v: Any) -> Any:
         if dt is not None and isinstance(v, dt):
             box = _dtensor_box(v, name, what)
             if box is None:
-                continue
-            local[name], offset = box
+                return nested.DROP
+            local, offset = box
         elif rank == 0:
-            local[name], offset = v, [0] * len(getattr(v, "shape", ()))
+            local, offset = v, [0] * len(getattr(v, "shape", ()))
         else:
-            continue
+            return nested.DROP
         facts[name] = {GLOBAL_SHAPE: [int(d) for d in v.shape], GLOBAL_OFFSET: offset}
-    return local, facts
+        return local
+
+    return nested.map_arrays(state, own), facts
 
 
 def _dtensor_box(v: Any, name: str, what: str) -> tuple[Any, list[int]] | None:
@@ -292,23 +304,37 @@ def load_boxes(
                     f"{what}= (the state_dict() of the model built on the new mesh), so each "
                     "rank knows which shards it holds"
                 )
-            out[part] = {
+            whole = {
                 n: convert(read_box(t, (0,) * len(t.shape), t.shape, stats, verify))
                 for n, t in saved.items()
             }
+            out[part] = _structured(whole, ranks, part, source)
             continue
-        missing = sorted(set(target) - set(saved))
+        # A nested target (an optimizer's state_dict()) is filled leaf by leaf, under the
+        # names its save gave them; its scalars (lr, betas) are the caller's.
+        leaves, _ = nested.flatten(target, what=what)
+        missing = sorted(set(leaves) - set(saved))
         if missing:
             raise InvalidInputError(
                 f"{source}: {what} names {part} tensors {missing[:5]} the checkpoint does not "
                 f"hold (it holds {sorted(saved)[:5]}...)"
             )
-        for name, dst in target.items():
+        for name, dst in leaves.items():
             offset, shape = target_box(dst, name, saved[name], rank, what)
             data = read_box(saved[name], offset, shape, stats, verify)
             _copy_local(dst, data)
         out[part] = dict(target)
     return out
+
+
+def _structured(
+    whole: dict[str, Any], ranks: Sequence[SavedRank], part: str, source: str
+) -> dict[str, Any]:
+    """Whole tensors in the nested structure the ranks saved (their trees merged)."""
+    tree = merged_tree([r.part(part) for r in ranks], set(whole), part)
+    if tree is None:
+        return whole
+    return nested.unflatten(tree, whole.__getitem__, set(whole), source=f"{source} ({part})")
 
 
 def _copy_local(dst: Any, data: np.ndarray) -> None:
@@ -317,4 +343,5 @@ def _copy_local(dst: Any, data: np.ndarray) -> None:
     dt = _dtensor_type()
     local = dst.to_local() if dt is not None and isinstance(dst, dt) else dst
     with torch.no_grad():
-        local.copy_(torch.from_numpy(np.ascontiguousarray(data)))
+        # ascontiguousarray makes a 0-d array (AdamW's step) 1-d: keep the shape.
+        local.copy_(torch.from_numpy(np.ascontiguousarray(data).reshape(data.shape)))

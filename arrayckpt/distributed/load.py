@@ -141,7 +141,9 @@ def _load_once(
         return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
+    state = TrainingState.read(
+        ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
+    )
     if isinstance(meta.sharding.strategy, ZeroPartitioned) and keys is None:
         # A parameter travels with its optimizer state, as a state_dict its optimizer loads.
         share = zero_share(ranks, rank, target, verify=verify)

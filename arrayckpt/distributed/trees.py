@@ -15,7 +15,7 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from ..nested import TREE_KEY, TREE_VERSION
+from .. import nested
 from .shards import ShardFile
 
 log = logging.getLogger("arrayckpt")
@@ -32,27 +32,26 @@ def merged_tree(files: Sequence[ShardFile | None], names: Collection[str], part:
         >>> # merged_tree([rank0.optimizer, rank1.optimizer], names, "optimizer")
     """
     present = [(r, f) for r, f in enumerate(files) if f is not None]
-    if all(f.header.metadata.get(TREE_KEY) is None for _, f in present):
+    texts = [(r, f, nested.tree_text(f.header.metadata, source=str(f.path))) for r, f in present]
+    if all(text is None for _, _, text in texts):
         return None
     merged: Any = None
     try:
-        for r, f in present:
-            text = f.header.metadata.get(TREE_KEY)
+        for r, f, text in texts:
             root = (
                 {"dict": [[n, {"tensor": n}] for n in f.entries]}
                 if text is None
-                else json.loads(text)["root"]
+                else nested.parse(text, source=str(f.path))
             )
             merged = root if merged is None else _merge(merged, root, r)
-        used = _tensors(merged)
+        used = nested.tensors_of(merged)
         if len(used) != len(set(used)) or set(used) != set(names):
             raise _Conflict("the ranks' trees do not name each merged tensor exactly once")
     except _Conflict as exc:
         log.warning("%s: %s state is merged flat (dotted names): %s",
                     present[0][1].path.parent.parent, part, exc)
         return None
-    return json.dumps({"version": TREE_VERSION, "root": merged}, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False)
+    return nested.to_text(merged)
 
 
 def _merge(a: Any, b: Any, rank: int, path: str = "") -> Any:
@@ -66,14 +65,3 @@ def _merge(a: Any, b: Any, rank: int, path: str = "") -> Any:
         raise _Conflict(f"rank_{rank} holds {str(b)[:60]} at {path or 'the root'}, "
                         f"a lower rank {str(a)[:60]}")
     return a
-
-
-def _tensors(node: Any) -> list[str]:
-    ((kind, value),) = node.items()
-    if kind == "tensor":
-        return [value]
-    if kind == "dict":
-        return [n for _, v in value for n in _tensors(v)]
-    if kind in ("list", "tuple"):
-        return [n for v in value for n in _tensors(v)]
-    return []
