@@ -153,3 +153,11 @@ def test_verify_checks_the_extra_file(tmp_path: Path) -> None:
     report = verify(d)
     assert not report["ok"]
     assert [f["path"] for f in report["files"] if f["errors"]] == [str(d / EXTRA_FILE)]
+
+
+def test_tied_arrays_in_extra_come_back_tied(tmp_path: Path) -> None:
+    w = np.arange(6.0)
+    ac.save_checkpoint(tmp_path / "c", {"w": np.ones(2)}, extra={"a": w, "b": {"again": w}})
+    extra = ac.load_checkpoint(tmp_path / "c").extra
+    assert extra["b"]["again"] is extra["a"]
+    np.testing.assert_array_equal(extra["a"], w)
