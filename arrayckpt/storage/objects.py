@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .. import format
+from .. import format, fsops
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -217,7 +216,8 @@ def local_copy(
     need = sum(int(e["size"]) for e in files.values())
     base = None
     with contextlib.suppress(OSError):
-        if shutil.disk_usage("/dev/shm").free > 2 * need:
+        shm = os.statvfs("/dev/shm")
+        if shm.f_bavail * shm.f_frsize > 2 * need:
             base = "/dev/shm"
     tmp = Path(tempfile.mkdtemp(prefix="arrayckpt-get-", dir=base))
     try:
@@ -226,4 +226,5 @@ def local_copy(
                 f.result()
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a private copy: nothing is lost if it lingers
+            fsops.fs().remove_tree(tmp)
