@@ -69,8 +69,9 @@ def load_state_file(
     backend.check_device(device)
 
     def get(name: str) -> Any:
+        host = reader.array(name, verify=verify)  # its errors name the file and tensor
         try:
-            return backend.from_host(reader.array(name, verify=verify), device)
+            return backend.from_host(host, device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
 
