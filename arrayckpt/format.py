@@ -31,6 +31,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
     CorruptCheckpointError,
+    InvalidInputError,
     UnsupportedArrayError,
 )
 from .staging import HostTensor
@@ -110,6 +111,77 @@ def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
     return dict(zip(tensors, first + rest, strict=True))
 
 
+# A header entry's text beside its name and numbers: `"":{"dtype":"","shape":[],"data_offsets":[,]},`
+_ENTRY_TEXT = 50
+# Longest dtype code, digits of a 64-bit offset, and a CRC table entry's text beside its name.
+_CODE_MAX, _DIGITS_MAX, _CRC_TEXT = 11, 20, 18
+
+
+def check_writable(
+    what: str,
+    layout: Sequence[tuple[str, DType, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a file every reader would refuse (`limits`), before anything is written.
+
+    ``layout`` lists each tensor's name, dtype and shape; ``metadata`` the caller's own
+    ``__metadata__`` entries (arrayckpt's version and checksum table are added here).
+    The header size is bounded cheaply first (a name's character is at most 6 bytes in
+    the header, 7 in the checksum table); only a state near the cap is measured exactly.
+
+    Raises:
+        InvalidInputError: naming ``what`` and the limit exceeded.
+    """
+    meta = dict(metadata or {})
+    if len(layout) > limits.MAX_TENSORS:
+        raise InvalidInputError(
+            f"{what}: {len(layout)} tensors, more than the {limits.MAX_TENSORS} one file "
+            "may hold; split the state or merge small tensors"
+        )
+    if len(meta) + 2 > limits.MAX_METADATA_ENTRIES:
+        raise InvalidInputError(
+            f"{what}: {len(meta)} __metadata__ entries, more than {limits.MAX_METADATA_ENTRIES}"
+        )
+    for name, _, shape in layout:
+        if len(shape) > limits.MAX_NDIM:
+            raise InvalidInputError(
+                f"{what}: tensor {name!r} has {len(shape)} dimensions, more than the "
+                f"{limits.MAX_NDIM} a reader accepts; reshape it"
+            )
+    chars = sum(len(name) for name, _, _ in layout)
+    ndims = sum(len(shape) for _, _, shape in layout)
+    per_tensor = _ENTRY_TEXT + _CODE_MAX + 2 * _DIGITS_MAX + _CRC_TEXT
+    meta_chars = sum(len(k) + len(v) + 6 for k, v in meta.items())
+    bound = 13 * chars + len(layout) * per_tensor + ndims * (_DIGITS_MAX + 1) + 6 * meta_chars
+    if bound + 256 <= limits.MAX_HEADER_BYTES:
+        return
+    size = _header_bytes(layout, meta)
+    if size > limits.MAX_HEADER_BYTES:
+        raise InvalidInputError(
+            f"{what}: its safetensors header would be {size} bytes, over the "
+            f"{limits.MAX_HEADER_BYTES}-byte limit every reader applies; use fewer or "
+            "shorter tensor names, or less non-array state"
+        )
+
+
+def _header_bytes(
+    layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
+) -> int:
+    """The header's size as `write_file` will write it, to within a few bytes (above)."""
+    full = dict(meta)
+    full[FORMAT_KEY] = FORMAT_VERSION
+    full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
+    size = len(json.dumps({"__metadata__": full}, separators=(",", ":"),
+                          ensure_ascii=False).encode())
+    total = sum((d.nbytes(shape) or 0) for _, d, shape in layout)
+    offsets = 2 * len(str(total)) + 1
+    names = json.dumps([name for name, _, _ in layout], ensure_ascii=False).encode()
+    size += len(names)  # names, quoted, with a separator each (the list's ", ")
+    for _, d, shape in layout:
+        size += _ENTRY_TEXT + len(d.code) + len(",".join(map(str, shape))) + offsets
+    return size + 8  # padding to 8 bytes
+
+
 def write_file(
     path: Path, tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -120,6 +192,9 @@ def write_file(
     whole file is one `FileSystem.write_safetensors` step (the durability tests record
     and replay those steps), so the checksums are computed first, in parallel.
     """
+    check_writable(
+        str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
+    )
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
     meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
@@ -606,6 +681,7 @@ def write_file_streaming(
     Raises:
         ValueError: ``produce`` yielded a different number of bytes than the shape needs.
     """
+    check_writable(str(path), layout, metadata)
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
     crcs = {name: 0 for name in sizes}
     seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}

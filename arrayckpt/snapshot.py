@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends, hostcopy, nested
+from . import backends, format, hostcopy, nested
 from .dtypes import DType
 from .errors import InvalidInputError
 from .staging import HostTensor, StagingPool
@@ -197,6 +197,8 @@ def take_snapshot(
     flat_optimizer, optimizer_tree = _flatten(optimizer_state, what="optimizer_state")
     model_plan = _plan(flat_model, what="model_state")
     optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
+    _check_writable(model_plan, model_tree, what="model_state")
+    _check_writable(optimizer_plan, optimizer_tree, what="optimizer_state")
     slabs = (
         _begin_staging(staging, model_plan, optimizer_plan) if staging is not None else [None, None]
     )
@@ -211,6 +213,12 @@ def take_snapshot(
     if staging is not None:
         staging.end()
     return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
+
+
+def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:
+    """Refuse now, in the caller's thread, a file the writer would refuse (`limits`)."""
+    layout = [(key, dtype, backend.shape(x)) for key, x, backend, dtype in plan]
+    format.check_writable(what, layout, None if tree is None else {nested.TREE_KEY: tree})
 
 
 def _flatten(state: Any, *, what: str) -> tuple[Mapping[str, Any] | None, str | None]:

@@ -9,13 +9,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
+from . import limits
 from .errors import CorruptCheckpointError, InvalidInputError
 from .strict_json import is_uint, load_object, reject_constant
 
 #: The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``).
 CHECKPOINT_VERSION = 2
-#: Largest training_state.json accepted.
-MAX_STATE_BYTES = 16 * 1024 * 1024
+#: Largest training_state.json accepted (written and read).
+MAX_STATE_BYTES = limits.MAX_TRAINING_STATE_BYTES
 _U64 = 2**64
 _U32 = 2**32
 
@@ -57,9 +58,15 @@ class TrainingState:
         # Python spells some floats differently from serde_json (1e-05 vs 0.00001); the
         # learning rate is the first float in the document, so this replaces just it.
         lr = float(self.learning_rate)
-        return text.replace(
+        text = text.replace(
             f'"learning_rate": {float.__repr__(lr)}', f'"learning_rate": {serde_f64(lr)}', 1
         )
+        if len(text.encode()) > MAX_STATE_BYTES:  # what a save accepts, a load accepts
+            raise InvalidInputError(
+                f"training_state: its JSON is {len(text.encode())} bytes, over the "
+                f"{MAX_STATE_BYTES}-byte limit; keep large data out of metadata"
+            )
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "training_state.json") -> TrainingState:

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .. import fsops
+from .. import fsops, limits
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
 from ..strict_json import is_uint, load_object
 from ..training_state import CHECKPOINT_VERSION
 
 #: Largest sharding_meta.json accepted (per-rank manifests of big models fit easily).
-MAX_META_BYTES = 256 * 1024 * 1024
+MAX_META_BYTES = limits.MAX_SHARDING_META_BYTES
 #: The key under which arrayckpt records what boostr's meta leaves out; serde ignores it.
 EXTRA_KEY = "arrayckpt"
 _U8 = 2**8
