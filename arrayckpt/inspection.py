@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import nested
+from . import fsops, nested
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import SafetensorsReader
+from .format import SafetensorsReader, read_header
 from .layout import (
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -21,6 +22,7 @@ from .layout import (
     is_rank_dir_name,
     scan,
 )
+from .limits import MAX_SHARDING_META_BYTES
 from .training_state import TrainingState
 
 
@@ -33,6 +35,8 @@ def kind_of(path: Path) -> str:
     if path.is_file():
         return "file"
     if not path.is_dir():
+        if path.exists():  # a FIFO, socket or device: never opened
+            os.close(fsops.fs().open_regular(path))  # raises, naming what it is
         raise CheckpointNotFoundError(f"{path} does not exist")
     if (path / SHARDING_META_FILE).is_file():
         return "distributed"
@@ -58,13 +62,13 @@ def _rank_dirs(path: Path) -> list[Path]:
 
 def describe_file(path: Path) -> dict[str, Any]:
     """Tensors (name, dtype, shape, bytes) and non-array leaves of one safetensors file."""
-    reader = SafetensorsReader(path)
-    entries = reader.header.entries.values()
-    tree = reader.header.metadata.get(nested.TREE_KEY)
+    header = read_header(path)  # nothing past the header is read
+    entries = header.entries.values()
+    tree = header.metadata.get(nested.TREE_KEY)
     return {
         "path": str(path),
         "nested": tree is not None,
-        "checksums": reader.header.checksums is not None,
+        "checksums": header.checksums is not None,
         "nbytes": sum(e.end - e.start for e in entries),
         "tensors": [
             {"name": e.name, "dtype": e.dtype.code, "shape": list(e.shape),
@@ -96,10 +100,11 @@ def describe(path: PathLike) -> dict[str, Any]:
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
+        meta = path / SHARDING_META_FILE
         try:
-            out["sharding"] = json.loads((path / SHARDING_META_FILE).read_bytes())
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
+            out["sharding"] = json.loads(fsops.fs().read_bytes(meta, MAX_SHARDING_META_BYTES))
+        except (ValueError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{meta}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in _rank_dirs(path)]
     else:
         raise CheckpointNotFoundError(
@@ -151,16 +156,22 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
                 if f.name == TRAINING_STATE_FILE:
                     TrainingState.read(f)
                 else:
-                    json.loads(f.read_bytes())
+                    from .distributed.types import ShardingMeta  # only for sharded checkpoints
+
+                    ShardingMeta.read(f)
                 continue
             reader = SafetensorsReader(f)
-        except (CheckpointError, OSError, ValueError) as exc:
+        except (CheckpointError, OSError, ValueError, RecursionError) as exc:
             entry["errors"].append(str(exc))
             continue
         entry["checksums"] = reader.header.checksums is not None
+        problem = reader.header.checksum_problem
+        if problem is not None:  # no tensor can be verified: say so once, not per tensor
+            entry["errors"].append(f"{f}: {problem}")
         for e in reader.header.entries.values():
             try:
-                reader.verify(e.name)
+                if problem is None:
+                    reader.verify(e.name)
             except CorruptCheckpointError as exc:
                 entry["errors"].append(str(exc))
             entry["tensors"] += 1
@@ -176,5 +187,5 @@ def total_tensor_bytes(path: Path) -> int:
     for f in files_to_verify(path):
         if f.suffix == ".safetensors":
             with contextlib.suppress(CheckpointError, OSError):  # verify reports these
-                total += sum(e.end - e.start for e in SafetensorsReader(f).header.entries.values())
+                total += sum(e.end - e.start for e in read_header(f).entries.values())
     return total

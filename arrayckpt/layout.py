@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from . import fsops, limits
+from .errors import CheckpointError
+
 #: A local path; every entry point that takes a directory accepts one.
 PathLike = str | os.PathLike[str]
 
@@ -78,8 +81,10 @@ def is_complete(path: Path) -> bool:
     if not meta.is_file():
         return _single_complete(path)
     try:
-        world_size = json.loads(meta.read_bytes())["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+        world_size = json.loads(fsops.fs().read_bytes(meta, limits.MAX_SHARDING_META_BYTES))[
+            "world_size"
+        ]
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
         return False
     if type(world_size) is not int or world_size < 1:
         return False
