@@ -111,7 +111,8 @@ def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
     return dict(zip(tensors, first + rest, strict=True))
 
 
-# A header entry's text beside its name and numbers: `"":{"dtype":"","shape":[],"data_offsets":[,]},`
+# A header entry's text beside its name and numbers:
+# `"":{"dtype":"","shape":[],"data_offsets":[,]},`
 _ENTRY_TEXT = 50
 # Longest dtype code, digits of a 64-bit offset, and a CRC table entry's text beside its name.
 _CODE_MAX, _DIGITS_MAX, _CRC_TEXT = 11, 20, 18

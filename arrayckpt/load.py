@@ -190,7 +190,8 @@ def _load_once(
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )
-    if not (root / MODEL_FILE).exists():
+    # lexists: a broken or looping link is reported by the reader as what it is
+    if not os.path.lexists(root / MODEL_FILE):
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"

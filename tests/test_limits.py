@@ -25,7 +25,7 @@ def _header_length(path: Path) -> int:
 def test_training_state_over_the_reader_limit_is_refused_at_save(tmp_path: Path) -> None:
     """Before: committed, then `training_state.json: larger than 16777216 bytes` on load."""
     big = ac.TrainingState(step=1, metadata={"notes": "x" * limits.MAX_TRAINING_STATE_BYTES})
-    with pytest.raises(ac.InvalidInputError, match="training_state.*over the 16777216-byte"):
+    with pytest.raises(ac.InvalidInputError, match=r"training_state.*over the 16777216-byte"):
         ac.save_checkpoint(tmp_path / "c", {"w": np.ones(2)}, training_state=big)
     assert not (tmp_path / "c").exists()
     with ac.AsyncCheckpointer() as ckpt, pytest.raises(ac.InvalidInputError):
@@ -65,7 +65,7 @@ def test_header_over_the_cap_is_refused_at_save(
     """A nested state's non-array leaves go into the header: a big one must not commit."""
     monkeypatch.setattr(limits, "MAX_HEADER_BYTES", 64 * 1024)
     state = {"w": np.ones(2), "notes": {"text": "y" * 70_000}}
-    with pytest.raises(ac.InvalidInputError, match="header would be .* over the 65536-byte"):
+    with pytest.raises(ac.InvalidInputError, match=r"header would be .* over the 65536-byte"):
         ac.save_checkpoint(tmp_path / "c", state)
     assert not (tmp_path / "c").exists()
     state["notes"]["text"] = "y" * 60_000
