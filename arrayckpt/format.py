@@ -492,8 +492,11 @@ def _parse_checksums(
     return parsed, None
 
 
-def verify_bytes(path: Path, header: Header, name: str, data: Any) -> None:
-    """Check tensor ``name``'s bytes ``data`` against the CRC32C recorded in ``header``.
+def verify_bytes(
+    path: Path, header: Header, name: str, data: Any, crc: int | None = None
+) -> None:
+    """Check tensor ``name``'s bytes ``data`` (or their CRC32C ``crc``, computed while
+    reading) against the CRC32C recorded in ``header``.
 
     A no-op for another tool's file (no table). Every reader verifies through this.
 
@@ -507,13 +510,19 @@ def verify_bytes(path: Path, header: Header, name: str, data: Any) -> None:
     if sums is None or header.checksum_problem is not None:
         _fail(path, f"tensor {name!r} cannot be verified: {header.checksum_problem}; {hint}")
     e = header.entries[name]
-    if tensor_checksum(e.dtype.code, e.shape, data) != sums[name]:
+    if crc is None:
+        crc = tensor_checksum(e.dtype.code, e.shape, data)
+    if crc != sums[name]:
         _fail(path, f"tensor {name!r} fails its CRC32C checksum: the file is corrupt; {hint}")
 
 
 def _unreadable(path: Path, name: str, problem: str) -> NoReturn:
     others = "load the other tensors with keys=[...] (they are unaffected)"
     raise UnsupportedArrayError(f"{path}: tensor {name!r}: {problem}; {others}")
+
+
+#: Eager reads go in chunks of this size, so checksums of one overlap reading the next.
+_READ_CHUNK = 16 << 20
 
 
 class SafetensorsReader:
@@ -530,9 +539,16 @@ class SafetensorsReader:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, mmap: bool = True, ranges: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = True,
+        ranges: bool = False,
+        verify_while_reading: bool = False,
     ) -> None:
         self.path = Path(path)
+        #: CRC32Cs computed while the data was read (``mmap=False``), by tensor name.
+        self._computed: dict[str, int] = {}
         self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
         self._buf: Any = None  # the whole-file map, or the eager data buffer
         self._base = 0  # file offset of self._buf's first byte
@@ -545,7 +561,7 @@ class SafetensorsReader:
             if mmap:
                 self._map(fd)
             else:
-                self._read_data(fd)
+                self._read_data(fd, verify_while_reading)
         finally:
             if self._fd != fd:
                 os.close(fd)
@@ -561,7 +577,10 @@ class SafetensorsReader:
             self._fd = fd
             weakref.finalize(self, os.close, fd)
 
-    def _read_data(self, fd: int) -> None:
+    def _read_data(self, fd: int, checksum: bool) -> None:
+        """Read all tensor data into one buffer the arrays will view, in chunks; with
+        ``checksum``, the helper threads checksum each chunk's tensors while the next
+        chunk is read, so verification costs no second pass over cold memory."""
         start = self.header.data_start
         size = os.fstat(fd).st_size
         try:
@@ -572,12 +591,32 @@ class SafetensorsReader:
                 "load fewer tensors with keys=[...], or with mmap=True"
             ) from exc
         self._base = start
+        header = self.header
+        checksum = checksum and header.checksums is not None and header.checksum_problem is None
+        ordered = sorted(header.entries.values(), key=lambda e: e.start) if checksum else []
+        batches: list[Any] = []
+        helper = pool.executor()
+        fs, view, done, next_entry = fsops.fs(), self._buf.data, start, 0
         try:
-            fsops.fs().read_into(fd, self.path, [(start, size - start)], self._buf.data)
+            while done < size:
+                n = min(_READ_CHUNK, size - done)
+                fs.read_into(fd, self.path, [(done, n)], view[done - start : done - start + n])
+                done += n
+                first = next_entry
+                while next_entry < len(ordered) and ordered[next_entry].end <= done:
+                    next_entry += 1
+                if next_entry > first:
+                    batches.append(helper.submit(self._checksum_batch, ordered[first:next_entry]))
         except EOFError:
             _fail(self.path, "file shrank while it was being read")
         except OSError as exc:
             raise fsops.read_error(self.path, exc) from exc
+        finally:
+            for batch in batches:
+                self._computed.update(batch.result())
+
+    def _checksum_batch(self, entries: list[Entry]) -> dict[str, int]:
+        return {e.name: tensor_checksum(e.dtype.code, e.shape, self.raw(e.name)) for e in entries}
 
     @property
     def names(self) -> list[str]:
@@ -624,7 +663,8 @@ class SafetensorsReader:
         """Check ``name`` against its recorded CRC32C (a no-op for files without them)."""
         if self.header.checksums is None and self.header.checksum_problem is None:
             return
-        verify_bytes(self.path, self.header, name, self.raw(name))
+        crc = self._computed.get(name)
+        verify_bytes(self.path, self.header, name, self.raw(name) if crc is None else None, crc)
 
     def array(self, name: str, *, verify: bool = True) -> np.ndarray:
         """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping.

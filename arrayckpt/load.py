@@ -62,7 +62,10 @@ def load_state_file(
     if keys is not None and into is not None:
         raise InvalidInputError("keys= and into= cannot be combined; pick one")
     # eager partial loads read only the header and the requested tensors' byte ranges
-    reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
+    reader = format.SafetensorsReader(
+        path, mmap=mmap, ranges=keys is not None and not mmap,
+        verify_while_reading=verify,
+    )
     if into is not None:
         return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)

@@ -594,3 +594,29 @@ def test_65_dimensions_fail_only_that_tensor(tmp_path: Path) -> None:
     assert reader.array("w").tolist() == [2]
     with pytest.raises(ac.UnsupportedArrayError, match=r"'deep'.*65 dimensions"):
         reader.array("deep")
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 16 << 20])
+def test_eager_read_checksums_while_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """mmap=False checksums each chunk's tensors while reading the next: a flipped byte is
+    still found, in whichever chunk it falls, and only that tensor fails."""
+    monkeypatch.setattr(fmt, "_READ_CHUNK", chunk)
+    state = {f"t{i}": np.arange(i * 10, i * 10 + 37, dtype=np.float32) for i in range(6)}
+    ckpt = ac.save_checkpoint(tmp_path / "c", state)
+    path = ckpt / MODEL_FILE
+    got = ac.load_checkpoint(ckpt, mmap=False).model
+    for name, a in state.items():
+        assert_same_array(got[name], a, name)
+    e = SafetensorsReader(path).header.entries["t3"]
+    blob = bytearray(path.read_bytes())
+    blob[e.start + 70] ^= 0x10
+    path.write_bytes(bytes(blob))
+    reader = SafetensorsReader(path, mmap=False, verify_while_reading=True)
+    assert set(reader._computed) == set(state)  # computed during the read
+    with pytest.raises(ac.CorruptCheckpointError, match="'t3' fails its CRC32C"):
+        reader.array("t3")
+    assert_same_array(reader.array("t4"), state["t4"], "t4")
+    with pytest.raises(ac.CorruptCheckpointError, match="'t3' fails its CRC32C"):
+        ac.load_checkpoint(ckpt, mmap=False)
