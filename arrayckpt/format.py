@@ -28,6 +28,7 @@ import safetensors
 from . import dtypes, fsops, limits, pool
 from .dtypes import BY_CODE, DType
 from .errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointReadError,
     CorruptCheckpointError,
@@ -637,8 +638,12 @@ class SafetensorsReader:
         buf = np.empty(e.end - e.start, np.uint8)
         try:
             fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
-        except (OSError, EOFError) as exc:  # e.g. truncated after the header was read
+        except EOFError as exc:  # truncated after the header was read
             _fail(self.path, f"reading tensor {e.name!r} failed: {exc}")
+        except OSError as exc:
+            if isinstance(exc, CheckpointError):  # open_regular's, already explained
+                raise
+            raise fsops.read_error(self.path, exc) from exc
         return buf
 
     def _map_one(self, e: Entry) -> np.ndarray:
