@@ -534,7 +534,8 @@ class SafetensorsReader:
     arrays are zero-copy, writable, and writes never reach the file; where the whole file
     cannot be mapped (larger than memory + swap, or an address-space limit) each tensor
     is mapped on its own when it is read. With ``mmap=False`` the tensor data is read in
-    one sequential pass into one buffer (best on network file systems). With
+    one sequential pass into one buffer the arrays view (best on network file systems);
+    ``verify_while_reading`` checksums it during that pass, so `verify` is free later. With
     ``ranges=True`` each tensor's byte range is read when it is asked for, through
     `fsops` (for loading a few tensors of a large file eagerly).
     """
