@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from . import backends, writer
+from . import backends, forking, writer
 from .closing import ClosesOnExit
 from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
@@ -23,6 +23,8 @@ from .writer import WriteFuture
 
 log = logging.getLogger("arrayckpt")
 
+T = TypeVar("T")
+
 
 class AsyncCheckpointer(ClosesOnExit):
     """Saves checkpoints without stalling training.
@@ -32,6 +34,10 @@ class AsyncCheckpointer(ClosesOnExit):
     then checksums, writes, fsyncs and commits. One write per checkpointer is in flight:
     a new `save` first waits for the previous one. A failed write is raised exactly once,
     by `wait`, the next `save`, or `close`.
+
+    Every method is safe to call from several threads (saves run one after another). A
+    child made by ``fork()`` (e.g. a DataLoader worker) gets a fresh checkpointer: no
+    write in flight (the parent's stays the parent's) and empty staging buffers.
 
     Example:
         >>> import numpy as np, arrayckpt as ac, tempfile
@@ -45,12 +51,22 @@ class AsyncCheckpointer(ClosesOnExit):
     """
 
     def __init__(self) -> None:
-        self._staging = StagingPool(pinned_allocator=backends.pinned_empty)
-        self._pending: WriteFuture[Any] | None = None
-        self._lock = threading.RLock()
+        self._start_fresh()
         self._closed = False
         #: Seconds the last `save` blocked the caller (waiting + copying).
         self.last_stall_s = 0.0
+        forking.reset_in_child(self)
+
+    def _start_fresh(self) -> None:
+        """Own state only: no write in flight, empty staging, a new lock.
+
+        Also what a forked child gets (see `forking`): its parent's write in
+        flight runs on a thread the child does not have, so waiting for it would hang, and
+        the parent's lock may have been held by one of the threads fork did not copy.
+        """
+        self._staging = StagingPool(pinned_allocator=backends.pinned_empty)
+        self._pending: WriteFuture[Any] | None = None
+        self._lock = threading.RLock()
 
     def save(
         self,
@@ -58,8 +74,19 @@ class AsyncCheckpointer(ClosesOnExit):
         model_state: Mapping[str, Any],
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
+        *,
+        on_commit: Callable[[Path], None] | None = None,
     ) -> WriteFuture[Path]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
+
+        Safe to call from several threads: each call waits for the write in flight,
+        snapshots and queues as one step, so every directory gets the state passed with
+        it. A relative ``directory`` is resolved now, against the current directory.
+
+        Args:
+            on_commit: called on the writer thread with the committed directory, after the
+                commit and before the future resolves (`CheckpointManager` applies
+                retention there); its error fails the future.
 
         Returns:
             A future resolving to the committed directory once it is durable.
@@ -68,6 +95,14 @@ class AsyncCheckpointer(ClosesOnExit):
             CheckpointError: the previous write failed (raised once), or the input is
                 invalid (nothing is queued).
         """
+        target = absolute(directory)
+
+        def write() -> Path:
+            path = write_snapshot(target, snap)
+            if on_commit is not None:
+                on_commit(path)
+            return path
+
         with self._lock:
             started = time.perf_counter()
             self._check_open()
@@ -75,8 +110,7 @@ class AsyncCheckpointer(ClosesOnExit):
             snap = take_snapshot(
                 model_state, optimizer_state, training_state, staging=self._staging
             )
-            future = writer.submit(lambda: write_snapshot(directory, snap), f"save {directory}")
-            self._pending = future
+            future = self._submit(write, f"save {target}")
             self.last_stall_s = time.perf_counter() - started
             return future
 
@@ -89,10 +123,12 @@ class AsyncCheckpointer(ClosesOnExit):
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
         sharding: ShardingConfig | None = None,
-        **kw: Any,
+        *,
+        coordinator: Any = "auto",
+        timeout: float | None = None,
     ) -> WriteFuture[Path]:
         """Snapshot this rank's state now and write it in the background; see
-        `save_distributed_checkpoint` (``coordinator=``, ``timeout=`` go in ``kw``).
+        `save_distributed_checkpoint` for the arguments (``coordinator``, ``timeout``).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
         channel (a gloo group of their own, a duplicated MPI communicator), never the
@@ -100,15 +136,17 @@ class AsyncCheckpointer(ClosesOnExit):
         """
         from .distributed.save import prepare_save
 
+        directory = absolute(directory)
         with self._lock:
             started = time.perf_counter()
             self._check_open()
             self.wait()
             job = prepare_save(
                 directory, rank, world_size, model_state, optimizer_state, training_state,
-                sharding, staging=self._staging, background=True, **kw,
+                sharding, staging=self._staging, background=True, coordinator=coordinator,
+                timeout=timeout,
             )
-            future = self.submit_job(job, f"save_distributed {directory} rank {rank}")
+            future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
             return future
 
@@ -117,8 +155,13 @@ class AsyncCheckpointer(ClosesOnExit):
         with self._lock:
             self._check_open()
             self.wait()
-            self._pending = writer.submit(job, description)
-            return self._pending
+            return self._submit(job, description)
+
+    def _submit(self, job: Callable[[], T], description: str) -> WriteFuture[T]:
+        """Queue ``job``; the caller holds the lock and has waited for the previous write."""
+        future = writer.submit(job, description)
+        self._pending = future
+        return future
 
     @property
     def staging(self) -> StagingPool:
@@ -147,7 +190,10 @@ class AsyncCheckpointer(ClosesOnExit):
             future.result()
 
     def close(self) -> None:
-        """Wait for the write in flight (raising its error) and release the staging buffers."""
+        """Wait for the write in flight (raising its error) and release the staging buffers.
+
+        Afterwards the checkpointer holds no host memory; `save` then raises.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -156,7 +202,14 @@ class AsyncCheckpointer(ClosesOnExit):
             finally:
                 self._closed = True
                 self._staging.release()
+                self._pending = None
 
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
+
+
+def absolute(directory: PathLike) -> Path:
+    """``directory`` made absolute now, so a later ``os.chdir`` cannot move a queued write."""
+    return Path(directory).absolute()
+

@@ -124,7 +124,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .layout import scan, temporary_owner
+    from .layout import settled_scan, temporary_owner
 
     root = Path(args.root)
     if not root.is_dir():
@@ -135,9 +135,12 @@ def _ls(args: argparse.Namespace) -> int:
             f"`arrayckpt inspect {root}`, or `arrayckpt ls {root.parent}` for its siblings"
         )
     entries: list[dict[str, Any]] = []
-    for e in scan(root):
-        size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
-        modified = time.localtime(e.path.stat().st_mtime)
+    for e in settled_scan(root):
+        try:
+            size = sum(f.stat().st_size for f in e.path.rglob("*") if f.is_file())
+            modified = time.localtime(e.path.stat().st_mtime)
+        except FileNotFoundError:  # deleted since the scan (retention, a finished save)
+            continue
         entries.append({"name": e.name, "path": str(e.path), "step": e.step, "status": e.status,
                         "nbytes": size, "pid": temporary_owner(e.name),
                         "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified)})

@@ -6,12 +6,15 @@ import errno
 import logging
 import os
 import re
+import signal
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
-from . import fsops
+from . import forking, fsops
 from .errors import CheckpointError, CheckpointWriteError, InvalidInputError
 from .layout import OLD_MARKER, TEMP_MARKER, replaceable
 
@@ -64,22 +67,60 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
         undo, replaced = _swap_into_place(tmp, target)
         fs.fsync_dir(target.parent)
     except BaseException as exc:
-        restored = undo is None or _attempt(undo, f"restoring the previous content of {target}")
-        if restored:  # else `tmp` may hold the previous checkpoint: keep it for the user
-            _discard(tmp)
+        # A (second) Ctrl-C while cleaning up must not leave the temporary directory behind.
+        with interrupts_deferred():
+            restored = undo is None or _attempt(
+                undo, f"restoring the previous content of {target}"
+            )
+            if restored:  # else `tmp` may hold the previous checkpoint: keep it for the user
+                _discard(tmp)
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
             raise
         raise CheckpointWriteError(f"saving {target} failed: {exc}") from exc
     finally:
         _in_use(tmp, False)
-    if replaced is not None:
-        _discard(replaced)
-    _discard_stale_siblings(target)
+    with interrupts_deferred():  # committed: Ctrl-C now must not strand the old copy
+        if replaced is not None:
+            _discard(replaced)
+        _discard_stale_siblings(target)
     return target
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) inside the block and deliver it right after.
+
+    For clean-up, and for joining threads that still write into a temporary directory:
+    a `KeyboardInterrupt` in the middle of either would leave debris behind. Python runs
+    signal handlers on the main thread only, so elsewhere there is nothing to hold back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, FrameType | None]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(*received[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 _IN_USE: set[Path] = set()
 _IN_USE_LOCK = threading.Lock()
+
+
+@forking.in_child
+def _after_fork_in_child() -> None:
+    # A thread fork did not copy may have held the lock; the parent's saves are its own.
+    global _IN_USE_LOCK
+    _IN_USE_LOCK = threading.Lock()
+    _IN_USE.clear()
+
 
 
 def _in_use(path: Path, using: bool) -> None:

@@ -60,10 +60,11 @@ def _step(
 
 
 def _save(mgr: CheckpointManager, step: int, model: dict[str, np.ndarray],
-          opt: dict[str, np.ndarray], loss: float, lr: float) -> None:
+          opt: dict[str, np.ndarray], loss: float, lr: float, rollback: bool = False) -> None:
     state = TrainingState(step=step, epoch=0, learning_rate=lr, metadata={"loss": f"{loss:.6f}"})
     started = time.perf_counter()
-    mgr.save(step, model, opt, state)  # returns once the arrays are copied; writes in background
+    # Returns once the arrays are copied; writes in the background.
+    mgr.save(step, model, opt, state, rollback=rollback)
     stall = time.perf_counter() - started
     print(f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
           f"asynchronously, training stalled {stall * 1e3:.2f} ms")
@@ -88,10 +89,15 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
           f"in {root}")
     losses: dict[int, float] = {}
     with CheckpointManager(root, keep_last=3) as mgr:
+        previous = mgr.steps()
+        if previous:
+            print(f"  {root} holds steps {previous} of an earlier run: this run starts from "
+                  "scratch, so its first save rolls back (deletes) those steps")
         for step in range(1, crash_at + 1):
             losses[step] = _step(model, opt, x, y, lr)
             if step % every == 0:
-                _save(mgr, step, model, opt, losses[step], lr)
+                # Steps only move forward; an explicit rollback replaces the earlier run's.
+                _save(mgr, step, model, opt, losses[step], lr, rollback=step == every)
     print(f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
           "in-memory state lost")
     del model, opt

@@ -11,6 +11,7 @@ import errno
 import functools
 import itertools
 import json
+import logging
 import math
 import mmap as mmap_module
 import os
@@ -37,6 +38,8 @@ from .errors import (
 )
 from .staging import HostTensor
 from .strict_json import reject_constant, unique_keys
+
+log = logging.getLogger("arrayckpt")
 
 FORMAT_KEY = "arrayckpt.format"
 FORMAT_VERSION = "1"
@@ -79,29 +82,30 @@ def _checksums_json(crcs: Mapping[str, int]) -> str:
     )
 
 
-def _checksum_all(tensors: list[HostTensor]) -> list[int]:
-    # `t.data` itself, not `t.bytes()`: a C-contiguous array exports its bytes as a buffer,
-    # and skipping the flat uint8 view saves a microsecond per tensor.
+#: One tensor to checksum: its dtype code, shape and bytes (any C-contiguous buffer).
+_Checksummable = tuple[str, tuple[int, ...], Any]
+
+
+def _checksum_all(items: list[_Checksummable]) -> list[int]:
     crc: Any = crc32c.crc32c  # typed for bytes; any C-contiguous buffer works
-    return [crc(t.data, checksum_seed(t.dtype.code, t.data.shape)) for t in tensors]
+    return [crc(data, checksum_seed(code, shape)) for code, shape, data in items]
 
 
-def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
-    """Every tensor's CRC32C, spread across the helper threads and this one.
+def _checksums_parallel(items: list[_Checksummable], sizes: list[int]) -> list[int]:
+    """Checksums of ``items`` (``sizes``: their byte sizes), spread across the helper
+    threads and this one.
 
-    crc32c releases the GIL; tensors go in one batch per thread of about equal bytes,
+    crc32c releases the GIL; items go in one batch per thread of about equal bytes,
     since a hand-off per tensor would cost more than the checksum of a small one.
     """
-    items = list(tensors.values())
     workers = pool.threads()
-    sizes = [t.data.nbytes for t in items]
     share = sum(sizes) / workers
-    batches: list[list[HostTensor]] = [[]]
+    batches: list[list[_Checksummable]] = [[]]
     filled = 0.0
-    for t, size in zip(items, sizes, strict=True):
+    for item, size in zip(items, sizes, strict=True):
         if filled >= share * len(batches) and len(batches) < workers:
             batches.append([])
-        batches[-1].append(t)
+        batches[-1].append(item)
         filled += size
     helper = pool.executor()
     futures = [helper.submit(_checksum_all, batch) for batch in batches[1:]]
@@ -109,7 +113,16 @@ def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
         first = _checksum_all(batches[0])
     finally:
         rest = [c for f in futures for c in f.result()]
-    return dict(zip(tensors, first + rest, strict=True))
+    return first + rest
+
+
+def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
+    """Every tensor's CRC32C, computed in parallel."""
+    # `t.data` itself, not `t.bytes()`: a C-contiguous array exports its bytes as a buffer,
+    # and skipping the flat uint8 view saves a microsecond per tensor.
+    items = [(t.dtype.code, t.data.shape, t.data) for t in tensors.values()]
+    sizes = [t.data.nbytes for t in tensors.values()]
+    return dict(zip(tensors, _checksums_parallel(items, sizes), strict=True))
 
 
 # A header entry's text beside its name and numbers:
@@ -185,7 +198,11 @@ def _header_bytes(
 
 
 def write_file(
-    path: Path, tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
+    path: Path,
+    tensors: Mapping[str, HostTensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    borrowed: bool = False,
 ) -> None:
     """Write ``tensors`` to a safetensors file at ``path`` and fsync it.
 
@@ -193,13 +210,40 @@ def write_file(
     Rust serializer straight from the host buffers, which ``tensors`` keeps alive. The
     whole file is one `FileSystem.write_safetensors` step (the durability tests record
     and replay those steps), so the checksums are computed first, in parallel.
+
+    Args:
+        borrowed: the buffers are the caller's own arrays (a synchronous, zero-copy save),
+            which another thread may change while they are checksummed and written. The
+            file is then read back and checksummed; if its bytes are not those the
+            checksums were taken of, it is written again from a private copy. Either way
+            the checksums recorded are those of the bytes in the file.
     """
     check_writable(
         str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
     )
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
-    meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
+    crcs = checksums(tensors)
+    _write(path, tensors, meta, crcs)
+    if borrowed and _file_checksums(path, list(tensors)) != crcs:
+        log.warning(
+            "%s: tensors changed while they were being saved; writing a copy instead "
+            "(synchronous saves read the arrays in place: stop changing them during the "
+            "save, or use AsyncCheckpointer, which snapshots them first)",
+            path,
+        )
+        fsops.fs().remove_file(path)
+        tensors = {
+            name: HostTensor(np.array(t.data, copy=True), t.dtype) for name, t in tensors.items()
+        }
+        _write(path, tensors, meta, checksums(tensors))
+    fsops.fs().fsync_file(path)
+
+
+def _write(
+    path: Path, tensors: Mapping[str, HostTensor], meta: dict[str, str], crcs: dict[str, int]
+) -> None:
+    meta[CHECKSUMS_KEY] = _checksums_json(crcs)
     specs = {
         name: safetensors.TensorSpec(
             dtype=t.dtype.name,
@@ -209,9 +253,22 @@ def write_file(
         )
         for name, t in tensors.items()
     }
-    fs = fsops.fs()
-    fs.write_safetensors(path, specs, meta)
-    fs.fsync_file(path)
+    fsops.fs().write_safetensors(path, specs, meta)
+
+
+def _file_checksums(path: Path, names: list[str]) -> dict[str, int]:
+    """The checksums of the tensors as the file at ``path`` holds them (read back from the
+    page cache, just written)."""
+    try:
+        reader = SafetensorsReader(path)
+    except CheckpointReadError as exc:
+        if isinstance(exc.__cause__, OSError):  # an I/O error of the save, as when writing
+            raise exc.__cause__ from None
+        raise
+    entries = [reader.header.entries[name] for name in names]
+    items = [(e.dtype.code, e.shape, reader.raw(e.name)) for e in entries]
+    sums = _checksums_parallel(items, [e.end - e.start for e in entries])
+    return dict(zip(names, sums, strict=True))
 
 
 @dataclass(slots=True)

@@ -19,8 +19,9 @@ from .layout import (
     SHARDING_META_FILE,
     TRAINING_STATE_FILE,
     PathLike,
+    is_complete,
     is_rank_dir_name,
-    scan,
+    settled_scan,
 )
 from .limits import MAX_SHARDING_META_BYTES
 from .training_state import TrainingState
@@ -42,7 +43,7 @@ def kind_of(path: Path) -> str:
         return "distributed"
     if (path / MODEL_FILE).exists() or (path / TRAINING_STATE_FILE).exists():
         return "checkpoint"
-    if any(e.step is not None for e in scan(path)):
+    if any(e.step is not None for e in settled_scan(path)):
         return "root"
     raise CheckpointNotFoundError(
         f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
@@ -120,8 +121,11 @@ def files_to_verify(path: Path) -> list[Path]:
     if kind == "file":
         return [path]
     if kind == "root":
-        steps = [e.path for e in scan(path) if e.status == "complete"]
-        return [f for step in steps for f in files_to_verify(step)]
+        files = []
+        for step in [e.path for e in settled_scan(path) if e.status == "complete"]:
+            with contextlib.suppress(CheckpointNotFoundError):  # deleted since the scan
+                files += files_to_verify(step)
+        return files
     if kind == "distributed":
         ranks = [f for rank in _rank_dirs(path) for f in files_to_verify(rank)]
         return [*ranks, path / SHARDING_META_FILE]
@@ -143,9 +147,31 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
             incomplete steps).
     """
     path = Path(path)
-    files = files_to_verify(path)
-    if not files:
+    report: list[dict[str, Any]] = []
+    if kind_of(path) != "root":
+        report = _verify_files(files_to_verify(path), advance)
+        return {"path": str(path), "ok": not any(e["errors"] for e in report), "files": report}
+    tried: set[Path] = set()
+    while not report:  # rescan while every step we chose was deleted under us
+        listing = settled_scan(path)
+        steps = [e.path for e in listing if e.status == "complete" and e.path not in tried]
+        if not steps:
+            break
+        for step in steps:
+            tried.add(step)
+            try:
+                entries = _verify_files(files_to_verify(step), advance)
+            except CheckpointNotFoundError:
+                entries = None
+            if (entries is None or any(e["errors"] for e in entries)) and not is_complete(step):
+                continue  # deleted (by retention) while we read it: not corruption
+            report += entries or []
+    if not report:
         raise CheckpointNotFoundError(f"{path}: no complete step to verify (see `arrayckpt ls`)")
+    return {"path": str(path), "ok": not any(e["errors"] for e in report), "files": report}
+
+
+def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dict[str, Any]]:
     report = []
     for f in files:
         entry: dict[str, Any] = {"path": str(f), "tensors": 0, "nbytes": 0, "checksums": None,
@@ -177,8 +203,7 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
             entry["tensors"] += 1
             entry["nbytes"] += e.end - e.start
             advance(e.end - e.start)
-    ok = not any(e["errors"] for e in report)
-    return {"path": str(path), "ok": ok, "files": report}
+    return report
 
 
 def total_tensor_bytes(path: Path) -> int:

@@ -143,3 +143,26 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+#: Scans `settled_scan` makes at most while a root without a complete step keeps changing.
+_SETTLE_SCANS = 100
+
+
+def settled_scan(root: PathLike) -> list[StepEntry]:
+    """`scan`, trusted also while retention deletes steps under it.
+
+    A listing is a snapshot: the one step it saw can be deleted before its completeness
+    is checked, while the step that replaced it was committed too late to be listed, so
+    one scan can show no complete step though one existed at every instant. When a scan
+    shows none, scan again until two scans list the same names.
+    """
+    previous: list[str] | None = None
+    entries: list[StepEntry] = []
+    for _ in range(_SETTLE_SCANS):
+        entries = scan(root)
+        names = [e.name for e in entries]
+        if any(e.status == "complete" for e in entries) or names == previous:
+            break
+        previous = names
+    return entries

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import fsops
+from . import forking, fsops
 from .async_checkpointer import AsyncCheckpointer
 from .closing import ClosesOnExit
 from .commit import temporary_sibling
@@ -31,6 +32,7 @@ from .layout import (
     process_alive,
     rank_dir_name,
     scan,
+    settled_scan,
     step_dir_name,
     temporary_owner,
 )
@@ -54,6 +56,14 @@ def _recovery_rank(entry: Path) -> tuple[bool, int]:
         return True, TrainingState.read(single / TRAINING_STATE_FILE).step
     except CheckpointError:
         return True, -1
+
+
+def _check_step(step: Any) -> None:
+    if type(step) is not int or step < 0:
+        raise InvalidInputError(
+            f"step must be a non-negative int, not {step!r} ({type(step).__name__}); "
+            "pass e.g. 100, not '100'"
+        )
 
 
 class CheckpointManager(ClosesOnExit):
@@ -112,6 +122,10 @@ class CheckpointManager(ClosesOnExit):
             ) from exc
         self._checkpointer = AsyncCheckpointer() if async_save else None
         self._closed = False
+        self._lock = threading.RLock()
+        #: The step and future of the last asynchronous save; see `_in_flight_step`.
+        self._queued: tuple[int, Future[Path]] | None = None
+        forking.reset_in_child(self)
         self.cleanup()
 
     def directory(self, step: int) -> Path:
@@ -124,8 +138,14 @@ class CheckpointManager(ClosesOnExit):
         model_state: Mapping[str, Any],
         optimizer_state: Any = None,
         training_state: TrainingState | None = None,
+        *,
+        rollback: bool = False,
     ) -> Future[Path]:
         """Save step ``step``, then apply retention once it is committed.
+
+        Steps only move forward: a step at or below the newest one on disk (or already
+        saved by this manager) is refused, unless ``rollback=True``. Safe to call from
+        several threads; saves run one after another, each with its own state.
 
         Args:
             step: the training step; the directory is ``root/step_{step:08d}``.
@@ -133,19 +153,22 @@ class CheckpointManager(ClosesOnExit):
             optimizer_state: as ``model_state``; ``None`` writes no optimizer file.
             training_state: defaults to ``TrainingState(step=step)``; its ``step`` must
                 equal ``step``.
+            rollback: go back to ``step`` (after a loss spike, or a new run into an old
+                root): every step newer than ``step`` is deleted first, newest first,
+                and ``step`` itself is replaced atomically. Readers see the newest complete
+                step at every instant (briefly an older one while the new step is
+                written); `restore` then returns what this call saved.
 
         Returns:
             A future resolving to the committed directory (already resolved when
             ``async_save=False``).
 
         Raises:
-            InvalidInputError: bad step or input (nothing is written), or the manager is closed.
+            InvalidInputError: bad step or input, a step at or below the newest without
+                ``rollback=True`` (nothing is written), or the manager is closed.
             CheckpointError: the previous asynchronous save failed (raised once).
         """
-        if self._closed:
-            raise InvalidInputError("this CheckpointManager is closed; create a new one")
-        if type(step) is not int or step < 0:
-            raise InvalidInputError(f"step must be a non-negative int, not {step!r}")
+        _check_step(step)
         if training_state is None:
             training_state = TrainingState(step=step)
         elif getattr(training_state, "step", step) != step:
@@ -154,28 +177,66 @@ class CheckpointManager(ClosesOnExit):
                 "pass equal values"
             )
         target = self.directory(step)
+        with self._lock:
+            self._check_open()
+            if rollback:
+                self._roll_back_to(step)
+            else:
+                self._check_moves_forward(step)
+            if self._checkpointer is None:
+                snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
+                done: Future[Path] = Future()
+                done.set_result(write_snapshot(target, snap))
+                self._retain()
+                return done
+            future = self._checkpointer.save(
+                target, model_state, optimizer_state, training_state,
+                on_commit=lambda _: self._retain(),
+            )
+            self._queued = (step, future)
+            return future
 
-        def write_and_retain(snap: Any) -> Path:
-            path = write_snapshot(target, snap)
-            self._retain(step)
-            return path
+    def _check_moves_forward(self, step: int) -> None:
+        newer = [s for s in self._all_steps() if s >= step]
+        in_flight = self._in_flight_step()
+        if in_flight is not None and in_flight >= step and in_flight not in newer:
+            newer.append(in_flight)  # queued by this manager, not committed yet
+        if newer:
+            raise InvalidInputError(
+                f"cannot save step {step} under {self.root}: steps only move forward, and it "
+                f"already holds step(s) {sorted(newer)} at or above it (from this run or an "
+                f"earlier one). Save a step above {max(newer)}, resume with restore(), use a "
+                f"new root, or pass rollback=True to go back to step {step} (deletes the "
+                "newer steps and replaces this one)"
+            )
 
-        if self._checkpointer is None:
-            snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
-            done: Future[Path] = Future()
-            done.set_result(write_and_retain(snap))
-            return done
-        ckpt = self._checkpointer
-        ckpt.wait()  # the staging buffers are reused: the previous write must be done
-        started = time.perf_counter()
-        snap = take_snapshot(model_state, optimizer_state, training_state, staging=ckpt.staging)
-        future = ckpt.submit_job(lambda: write_and_retain(snap), f"save {target}")
-        ckpt.last_stall_s = time.perf_counter() - started
-        return future
+    def _roll_back_to(self, step: int) -> None:
+        self.wait()  # the save in flight may be one of the steps going away
+        for newer in reversed(self._all_steps()):
+            if newer > step:
+                self._delete(self.directory(newer))
+        self._queued = None
+
+    def _in_flight_step(self) -> int | None:
+        """The step of this manager's last queued save, unless it failed (then its step is
+        free again) or committed (then it is on disk, or retention deleted it)."""
+        if self._queued is None:
+            return None
+        step, future = self._queued
+        # `Future.exception`, not the override: looking here must not count as the user
+        # seeing the failure, which the next wait() still raises.
+        if future.done() and Future.exception(future, 0) is not None:
+            return None
+        return step
+
+    def _all_steps(self) -> list[int]:
+        """Every step directory, complete or not: an incomplete one still holds the name."""
+        return [e.step for e in scan(self.root) if e.step is not None]
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first (call `wait` to include one in flight)."""
-        return [e.step for e in scan(self.root) if e.status == "complete" and e.step is not None]
+        entries = settled_scan(self.root)
+        return [e.step for e in entries if e.status == "complete" and e.step is not None]
 
     def latest_step(self) -> int | None:
         """The newest complete step, or ``None`` when there is none."""
@@ -188,41 +249,78 @@ class CheckpointManager(ClosesOnExit):
         *,
         xp: ModuleType | str | None = None,
         device: Any = None,
-        **options: Any,
+        into: Any = None,
+        keys: Iterable[str] | None = None,
+        verify: bool = True,
+        mmap: bool = True,
+        optimizer: bool = True,
     ) -> Checkpoint | None:
         """Load step ``step``, or the newest complete step; ``None`` when there is none.
 
-        Waits for a save in flight first. With ``step=None``, a newest step that fails
-        its checksums is skipped (with a warning) for the one before it.
+        Waits for this manager's save in flight first. With ``step=None``, a newest step
+        that fails its checksums is skipped (with a warning) for the one before it, and a
+        step that retention (another process's, too) deletes while it is being read is
+        replaced by the newest complete step then on disk.
 
         Args:
             step: the step to load; ``None`` for the latest complete one.
             xp: the framework of the returned arrays, as in `load_checkpoint`.
             device: where they go, as in `load_checkpoint`.
-            **options: other `load_checkpoint` options (``into=``, ``keys=``, ``verify=``,
-                ``mmap=``, ``optimizer=``).
+            into: a model state to fill in place, as in `load_checkpoint`.
+            keys: load only these model tensors, as in `load_checkpoint`.
+            verify: check every tensor's CRC32C.
+            mmap: map files (local disks) or read them sequentially (network file systems).
+            optimizer: ``False`` skips the optimizer file.
 
         Returns:
             The `Checkpoint`, or ``None`` when ``step`` is ``None`` and no step is complete.
 
         Raises:
+            InvalidInputError: ``step`` is not a non-negative int.
             CheckpointNotFoundError: ``step`` was given and is not a complete step.
             CorruptCheckpointError: every candidate step is corrupt (the newest's error).
         """
+        if step is not None:
+            _check_step(step)
+        keys = None if keys is None else list(keys)  # read twice if a step vanishes
+
+        def load(path: Path) -> Checkpoint:
+            return load_checkpoint(
+                path, xp=xp, device=device, into=into, keys=keys, verify=verify, mmap=mmap,
+                optimizer=optimizer,
+            )
+
         self.wait()
         if step is not None:
             path = self.directory(step)
-            if not is_complete(path):
+            try:
+                return load(path)
+            except CheckpointError as exc:
+                if is_complete(path):
+                    raise
                 raise CheckpointNotFoundError(
                     f"no complete checkpoint for step {step} at {path}; complete steps: "
                     f"{self.steps()}"
-                )
-            return load_checkpoint(path, xp=xp, device=device, **options)
+                ) from exc
         first_error: CorruptCheckpointError | None = None
-        for candidate in reversed(self.steps()):
+        tried: set[int] = set()
+        while True:
+            # Rescanned after every failure: retention may have deleted the step we chose
+            # and committed a newer one meanwhile.
+            untried = [s for s in self.steps() if s not in tried]
+            if not untried:
+                break
+            candidate = untried[-1]
+            tried.add(candidate)
+            path = self.directory(candidate)
             try:
-                return load_checkpoint(self.directory(candidate), xp=xp, device=device, **options)
-            except CorruptCheckpointError as exc:
+                return load(path)
+            except CheckpointError as exc:
+                if not is_complete(path):
+                    log.debug("step %d vanished while being read; rescanning", candidate)
+                    continue
+                if not isinstance(exc, CorruptCheckpointError):
+                    raise
                 log.warning("step %d is corrupt, trying the one before: %s", candidate, exc)
                 first_error = first_error or exc
         if first_error is not None:
@@ -236,22 +334,35 @@ class CheckpointManager(ClosesOnExit):
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error) and release the staging buffers."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._checkpointer is not None:
-            self._checkpointer.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
-    def _retain(self, saved: int) -> None:
-        """Delete the complete steps retention does not keep (runs after ``saved`` commits)."""
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInputError("this CheckpointManager is closed; create a new one")
+
+    def _start_fresh(self) -> None:
+        # Also in a forked child (see `forking`): the parent's lock may be held by a thread
+        # the child does not have, and its save in flight is the parent's; the
+        # checkpointer resets itself.
+        self._lock = threading.RLock()
+        self._queued = None
+
+    def _retain(self) -> None:
+        """Delete the complete steps retention does not keep: of ``keep_last`` exactly the
+        newest N stay, plus every multiple of ``keep_every``. Runs after a commit."""
         if self.keep_last is None:
             return
         complete = self.steps()
-        keep = set(complete[-self.keep_last :]) | {saved}
+        keep = set(complete[-self.keep_last :])
         if self.keep_every is not None:
             keep |= {s for s in complete if s % self.keep_every == 0}
         for step in complete:
-            if step not in keep and step < saved:
+            if step not in keep:
                 try:
                     self._delete(self.directory(step))
                 except OSError as exc:  # the new step is safe; an old one lingers

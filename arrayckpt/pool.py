@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from . import env, forking
+
 T = TypeVar("T")
 
 #: Upper bound on helper threads; memory and disk bandwidth stop scaling well before cores.
@@ -25,10 +27,7 @@ _CPUS = os.cpu_count() or 1  # asked once: the call costs microseconds
 
 def threads() -> int:
     """How many threads may work on one job at once (env ``ARRAYCKPT_THREADS`` overrides)."""
-    env = os.environ.get("ARRAYCKPT_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(MAX_THREADS, _CPUS))
+    return env.positive_int("ARRAYCKPT_THREADS", max(1, min(MAX_THREADS, _CPUS)))
 
 
 def _start(thread: threading.Thread) -> bool:
@@ -76,6 +75,8 @@ class HelperPool:
         while True:
             future, job = self._jobs.get()
             _run_into(future, job)
+            # Else this idle thread keeps its last job's arguments (tensors) alive.
+            del future, job
 
 
 _lock = threading.Lock()
@@ -92,6 +93,16 @@ def executor() -> HelperPool:
             _pool = HelperPool(threads())
             _pool_pid = os.getpid()
         return _pool
+
+
+@forking.in_child
+def _after_fork_in_child() -> None:
+    # fork copies only the forking thread: another one may have held the lock, and the
+    # pool's threads are gone (`executor` would also notice the pid).
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
 
 
 def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:

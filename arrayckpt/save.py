@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from . import format, fsops, nested, pool
-from .commit import commit_directory
+from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
 from .training_state import TrainingState
@@ -32,19 +33,33 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     def other_files() -> None:
         if snap.optimizer or snap.optimizer_tree is not None:
             format.write_file(
-                directory / OPTIMIZER_FILE, snap.optimizer, _tree_metadata(snap.optimizer_tree)
+                directory / OPTIMIZER_FILE,
+                snap.optimizer,
+                _tree_metadata(snap.optimizer_tree),
+                borrowed=snap.borrowed,
             )
         state_path = directory / TRAINING_STATE_FILE
         fs = fsops.fs()
         fs.write_bytes(state_path, snap.training_state.to_json().encode())
         fs.fsync_file(state_path)
 
-    others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+    # Never return (and let the commit remove the directory) while the second thread
+    # still writes, not even on Ctrl-C: it is started and joined with Ctrl-C held back.
+    others: Future[None] | None = None
+    error: BaseException | None = None
     try:
-        format.write_file(directory / MODEL_FILE, snap.model, _tree_metadata(snap.model_tree))
+        with interrupts_deferred():
+            others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+        format.write_file(
+            directory / MODEL_FILE,
+            snap.model,
+            _tree_metadata(snap.model_tree),
+            borrowed=snap.borrowed,
+        )
     finally:
-        # Never return (and let the commit remove the directory) while it still writes.
-        error = others.exception()
+        if others is not None:
+            with interrupts_deferred():
+                error = others.exception()
     if error is not None:
         raise error
 

@@ -26,6 +26,9 @@ class Snapshot:
     #: JSON trees of nested states (see `nested`); ``None`` for flat mappings.
     model_tree: str | None = None
     optimizer_tree: str | None = None
+    #: The tensors may be the caller's own arrays (no staging: zero copy), which another
+    #: thread may change while they are written; see `format.write_file`.
+    borrowed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -212,7 +215,9 @@ def take_snapshot(
         _synchronize(model_plan, optimizer_plan)
     if staging is not None:
         staging.end()
-    return Snapshot(model, optimizer, training_state, model_tree, optimizer_tree)
+    return Snapshot(
+        model, optimizer, training_state, model_tree, optimizer_tree, borrowed=staging is None
+    )
 
 
 def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import sys
 import threading
@@ -13,12 +12,25 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from . import env, forking
+from .errors import InvalidInputError
+
 log = logging.getLogger("arrayckpt")
 
 T = TypeVar("T")
 
 #: Seconds the interpreter waits at exit for pending writes (env ARRAYCKPT_EXIT_TIMEOUT).
 DEFAULT_EXIT_TIMEOUT = 600.0
+EXIT_TIMEOUT_VAR = "ARRAYCKPT_EXIT_TIMEOUT"
+
+
+def exit_timeout() -> float:
+    """Seconds to wait at exit for pending writes.
+
+    Raises:
+        InvalidInputError: ``ARRAYCKPT_EXIT_TIMEOUT`` is set to a bad value.
+    """
+    return env.positive_seconds(EXIT_TIMEOUT_VAR, DEFAULT_EXIT_TIMEOUT)
 
 
 class WriteFuture(Future[T]):
@@ -51,9 +63,9 @@ class Writer:
     """A single daemon thread running write jobs in submission order."""
 
     def __init__(self) -> None:
-        self._reset()
+        self._start_fresh()
 
-    def _reset(self) -> None:
+    def _start_fresh(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[WriteFuture[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -63,6 +75,9 @@ class Writer:
         self._failed: list[WriteFuture[Any]] = []
 
     def submit(self, fn: Callable[[], T], description: str) -> WriteFuture[T]:
+        # Checked now, while the caller can still fix it: at exit a bad value could only be
+        # reported, and the write it should have waited for would be lost.
+        exit_timeout()
         future: WriteFuture[T] = WriteFuture()
         future.description = description
         with self._lock:
@@ -91,6 +106,9 @@ class Writer:
                         self._failed.append(future)
             with self._lock:
                 self._pending.discard(future)
+            # Locals outlive the loop iteration: without this the last job (and the snapshot
+            # its closure holds, 1x the state) stays referenced until the next write.
+            del job, future, fn
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every pending write; False if some did not finish."""
@@ -111,7 +129,11 @@ class Writer:
                     return False
 
     def at_exit(self) -> None:
-        timeout = float(os.environ.get("ARRAYCKPT_EXIT_TIMEOUT", DEFAULT_EXIT_TIMEOUT))
+        try:
+            timeout = exit_timeout()
+        except InvalidInputError as exc:  # changed after the last save: still wait
+            timeout = DEFAULT_EXIT_TIMEOUT
+            print(f"arrayckpt: {exc}; waiting the default {timeout:.0f} s", file=sys.stderr)
         if not self.drain(timeout):
             with self._lock:
                 names = ", ".join(sorted(f.description for f in self._pending))
@@ -132,10 +154,9 @@ class Writer:
 
 _writer = Writer()
 atexit.register(_writer.at_exit)
-if hasattr(os, "register_at_fork"):
-    # A forked child has no writer thread and must not wait at exit for its parent's
-    # writes (they would never finish there); it starts afresh.
-    os.register_at_fork(after_in_child=_writer._reset)
+# A forked child has no writer thread and must not wait at exit for its parent's writes
+# (they would never finish there); it starts afresh.
+forking.reset_in_child(_writer)
 
 
 def submit(fn: Callable[[], T], description: str) -> WriteFuture[T]:

@@ -250,3 +250,41 @@ def test_an_interrupted_wait_keeps_the_write_pending(tmp_path: Path) -> None:
         assert first.done()
         timer.join()
     np.testing.assert_array_equal(_load_model(tmp_path / "a")["t1"], _state(1)["t1"])
+
+
+def test_a_relative_directory_is_resolved_when_save_is_called(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    fs = GatedFS()
+    with fsops.use(fs), ac.AsyncCheckpointer() as ckpt:
+        future = ckpt.save("rel", _state())
+        os.chdir(tmp_path / "b")  # before the write starts
+        fs.open_gate()
+        assert future.result() == tmp_path / "a" / "rel"
+    assert (tmp_path / "a" / "rel" / "model.safetensors").is_file()
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_close_gives_the_staging_memory_back(tmp_path: Path) -> None:
+    import gc
+
+    state = {f"t{i}": np.ones(8 << 20, np.float32) for i in range(8)}  # 256 MiB, touched
+    gc.collect()
+    before = _rss()
+    ckpt = ac.AsyncCheckpointer()
+    ckpt.save(tmp_path / "c", state)
+    during = _rss()  # the snapshot: about 1x the state
+    ckpt.close()
+    gc.collect()
+    after = _rss()
+    assert during - before > 200 << 20, "the snapshot did not copy the state"
+    assert after - before < 32 << 20, f"{(after - before) >> 20} MiB still held after close()"

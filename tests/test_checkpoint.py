@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,60 @@ def test_small_arrays_are_copied_into_one_reused_slab() -> None:
         np.testing.assert_array_equal(second[key].data, state[key])
     np.testing.assert_array_equal(second["big_endian"].data, [0, 1, 2])
     assert second["big_endian"].data.dtype.byteorder in "=<"
+
+
+def test_keys_from_a_generator_are_read_once_and_all_loaded(tmp_path: Path) -> None:
+    ac.save_checkpoint(tmp_path, {"w": np.ones(2, np.float32), "b": np.zeros(1, np.float32)})
+    loaded = ac.load_checkpoint(tmp_path, keys=(k for k in ["w", "b"])).model
+    assert sorted(loaded) == ["b", "w"]
+
+
+SIGINT_CHILD = """
+import os, sys
+import numpy as np
+import arrayckpt as ac
+
+root = sys.argv[1]
+model = {"w": np.ones(4 << 20, np.float32)}
+optimizer = {"m": np.ones(4 << 20, np.float32)}  # a second file: a second writer thread
+interrupted = 0
+print("ready", flush=True)
+while interrupted < int(sys.argv[2]):
+    try:
+        ac.save_checkpoint(root + "/c", model, optimizer)
+    except KeyboardInterrupt:
+        interrupted += 1
+        left = [n for n in os.listdir(root) if ".arrayckpt-" in n]
+        print("left" if left else "clean", *left, flush=True)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends a real SIGINT")
+def test_ctrl_c_during_a_synchronous_save_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "root").mkdir()
+    trials = 40
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_CHILD, str(tmp_path / "root"), str(trials)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert child.stdout is not None
+    answers = []
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        rng = random.Random(0)
+        for _ in range(trials):
+            # Spread over a save's duration: mid-write, mid-join, mid-commit, mid-cleanup.
+            threading.Event().wait(rng.uniform(0.005, 0.15))
+            child.send_signal(signal.SIGINT)
+            answers.append(child.stdout.readline().split())
+        assert child.wait(timeout=120) == 0
+    finally:
+        child.kill()
+    assert [a for a in answers if a[:1] != ["clean"]] == []
+    ac.load_checkpoint(tmp_path / "root" / "c")

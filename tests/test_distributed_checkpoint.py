@@ -406,3 +406,16 @@ def test_missing_checkpoint_names_the_aside_copy_a_failed_save_left(tmp_path: Pa
     for load in (lambda p: ac.load_distributed_checkpoint(p, 0), ac.load_checkpoint):
         with pytest.raises(ac.CheckpointNotFoundError, match=r"\(step 7\) in .*arrayckpt-old-1"):
             load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("output", [".", "rank_0", "rank_1/merged", ".."])
+def test_consolidating_into_or_over_the_source_is_refused(tmp_path: Path, output: str) -> None:
+    src = tmp_path / "tp" / "inner"
+    for r in range(2):
+        ac.save_distributed_checkpoint(src, r, 2, {"w": np.full(2, r, np.int32)}, None, None)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    with pytest.raises(ac.InvalidInputError, match="overlaps the distributed checkpoint"):
+        ac.consolidate_checkpoint(src, src / output)
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    merged = ac.consolidate_checkpoint(src, tmp_path / "merged")
+    assert ac.load_checkpoint(merged).model["w"].tolist() == [0, 0]

@@ -241,3 +241,101 @@ def test_of_several_aside_copies_the_newest_complete_one_is_renamed_back(tmp_pat
     mgr = ac.CheckpointManager(tmp_path)
     assert [e.name for e in scan(tmp_path)] == ["step_00000005"]
     assert mgr.restore().model["w"][0] == 5
+
+
+# Step semantics: steps only move forward, unless a rollback is asked for.
+
+
+def _run(root, steps, keep_last=3, **save_kw):
+    with ac.CheckpointManager(root, keep_last=keep_last) as mgr:
+        for step in steps:
+            mgr.save(step, state(step), **save_kw)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_step_at_or_below_the_newest_is_refused_naming_the_newer_steps(tmp_path, async_save):
+    _run(tmp_path, range(100, 301, 50))
+    mgr = ac.CheckpointManager(tmp_path, keep_last=3, async_save=async_save)
+    for step, newer in ((150, r"\[200, 250, 300\]"), (300, r"\[300\]")):
+        with pytest.raises(ac.InvalidInputError, match=newer + ".*rollback=True"):
+            mgr.save(step, state(step))
+    assert mgr.steps() == [200, 250, 300]
+    assert mgr.restore().model["w"][0] == 300
+    mgr.save(301, state(301))
+    with pytest.raises(ac.InvalidInputError, match="301"):  # refused while still in flight
+        mgr.save(301, state(301))
+    mgr.close()
+    assert ac.CheckpointManager(tmp_path).steps() == [250, 300, 301]
+
+
+def test_keep_last_keeps_exactly_n_after_a_rollback_into_an_old_root(tmp_path):
+    _run(tmp_path, range(100, 301, 50))  # an earlier run: [200, 250, 300] remain
+    with ac.CheckpointManager(tmp_path, keep_last=3) as mgr:
+        mgr.save(150, {"w": np.full(3, -150, np.float32)}, rollback=True)
+        assert mgr.restore().model["w"][0] == -150  # this run's, not the earlier run's 300
+        for step in (200, 250, 300, 350):
+            mgr.save(step, {"w": np.full(3, -step, np.float32)})
+    mgr = ac.CheckpointManager(tmp_path)
+    assert mgr.steps() == [250, 300, 350]
+    assert [mgr.restore(s).model["w"][0] for s in mgr.steps()] == [-250, -300, -350]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_rolling_back_after_a_loss_spike_replaces_the_step_and_deletes_newer(
+    tmp_path, async_save
+):
+    _run(tmp_path, range(100, 501, 100), keep_last=None)
+    with ac.CheckpointManager(tmp_path, async_save=async_save) as mgr:
+        good = mgr.restore(300)
+        mgr.save(300, {"w": good.model["w"] * 2}, rollback=True)
+        assert mgr.steps() == [100, 200, 300]
+        assert mgr.restore().model["w"][0] == 600
+
+
+def test_a_failed_save_does_not_block_its_step(tmp_path):
+    from async_helpers import FailingFS
+
+    mgr = ac.CheckpointManager(tmp_path)
+    with fsops.use(FailingFS()):
+        mgr.save(5, state(5))
+        with pytest.raises(ac.CheckpointWriteError):
+            mgr.wait()
+    mgr.save(5, state(5)).result()
+    mgr.close()
+    assert ac.CheckpointManager(tmp_path).steps() == [5]
+
+
+def test_a_step_given_as_a_string_is_an_invalid_input_error(tmp_path):
+    with ac.CheckpointManager(tmp_path) as mgr:
+        mgr.save(100, state(100))
+        with pytest.raises(ac.InvalidInputError, match=r"'100'.*pass e\.g\. 100"):
+            mgr.restore("100")
+        with pytest.raises(ac.InvalidInputError, match="non-negative int"):
+            mgr.save("200", state(200))
+        with pytest.raises(ac.InvalidInputError, match="non-negative int"):
+            mgr.restore(True)
+
+
+def test_restore_takes_explicit_keywords_and_reads_keys_from_a_generator(tmp_path):
+    import inspect
+
+    params = inspect.signature(ac.CheckpointManager.restore).parameters
+    assert {"xp", "device", "into", "keys", "verify", "mmap", "optimizer"} <= set(params)
+    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values())
+    with ac.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": np.ones(2, np.float32), "b": np.zeros(1, np.float32)})
+        assert list(mgr.restore(keys=(k for k in ["w"])).model) == ["w"]
+        assert list(mgr.restore(1, keys=iter(["b"])).model) == ["b"]
+
+
+def test_the_demo_run_twice_into_the_same_dir_resumes_from_its_own_steps(tmp_path, capsys):
+    from arrayckpt import demo
+
+    demo.run(str(tmp_path), steps=200)
+    first = capsys.readouterr().out
+    demo.run(str(tmp_path), steps=200)
+    second = capsys.readouterr().out
+    assert "earlier run" not in first and "earlier run" in second
+    for out in (first, second):
+        assert "resumed from step_00000150" in out
+    assert ac.CheckpointManager(tmp_path).steps() == [100, 150, 200]

@@ -12,7 +12,7 @@ import numpy as np
 from .. import format, fsops
 from ..commit import commit_directory
 from ..dtypes import DType
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, InvalidInputError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..nested import TREE_KEY
 from ..training_state import TrainingState
@@ -34,6 +34,18 @@ log = logging.getLogger("arrayckpt")
 PROGRESS_LOG_BYTES = 256 * 2**20
 
 Progress = Callable[[int, int], None]
+
+
+def _check_apart(source: Path, output: Path) -> None:
+    """Refuse an output that is, holds or lies inside the source: the commit would replace
+    (part of) the checkpoint being read, e.g. ``src/rank_0`` with the merged state."""
+    src, out = source.resolve(), output.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise InvalidInputError(
+            f"consolidate_checkpoint: output {output} overlaps the distributed checkpoint "
+            f"{source} it reads; write the merged checkpoint to a directory outside it, "
+            f"e.g. {src.parent / (src.name + '-merged')}"
+        )
 
 
 def consolidate_checkpoint(
@@ -80,6 +92,7 @@ def consolidate_checkpoint(
         [[0, 1], [0, 1]]
     """
     root = Path(sharded_dir)
+    _check_apart(root, Path(output_dir))
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
     ranks = check_ranks_present(root, meta.world_size)
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
