@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .async_checkpointer import AsyncCheckpointer
 from .distributed import (
+    ReadStats,
     Replicated,
     ShardingConfig,
     TensorParallel,
@@ -44,6 +45,7 @@ __all__ = [
     "CorruptCheckpointError",
     "InvalidInputError",
     "LazyCheckpoint",
+    "ReadStats",
     "Replicated",
     "ShardingConfig",
     "TensorParallel",

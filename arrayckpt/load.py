@@ -142,7 +142,8 @@ def load_checkpoint(
     """
     root = Path(directory)
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
-    keys = None if keys is None else list(keys)  # a generator would be empty on a re-read
+    if keys is not None and not isinstance(keys, str):  # a str is refused below
+        keys = list(keys)  # a generator would be empty on a re-read
     return read_consistently(
         root, lambda: _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
     )

@@ -282,7 +282,8 @@ class CheckpointManager(ClosesOnExit):
         """
         if step is not None:
             _check_step(step)
-        keys = None if keys is None else list(keys)  # read twice if a step vanishes
+        if keys is not None and not isinstance(keys, str):  # load_checkpoint refuses a str
+            keys = list(keys)  # read again if a step vanishes
 
         def load(path: Path) -> Checkpoint:
             return load_checkpoint(

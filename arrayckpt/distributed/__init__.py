@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .consolidate import consolidate_checkpoint
 from .coordinator import Coordinator, MPICoordinator, TorchCoordinator
+from .global_shards import ReadStats
 from .load import load_distributed_checkpoint
 from .save import save_distributed_checkpoint
 from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, ZeroPartitioned
@@ -15,6 +16,7 @@ from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, Zer
 __all__ = [
     "Coordinator",
     "MPICoordinator",
+    "ReadStats",
     "Replicated",
     "ShardingConfig",
     "ShardingMeta",

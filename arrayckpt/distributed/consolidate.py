@@ -16,6 +16,8 @@ from ..errors import CorruptCheckpointError, InvalidInputError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..nested import TREE_KEY
 from ..training_state import TrainingState
+from .global_shards import GlobalTensor, ReadStats, is_global, read_box
+from .global_shards import plan as plan_boxes
 from .reshard import PARTS
 from .shards import (
     SavedRank,
@@ -61,7 +63,8 @@ def consolidate_checkpoint(
     it), not the model. Replicated: rank 0's state. ZeroPartitioned: every rank's keys
     (a key several ranks hold is taken from the lowest; they must agree in dtype and
     shape). TensorParallel: tensors in ``split_dims`` are concatenated along their dim
-    in rank order, for model and optimizer state; the rest are rank 0's. Nested state
+    in rank order, for model and optimizer state; the rest are rank 0's. DTensor state:
+    each tensor assembled from its saved boxes. Nested state
     (state dicts, pytrees) keeps its structure: rank 0's for Replicated, else the ranks'
     structures merged (see `arrayckpt.distributed.trees`; flat when they disagree).
 
@@ -98,7 +101,9 @@ def consolidate_checkpoint(
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for saved, manifest in zip(ranks, meta.ranks, strict=True):
             check_manifest(saved, manifest)
-    if isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims:
+    boxes = meta.ranks is not None and is_global(meta.ranks)
+    if (isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims
+            and not boxes):
         raise CorruptCheckpointError(
             f"{root / SHARDING_META_FILE}: TensorParallel with empty split_dims says nothing "
             "about how to merge the shards; save with ShardingConfig(TensorParallel(), "
@@ -168,6 +173,18 @@ class _Source:
         yield merged
 
 
+class _BoxSource(_Source):
+    """A tensor saved as boxes of one global tensor (DTensor state), assembled whole."""
+
+    def __init__(self, t: GlobalTensor) -> None:
+        super().__init__(t.name, t.dtype, t.shape, [p.file for p in t.pieces], None)
+        self.tensor = t
+
+    def produce(self, verify: bool) -> Iterator[np.ndarray]:
+        t = self.tensor
+        yield read_box(t, (0,) * len(t.shape), t.shape, ReadStats(), verify)
+
+
 def _nbytes(source: _Source) -> int:
     n = source.dtype.itemsize
     for d in source.shape:
@@ -179,6 +196,9 @@ def _plan(ranks: Sequence[SavedRank], meta: ShardingMeta, part: str) -> list[_So
     files = [r.part(part) for r in ranks]
     if all(f is None for f in files):
         return None
+    if meta.ranks is not None and is_global(meta.ranks):
+        boxes = plan_boxes(ranks, meta.ranks, part, str(ranks[0].path.parent))
+        return [_BoxSource(t) for t in (boxes or {}).values()]
     strategy = meta.sharding.strategy
     if isinstance(strategy, Replicated):
         first = files[0]

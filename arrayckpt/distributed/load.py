@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -12,6 +12,7 @@ from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
 from ..training_state import TrainingState
+from .global_shards import ReadStats, is_global, load_boxes
 from .reshard import load_share
 from .shards import SavedRank, check_manifest, check_ranks_present
 from .trees import merged_tree
@@ -24,6 +25,9 @@ def load_distributed_checkpoint(
     *,
     world_size: int | None = None,
     keys: Collection[str] | None = None,
+    into: Mapping[str, Any] | None = None,
+    optimizer_into: Mapping[str, Any] | None = None,
+    stats: ReadStats | None = None,
     xp: ModuleType | str | None = None,
     device: Any = None,
     verify: bool = True,
@@ -44,6 +48,12 @@ def load_distributed_checkpoint(
         world_size: the world size to load for; default: the saved one.
         keys: load exactly these names (from model and optimizer state) instead of the
             strategy's share; split tensors still come as this rank's slice.
+        into: for a checkpoint saved from DTensors: ``name -> DTensor`` (e.g. the new
+            model's ``state_dict()``) of any placement, mesh and world size, filled in
+            place with the saved values; each rank reads only the byte ranges overlapping
+            its local shards. Without it, one rank (``world_size=1``) gets whole tensors.
+        optimizer_into: as ``into``, for the optimizer state.
+        stats: a `ReadStats` to which the tensor bytes and byte ranges read are added.
         xp: as for `load_checkpoint`.
         device: as for `load_checkpoint`.
         verify: as for `load_checkpoint`.
@@ -76,7 +86,8 @@ def load_distributed_checkpoint(
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.
     return read_consistently(
-        root, lambda: _load_once(root, rank, world_size, keys, xp, device, verify, mmap)
+        root, lambda: _load_once(root, rank, world_size, keys, xp, device, verify, mmap,
+                                 {"model": into, "optimizer": optimizer_into}, stats)
     )
 
 
@@ -89,6 +100,8 @@ def _load_once(
     device: Any,
     verify: bool,
     mmap: bool,
+    targets: dict[str, Mapping[str, Any] | None],
+    stats: ReadStats | None,
 ) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
@@ -113,6 +126,9 @@ def _load_once(
             f"(the checkpoint was saved by {saved} ranks); {fix}"
         )
     ranks = check_ranks_present(root, saved)
+    if meta.ranks is not None and is_global(meta.ranks):
+        return _load_boxes(root, ranks, meta.ranks, rank, target, targets, xp, device, verify,
+                           ReadStats() if stats is None else stats)
     same = target == saved and keys is None
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for r in [rank] if same else range(saved):
@@ -132,6 +148,32 @@ def _load_once(
         convert(model, "model"),
         None if optimizer is None else convert(optimizer, "optimizer"),
         state,
+    )
+
+
+def _load_boxes(
+    root: Path,
+    ranks: Sequence[SavedRank],
+    manifests: list[dict[str, Any]],
+    rank: int,
+    world_size: int,
+    targets: dict[str, Mapping[str, Any] | None],
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    stats: ReadStats,
+) -> Checkpoint:
+    for saved, manifest in zip(ranks, manifests, strict=True):
+        check_manifest(saved, manifest)
+    backend = backends.for_namespace(xp)
+    backend.check_device(device)
+    parts = load_boxes(ranks, manifests, rank, world_size, targets,
+                       lambda a: backend.from_host(a, device), stats, verify, str(root))
+    model = parts["model"]
+    return Checkpoint(
+        {} if model is None else model,
+        parts["optimizer"],
+        TrainingState.read(ranks[0].path / TRAINING_STATE_FILE),
     )
 
 

@@ -27,10 +27,13 @@ from ..snapshot import Snapshot, take_snapshot
 from ..staging import StagingPool
 from ..training_state import TrainingState
 from .coordinator import Coordinator, resolve
+from .global_shards import has_sharded, localize
 from .shards import ShardFile, plan_split
 from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
 
 log = logging.getLogger("arrayckpt")
+#: part -> tensor -> the global facts a sharded-array save adds to its manifest entry.
+Facts = dict[str, dict[str, dict[str, list[int]]]]
 
 
 def save_distributed_checkpoint(
@@ -67,7 +70,10 @@ def save_distributed_checkpoint(
         model_state: ``str -> array`` this rank holds (its shards for tensor parallel).
         optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
         training_state: step, epoch, learning rate, metadata; default ``step=0``.
-        sharding: how the state is sharded; default ``ShardingConfig(Replicated())``.
+        sharding: how the state is sharded; default ``ShardingConfig(Replicated())``, or,
+            when the state holds torch DTensors, their own placements: each rank writes
+            the shards it owns (replicas once) with their global shape and offsets
+            (coordinated saves only; plain tensors beside them are rank 0's copy).
         coordinator: see the modes above.
         timeout: seconds each cross-rank wait may take (default: the coordinator's).
 
@@ -120,6 +126,13 @@ def prepare_save(
     state is invalid still takes part in the commit, to fail every rank at once instead
     of leaving them to time out; the job then raises the validation error.
     """
+    facts: Facts = {}
+    if sharding is None and has_sharded(model_state, optimizer_state):
+        # Placements come from the arrays: each rank writes the boxes it owns.
+        local_model, facts["model"] = localize(model_state, rank, "model_state")
+        model_state = local_model or {}
+        optimizer_state, facts["optimizer"] = localize(optimizer_state, rank, "optimizer_state")
+        sharding = ShardingConfig(TensorParallel())
     sharding = ShardingConfig(Replicated()) if sharding is None else sharding
     if not isinstance(sharding, ShardingConfig):
         raise InvalidInputError(f"sharding must be a ShardingConfig, not {type(sharding).__name__}")
@@ -144,11 +157,16 @@ def prepare_save(
         snap = exc
     target = Path(directory).absolute()
     meta = ShardingMeta(world_size, sharding)
+    if coord is None and facts:
+        raise InvalidInputError(
+            f"saving DTensor state to {target} needs a coordinated save (the global offsets "
+            "are gathered on rank 0): initialise torch.distributed or pass coordinator="
+        )
     if coord is None:
         assert isinstance(snap, Snapshot)  # errors were raised above
         own = snap
         return lambda: _save_own_rank(target, rank, own, meta)
-    return lambda: _save_coordinated(target, snap, meta, coord, timeout)
+    return lambda: _save_coordinated(target, snap, meta, coord, timeout, facts)
 
 
 def _save_own_rank(target: Path, rank: int, snap: Snapshot, meta: ShardingMeta) -> Path:
@@ -174,7 +192,9 @@ def write_meta_atomically(target: Path, meta: ShardingMeta) -> None:
         raise CheckpointWriteError(f"writing {path} failed: {exc}") from exc
 
 
-def _write_rank_into(tmp: Path, rank: int, snap: Snapshot | CheckpointError) -> dict[str, Any]:
+def _write_rank_into(
+    tmp: Path, rank: int, snap: Snapshot | CheckpointError, facts: Facts
+) -> dict[str, Any]:
     """Write this rank's files into the shared temporary directory; return its manifest."""
     if isinstance(snap, CheckpointError):
         raise snap  # this rank's state was invalid: fail its part of the save
@@ -198,6 +218,8 @@ def _write_rank_into(tmp: Path, rank: int, snap: Snapshot | CheckpointError) -> 
             name: {"dtype": e.dtype.code, "shape": list(e.shape), "crc32c": f"{sums[name]:08x}"}
             for name, e in header.entries.items()
         }
+        for name, fact in facts.get(part, {}).items():
+            manifest[part][name].update(fact)
     return manifest
 
 
@@ -211,10 +233,11 @@ def _save_coordinated(
     meta: ShardingMeta,
     coord: Coordinator,
     timeout: float | None,
+    facts: Facts,
 ) -> Path:
     rank = coord.rank
     if rank == 0:
-        return _commit_as_root(target, snap, meta, coord, timeout)
+        return _commit_as_root(target, snap, meta, coord, timeout, facts)
     start = json.loads(coord.broadcast(None, timeout))
     if not start["ok"]:
         raise CheckpointWriteError(
@@ -225,7 +248,7 @@ def _save_coordinated(
     report: dict[str, Any]
     try:
         report = {"ok": True, "sharding": _sharding_doc(meta), "manifest": _write_rank_into(
-            Path(start["tmp"]), rank, snap)}
+            Path(start["tmp"]), rank, snap, facts)}
     except BaseException as exc:  # even Ctrl-C: tell rank 0 rather than leave it waiting
         own = exc
         report = {"ok": False, "error": _describe(exc)}
@@ -250,6 +273,7 @@ def _commit_as_root(
     meta: ShardingMeta,
     coord: Coordinator,
     timeout: float | None,
+    facts: Facts,
 ) -> Path:
     stage = "start"
     reason = ""  # what the other ranks are told when the save fails
@@ -261,7 +285,7 @@ def _commit_as_root(
         own: BaseException | None = None
         try:
             report = {"ok": True, "sharding": _sharding_doc(meta),
-                      "manifest": _write_rank_into(tmp, 0, snap)}
+                      "manifest": _write_rank_into(tmp, 0, snap, facts)}
         except BaseException as exc:  # even Ctrl-C: the others wait for the gather
             own = exc
             report = {"ok": False, "error": _describe(exc)}
