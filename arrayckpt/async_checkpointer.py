@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backends, forking, writer
+from . import backends, forking, storage, writer
 from .closing import ClosesOnExit
-from .distributed.types import ShardingConfig
 from .errors import InvalidInputError
 from .layout import PathLike
 from .save import write_snapshot
@@ -20,6 +19,9 @@ from .snapshot import take_snapshot
 from .staging import StagingPool
 from .training_state import TrainingState
 from .writer import WriteFuture
+
+if TYPE_CHECKING:  # only a type hint: importing arrayckpt.distributed here costs every import
+    from .distributed.types import ShardingConfig
 
 log = logging.getLogger("arrayckpt")
 
@@ -75,8 +77,8 @@ class AsyncCheckpointer(ClosesOnExit):
         optimizer_state: Mapping[str, Any] | None = None,
         training_state: TrainingState | None = None,
         *,
-        on_commit: Callable[[Path], None] | None = None,
-    ) -> WriteFuture[Path]:
+        on_commit: Callable[[Path | str], None] | None = None,
+    ) -> WriteFuture[Path | str]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
         Safe to call from several threads: each call waits for the write in flight,
@@ -97,7 +99,7 @@ class AsyncCheckpointer(ClosesOnExit):
         """
         target = absolute(directory)
 
-        def write() -> Path:
+        def write() -> Path | str:
             path = write_snapshot(target, snap)
             if on_commit is not None:
                 on_commit(path)
@@ -209,7 +211,10 @@ class AsyncCheckpointer(ClosesOnExit):
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
 
 
-def absolute(directory: PathLike) -> Path:
-    """``directory`` made absolute now, so a later ``os.chdir`` cannot move a queued write."""
-    return Path(directory).absolute()
+def absolute(directory: PathLike) -> Path | str:
+    """``directory`` made absolute now, so a later ``os.chdir`` cannot move a queued write
+    (an object-store URL is absolute already)."""
+    if storage.is_url(directory):
+        return str(directory)
+    return Path(storage.local_path(directory)).absolute()
 

@@ -769,6 +769,36 @@ class SafetensorsReader:
         return {name: self.array(name, verify=verify) for name in names}
 
 
+def file_parts(
+    tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
+) -> list[memoryview]:
+    """The bytes of the safetensors file `write_file` would write, as buffers: the header,
+    then views of each host buffer (no copy), for uploads that stream a file.
+
+    Larger items first, as safetensors orders them, so every tensor stays aligned.
+    """
+    meta = dict(metadata or {})
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    doc: dict[str, Any] = {"__metadata__": meta}
+    cursor = 0
+    views = []
+    for name in order:
+        t = tensors[name]
+        view = t.bytes()
+        doc[name] = {
+            "dtype": t.dtype.code,
+            "shape": list(t.data.shape),
+            "data_offsets": [cursor, cursor + view.nbytes],
+        }
+        cursor += view.nbytes
+        views.append(view)
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
+    return [memoryview(struct.pack("<Q", len(raw)) + raw), *views]
+
+
 def write_file_streaming(
     path: Path,
     layout: Sequence[tuple[str, DType, tuple[int, ...]]],

@@ -102,6 +102,7 @@ def describe(path: PathLike) -> dict[str, Any]:
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
     elif kind == "distributed":
         meta = path / SHARDING_META_FILE
+        _check_distributed(meta)  # strict and size-capped before the plain parse below
         try:
             out["sharding"] = json.loads(fsops.fs().read_bytes(meta, MAX_SHARDING_META_BYTES))
         except (ValueError, RecursionError) as exc:
@@ -113,6 +114,18 @@ def describe(path: PathLike) -> dict[str, Any]:
             "one step (`arrayckpt verify` takes the whole root)"
         )
     return out
+
+
+def _check_distributed(meta: Path) -> None:
+    """Parse ``sharding_meta.json`` as the loader does and check every rank it names is there.
+
+    Raises:
+        CheckpointError: the meta is malformed, or a rank's directory or files are missing.
+    """
+    from .distributed.shards import check_ranks_present
+    from .distributed.types import ShardingMeta
+
+    check_ranks_present(meta.parent, ShardingMeta.read(meta).world_size)
 
 
 def files_to_verify(path: Path) -> list[Path]:
@@ -182,9 +195,7 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
                 if f.name == TRAINING_STATE_FILE:
                     TrainingState.read(f)
                 else:
-                    from .distributed.types import ShardingMeta  # only for sharded checkpoints
-
-                    ShardingMeta.read(f)
+                    _check_distributed(f)
                 continue
             reader = SafetensorsReader(f)
         except (CheckpointError, OSError, ValueError, RecursionError) as exc:

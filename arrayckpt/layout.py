@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import NamedTuple
 
-from . import fsops, limits
 from .errors import CheckpointError
 
 #: A local path; every entry point that takes a directory accepts one.
@@ -80,15 +78,16 @@ def is_complete(path: Path) -> bool:
     meta = path / SHARDING_META_FILE
     if not meta.is_file():
         return _single_complete(path)
+    # distributed/ owns sharding_meta.json (size cap, strict parse) and the rank check;
+    # imported here, not at the top, because it builds on this module.
+    from .distributed.shards import rank_files_missing
+    from .distributed.types import ShardingMeta
+
     try:
-        world_size = json.loads(fsops.fs().read_bytes(meta, limits.MAX_SHARDING_META_BYTES))[
-            "world_size"
-        ]
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        world_size = ShardingMeta.read(meta).world_size
+    except (CheckpointError, OSError):
         return False
-    if type(world_size) is not int or world_size < 1:
-        return False
-    return all(_single_complete(path / rank_dir_name(r)) for r in range(world_size))
+    return rank_files_missing(path, world_size) == ([], 0)
 
 
 class StepEntry(NamedTuple):

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import backends, format, nested
+from . import backends, format, nested, storage
 from .errors import CheckpointNotFoundError, InvalidInputError
 from .layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from .training_state import TrainingState
@@ -116,6 +116,7 @@ def open_checkpoint(
         >>> ckpt.model["w"]
         array([1., 1.], dtype=float32)
     """
+    directory = storage.local_only(directory, "open_checkpoint")
     root = Path(directory)
     if not root.is_dir():
         raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")

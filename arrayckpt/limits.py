@@ -19,8 +19,10 @@ MAX_METADATA_ENTRIES = 1 << 16
 MAX_NDIM = 64
 #: Largest ``training_state.json``.
 MAX_TRAINING_STATE_BYTES = 16 * 1024 * 1024
-#: Largest ``sharding_meta.json`` (one manifest per rank may be listed in it).
-MAX_SHARDING_META_BYTES = 256 * 1024 * 1024
+#: Largest sharding_meta.json written or read. Python's json parser holds about 25 times
+#: the text in objects, so this bounds a load to a few hundred MiB; per-rank manifests take
+#: about 150 bytes per tensor per rank (some 100k entries, e.g. 800 tensors on 128 ranks).
+MAX_SHARDING_META_BYTES = 16 * 2**20
 #: Deepest nesting of saved state or of any JSON arrayckpt reads: well under Python's
 #: recursion limit (1000), since walking one level takes a few frames.
 MAX_TREE_DEPTH = 100

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from . import backends, fill, format, nested
+from . import backends, fill, format, nested, storage
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -103,11 +103,14 @@ def load_checkpoint(
     keys: Iterable[str] | None = None,
     optimizer: bool = True,
     into: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory into arrays of any framework.
 
     Args:
-        directory: a checkpoint written by arrayckpt or boostr.
+        directory: a checkpoint written by arrayckpt or boostr; an ``s3://``, ``gs://``
+            or ``az://`` URL loads its committed step (parallel ranged reads, checked
+            against the commit object); ``file://`` is a local path.
         xp: the namespace of the arrays to return: ``None`` (NumPy), a module
             (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
             or its name.
@@ -123,6 +126,7 @@ def load_checkpoint(
             ``model.state_dict()``): tensors are copied into its arrays in place, on
             their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
             then unused.
+        storage_options: object-store settings over those from the environment.
 
     Returns:
         ``Checkpoint(model, optimizer, training_state)``; ``model`` and ``optimizer`` have
@@ -140,7 +144,17 @@ def load_checkpoint(
         >>> ac.load_checkpoint(d, keys=["w"]).model
         {'w': array([1., 1.], dtype=float32)}
     """
-    root = Path(directory)
+    if storage.is_url(directory):
+        from .storage import objects  # the object-store client is imported only here
+
+        # Committed objects never change, so the copy needs no consistency retries. It is
+        # mapped: arrays share its pages (in memory on /dev/shm), which outlive its removal.
+        with objects.local_copy(str(directory), storage_options) as copy:
+            return load_checkpoint(
+                copy, xp=xp, device=device, verify=verify, mmap=True, keys=keys,
+                optimizer=optimizer, into=into,
+            )
+    root = Path(storage.local_path(directory))
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     if keys is not None and not isinstance(keys, str):  # a str is refused below
         keys = list(keys)  # a generator would be empty on a re-read

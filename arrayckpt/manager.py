@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
-from . import forking, fsops
+from . import forking, fsops, storage
 from .async_checkpointer import AsyncCheckpointer
 from .closing import ClosesOnExit
 from .commit import temporary_sibling
@@ -110,7 +110,7 @@ class CheckpointManager(ClosesOnExit):
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidInputError(f"{name} must be a positive int or None, not {value!r}")
-        self.root = Path(root).absolute()
+        self.root = Path(storage.local_only(root, "CheckpointManager")).absolute()
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.stale_after_s = stale_after_s
@@ -186,13 +186,14 @@ class CheckpointManager(ClosesOnExit):
             if self._checkpointer is None:
                 snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
                 done: Future[Path] = Future()
-                done.set_result(write_snapshot(target, snap))
+                done.set_result(Path(write_snapshot(target, snap)))  # a local root
                 self._retain()
                 return done
-            future = self._checkpointer.save(
+            # the root is local (URLs are refused above), so the write returns a Path
+            future = cast("Future[Path]", self._checkpointer.save(
                 target, model_state, optimizer_state, training_state,
                 on_commit=lambda _: self._retain(),
-            )
+            ))
             self._queued = (step, future)
             return future
 

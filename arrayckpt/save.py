@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import format, fsops, nested, pool
+from . import format, fsops, nested, pool, storage
 from .commit import commit_directory, interrupts_deferred
 from .layout import MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, PathLike
 from .snapshot import Snapshot, take_snapshot
@@ -64,10 +64,31 @@ def write_files(directory: Path, snap: Snapshot) -> None:
         raise error
 
 
-def write_snapshot(directory: PathLike, snap: Snapshot) -> Path:
-    """Atomically commit ``snap`` as the checkpoint at ``directory``."""
+def object_files(snap: Snapshot) -> dict[str, list[memoryview]]:
+    """The files `write_files` writes, as buffers for an object-store upload."""
+    files = {MODEL_FILE: format.file_parts(snap.model, _tree_metadata(snap.model_tree))}
+    if snap.optimizer or snap.optimizer_tree is not None:
+        files[OPTIMIZER_FILE] = format.file_parts(
+            snap.optimizer, _tree_metadata(snap.optimizer_tree)
+        )
+    files[TRAINING_STATE_FILE] = [memoryview(snap.training_state.to_json().encode())]
+    return files
+
+
+def write_snapshot(
+    directory: PathLike, snap: Snapshot, storage_options: Mapping[str, Any] | None = None
+) -> Path | str:
+    """Atomically commit ``snap`` as the checkpoint at ``directory`` (a path or URL)."""
     started = time.perf_counter()
-    target = commit_directory(directory, lambda tmp: write_files(tmp, snap))
+    target: Path | str
+    if storage.is_url(directory):
+        from .storage import objects  # the object-store client is imported only here
+
+        target = objects.save_files(str(directory), object_files(snap), storage_options)
+    else:
+        target = commit_directory(
+            storage.local_path(directory), lambda tmp: write_files(tmp, snap)
+        )
     log.info(
         "saved %s: %d tensors, %.1f MiB in %.3f s",
         target,
@@ -83,7 +104,9 @@ def save_checkpoint(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     training_state: TrainingState | None = None,
-) -> Path:
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Save a checkpoint directory atomically and durably, and return its path.
 
     Writes ``model.safetensors``, ``optimizer.safetensors`` (only when non-empty) and
@@ -92,10 +115,14 @@ def save_checkpoint(
     complete new one at every instant.
 
     Args:
-        directory: where the checkpoint goes; must be new, empty, or a checkpoint.
+        directory: where the checkpoint goes; must be new, empty, or a checkpoint. An
+            ``s3://``, ``gs://`` or ``az://`` URL saves to an object store (data objects,
+            then a commit object; see docs/storage.md); ``file://`` is a local path.
         model_state: ``str -> array`` of any supported framework (mixed is fine).
         optimizer_state: as ``model_state``; ``None`` or empty writes no optimizer file.
         training_state: step, epoch, learning rate and metadata; default ``step=0``.
+        storage_options: object-store settings (``endpoint``, ``access_key_id``, ...)
+            over those from the environment; unused for local paths.
 
     Raises:
         InvalidInputError: a key, value or training-state field cannot be saved
@@ -111,6 +138,6 @@ def save_checkpoint(
         array([1., 1., 1.], dtype=float32)
     """
     snap = take_snapshot(model_state, optimizer_state, training_state, staging=None)
-    return write_snapshot(directory, snap)
+    return write_snapshot(directory, snap, storage_options)
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+#: the SeaweedFS S3 server fixtures (s3_server, s3_env) for the object-store tests
+pytest_plugins = ["s3server"]
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the package is imported from the worktree, not installed

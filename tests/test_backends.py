@@ -38,7 +38,9 @@ def test_importing_arrayckpt_imports_no_framework() -> None:
         ac.save_checkpoint(d + "/c", {"w": np.ones(3)}, {"m": np.zeros(1)})
         ac.load_checkpoint(d + "/c")
         ac.load_checkpoint(d + "/c", xp="numpy", mmap=False)
-        print(sorted(m for m in ("torch", "jax", "jaxlib", "cupy", "array_api_strict")
+        ac.load_checkpoint("file://" + d + "/c")
+        print(sorted(m for m in ("torch", "jax", "jaxlib", "cupy", "array_api_strict",
+                                 "obstore", "fsspec", "s3fs", "boto3", "botocore")
                      if m in sys.modules))
         """
     )

@@ -107,6 +107,6 @@ def test_every_reader_limit_is_in_the_table() -> None:
     from arrayckpt.training_state import MAX_STATE_BYTES
 
     assert MAX_STATE_BYTES == limits.MAX_TRAINING_STATE_BYTES
-    assert types.MAX_META_BYTES == limits.MAX_SHARDING_META_BYTES
+    assert types.MAX_SHARDING_META_BYTES is limits.MAX_SHARDING_META_BYTES
     assert not hasattr(fmt, "MAX_HEADER_BYTES") and not hasattr(fmt, "MAX_TENSORS")
     json.dumps({k: v for k, v in vars(limits).items() if k.isupper()})  # plain numbers

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import format, fsops
+from .. import format, fsops, storage
 from ..commit import commit_directory
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError, InvalidInputError
@@ -94,6 +94,8 @@ def consolidate_checkpoint(
         >>> ac.load_checkpoint(f"{d}/merged").model["w"].tolist()
         [[0, 1], [0, 1]]
     """
+    sharded_dir = storage.local_only(sharded_dir, "consolidate_checkpoint")
+    output_dir = storage.local_only(output_dir, "consolidate_checkpoint")
     root = Path(sharded_dir)
     _check_apart(root, Path(output_dir))
     meta = ShardingMeta.read(root / SHARDING_META_FILE)

@@ -8,7 +8,6 @@ with, deadlock on, or trip the watchdog of the training collectives.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -17,11 +16,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .. import env
 from ..errors import InvalidInputError, TopologyError
 
-#: Seconds a rank waits for the others at each step (env ARRAYCKPT_DIST_TIMEOUT).
-DEFAULT_TIMEOUT = float(os.environ.get("ARRAYCKPT_DIST_TIMEOUT", "300"))
+#: Seconds a rank waits for the others at each step unless ARRAYCKPT_DIST_TIMEOUT says otherwise.
+DEFAULT_TIMEOUT_S = 300.0
+_TIMEOUT_ENV = "ARRAYCKPT_DIST_TIMEOUT"
 _POLL_S = 0.002
+
+
+def default_timeout() -> float:
+    """``ARRAYCKPT_DIST_TIMEOUT`` (seconds) or `DEFAULT_TIMEOUT_S`, read when a coordinator
+    is built: a bad value then fails that save clearly instead of ``import arrayckpt``.
+
+    Raises:
+        InvalidInputError: the variable is not a positive finite number of seconds.
+    """
+    return env.positive_seconds(_TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 class Coordinator(ABC):
@@ -68,7 +79,7 @@ class TorchCoordinator(Coordinator):
         >>> # coordinator = TorchCoordinator()  # after dist.init_process_group(...)
     """
 
-    def __init__(self, group: Any = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, group: Any = None, timeout: float | None = None) -> None:
         import datetime
 
         import torch.distributed as dist
@@ -79,7 +90,7 @@ class TorchCoordinator(Coordinator):
                 "or pass coordinator=None for caller-coordinated saves"
             )
         self._dist = dist
-        self.timeout = float(timeout)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
         ranks = None if group is None else dist.get_process_group_ranks(group)
         # Local synchronization: only the members of ``group`` take part in building it.
         self._group = dist.new_group(
@@ -159,14 +170,14 @@ class MPICoordinator(Coordinator):
 
     _TAG = 0x0AC0
 
-    def __init__(self, comm: Any = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
         from mpi4py import MPI
 
+        self.timeout = default_timeout() if timeout is None else float(timeout)
         self._MPI = MPI
         self._comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
-        self.timeout = float(timeout)
         self.thread_safe = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self._seq = 0
         self._lock = threading.Lock()

@@ -7,16 +7,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import backends, nested
+import numpy as np
+
+from .. import backends, nested, storage
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
 from ..training_state import TrainingState
 from .global_shards import ReadStats, is_global, load_boxes
-from .reshard import load_share
+from .reshard import load_share, zero_share
 from .shards import SavedRank, check_manifest, check_ranks_present
 from .trees import merged_tree
-from .types import Replicated, ShardingMeta
+from .types import Replicated, ShardingMeta, ZeroPartitioned
 
 
 def load_distributed_checkpoint(
@@ -65,7 +67,8 @@ def load_distributed_checkpoint(
         state is rank 0's. Nested state comes back in its saved structure when the rank
         loads all of it (Replicated, TensorParallel, ZeroPartitioned into one rank); a
         partial share (ZeroPartitioned into several ranks, or ``keys=``) is flat, with
-        dotted names.
+        dotted names, except a ZeroPartitioned torch optimizer state_dict saved over each
+        rank's own parameters: its share is a state_dict for exactly this rank's parameters.
 
     Raises:
         TopologyError: ``rank`` is out of range (for the saved world size unless
@@ -82,6 +85,7 @@ def load_distributed_checkpoint(
         >>> sorted(ac.load_distributed_checkpoint(d, 0, world_size=1).model)
         ['a', 'b']
     """
+    directory = storage.local_only(directory, "load_distributed_checkpoint")
     root = Path(directory)
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.
@@ -137,8 +141,15 @@ def _load_once(
         return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
     state = TrainingState.read(ranks[0].path / TRAINING_STATE_FILE)
+    if isinstance(meta.sharding.strategy, ZeroPartitioned) and keys is None:
+        # A parameter travels with its optimizer state, as a state_dict its optimizer loads.
+        share = zero_share(ranks, rank, target, verify=verify)
+        if share is not None:
+            params, opt = share
+            return Checkpoint({n: backend.from_host(a, device) for n, a in params.items()},
+                              _map_arrays(opt, lambda a: backend.from_host(a, device)), state)
+    model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
 
     def convert(arrays: dict[str, Any], part: str) -> Any:
         out = {name: backend.from_host(a, device) for name, a in arrays.items()}
@@ -193,3 +204,14 @@ def _structured(
     if tree is None:
         return arrays
     return nested.unflatten(tree, arrays.__getitem__, everything, source=f"{root} ({part})")
+
+
+def _map_arrays(tree: Any, convert: Any) -> Any:
+    """``tree`` with every NumPy array replaced by ``convert(array)``."""
+    if isinstance(tree, np.ndarray):
+        return convert(tree)
+    if isinstance(tree, dict):
+        return {k: _map_arrays(v, convert) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_arrays(v, convert) for v in tree)
+    return tree

@@ -11,17 +11,24 @@ Rules (documented in docs/distributed.md):
   replicated and goes to every new rank; the other keys, sorted by name, are cut into
   ``M`` contiguous runs of about equal bytes: a key goes to rank
   ``floor(M * (bytes before it + half its bytes) / total bytes)``. Model and optimizer
-  keys are partitioned separately. ``keys=`` overrides the rule.
+  keys are partitioned separately. When each saved rank's optimizer is a torch
+  ``state_dict()`` over exactly its parameters, the units are parameters with all their
+  optimizer state instead, and each share is a state_dict its optimizer loads
+  (`zero_share`). ``keys=`` overrides the rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .. import nested
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..format import Entry
+from ..nested import TREE_KEY
 from .shards import SavedRank, ShardFile, SplitTensor, even_slice, plan_split
 from .types import Replicated, ShardingMeta, TensorParallel
 
@@ -166,3 +173,112 @@ def read_global_slice(
         return np.empty(shape, plan.dtype.numpy)
     return np.concatenate(pieces, axis=plan.dim)
 
+
+
+class _Ref:
+    """A tensor's place in a saved optimizer tree, read only if a share needs it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+@dataclass
+class _Param:
+    name: str  # the model tensor
+    rank: int  # the saved rank holding it and its state
+    group: int  # its param_groups index
+    state: dict[Any, Any]  # its optimizer state: _Ref for tensors, scalars as saved
+
+
+def zero_param_units(
+    ranks: Sequence[SavedRank],
+) -> tuple[list[_Param], list[dict[str, Any]]] | None:
+    """Each saved rank's parameters paired with their optimizer state, and rank 0's
+    param_groups, when every rank saved a torch-style ``optimizer.state_dict()`` (``state``
+    and ``param_groups``) of an optimizer over its own parameters, in its model's order.
+
+    ``None`` for any other optimizer layout: keys are then partitioned one by one.
+    """
+    holders: dict[str, int] = {}
+    for saved in ranks:
+        for name in saved.model.entries:
+            holders[name] = holders.get(name, 0) + 1
+    everywhere = len(ranks) > 1
+    params: list[_Param] = []
+    groups: list[dict[str, Any]] | None = None
+    for saved in ranks:
+        opt = saved.optimizer
+        text = None if opt is None else opt.header.metadata.get(TREE_KEY)
+        if opt is None or text is None:
+            return None
+        tree = nested.unflatten(text, _Ref, set(opt.entries), source=str(opt.path))
+        if not (isinstance(tree, dict) and set(tree) == {"state", "param_groups"}
+                and isinstance(tree["state"], dict) and isinstance(tree["param_groups"], list)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                        for g in tree["param_groups"])):
+            return None
+        ids = [(g, pid) for g, group in enumerate(tree["param_groups"]) for pid in group["params"]]
+        own = [n for n in saved.model.entries if not (everywhere and holders[n] == len(ranks))]
+        if len(ids) != len(own) or (
+            groups is not None and len(groups) != len(tree["param_groups"])
+        ):
+            return None
+        if groups is None:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in tree["param_groups"]]
+        for name, (g, pid) in zip(own, ids, strict=True):
+            state = tree["state"].get(pid, {})
+            if not isinstance(state, dict):
+                return None
+            params.append(_Param(name, saved.rank, g, state))
+    assert groups is not None
+    return params, groups
+
+
+def zero_share(
+    ranks: Sequence[SavedRank], rank: int, world_size: int, *, verify: bool
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """New rank ``rank``'s parameters and an ``optimizer.state_dict()`` for exactly them.
+
+    A parameter goes with all of its optimizer state (the ZeroPartitioned byte rule of the
+    module docstring, over parameter + state bytes). The share's ``param_groups`` are the
+    saved groups' settings with ``params`` renumbered ``0..k-1`` in the order of the model
+    share, which is the order to build this rank's optimizer in. ``None`` when the
+    optimizer is not such a state_dict (see `zero_param_units`).
+    """
+    found = zero_param_units(ranks)
+    if found is None:
+        return None
+    params, groups = found
+    files = [r.model for r in ranks]
+
+    def nbytes(p: _Param) -> int:
+        e = files[p.rank].entries[p.name]
+        opt = ranks[p.rank].optimizer
+        assert opt is not None
+        refs = [v.name for v in p.state.values() if isinstance(v, _Ref)]
+        return e.end - e.start + sum(opt.entries[n].end - opt.entries[n].start for n in refs)
+
+    ordered = sorted(params, key=lambda p: p.name)
+    sizes = [nbytes(p) for p in ordered]
+    total, before = sum(sizes), 0
+    mine: list[_Param] = []
+    for i, (p, size) in enumerate(zip(ordered, sizes, strict=True)):
+        owner = (min(world_size - 1, int(world_size * (2 * before + size) // (2 * total)))
+                 if total else i * world_size // len(ordered))
+        if owner == rank:
+            mine.append(p)
+        before += size
+    owned = {p.name for p in params}
+    model = {n: files[0].read(n, verify=verify) for n in files[0].entries if n not in owned}
+    state: dict[int, dict[Any, Any]] = {}
+    for j, p in enumerate(mine):
+        model[p.name] = files[p.rank].read(p.name, verify=verify)
+        opt = ranks[p.rank].optimizer
+        assert opt is not None
+        state[j] = {k: opt.read(v.name, verify=verify) if isinstance(v, _Ref) else v
+                    for k, v in p.state.items()}
+    param_groups = [
+        {**settings, "params": [j for j, p in enumerate(mine) if p.group == g]}
+        for g, settings in enumerate(groups)
+    ]
+    return model, {"state": state, "param_groups": param_groups}

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import fsops
+from .. import fsops, storage
 from ..commit import commit_directory, temporary_sibling
 from ..dtypes import BY_CODE
 from ..errors import (
@@ -96,6 +96,7 @@ def save_distributed_checkpoint(
         >>> ac.load_distributed_checkpoint(d, 0, world_size=1).model["w"]
         array([0., 0., 1., 1.], dtype=float32)
     """
+    directory = storage.local_only(directory, "save_distributed_checkpoint")
     job = prepare_save(
         directory, rank, world_size, model_state, optimizer_state, training_state, sharding,
         staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..layout import (
     OPTIMIZER_FILE,
     SHARDING_META_FILE,
     TRAINING_STATE_FILE,
+    is_rank_dir_name,
     rank_dir_name,
 )
 
@@ -111,22 +113,43 @@ def check_ranks_present(root: Path, world_size: int) -> list[SavedRank]:
     Raises:
         CheckpointNotFoundError: listing what is missing.
     """
-    missing = []
-    for r in range(world_size):
-        d = root / rank_dir_name(r)
-        if not d.is_dir():
-            missing.append(f"{rank_dir_name(r)}/")
-            continue
-        missing += [f"{rank_dir_name(r)}/{f}" for f in (MODEL_FILE, TRAINING_STATE_FILE)
-                    if not (d / f).is_file()]
+    missing, unnamed = rank_files_missing(root, world_size)
     if missing:
-        more = len(missing) - 20
+        more = len(missing) - 20 + unnamed
         shown = ", ".join(missing[:20]) + (f" and {more} more" if more > 0 else "")
         raise CheckpointNotFoundError(
             f"{root}: distributed checkpoint saved by {world_size} ranks is incomplete; "
             f"missing {shown}. Every rank's save must finish before the checkpoint is used."
         )
     return [SavedRank(r, root / rank_dir_name(r)) for r in range(world_size)]
+
+
+def rank_files_missing(root: Path, world_size: int) -> tuple[list[str], int]:
+    """The rank directories and required files of ``rank_0/ .. rank_{world_size-1}/`` that
+    are absent: up to the first 20 absent directories and every absent file by name, and
+    how many more absent directories there are.
+
+    Bounded by what is on disk, not by ``world_size``: a sharding_meta.json claiming 10^12
+    ranks costs one directory listing, not 10^12 lookups.
+    """
+    try:
+        on_disk = {e.name for e in os.scandir(root) if is_rank_dir_name(e.name)}
+    except OSError:
+        on_disk = set()
+    present = sorted(int(n.partition("_")[2]) for n in on_disk)
+    present = [r for r in present if r < world_size and (root / rank_dir_name(r)).is_dir()]
+    missing: list[str] = []
+    absent = world_size - len(present)
+    if absent:
+        # The first absent ranks lie among the first len(present) + 20 numbers.
+        have = set(present)
+        shown = [r for r in range(min(world_size, len(present) + 20)) if r not in have][:20]
+        missing += [f"{rank_dir_name(r)}/" for r in shown]
+    for r in present:
+        d = root / rank_dir_name(r)
+        missing += [f"{rank_dir_name(r)}/{f}" for f in (MODEL_FILE, TRAINING_STATE_FILE)
+                    if not (d / f).is_file()]
+    return missing, absent - min(absent, 20)
 
 
 @dataclass(frozen=True)

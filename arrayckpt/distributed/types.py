@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .. import fsops, limits
+from .. import fsops
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
+from ..limits import MAX_SHARDING_META_BYTES
 from ..strict_json import is_uint, load_object
 from ..training_state import CHECKPOINT_VERSION
 
-#: Largest sharding_meta.json accepted (per-rank manifests of big models fit easily).
-MAX_META_BYTES = limits.MAX_SHARDING_META_BYTES
 #: The key under which arrayckpt records what boostr's meta leaves out; serde ignores it.
 EXTRA_KEY = "arrayckpt"
 _U8 = 2**8
@@ -103,7 +102,16 @@ class ShardingMeta:
         }
         if self.ranks is not None:
             doc[EXTRA_KEY] = {"ranks": self.ranks}
-        return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
+        if size > MAX_SHARDING_META_BYTES:  # what the reader refuses is never committed
+            raise InvalidInputError(
+                f"sharding_meta.json would be {size} bytes, over the {MAX_SHARDING_META_BYTES} "
+                "a load accepts: the per-rank manifests list too many tensors; save fewer, "
+                "larger tensors (e.g. flatten parameter groups) or save caller-coordinated "
+                "(coordinator=None), which records no manifests"
+            )
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "sharding_meta.json") -> ShardingMeta:
@@ -152,14 +160,17 @@ class ShardingMeta:
             CorruptCheckpointError: the file is malformed.
         """
         try:
-            data = fsops.fs().read_bytes(path, MAX_META_BYTES)
+            data = fsops.fs().read_bytes(path, MAX_SHARDING_META_BYTES)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"{path} does not exist: {path.parent} is not a distributed checkpoint "
                 "(or its save never committed)"
             ) from exc
         except ValueError as exc:
-            raise CorruptCheckpointError(f"{path}: {exc}") from exc
+            raise CorruptCheckpointError(
+                f"{path}: {exc} (the limit for sharding_meta.json); the file is not one "
+                "arrayckpt wrote: restore it from the same save"
+            ) from exc
         return cls.from_json(data, source=str(path))
 
 

@@ -1,0 +1,229 @@
+"""Checkpoints on an object store through obstore: data objects first, one commit object
+last (written only if absent), parallel multipart uploads and parallel ranged reads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .. import format
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    InvalidInputError,
+)
+from .url import StorageURL, parse_url
+
+#: The commit object: written last; a step without it does not exist for any reader.
+COMMIT_OBJECT = "arrayckpt-commit.json"
+COMMIT_VERSION = 1
+#: Multipart part size and parts in flight: memory held by one upload is their product.
+PART_BYTES = 16 << 20
+PARTS_IN_FLIGHT = 8
+#: Ranged reads of a download, and how many run at once.
+RANGE_BYTES = 32 << 20
+RANGES_IN_FLIGHT = 8
+
+
+def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """An obstore store for ``url``'s bucket; configuration from the environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) overridden by ``storage_options``."""
+    from obstore.store import from_url as _from_url
+
+    from_url: Any = _from_url  # typed per scheme; options are checked by obstore itself
+    options = dict(storage_options or {})
+    client = dict(options.pop("client_options", {}))
+    endpoint = str(options.get("endpoint", options.get("endpoint_url", "")))
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT", ""))
+    if endpoint.startswith("http://"):
+        client.setdefault("allow_http", True)  # a local server (tests, MinIO, SeaweedFS)
+    retry = options.pop(
+        "retry_config",
+        {"max_retries": 5, "retry_timeout": timedelta(seconds=30)},
+    )
+    try:
+        return from_url(
+            f"{url.scheme}://{url.bucket}", client_options=client, retry_config=retry, **options
+        )
+    except Exception as exc:  # obstore raises its own types; the message names no secret
+        raise InvalidInputError(f"cannot open {url}: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """obstore's message, first line only (its later lines can echo request details)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _upload(store: Any, key: str, parts: Iterable[memoryview]) -> tuple[int, int]:
+    """Stream ``parts`` to ``key`` as a parallel multipart upload; return size and CRC32C."""
+    import obstore
+
+    size, crc = 0, 0
+
+    def counted() -> Iterator[memoryview]:
+        nonlocal size, crc
+        for part in parts:
+            crc = format.checksum(part, crc)
+            size += part.nbytes
+            yield part
+
+    obstore.put(
+        store, key, counted(), chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT
+    )
+    return size, crc
+
+
+def save_files(
+    location: str,
+    files: Mapping[str, Iterable[memoryview]],
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Commit ``files`` (name -> its bytes as buffers) as the checkpoint at ``location``.
+
+    Every data object is uploaded first; then the commit object listing each file's size
+    and CRC32C is put with ``If-None-Match`` semantics, so two writers of one step cannot
+    both commit and a committed step is never replaced.
+
+    Raises:
+        InvalidInputError: ``location`` already holds a committed checkpoint.
+        CheckpointWriteError: an upload failed after obstore's retries; names the URL.
+    """
+    import obstore
+
+    url = parse_url(location)
+    store = open_store(url, storage_options)
+    if _committed(store, url):
+        raise InvalidInputError(
+            f"{url} already holds a committed checkpoint; an object store cannot replace it "
+            "atomically: save to a new step, or delete it first"
+        )
+    listing: dict[str, dict[str, Any]] = {}
+    try:
+        for name, parts in files.items():
+            size, crc = _upload(store, url.key(name), parts)
+            listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
+        doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
+        obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        kind = type(exc).__name__
+        if kind == "AlreadyExistsError":
+            raise CheckpointWriteError(
+                f"saving {url} failed: another writer committed it first; its checkpoint "
+                "stands"
+            ) from exc
+        raise CheckpointWriteError(
+            f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
+            "this step is left uncommitted (invisible to readers)"
+        ) from exc
+    return str(url)
+
+
+def _committed(store: Any, url: StorageURL) -> bool:
+    import obstore
+
+    try:
+        obstore.head(store, url.key(COMMIT_OBJECT))
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise CheckpointWriteError(f"cannot reach {url}: {_describe(exc)}") from exc
+    return True
+
+
+def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
+    """The files the commit object of ``url`` lists; a step without one does not exist."""
+    import obstore
+
+    try:
+        raw = bytes(obstore.get(store, url.key(COMMIT_OBJECT)).bytes())
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"no complete checkpoint at {url}: {COMMIT_OBJECT} is missing (never saved, "
+            "or a save was interrupted)"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"reading {url} failed: {_describe(exc)}") from exc
+    try:
+        doc = json.loads(raw)
+        files = doc["files"]
+        assert isinstance(files, dict)
+        for name, entry in files.items():
+            if "/" in name or name in (".", "..") or not isinstance(entry["size"], int):
+                raise ValueError(name)
+            int(entry["crc32c"], 16)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise CorruptCheckpointError(f"{url}/{COMMIT_OBJECT} is malformed: {exc!r}") from exc
+    return files
+
+
+def _download(store: Any, url: StorageURL, name: str, entry: dict[str, Any], dest: Path) -> None:
+    """Fetch one object with parallel ranged reads into ``dest``; check size and CRC32C."""
+    import obstore
+
+    size = int(entry["size"])
+    starts = list(range(0, size, RANGE_BYTES))
+
+    def fetch(start: int) -> tuple[int, Any]:
+        end = min(start + RANGE_BYTES, size)
+        return start, obstore.get_range(store, url.key(name), start=start, end=end)
+
+    crc = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with ThreadPoolExecutor(RANGES_IN_FLIGHT, "arrayckpt-get") as pool:
+            for start, chunk in pool.map(fetch, starts):  # in order: the CRC runs on
+                view = memoryview(chunk)
+                crc = format.checksum(view, crc)
+                os.pwrite(fd, view, start)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"{url}/{name} disappeared while it was read (deleted by retention?)"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"reading {url}/{name} failed: {_describe(exc)}") from exc
+    finally:
+        os.close(fd)
+    if os.path.getsize(dest) != size or f"{crc:08x}" != entry["crc32c"]:
+        raise CorruptCheckpointError(
+            f"{url}/{name} does not match its commit object (size or CRC32C): it was changed "
+            "after the commit; restore another step"
+        )
+
+
+@contextlib.contextmanager
+def local_copy(
+    location: str, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[Path]:
+    """Download the committed checkpoint at ``location`` into a private temporary directory
+    (on ``/dev/shm`` when it has room: memory, not disk) and yield it; removed afterwards.
+
+    Files are fetched with parallel ranged reads and checked against the commit object.
+    """
+    url = parse_url(location)
+    store = open_store(url, storage_options)
+    files = read_commit(store, url)
+    need = sum(int(e["size"]) for e in files.values())
+    base = None
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage("/dev/shm").free > 2 * need:
+            base = "/dev/shm"
+    tmp = Path(tempfile.mkdtemp(prefix="arrayckpt-get-", dir=base))
+    try:
+        with ThreadPoolExecutor(max(1, len(files)), "arrayckpt-file") as pool:
+            for f in [pool.submit(_download, store, url, n, e, tmp / n) for n, e in files.items()]:
+                f.result()
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
