@@ -27,5 +27,10 @@ class TopologyError(CheckpointError):
     """Ranks, world sizes or sharding do not match what was saved: reshard or fix the launch."""
 
 
+class CheckpointReadError(CheckpointError, OSError):
+    """Reading failed for a reason outside the file's contents (open-file limit, memory,
+    permissions, I/O): fix the environment named in the message and read again."""
+
+
 class CheckpointWriteError(CheckpointError):
     """Writing or committing failed; the previous checkpoint at the path is left intact."""

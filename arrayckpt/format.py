@@ -7,13 +7,16 @@ files stay readable by every safetensors reader.
 
 from __future__ import annotations
 
+import errno
 import functools
+import itertools
 import json
 import logging
 import math
 import mmap as mmap_module
 import os
 import struct
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +26,20 @@ import crc32c
 import numpy as np
 import safetensors
 
-from . import fsops, pool
+from . import dtypes, fsops, limits, pool
 from .dtypes import BY_CODE, DType
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    InvalidInputError,
+    UnsupportedArrayError,
+)
 from .staging import HostTensor
 from .strict_json import reject_constant, unique_keys
 
 log = logging.getLogger("arrayckpt")
-
-#: Largest header accepted (the safetensors library's own cap).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-#: Most tensors accepted in one file.
-MAX_TENSORS = 1 << 20
 
 FORMAT_KEY = "arrayckpt.format"
 FORMAT_VERSION = "1"
@@ -123,6 +128,78 @@ def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
     return dict(zip(tensors, _checksums_parallel(items, sizes), strict=True))
 
 
+# A header entry's text beside its name and numbers:
+# `"":{"dtype":"","shape":[],"data_offsets":[,]},`
+_ENTRY_TEXT = 50
+# Longest dtype code, digits of a 64-bit offset, and a CRC table entry's text beside its name.
+_CODE_MAX, _DIGITS_MAX, _CRC_TEXT = 11, 20, 18
+
+
+def check_writable(
+    what: str,
+    layout: Sequence[tuple[str, DType, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a file every reader would refuse (`limits`), before anything is written.
+
+    ``layout`` lists each tensor's name, dtype and shape; ``metadata`` the caller's own
+    ``__metadata__`` entries (arrayckpt's version and checksum table are added here).
+    The header size is bounded cheaply first (a name's character is at most 6 bytes in
+    the header, 7 in the checksum table); only a state near the cap is measured exactly.
+
+    Raises:
+        InvalidInputError: naming ``what`` and the limit exceeded.
+    """
+    meta = dict(metadata or {})
+    if len(layout) > limits.MAX_TENSORS:
+        raise InvalidInputError(
+            f"{what}: {len(layout)} tensors, more than the {limits.MAX_TENSORS} one file "
+            "may hold; split the state or merge small tensors"
+        )
+    if len(meta) + 2 > limits.MAX_METADATA_ENTRIES:
+        raise InvalidInputError(
+            f"{what}: {len(meta)} __metadata__ entries, more than {limits.MAX_METADATA_ENTRIES}"
+        )
+    for name, _, shape in layout:
+        if len(shape) > limits.MAX_NDIM:
+            raise InvalidInputError(
+                f"{what}: tensor {name!r} has {len(shape)} dimensions, more than the "
+                f"{limits.MAX_NDIM} a reader accepts; reshape it"
+            )
+    chars = sum(len(name) for name, _, _ in layout)
+    ndims = sum(len(shape) for _, _, shape in layout)
+    per_tensor = _ENTRY_TEXT + _CODE_MAX + 2 * _DIGITS_MAX + _CRC_TEXT
+    meta_chars = sum(len(k) + len(v) + 6 for k, v in meta.items())
+    bound = 13 * chars + len(layout) * per_tensor + ndims * (_DIGITS_MAX + 1) + 6 * meta_chars
+    if bound + 256 <= limits.MAX_HEADER_BYTES:
+        return
+    size = _header_bytes(layout, meta)
+    if size > limits.MAX_HEADER_BYTES:
+        raise InvalidInputError(
+            f"{what}: its safetensors header would be {size} bytes, over the "
+            f"{limits.MAX_HEADER_BYTES}-byte limit every reader applies; use fewer or "
+            "shorter tensor names, or less non-array state"
+        )
+
+
+def _header_bytes(
+    layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
+) -> int:
+    """The header's size as `write_file` will write it, to within a few bytes (above)."""
+    full = dict(meta)
+    full[FORMAT_KEY] = FORMAT_VERSION
+    full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
+    size = len(json.dumps({"__metadata__": full}, separators=(",", ":"),
+                          ensure_ascii=False).encode())
+    total = sum((d.nbytes(shape) or 0) for _, d, shape in layout)
+    offsets = 2 * len(str(total)) + 1
+    names = json.dumps([name for name, _, _ in layout], ensure_ascii=False).encode()
+    size += len(names)  # names, quoted, with a separator each (the list's ", ")
+    for _, d, shape in layout:
+        size += _ENTRY_TEXT + len(d.code) + len(",".join(map(str, shape))) + offsets
+    return size + 8  # padding to 8 bytes
+
+
 def write_file(
     path: Path,
     tensors: Mapping[str, HostTensor],
@@ -144,6 +221,9 @@ def write_file(
             checksums were taken of, it is written again from a private copy. Either way
             the checksums recorded are those of the bytes in the file.
     """
+    check_writable(
+        str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
+    )
     meta = dict(metadata or {})
     meta[HF_FORMAT_KEY] = HF_FORMAT
     meta[FORMAT_KEY] = FORMAT_VERSION
@@ -183,16 +263,24 @@ def _write(
 def _file_checksums(path: Path, names: list[str]) -> dict[str, int]:
     """The checksums of the tensors as the file at ``path`` holds them (read back from the
     page cache, just written)."""
-    reader = SafetensorsReader(path)
+    try:
+        reader = SafetensorsReader(path)
+    except CheckpointReadError as exc:
+        if isinstance(exc.__cause__, OSError):  # an I/O error of the save, as when writing
+            raise exc.__cause__ from None
+        raise
     entries = [reader.header.entries[name] for name in names]
     items = [(e.dtype.code, e.shape, reader.raw(e.name)) for e in entries]
     sums = _checksums_parallel(items, [e.end - e.start for e in entries])
     return dict(zip(names, sums, strict=True))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
-    """One tensor's header entry, validated. Offsets are relative to the file start."""
+    """One tensor's header entry, validated. Offsets are relative to the file start.
+
+    Slotted: a header may list a million tensors, and each entry's memory counts.
+    """
 
     name: str
     dtype: DType
@@ -205,8 +293,12 @@ class Entry:
 class Header:
     entries: dict[str, Entry]
     metadata: dict[str, str]
+    #: Recorded CRC32C by tensor name; ``None`` for another tool's file (nothing to verify).
     checksums: dict[str, int] | None
     data_start: int
+    #: Why the checksum table cannot vouch for the file (damaged, or lists other tensors
+    #: than the file): raised by verification only, so ``verify=False`` still loads.
+    checksum_problem: str | None = None
 
 
 def _fail(path: Path, problem: str) -> NoReturn:
@@ -227,29 +319,64 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
+def _entries_hook(data_start: int) -> Callable[[list[tuple[str, Any]]], Any]:
+    """``object_pairs_hook`` turning each well-formed tensor entry into an `Entry` at once.
+
+    The JSON parser then never holds a header's worth of per-entry dicts and lists (a
+    99 MB header cost 2.6 GB that way). Anything unusual stays a dict, for `_parse_entry`
+    to report with the tensor's name.
+    """
+
+    def hook(pairs: list[tuple[str, Any]]) -> Any:
+        if len(pairs) == 3:
+            fields = dict(pairs)
+            if fields.keys() == _ENTRY_FIELDS:
+                entry = _fast_entry(fields, data_start)
+                if entry is not None:
+                    return entry
+        return unique_keys(pairs)
+
+    return hook
+
+
+def _fast_entry(fields: dict[str, Any], data_start: int) -> Entry | None:
+    code, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    if not isinstance(code, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        return None
+    if len(offsets) != 2 or not all(_is_count(d) for d in shape):
+        return None
+    start, end = offsets
+    if not (_is_count(start) and _is_count(end)) or start > end:
+        return None
+    dtype = BY_CODE.get(code) or dtypes.unknown(code)
+    nbytes = dtype.nbytes(tuple(shape))
+    if dtype.known and nbytes != end - start:
+        return None
+    return Entry("", dtype, tuple(shape), start + data_start, end + data_start)
+
+
+def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Header:
     """Validate a safetensors header before anything is allocated for its tensors.
 
     ``prefix`` holds at least the first ``8 + header length`` bytes of the file.
     Stricter than the safetensors library: duplicate keys, unknown fields, holes,
-    trailing bytes and non-UTF-8 names are all rejected.
+    trailing bytes and non-UTF-8 names are all rejected. A dtype code this build does
+    not know is accepted here and refused only when that tensor is read (`array`).
     """
     if file_size < 8:
         _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER_BYTES:
-        _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap")
-    if n > file_size - 8:
-        _fail(path, f"header length {n} runs past the end of the {file_size}-byte file")
-    raw = prefix[8 : 8 + n]
+    n = header_length(path, prefix[:8], file_size)
+    if len(prefix) < 8 + n:
+        _fail(path, f"header length {n} runs past the end of the {len(prefix)} bytes read")
     # Count entries before parsing, so a header of millions of tiny entries allocates nothing.
-    if raw.count(b'"data_offsets"') > MAX_TENSORS:
-        _fail(path, f"header declares more than {MAX_TENSORS} tensors")
+    if prefix.count(b'"data_offsets"', 8, 8 + n) > limits.MAX_TENSORS:
+        _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
+    data_start = 8 + n
     try:
-        text = raw.decode("utf-8")
+        text = str(memoryview(prefix)[8:data_start], "utf-8")  # decoded without a copy
         top = json.loads(
             text,
-            object_pairs_hook=unique_keys,
+            object_pairs_hook=_entries_hook(data_start),
             parse_constant=reject_constant,
             parse_float=_reject_float,
             parse_int=_strict_int,
@@ -260,29 +387,72 @@ def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
         _fail(path, "header JSON is nested too deeply")
     except ValueError as exc:
         _fail(path, f"header is not valid JSON: {exc}")
+    del text
     if not isinstance(top, dict):
         _fail(path, f"header must be a JSON object, not {type(top).__name__}")
     metadata = _parse_metadata(path, top.pop("__metadata__", {}))
-    if len(top) > MAX_TENSORS:  # the byte count above misses keys spelled with escapes
-        _fail(path, f"header declares more than {MAX_TENSORS} tensors")
-    data_start = 8 + n
-    data_len = file_size - data_start
-    entries = {name: _parse_entry(path, name, raw_entry) for name, raw_entry in top.items()}
-    _check_coverage(path, entries.values(), data_len)
-    entries = {
-        name: Entry(e.name, e.dtype, e.shape, e.start + data_start, e.end + data_start)
-        for name, e in entries.items()
-    }
-    return Header(entries, metadata, _parse_checksums(path, metadata, entries), data_start)
+    if len(top) > limits.MAX_TENSORS:  # the byte count above misses keys spelled with escapes
+        _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
+    # `top` becomes the entries map in place: no second map of a million entries.
+    for name, raw_entry in top.items():
+        if isinstance(raw_entry, Entry):
+            _check_name(path, name)
+            raw_entry.name = name
+        else:
+            top[name] = _parse_entry(path, name, raw_entry, data_start)
+    entries: dict[str, Entry] = top
+    _check_coverage(path, entries.values(), data_start, file_size)
+    sums, problem = _parse_checksums(path, metadata, entries)
+    return Header(entries, metadata, sums, data_start, problem)
+
+
+def header_length(path: Path, head: bytes | bytearray, file_size: int) -> int:
+    """The header length the first 8 bytes declare, checked against the cap and the file."""
+    (n,) = struct.unpack("<Q", head)
+    if n > limits.MAX_HEADER_BYTES:
+        _fail(path, f"header length {n} exceeds the {limits.MAX_HEADER_BYTES}-byte cap")
+    if n > file_size - 8:
+        _fail(path, f"header length {n} runs past the end of the {file_size}-byte file")
+    return int(n)
+
+
+def read_header(path: Path, fd: int | None = None) -> Header:
+    """Read and validate the header of the safetensors file at ``path`` (or open ``fd``).
+
+    Sizes come first: the 8-byte length is checked against the cap and the file's size
+    before the header itself is read, and nothing past the header is read.
+    """
+    own = fd is None
+    fd = fsops.fs().open_regular(path) if fd is None else fd
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
+        head = bytearray(8)
+        fs = fsops.fs()
+        fs.read_into(fd, path, [(0, 8)], memoryview(head))
+        prefix = bytearray(8 + header_length(path, head, size))
+        prefix[:8] = head
+        fs.read_into(fd, path, [(8, len(prefix) - 8)], memoryview(prefix)[8:])
+    except EOFError as exc:
+        _fail(path, f"file shrank while its header was read ({exc})")
+    except OSError as exc:
+        raise fsops.read_error(path, exc) from exc
+    finally:
+        if own:
+            os.close(fd)
+    return parse_header(path, prefix, size)
 
 
 def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         _fail(path, "__metadata__ must map strings to strings")
+    if len(meta) > limits.MAX_METADATA_ENTRIES:
+        _fail(path, f"__metadata__ has more than {limits.MAX_METADATA_ENTRIES} entries")
     return meta
 
 
-def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
+def _check_name(path: Path, name: str) -> None:
     where = f"tensor {name!r}"
     if not name or "\x00" in name:
         _fail(path, f"{where}: tensor names must be non-empty and contain no NUL")
@@ -290,6 +460,11 @@ def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
         name.encode("utf-8")
     except UnicodeEncodeError:
         _fail(path, f"{where}: tensor name holds a lone surrogate (not valid UTF-8)")
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> Entry:
+    where = f"tensor {name!r}"
+    _check_name(path, name)
     if not isinstance(entry, dict):
         _fail(path, f"{where}: entry must be an object")
     if set(entry) != _ENTRY_FIELDS:
@@ -297,9 +472,9 @@ def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
         missing = sorted(_ENTRY_FIELDS - set(entry))
         _fail(path, f"{where}: unknown fields {extra}, missing fields {missing}")
     code = entry["dtype"]
-    if not isinstance(code, str) or code not in BY_CODE:
-        _fail(path, f"{where}: unknown dtype {code!r}")
-    dtype = BY_CODE[code]
+    if not isinstance(code, str):
+        _fail(path, f"{where}: unknown dtype {code!r} (a dtype must be a string)")
+    dtype = BY_CODE.get(code) or dtypes.unknown(code)
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         _fail(path, f"{where}: shape {shape!r} must be a list of non-negative integers")
@@ -313,163 +488,280 @@ def _parse_entry(path: Path, name: str, entry: Any) -> Entry:
     start, end = offsets
     if start > end:
         _fail(path, f"{where}: data_offsets {offsets} are reversed")
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if end - start != expected:
+    expected = dtype.nbytes(tuple(shape))
+    if expected is None and dtype.known:
+        _fail(path, f"{where}: shape {shape} of {code} does not end on a byte boundary")
+    if dtype.known and end - start != expected:
         _fail(
             path,
             f"{where}: shape {shape} of {code} needs {expected} bytes but data_offsets "
             f"span {end - start}",
         )
-    return Entry(name, dtype, tuple(shape), start, end)
+    return Entry(name, dtype, tuple(shape), start + data_start, end + data_start)
 
 
-def _check_coverage(path: Path, entries: Iterable[Entry], data_len: int) -> None:
-    cursor = 0
-    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+def _check_coverage(path: Path, entries: Iterable[Entry], data_start: int, size: int) -> None:
+    ordered = list(entries)
+    # Files are usually written in offset order: sort (a second list of keys) only if not.
+    if any(a.start > b.start or (a.start == b.start and a.end > b.end)
+           for a, b in itertools.pairwise(ordered)):
+        ordered.sort(key=lambda e: (e.start, e.end))
+    cursor = data_start
+    for e in ordered:
         if e.start < cursor:
             _fail(path, f"tensor {e.name!r}: data_offsets overlap the previous tensor")
         if e.start > cursor:
             _fail(path, f"tensor {e.name!r}: {e.start - cursor} unused bytes before its data")
         cursor = e.end
-    if cursor > data_len:
-        _fail(path, f"tensor data ends at {cursor} but the file holds only {data_len} data bytes")
-    if cursor < data_len:
-        _fail(path, f"{data_len - cursor} trailing bytes after the last tensor")
+    if cursor > size:
+        _fail(
+            path,
+            f"tensor data ends at {cursor - data_start} but the file holds only "
+            f"{size - data_start} data bytes",
+        )
+    if cursor < size:
+        _fail(path, f"{size - cursor} trailing bytes after the last tensor")
+
+
+def _crc_pairs(pairs: list[tuple[str, Any]]) -> dict[str, int]:
+    # Straight to ints: a million-entry table never exists as hex strings too.
+    out: dict[str, int] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = int(value, 16)
+    return out
 
 
 def _parse_checksums(
     path: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry]
-) -> dict[str, int] | None:
+) -> tuple[dict[str, int] | None, str | None]:
+    """The recorded checksums, and why they cannot vouch for the file (if they cannot)."""
     text = metadata.get(CHECKSUMS_KEY)
     if text is None:
         if any(key.startswith(_OWN_PREFIX) for key in metadata):
             # arrayckpt always writes the table: without it, it was damaged or removed.
-            _fail(path, f"__metadata__ is arrayckpt's but lacks its {CHECKSUMS_KEY!r} table")
-        return None  # written by another tool: nothing to verify
+            return None, f"__metadata__ is arrayckpt's but lacks its {CHECKSUMS_KEY!r} table"
+        return None, None  # written by another tool: nothing to verify
     try:
-        table = json.loads(text, object_pairs_hook=unique_keys)
-        parsed = {str(k): int(v, 16) for k, v in table.items()}
+        parsed = json.loads(text, object_pairs_hook=_crc_pairs)
+        if not isinstance(parsed, dict):
+            raise TypeError("not a map")
     except (ValueError, TypeError, AttributeError, RecursionError):
-        _fail(path, f"__metadata__[{CHECKSUMS_KEY!r}] is not a map of tensor names to hex CRCs")
-    if set(parsed) != set(entries):
-        _fail(path, f"__metadata__[{CHECKSUMS_KEY!r}] does not list exactly the file's tensors")
-    return parsed
+        return None, f"__metadata__[{CHECKSUMS_KEY!r}] is not a map of tensor names to hex CRCs"
+    if parsed.keys() != entries.keys():
+        return parsed, f"__metadata__[{CHECKSUMS_KEY!r}] does not list exactly the file's tensors"
+    return parsed, None
+
+
+def verify_bytes(
+    path: Path, header: Header, name: str, data: Any, crc: int | None = None
+) -> None:
+    """Check tensor ``name``'s bytes ``data`` (or their CRC32C ``crc``, computed while
+    reading) against the CRC32C recorded in ``header``.
+
+    A no-op for another tool's file (no table). Every reader verifies through this.
+
+    Raises:
+        CorruptCheckpointError: the bytes or the checksum table are damaged.
+    """
+    sums = header.checksums
+    if sums is None and header.checksum_problem is None:
+        return
+    hint = "restore another checkpoint (or load with verify=False to inspect it)"
+    if sums is None or header.checksum_problem is not None:
+        _fail(path, f"tensor {name!r} cannot be verified: {header.checksum_problem}; {hint}")
+    e = header.entries[name]
+    if crc is None:
+        crc = tensor_checksum(e.dtype.code, e.shape, data)
+    if crc != sums[name]:
+        _fail(path, f"tensor {name!r} fails its CRC32C checksum: the file is corrupt; {hint}")
+
+
+def _unreadable(path: Path, name: str, problem: str) -> NoReturn:
+    others = "load the other tensors with keys=[...] (they are unaffected)"
+    raise UnsupportedArrayError(f"{path}: tensor {name!r}: {problem}; {others}")
+
+
+#: Eager reads go in chunks of this size, so checksums of one overlap reading the next.
+_READ_CHUNK = 16 << 20
 
 
 class SafetensorsReader:
     """An open, validated safetensors file; arrays are views into its mapping.
 
-    With ``mmap=True`` (the default, best on local disks) the file is mapped copy-on-write:
-    arrays are zero-copy, writable, and writes never reach the file. With ``mmap=False``
-    the file is read in one sequential pass (best on network file systems). With
-    ``ranges=True`` only the header is read up front and each tensor's byte range when it
-    is asked for, through `fsops` (for loading a few tensors of a large file eagerly).
+    Only the header is read when it opens (sizes first, see `read_header`). With
+    ``mmap=True`` (the default, best on local disks) the file is mapped copy-on-write:
+    arrays are zero-copy, writable, and writes never reach the file; where the whole file
+    cannot be mapped (larger than memory + swap, or an address-space limit) each tensor
+    is mapped on its own when it is read. With ``mmap=False`` the tensor data is read in
+    one sequential pass into one buffer the arrays view (best on network file systems);
+    ``verify_while_reading`` checksums it during that pass, so `verify` is free later. With
+    ``ranges=True`` each tensor's byte range is read when it is asked for, through
+    `fsops` (for loading a few tensors of a large file eagerly).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, mmap: bool = True, ranges: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = True,
+        ranges: bool = False,
+        verify_while_reading: bool = False,
     ) -> None:
         self.path = Path(path)
-        self._ranges: dict[str, np.ndarray] | None = None
-        if ranges:
-            self._read_header_only()
-            return
+        #: CRC32Cs computed while the data was read (``mmap=False``), by tensor name.
+        self._computed: dict[str, int] = {}
+        self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
+        self._buf: Any = None  # the whole-file map, or the eager data buffer
+        self._base = 0  # file offset of self._buf's first byte
+        self._fd: int | None = None  # kept only for per-tensor maps
+        fd = fsops.fs().open_regular(self.path)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < 8:
-                    _fail(self.path, f"file is {size} bytes, shorter than the 8-byte header length")
-                if mmap:
-                    self._buf: Any = mmap_module.mmap(
-                        f.fileno(), 0, access=mmap_module.ACCESS_COPY
-                    )
-                    prefix = self._buf
-                else:
-                    self._buf = np.empty(size, np.uint8)
-                    if f.readinto(memoryview(self._buf)) != size:
-                        _fail(self.path, "file shrank while it was being read")
-                    prefix = self._buf.data
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{self.path} does not exist") from exc
-        except IsADirectoryError as exc:
-            raise CorruptCheckpointError(f"{self.path} is a directory, not a file") from exc
-        head = bytes(prefix[:8])
-        (n,) = struct.unpack("<Q", head)
-        limit = 8 + min(n, MAX_HEADER_BYTES, size - 8)
-        self.header = parse_header(self.path, bytes(prefix[:limit]), size)
+            self.header = read_header(self.path, fd)
+            if ranges:
+                return
+            if mmap:
+                self._map(fd)
+            else:
+                self._read_data(fd, verify_while_reading)
+        finally:
+            if self._fd != fd:
+                os.close(fd)
 
-    def _read_header_only(self) -> None:
-        fs = fsops.fs()
+    def _map(self, fd: int) -> None:
         try:
-            size = fs.size(self.path)
-            if size < 8:
-                _fail(self.path, f"file is {size} bytes, shorter than the 8-byte header length")
-            head = bytearray(8)
-            fs.read_ranges(self.path, [(0, 8)], memoryview(head))
-            (n,) = struct.unpack("<Q", head)
-            rest = bytearray(min(n, MAX_HEADER_BYTES, size - 8))
-            fs.read_ranges(self.path, [(8, len(rest))], memoryview(rest))
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{self.path} does not exist") from exc
-        except IsADirectoryError as exc:
-            raise CorruptCheckpointError(f"{self.path} is a directory, not a file") from exc
-        self.header = parse_header(self.path, bytes(head + rest), size)
-        self._ranges = {}
+            self._buf = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOMEM, errno.EOVERFLOW, errno.EAGAIN):
+                raise fsops.read_error(self.path, exc) from exc
+            # Copy-on-write maps count against memory + swap (or RLIMIT_AS) in full:
+            # map each tensor when it is read instead, so the rest of the file stays usable.
+            self._fd = fd
+            weakref.finalize(self, os.close, fd)
+
+    def _read_data(self, fd: int, checksum: bool) -> None:
+        """Read all tensor data into one buffer the arrays will view, in chunks; with
+        ``checksum``, the helper threads checksum each chunk's tensors while the next
+        chunk is read, so verification costs no second pass over cold memory."""
+        start = self.header.data_start
+        size = os.fstat(fd).st_size
+        try:
+            self._buf = np.empty(size - start, np.uint8)
+        except MemoryError as exc:
+            raise CheckpointReadError(
+                f"{self.path}: {size - start} bytes of tensor data do not fit in memory; "
+                "load fewer tensors with keys=[...], or with mmap=True"
+            ) from exc
+        self._base = start
+        header = self.header
+        checksum = checksum and header.checksums is not None and header.checksum_problem is None
+        ordered = sorted(header.entries.values(), key=lambda e: e.start) if checksum else []
+        batches: list[Any] = []
+        helper = pool.executor()
+        fs, view, done, next_entry = fsops.fs(), self._buf.data, start, 0
+        try:
+            while done < size:
+                n = min(_READ_CHUNK, size - done)
+                fs.read_into(fd, self.path, [(done, n)], view[done - start : done - start + n])
+                done += n
+                first = next_entry
+                while next_entry < len(ordered) and ordered[next_entry].end <= done:
+                    next_entry += 1
+                if next_entry > first:
+                    batches.append(helper.submit(self._checksum_batch, ordered[first:next_entry]))
+        except EOFError:
+            _fail(self.path, "file shrank while it was being read")
+        except OSError as exc:
+            raise fsops.read_error(self.path, exc) from exc
+        finally:
+            for batch in batches:
+                self._computed.update(batch.result())
+
+    def _checksum_batch(self, entries: list[Entry]) -> dict[str, int]:
+        return {e.name: tensor_checksum(e.dtype.code, e.shape, self.raw(e.name)) for e in entries}
 
     @property
     def names(self) -> list[str]:
         return list(self.header.entries)
 
-    def _bytes(self, name: str) -> Any:
-        """Tensor ``name``'s bytes: a view of the whole file, or (``ranges``) its own read."""
+    def _bytes(self, name: str) -> np.ndarray:
+        """Tensor ``name``'s bytes as a flat ``uint8`` array: a view, or its own read."""
         e = self.header.entries[name]
-        if self._ranges is None:
-            return self._buf
-        if name not in self._ranges:  # read once, for verify() and array() alike
-            buf = np.empty(e.end - e.start, np.uint8)
-            try:
-                fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
-            except (OSError, EOFError) as exc:  # e.g. truncated after the header was read
-                _fail(self.path, f"reading tensor {name!r} failed: {exc}")
-            self._ranges[name] = buf
-        return self._ranges[name]
+        if self._buf is not None:
+            return np.frombuffer(
+                self._buf, np.uint8, count=e.end - e.start, offset=e.start - self._base
+            )
+        if name not in self._pending:  # read once, for verify() and array() alike
+            self._pending[name] = self._map_one(e) if self._fd is not None else self._read_one(e)
+        return self._pending[name]
+
+    def _read_one(self, e: Entry) -> np.ndarray:
+        buf = np.empty(e.end - e.start, np.uint8)
+        try:
+            fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
+        except EOFError as exc:  # truncated after the header was read
+            _fail(self.path, f"reading tensor {e.name!r} failed: {exc}")
+        except OSError as exc:
+            if isinstance(exc, CheckpointError):  # open_regular's, already explained
+                raise
+            raise fsops.read_error(self.path, exc) from exc
+        return buf
+
+    def _map_one(self, e: Entry) -> np.ndarray:
+        assert self._fd is not None
+        lo = e.start - e.start % mmap_module.ALLOCATIONGRANULARITY
+        try:
+            m = mmap_module.mmap(
+                self._fd, e.end - lo, access=mmap_module.ACCESS_COPY, offset=lo
+            )
+        except OSError as exc:
+            raise CheckpointReadError(
+                f"{self.path}: tensor {e.name!r} ({e.end - e.start} bytes) cannot be mapped "
+                f"({exc.strerror}): free memory or raise the address-space limit, or load "
+                "the other tensors with keys=[...]"
+            ) from exc
+        return np.frombuffer(m, np.uint8, count=e.end - e.start, offset=e.start - lo)
 
     def raw(self, name: str) -> memoryview:
-        e = self.header.entries[name]
-        if self._ranges is not None:
-            return memoryview(self._bytes(name))
-        return memoryview(self._buf)[e.start : e.end]
+        return self._bytes(name).data
 
     def verify(self, name: str) -> None:
         """Check ``name`` against its recorded CRC32C (a no-op for files without them)."""
-        sums = self.header.checksums
-        if sums is None:
+        if self.header.checksums is None and self.header.checksum_problem is None:
             return
-        e = self.header.entries[name]
-        if tensor_checksum(e.dtype.code, e.shape, self.raw(name)) != sums[name]:
-            _fail(
-                self.path,
-                f"tensor {name!r} fails its CRC32C checksum: the file is corrupt; "
-                "restore another checkpoint (or load with verify=False to inspect it)",
-            )
+        crc = self._computed.get(name)
+        verify_bytes(self.path, self.header, name, self.raw(name) if crc is None else None, crc)
 
     def array(self, name: str, *, verify: bool = True) -> np.ndarray:
-        """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping."""
+        """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping.
+
+        Tensors of dtypes no framework has (F4, F6_*) come back as their raw bytes
+        (``uint8``, see `DType.raw_shape`).
+
+        Raises:
+            UnsupportedArrayError: this tensor (only) cannot be read here: a dtype this
+                build does not know, or more dimensions than NumPy supports.
+            CorruptCheckpointError: it fails its checksum.
+        """
+        e = self.header.entries[name]
+        if not e.dtype.known:
+            _unreadable(self.path, name, f"unknown dtype {e.dtype.code!r} (from a newer "
+                        "safetensors?); upgrade arrayckpt to read it")
+        if len(e.shape) > limits.MAX_NDIM:
+            _unreadable(self.path, name, f"{len(e.shape)} dimensions, more than the "
+                        f"{limits.MAX_NDIM} NumPy supports")
         if verify:
             self.verify(name)
-        e = self.header.entries[name]
         dtype = e.dtype.numpy
-        count = e.end - e.start
-        if count == 0:
-            return np.empty(e.shape, dtype)
-        if self._ranges is not None:
-            arr = self._bytes(name)
-            del self._ranges[name]  # the array owns the buffer now; the reader lets go
-            return arr.view(dtype).reshape(e.shape)  # np.empty is aligned
-        arr = np.frombuffer(self._buf, dtype=np.uint8, count=count, offset=e.start)
-        if e.start % e.dtype.itemsize:
+        shape = e.dtype.raw_shape(e.shape)
+        if e.end == e.start:
+            return np.empty(shape, dtype)
+        arr = self._bytes(name)
+        self._pending.pop(name, None)  # the array owns its buffer now; the reader lets go
+        if arr.ctypes.data % dtype.itemsize:
             arr = arr.copy()  # misaligned (another tool's file): frameworks want aligned data
-        return arr.view(dtype).reshape(e.shape)
+        return arr.view(dtype).reshape(shape)
 
     def arrays(
         self, keys: Iterable[str] | None = None, *, verify: bool = True
@@ -527,6 +819,7 @@ def write_file_streaming(
     Raises:
         ValueError: ``produce`` yielded a different number of bytes than the shape needs.
     """
+    check_writable(str(path), layout, metadata)
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
     crcs = {name: 0 for name in sizes}
     seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}

@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,12 @@ from typing import Any
 import safetensors
 
 from . import libc
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+)
 from .writeback import early_writeback
 
 _AT_FDCWD = -100
@@ -115,7 +122,39 @@ class FileSystem:
         os.unlink(path)
 
     def size(self, path: Path) -> int:
-        return os.stat(path).st_size
+        fd = self.open_regular(path)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def open_regular(self, path: Path) -> int:
+        """Open ``path`` for reading and return its descriptor: every read starts here.
+
+        Only a regular file is accepted. ``O_NONBLOCK`` makes opening a FIFO return at once
+        (instead of waiting forever for a writer) so that fstat can refuse it; on a
+        regular file the flag changes nothing.
+
+        Raises:
+            CheckpointError: a subclass naming ``path`` and the fix (see `read_error`).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise read_error(path, exc) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            os.close(fd)
+            raise read_error(path, exc) from exc
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(mode) else _KINDS.get(stat.S_IFMT(mode), "special")
+            raise CorruptCheckpointError(
+                f"{path} is {kind}, not a regular file; arrayckpt reads only regular files "
+                "(replace it with the checkpoint file it should be)"
+            )
+        return fd
 
     def read_ranges(self, path: Path, ranges: Iterable[tuple[int, int]], out: memoryview) -> None:
         """Read each ``(offset, length)`` of ``path`` in turn into consecutive bytes of ``out``.
@@ -123,19 +162,29 @@ class FileSystem:
         Partial reads of large files (headers, one rank's slice of a tensor) without
         mapping or reading the whole file.
         """
-        fd = os.open(path, os.O_RDONLY)
+        fd = self.open_regular(path)
         try:
-            pos = 0
-            for offset, length in ranges:
-                done = 0
-                while done < length:
-                    n = os.preadv(fd, [out[pos + done : pos + length]], offset + done)
-                    if n == 0:
-                        raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
-                    done += n
-                pos += length
+            self.read_into(fd, path, ranges, out)
         finally:
             os.close(fd)
+
+    def read_into(
+        self, fd: int, path: Path, ranges: Iterable[tuple[int, int]], out: memoryview
+    ) -> None:
+        """`read_ranges` from a descriptor `open_regular` returned: every read's last step.
+
+        Raises:
+            EOFError: the file ends first (it was truncated after its size was read).
+        """
+        pos = 0
+        for offset, length in ranges:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [out[pos + done : pos + length]], offset + done)
+                if n == 0:
+                    raise EOFError(f"{path}: {length} bytes at {offset} run past the end")
+                done += n
+            pos += length
 
     def write_chunks(self, path: Path, chunks: Iterable[Any]) -> None:
         """Create ``path`` and write the buffers ``chunks`` yields, in order (streaming)."""
@@ -151,13 +200,71 @@ class FileSystem:
             f.write(data)
 
     def read_bytes(self, path: Path, limit: int) -> bytes:
-        """Read a small file whole, refusing one larger than ``limit`` bytes."""
-        with open(path, "rb") as f:
-            # read(n) allocates n bytes up front: ask for what the file holds, not the cap
-            data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+        """Read a small regular file whole, refusing one larger than ``limit`` bytes.
+
+        Every reader of arrayckpt's JSON files uses this, so each is bounded by its limit
+        (from `arrayckpt.limits`) and never blocks on a FIFO.
+
+        Raises:
+            CheckpointError: the file is missing, not a regular file, or unreadable.
+            ValueError: the file is larger than ``limit``.
+        """
+        fd = self.open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:  # sizes first: a huge (or sparse) file costs nothing to refuse
+                raise ValueError(f"{size} bytes, larger than the {limit}-byte limit")
+            # one byte more than the size said, to notice a file that grew meanwhile
+            data = os.read(fd, size + 1)
+            # os.read(n) allocates n bytes first: ask in small steps, never for the limit
+            while len(data) <= limit and (more := os.read(fd, min(1 << 16, limit + 1 - len(data)))):
+                data += more
+        except OSError as exc:
+            raise read_error(path, exc) from exc
+        finally:
+            os.close(fd)
         if len(data) > limit:
-            raise ValueError(f"larger than {limit} bytes")
+            raise ValueError(f"larger than the {limit}-byte limit")
         return data
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+_READ_FIXES = {
+    errno.ELOOP: "a symbolic link loop; point the link at the real file",
+    errno.ENXIO: "not a regular file (a socket?); replace it with the checkpoint file",
+    errno.EMFILE: "too many open files in this process; raise the limit (ulimit -n) "
+    "or close files",
+    errno.ENFILE: "too many open files on this system; close files and retry",
+    errno.ENOMEM: "out of memory; free memory or raise the address-space limit",
+    errno.EACCES: "permission denied; fix the file's permissions",
+    errno.EPERM: "operation not permitted; fix the file's permissions",
+}
+
+
+def read_error(path: Path, exc: OSError) -> CheckpointError:
+    """The `CheckpointError` for an ``OSError`` raised while reading ``path``.
+
+    Missing files become `CheckpointNotFoundError`; a link loop, a directory or a socket
+    (what the file itself is) `CorruptCheckpointError`; everything about the environment
+    (open-file limit, memory, permissions, I/O) `CheckpointReadError`, keeping the errno.
+    """
+    code = exc.errno
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return CheckpointNotFoundError(f"{path} does not exist")
+    if code == errno.EISDIR:
+        return CorruptCheckpointError(f"{path} is a directory, not a file")
+    problem = _READ_FIXES.get(code or 0, f"reading failed ({exc.strerror or exc})")
+    if code in (errno.ELOOP, errno.ENXIO):
+        return CorruptCheckpointError(f"{path}: {problem}")
+    error = CheckpointReadError(f"{path}: {problem}")
+    error.errno = code
+    return error
 
 
 _current = FileSystem()

@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import aliases, nested
+from . import aliases, fsops, nested
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidInputError,
 )
-from .format import SafetensorsReader
+from .format import SafetensorsReader, read_header
 from .layout import (
     EXTRA_FILE,
     MODEL_FILE,
@@ -31,6 +32,7 @@ from .layout import (
     rank_dirs,
     settled_scan,
 )
+from .limits import MAX_SHARDING_META_BYTES
 from .training_state import TrainingState
 
 
@@ -48,6 +50,8 @@ def kind_of(path: Path) -> str:
             )
         return "file"
     if not path.is_dir():
+        if path.exists():  # a FIFO, socket or device: never opened
+            os.close(fsops.fs().open_regular(path))  # raises, naming what it is
         raise CheckpointNotFoundError(f"{path} does not exist")
     if (path / SHARDING_META_FILE).is_file():
         return "distributed"
@@ -74,14 +78,14 @@ def _jsonable(x: Any) -> Any:
 
 def describe_file(path: Path) -> dict[str, Any]:
     """Tensors (name, dtype, shape, bytes) and non-array leaves of one safetensors file."""
-    reader = SafetensorsReader(path)
-    entries = reader.header.entries.values()
-    tree = nested.tree_text(reader.header.metadata, source=str(path))
+    header = read_header(path)  # nothing past the header is read
+    entries = header.entries.values()
+    tree = nested.tree_text(header.metadata, source=str(path))
     values = nested.leaves(tree, source=str(path)) if tree is not None else {}
     return {
         "path": str(path),
         "nested": tree is not None,
-        "checksums": reader.header.checksums is not None,
+        "checksums": header.checksums is not None,
         "nbytes": sum(e.end - e.start for e in entries),
         "tensors": [
             {"name": e.name, "dtype": e.dtype.code, "shape": list(e.shape),
@@ -116,9 +120,9 @@ def describe(path: PathLike) -> dict[str, Any]:
         meta = path / SHARDING_META_FILE
         _check_distributed(meta)  # strict and size-capped before the plain parse below
         try:
-            out["sharding"] = json.loads(meta.read_bytes())
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{path / SHARDING_META_FILE}: not JSON: {exc}") from exc
+            out["sharding"] = json.loads(fsops.fs().read_bytes(meta, MAX_SHARDING_META_BYTES))
+        except (ValueError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{meta}: not JSON: {exc}") from exc
         out["ranks"] = [describe(rank) for rank in rank_dirs(path)]
     else:
         raise CheckpointNotFoundError(
@@ -211,13 +215,17 @@ def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dic
                 continue
             reader = SafetensorsReader(f)
             _check_tree(reader)
-        except (CheckpointError, OSError, ValueError) as exc:
+        except (CheckpointError, OSError, ValueError, RecursionError) as exc:
             entry["errors"].append(str(exc))
             continue
         entry["checksums"] = reader.header.checksums is not None
+        problem = reader.header.checksum_problem
+        if problem is not None:  # no tensor can be verified: say so once, not per tensor
+            entry["errors"].append(f"{f}: {problem}")
         for e in reader.header.entries.values():
             try:
-                reader.verify(e.name)
+                if problem is None:
+                    reader.verify(e.name)
             except CorruptCheckpointError as exc:
                 entry["errors"].append(str(exc))
             entry["tensors"] += 1
@@ -251,5 +259,5 @@ def total_tensor_bytes(path: Path) -> int:
     for f in files_to_verify(path):
         if f.suffix == ".safetensors":
             with contextlib.suppress(CheckpointError, OSError):  # verify reports these
-                total += sum(e.end - e.start for e in SafetensorsReader(f).header.entries.values())
+                total += sum(e.end - e.start for e in read_header(f).entries.values())
     return total

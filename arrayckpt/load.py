@@ -84,7 +84,10 @@ def load_state_file(
     (see `fill.fill`), and ``into`` is returned.
     """
     # eager partial loads read only the header and the requested tensors' byte ranges
-    reader = format.SafetensorsReader(path, mmap=mmap, ranges=keys is not None and not mmap)
+    reader = format.SafetensorsReader(
+        path, mmap=mmap, ranges=keys is not None and not mmap,
+        verify_while_reading=verify,
+    )
     return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
 
 
@@ -107,8 +110,9 @@ def read_state(
     backend.check_device(device)
 
     def load_one(name: str) -> Any:
+        host = reader.array(name, verify=verify)  # its errors name the file and tensor
         try:
-            return backend.from_host(reader.array(name, verify=verify), device)
+            return backend.from_host(host, device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
 
@@ -300,7 +304,8 @@ def _load_once(
             root, lambda path, keys: load_state_file(path, keys=keys, **options), keys
         )
         return Checkpoint(model, None, TrainingState(step=0))
-    if not (root / MODEL_FILE).exists():
+    # lexists: a broken or looping link is reported by the reader as what it is
+    if not os.path.lexists(root / MODEL_FILE):
         raise CheckpointNotFoundError(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aliases, backends, hostcopy, nested
+from . import aliases, backends, format, hostcopy, nested
 from .dtypes import DType
 from .errors import InvalidInputError
 from .staging import HostTensor, StagingPool
@@ -214,6 +214,9 @@ def take_snapshot(
     optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
     flat_extra, extra_tree, extra_aliases = _flatten(extra, what="extra")
     extra_plan = _plan(flat_extra, what="extra")
+    _check_writable(model_plan, model_tree, what="model_state")
+    _check_writable(optimizer_plan, optimizer_tree, what="optimizer_state")
+    _check_writable(extra_plan, extra_tree, what="extra")
     plans = (model_plan, optimizer_plan, extra_plan)
     slabs = _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     try:
@@ -233,6 +236,12 @@ def take_snapshot(
         extra=None if extra is None else extra_copy, extra_tree=extra_tree,
         extra_aliases=extra_aliases,
     )
+
+
+def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:
+    """Refuse now, in the caller's thread, a file the writer would refuse (`limits`)."""
+    layout = [(key, dtype, backend.shape(x)) for key, x, backend, dtype in plan]
+    format.check_writable(what, layout, None if tree is None else {nested.TREE_KEY: tree})
 
 
 def _flatten(

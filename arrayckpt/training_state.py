@@ -10,14 +10,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
+from . import limits
 from .errors import CorruptCheckpointError, InvalidInputError
 from .layout import MODEL_FILE
 from .strict_json import is_uint, load_object, reject_constant
 
 CHECKPOINT_VERSION = 2
 """The checkpoint format version this library writes (boostr's ``CHECKPOINT_VERSION``)."""
-#: Largest training_state.json accepted.
-MAX_STATE_BYTES = 16 * 1024 * 1024
+#: Largest training_state.json accepted (written and read).
+MAX_STATE_BYTES = limits.MAX_TRAINING_STATE_BYTES
 #: The model file's ``__metadata__`` key recording the CRC32C of ``training_state.json``'s
 #: bytes (boostr reads the JSON file unchanged and ignores the model file's metadata).
 STATE_CHECKSUM_KEY = "arrayckpt.training_state.crc32c"
@@ -62,9 +63,15 @@ class TrainingState:
         # Python spells some floats differently from serde_json (1e-05 vs 0.00001); the
         # learning rate is the first float in the document, so this replaces just it.
         lr = float(self.learning_rate)
-        return text.replace(
+        text = text.replace(
             f'"learning_rate": {float.__repr__(lr)}', f'"learning_rate": {serde_f64(lr)}', 1
         )
+        if len(text.encode()) > MAX_STATE_BYTES:  # what a save accepts, a load accepts
+            raise InvalidInputError(
+                f"training_state: its JSON is {len(text.encode())} bytes, over the "
+                f"{MAX_STATE_BYTES}-byte limit; keep large data out of metadata"
+            )
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "training_state.json") -> TrainingState:

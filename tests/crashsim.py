@@ -97,7 +97,8 @@ def translate(log: Log, root: Path, ops: list[faults.Op]) -> Log:
         if op.kind == "mark":
             log.actions.append(Action("mark", (op.marker,)))
             continue
-        if op.kind in ("read_bytes", "size", "read_ranges"):  # reads change nothing
+        # reads change nothing
+        if op.kind in ("read_bytes", "size", "read_ranges", "open_regular", "read_into"):
             continue
         if op.kind == "makedirs":
             missing = [p for p in [op.paths[0], *op.paths[0].parents]

@@ -69,7 +69,7 @@ def test_round_trip_every_backend_dtype_shape_layout(tmp_path: Path, data: st.Da
 
 # 64-bit JAX: puts float64/int64/uint64 arrays through JAX (32-bit by default).
 @pytest.mark.usefixtures("jax_x64")
-@pytest.mark.parametrize("code", sorted(ac_dtypes.BY_CODE))
+@pytest.mark.parametrize("code", sorted(d.code for d in ac_dtypes.BY_NAME.values()))
 def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) -> None:
     """A deterministic sweep, so every (dtype, backend) pair runs on every test run."""
     a = np.frombuffer(bytes(range(256)) * 2, np.uint8)[: 6 * ac_dtypes.BY_CODE[code].itemsize]
@@ -392,10 +392,10 @@ class RangeLog(fsops.FileSystem):
     def __init__(self) -> None:
         self.reads: list[tuple[str, int, int]] = []
 
-    def read_ranges(self, path: Path, ranges: Any, out: memoryview) -> None:
+    def read_into(self, fd: int, path: Path, ranges: Any, out: memoryview) -> None:
         ranges = list(ranges)
         self.reads += [(Path(path).name, offset, length) for offset, length in ranges]
-        super().read_ranges(path, ranges, out)
+        super().read_into(fd, path, ranges, out)
 
 
 def test_eager_partial_load_reads_only_the_header_and_the_requested_tensors(tmp_path):

@@ -20,7 +20,7 @@ def test_table_covers_the_required_codes() -> None:
     assert set(dtypes.BY_CODE) >= REQUIRED
 
 
-@pytest.mark.parametrize("code", sorted(dtypes.BY_CODE))
+@pytest.mark.parametrize("code", sorted(d.code for d in dtypes.BY_NAME.values()))
 def test_entry_is_consistent(code: str) -> None:
     d = dtypes.BY_CODE[code]
     assert d.code == code
@@ -34,8 +34,41 @@ def test_entry_is_consistent(code: str) -> None:
 
 
 def test_codes_and_names_are_unique() -> None:
-    table = list(dtypes.BY_CODE.values())
-    assert len({d.code for d in table}) == len({d.name for d in table}) == len(table)
+    savable = [d for d in dtypes.BY_CODE.values() if d.name]
+    assert len({d.code for d in savable}) == len({d.name for d in savable}) == len(savable)
+
+
+def test_table_covers_every_safetensors_dtype(tmp_path: Any) -> None:
+    """Every code the installed safetensors accepts is in the table (issue 10, defect 12).
+
+    safetensors lists the codes it knows when it refuses one, so the list comes from the
+    library itself, not from a copy here.
+    """
+    import json
+    import re
+    import struct
+
+    import safetensors
+
+    header = json.dumps({"x": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    path = tmp_path / "probe.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    with pytest.raises(Exception, match="expected one of") as info:
+        safetensors.safe_open(str(path), framework="np")
+    theirs = set(re.findall(r"`([A-Z0-9_]+)`", str(info.value).split("expected one of")[1]))
+    assert "F4" in theirs and "F8_E8M0" in theirs, theirs
+    assert theirs <= set(dtypes.BY_CODE), theirs - set(dtypes.BY_CODE)
+
+
+@pytest.mark.parametrize(("code", "bits"), [("F4", 4), ("F6_E2M3", 6), ("F6_E3M2", 6)])
+def test_packed_dtypes_are_raw_bytes(code: str, bits: int) -> None:
+    d = dtypes.BY_CODE[code]
+    assert d.bits == bits and d.numpy == np.uint8 and d.name == ""
+    assert d.nbytes((2, 4)) == 8 * bits // 8
+    assert d.raw_shape((2, 4)) == (2, 4 * bits // 8)
+    assert d.nbytes((3,)) is None  # 12 or 18 bits: not whole bytes
+    with pytest.raises(ac.UnsupportedArrayError):  # nothing saves as a packed dtype
+        dtypes.from_name(code, tensor="t")
 
 
 @pytest.mark.parametrize(
@@ -63,7 +96,7 @@ def test_torch_has_a_type_for_every_code() -> None:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     from arrayckpt.backends.torch import torch_dtype
 
-    for d in dtypes.BY_CODE.values():
+    for d in dtypes.BY_NAME.values():
         assert torch_dtype(d) == getattr(torch, d.name)
 
 
@@ -71,7 +104,7 @@ def test_jax_has_a_type_for_every_code() -> None:
     pytest.importorskip("jax", reason="JAX is not installed (pip install jax)")
     import jax.numpy as jnp
 
-    for d in dtypes.BY_CODE.values():
+    for d in dtypes.BY_NAME.values():
         assert np.dtype(getattr(jnp, d.name)) == d.numpy
 
 

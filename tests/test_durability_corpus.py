@@ -16,13 +16,8 @@ import numpy as np
 import pytest
 
 import arrayckpt as ac
-from arrayckpt.format import (
-    CHECKSUMS_KEY,
-    FORMAT_KEY,
-    MAX_HEADER_BYTES,
-    MAX_TENSORS,
-    tensor_checksum,
-)
+from arrayckpt.format import CHECKSUMS_KEY, FORMAT_KEY, tensor_checksum
+from arrayckpt.limits import MAX_HEADER_BYTES, MAX_TENSORS
 
 A = np.arange(2, dtype=np.float32).tobytes()  # 8 bytes
 B = np.array([7], dtype=np.int64).tobytes()  # 8 bytes

@@ -14,6 +14,7 @@ from ..commit import commit_directory, temporary_sibling
 from ..dtypes import BY_CODE
 from ..errors import (
     CheckpointError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     InvalidInputError,
@@ -214,7 +215,7 @@ def _write_rank_into(
             continue
         try:
             header = ShardFile(rank_dir / file).header  # what reached the disk, with checksums
-        except CorruptCheckpointError as exc:
+        except (CheckpointReadError, CorruptCheckpointError) as exc:
             if isinstance(exc.__cause__, OSError):
                 raise exc.__cause__ from None  # reading back failed: an I/O error of this save
             raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,7 @@ class ShardFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fs = fsops.fs()
-        try:
-            size = fs.size(path)
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{path} does not exist") from exc
-        if size < 8:
-            raise CorruptCheckpointError(f"{path}: file is {size} bytes, shorter than 8")
-        head = self._read([(0, 8)])
-        (n,) = struct.unpack("<Q", head)
-        limit = min(n, format.MAX_HEADER_BYTES, size - 8)
-        self.header = format.parse_header(path, head + self._read([(8, limit)]), size)
+        self.header = format.read_header(path)
 
     @property
     def entries(self) -> dict[str, format.Entry]:
@@ -66,14 +55,8 @@ class ShardFile:
         e = self.entries[name]
         buf = np.empty(e.end - e.start, np.uint8)
         self._fill([(e.start, e.end - e.start)], buf.data)
-        sums = self.header.checksums
-        if verify and sums is not None and (
-            format.tensor_checksum(e.dtype.code, e.shape, buf.data) != sums[name]
-        ):
-            raise CorruptCheckpointError(
-                f"{self.path}: tensor {name!r} fails its CRC32C checksum: the file is corrupt; "
-                "restore another checkpoint (or load with verify=False to inspect it)"
-            )
+        if verify:
+            format.verify_bytes(self.path, self.header, name, buf.data)
         return buf.view(e.dtype.numpy).reshape(e.shape)
 
     def read_slab(
@@ -239,7 +222,7 @@ def check_manifest(saved: SavedRank, manifest: Any) -> None:
         found = saved.part(part)
         have = None if found is None else {
             name: (e.dtype.code, list(e.shape),
-                   None if found.header.checksums is None else found.header.checksums[name])
+                   (found.header.checksums or {}).get(name))
             for name, e in found.entries.items()
         }
         try:
