@@ -36,6 +36,8 @@ def set_meta(directory: Path, **fields: object) -> None:
     path = directory / "sharding_meta.json"
     doc = json.loads(path.read_text())
     doc.update(fields)
+    # as a file boostr or a hand wrote it: no checksum, so the parser's own bounds must hold
+    doc.get("arrayckpt", {}).pop("crc32c", None)
     path.write_text(json.dumps(doc))
 
 
@@ -146,3 +148,26 @@ def test_bad_dist_timeout_fails_the_save_not_the_import(tmp_path: Path,
     assert default_timeout() == 12.5
     monkeypatch.delenv("ARRAYCKPT_DIST_TIMEOUT")
     assert default_timeout() == 300.0
+
+
+def test_a_changed_sharding_meta_fails_its_checksum() -> None:
+    """A coordinated save's sharding_meta.json records the CRC32C of its content at commit
+    (under the "arrayckpt" key boostr ignores); a changed digit fails every read."""
+    from arrayckpt.distributed.types import CHECKSUM_FIELD, EXTRA_KEY
+
+    tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
+    manifests = [{"rank": r, "model": {"w": {"dtype": "F32", "shape": [2]}}} for r in range(2)]
+    text = ShardingMeta(2, tp, ranks=manifests).to_json()
+    doc = json.loads(text)
+    assert len(doc[EXTRA_KEY][CHECKSUM_FIELD]) == 8
+    assert ShardingMeta.from_json(text).sharding.split_dims == {"w": 0}
+    doc["split_dims"]["w"] = 1  # a flipped digit
+    with pytest.raises(CorruptCheckpointError, match="CRC32C recorded at commit"):
+        ShardingMeta.from_json(json.dumps(doc, indent=2))
+    del doc[EXTRA_KEY][CHECKSUM_FIELD]  # older files carry none and are parsed as before
+    assert ShardingMeta.from_json(json.dumps(doc)).sharding.split_dims == {"w": 1}
+
+
+def test_a_caller_coordinated_meta_stays_byte_compatible_with_boostr() -> None:
+    text = ShardingMeta(2, ac.ShardingConfig(ac.Replicated())).to_json()
+    assert "crc32c" not in text and "arrayckpt" not in text

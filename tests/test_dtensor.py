@@ -12,6 +12,7 @@ import pytest
 from _dist_launch import base_env, free_port, read_logs, results, wait_all
 
 import arrayckpt as ac
+from arrayckpt.distributed.types import doc_checksum
 
 pytest.importorskip("torch.distributed.tensor", reason="needs torch with DTensor")
 pytestmark = pytest.mark.distributed
@@ -117,6 +118,8 @@ def test_missing_shard_names_tensor_and_ranks(saved: Path, tmp_path: Path) -> No
     meta_path = broken / "sharding_meta.json"
     meta = json.loads(meta_path.read_text())
     del meta["arrayckpt"]["ranks"][1]["model"]["w"]  # rank 1's box of w: lost
+    # a crafted file with a valid checksum: the manifest checks must catch it themselves
+    meta["arrayckpt"]["crc32c"] = doc_checksum(meta)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ac.CorruptCheckpointError, match=r"rank_1.*does not match"):
         ac.load_distributed_checkpoint(broken, 0, world_size=1)
@@ -133,6 +136,8 @@ def test_ranks_disagreeing_on_global_shape_name_tensor_and_ranks(
     meta_path = broken / "sharding_meta.json"
     meta = json.loads(meta_path.read_text())
     meta["arrayckpt"]["ranks"][1]["model"]["w"]["global_shape"] = [6, 3]
+    # a crafted file with a valid checksum: the manifest checks must catch it themselves
+    meta["arrayckpt"]["crc32c"] = doc_checksum(meta)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(
         ac.CorruptCheckpointError,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -12,7 +12,7 @@ from .. import fsops
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
 from ..limits import MAX_SHARDING_META_BYTES
 from ..strict_json import is_uint, load_object
-from ..training_state import CHECKPOINT_VERSION
+from ..training_state import CHECKPOINT_VERSION, state_checksum
 
 #: The key under which arrayckpt records what boostr's meta leaves out; serde ignores it.
 EXTRA_KEY = "arrayckpt"
@@ -74,6 +74,38 @@ class ShardingConfig:
         object.__setattr__(self, "split_dims", dict(dims))
 
 
+#: The field under `EXTRA_KEY` holding the CRC32C of the rest of the document.
+CHECKSUM_FIELD = "crc32c"
+
+
+def doc_checksum(doc: Mapping[str, Any]) -> str:
+    """CRC32C of ``doc`` in a canonical form (sorted keys, no spaces), without the checksum
+    field itself: what a reader re-derives from the parsed file, whatever its layout."""
+    body = dict(doc)
+    extra = body.get(EXTRA_KEY)
+    if isinstance(extra, dict):
+        extra = {k: v for k, v in extra.items() if k != CHECKSUM_FIELD}
+        if extra:
+            body[EXTRA_KEY] = extra
+        else:
+            del body[EXTRA_KEY]
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return state_checksum(canonical.encode())
+
+
+def _check_checksum(doc: Mapping[str, Any], fail: Callable[[str], NoReturn]) -> None:
+    """A file arrayckpt wrote records its checksum; boostr's and older ones have none."""
+    extra = doc.get(EXTRA_KEY)
+    recorded = extra.get(CHECKSUM_FIELD) if isinstance(extra, dict) else None
+    if recorded is None:
+        return
+    if recorded != doc_checksum(doc):
+        fail(
+            f"its content does not match the CRC32C recorded at commit ({recorded!r}): the "
+            "file was changed after the save; restore it from the same save or use another step"
+        )
+
+
 @dataclass(frozen=True)
 class ShardingMeta:
     """The content of ``sharding_meta.json``.
@@ -102,6 +134,9 @@ class ShardingMeta:
         }
         if self.ranks is not None:
             doc[EXTRA_KEY] = {"ranks": self.ranks}
+            # recorded at commit, checked on every read; boostr ignores the extra key. A
+            # caller-coordinated meta stays byte for byte what boostr writes, so has none.
+            doc[EXTRA_KEY][CHECKSUM_FIELD] = doc_checksum(doc)
         text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
         size = len(text.encode())
         if size > MAX_SHARDING_META_BYTES:  # what the reader refuses is never committed
@@ -125,6 +160,7 @@ class ShardingMeta:
             raise CorruptCheckpointError(f"{source}: {problem}")
 
         doc = load_object(text, fail)
+        _check_checksum(doc, fail)
         for name in ("version", "world_size"):
             if not is_uint(doc.get(name), _U64):
                 fail(f"{name} must be a non-negative integer, got {doc.get(name)!r}")
@@ -145,7 +181,7 @@ class ShardingMeta:
             fail("split_dims must map tensor names to non-negative integers")
         ranks = None
         extra = doc.get(EXTRA_KEY)
-        if extra is not None:
+        if extra is not None and (not isinstance(extra, dict) or "ranks" in extra):
             ranks = extra.get("ranks") if isinstance(extra, dict) else None
             if not isinstance(ranks, list) or len(ranks) != doc["world_size"]:
                 fail(f"{EXTRA_KEY}.ranks must list one manifest per rank")
