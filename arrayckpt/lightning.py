@@ -69,8 +69,9 @@ class ArrayckptCheckpointIO(CheckpointIO):
             self._checkpointer.save(Path(path), weights, training_state=state, extra=rest)
         except InvalidInputError as exc:
             raise type(exc)(
-                f"saving the Lightning checkpoint {path}: {exc} (keys are those of the "
-                "checkpoint dict; hyper_parameters come from save_hyperparameters())"
+                f"saving the Lightning checkpoint {path}: {exc}. Here extra[...] is the "
+                "checkpoint dict without its state_dict; hyper_parameters are the "
+                "LightningModule's save_hyperparameters() arguments"
             ) from exc
 
     def load_checkpoint(
