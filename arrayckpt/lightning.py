@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from . import fsops
 from .async_checkpointer import AsyncCheckpointer
 from .commit import remove_directory
 from .errors import CheckpointNotFoundError, InvalidInputError
@@ -94,13 +95,17 @@ class ArrayckptCheckpointIO(CheckpointIO):
         return loaded
 
     def remove_checkpoint(self, path: str | Path) -> None:
-        """Delete the checkpoint at ``path`` (after the write in flight commits).
+        """Delete the checkpoint at ``path`` (after the write in flight commits); a
+        symbolic link is removed, not what it points to.
 
         Raises:
             CheckpointNotFoundError: ``path`` is no complete checkpoint (nothing is removed).
         """
         self._checkpointer.wait()
         target = Path(path).absolute()
+        if target.is_symlink():  # ModelCheckpoint(save_last="link"): the link goes, not its target
+            fsops.fs().remove_file(target)
+            return
         if not is_complete(target):
             raise CheckpointNotFoundError(
                 f"removing the Lightning checkpoint {target}: it is not a complete arrayckpt "

@@ -127,6 +127,17 @@ def test_remove_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> N
     assert (stray / "keep.txt").read_text() == "mine"
 
 
+def test_remove_checkpoint_removes_a_link_and_keeps_its_target(tmp_path: Path) -> None:
+    io = ArrayckptCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 0}, tmp_path / "e0.ckpt")
+    (tmp_path / "last.ckpt").symlink_to("e0.ckpt")  # as ModelCheckpoint(save_last="link")
+    io.remove_checkpoint(tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0.ckpt"]
+    assert torch.equal(io.load_checkpoint(tmp_path / "e0.ckpt")["state_dict"]["w"], torch.ones(2))
+    io.remove_checkpoint(tmp_path / "e0.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_write_is_raised_by_teardown(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the checkpoint's parent directory should be")
