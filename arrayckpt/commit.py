@@ -33,6 +33,17 @@ def temporary_sibling(target: Path, marker: str = TEMP_MARKER) -> Path:
     return target.with_name(temporary_name(target.name, marker, os.getpid(), uuid.uuid4().hex[:12]))
 
 
+def remove_directory(target: Path) -> None:
+    """Delete the checkpoint ``target``: renamed aside first, so no half-deleted directory
+    can ever look complete; a crash before the removal leaves a temporary that
+    `CheckpointManager.cleanup` removes later."""
+    fs = fsops.fs()
+    doomed = temporary_sibling(target)
+    fs.rename(target, doomed)
+    fs.fsync_dir(target.parent)
+    fs.remove_tree(doomed)
+
+
 def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
     """Create ``target`` atomically with the files ``fill(tmp_dir)`` writes.
 

@@ -15,7 +15,7 @@ from typing import Any, cast
 from . import forking, fsops, storage
 from .async_checkpointer import AsyncCheckpointer
 from .closing import ClosesOnExit
-from .commit import temporary_sibling
+from .commit import remove_directory
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -24,7 +24,6 @@ from .errors import (
 )
 from .layout import (
     OLD_MARKER,
-    TEMP_MARKER,
     TRAINING_STATE_FILE,
     PathLike,
     is_complete,
@@ -376,13 +375,7 @@ class CheckpointManager(ClosesOnExit):
                     log.warning("retention could not delete step %d: %s", step, exc)
 
     def _delete(self, path: Path) -> None:
-        # Renamed aside first, so no half-deleted directory can ever look complete; a
-        # crash before the removal leaves a temporary that `cleanup` removes later.
-        fs = fsops.fs()
-        doomed = temporary_sibling(path, TEMP_MARKER)
-        fs.rename(path, doomed)
-        fs.fsync_dir(path.parent)
-        fs.remove_tree(doomed)
+        remove_directory(path)
         log.info("retention deleted %s", path)
 
     def cleanup(self) -> list[Path]:

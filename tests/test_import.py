@@ -12,7 +12,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-HEAVY = ("ml_dtypes", "torch", "jax", "cupy", "obstore", "mpi4py")
+HEAVY = ("ml_dtypes", "torch", "jax", "cupy", "obstore", "mpi4py", "lightning")
 
 
 def loaded_after(code: str) -> set[str]:
