@@ -210,7 +210,7 @@ def export_hf(
     Raises:
         CheckpointNotFoundError: no model file in ``checkpoint``, or no ``config`` there.
         InvalidInputError: a bad size, a distributed checkpoint, non-array model values, or
-            ``output`` holds other files.
+            ``output`` is not empty.
         CheckpointWriteError: writing failed; nothing is left at ``output``.
 
     Examples:
@@ -223,6 +223,13 @@ def export_hf(
 'model.safetensors.index.json']
     """
     root = Path(checkpoint)
+    target = Path(output)
+    if target.is_dir() and any(target.iterdir()):
+        # commit_directory would replace a checkpoint there (or the source itself) whole
+        raise InvalidInputError(
+            f"{target} is not empty; export into a new or empty directory, refusing to "
+            "replace what is there"
+        )
     limit = parse_size(max_shard_size)
     sources = _sources(root)
     entries = {name: r.header.entries[name] for name, r in sources.items()}

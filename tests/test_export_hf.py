@@ -117,6 +117,13 @@ def test_export_refuses_and_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ac.InvalidInputError, match="refusing"):
         ac.export_hf(tmp_path / "d", busy)
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # a checkpoint (even the source) is never replaced by its export
+    for out in (tmp_path / "d", tmp_path / "c"):
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(ac.InvalidInputError, match="not empty"):
+            ac.export_hf(tmp_path / "d", out)
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert ac.load_checkpoint(tmp_path / "d").training_state.step == 0
 
 
 def test_export_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
