@@ -61,6 +61,12 @@ def test_sharded_export_loads_in_transformers(
     m, _, _ = ac.load_checkpoint(out, keys=["transformer.h.1.mlp.c_fc.weight"])
     assert torch.equal(torch.from_numpy(np.asarray(m["transformer.h.1.mlp.c_fc.weight"])),
                        model.state_dict()["transformer.h.1.mlp.c_fc.weight"])
+    for shard in shards:  # the shards keep their CRC32Cs
+        assert cli.main(["verify", str(out / shard)]) == cli.EXIT_OK
+    # a sharded model directory is a source too: back into one file
+    single = ac.export_hf(out, tmp_path / "single")
+    assert sorted(p.name for p in single.iterdir()) == ["config.json", "model.safetensors"]
+    _check_loads(torch, transformers, model, single)
 
 
 def test_cli_export_single_file(
