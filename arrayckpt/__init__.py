@@ -26,6 +26,7 @@ from .errors import (
     TopologyError,
     UnsupportedArrayError,
 )
+from .hf import export_hf
 from .lazy import LazyCheckpoint, open_checkpoint
 from .load import Checkpoint, load_checkpoint, load_file
 from .manager import CheckpointManager
@@ -55,6 +56,7 @@ __all__ = [
     "UnsupportedArrayError",
     "ZeroPartitioned",
     "consolidate_checkpoint",
+    "export_hf",
     "get_rng_state",
     "load_checkpoint",
     "load_distributed_checkpoint",

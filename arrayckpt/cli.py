@@ -204,6 +204,15 @@ def _consolidate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from .hf import export_hf
+
+    out = export_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, config=args.config)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"exported {args.ckpt} to {out}: {', '.join(files)}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrayckpt",
@@ -244,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="where the consolidated checkpoint goes")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_consolidate)
+
+    p = add("export-hf", "write the model as a Hugging Face directory from_pretrained loads")
+    p.add_argument("ckpt", help="the checkpoint directory")
+    p.add_argument("out", help="the new model directory (absent or empty)")
+    from .hf import DEFAULT_MAX_SHARD_SIZE
+
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help=f"largest shard, e.g. 5GB, 500MB, 2GiB (default {DEFAULT_MAX_SHARD_SIZE})")
+    p.add_argument("--config", help="config.json (or its directory) to copy beside the "
+                   "weights (default: the checkpoint's own, if any)")
+    p.set_defaults(run=_export_hf)
 
     p = add("demo", "train a small NumPy MLP, crash it, resume from a checkpoint")
     p.add_argument("--dir", help="where checkpoints go (default: a new temporary directory)")

@@ -76,8 +76,8 @@ def test_public_names_are_pinned() -> None:
         "CheckpointManager", "CheckpointNotFoundError", "CheckpointWriteError",
         "CorruptCheckpointError", "InvalidInputError", "LazyCheckpoint", "ReadStats", "Replicated",
         "ShardingConfig", "TensorParallel", "TopologyError", "TrainingState",
-        "UnsupportedArrayError", "ZeroPartitioned", "consolidate_checkpoint", "get_rng_state",
-        "load_checkpoint", "load_distributed_checkpoint", "load_file", "open_checkpoint",
-        "save_checkpoint", "save_distributed_checkpoint", "set_rng_state",
+        "UnsupportedArrayError", "ZeroPartitioned", "consolidate_checkpoint", "export_hf",
+        "get_rng_state", "load_checkpoint", "load_distributed_checkpoint", "load_file",
+        "open_checkpoint", "save_checkpoint", "save_distributed_checkpoint", "set_rng_state",
     ])
     assert all(hasattr(arrayckpt, name) for name in arrayckpt.__all__)
