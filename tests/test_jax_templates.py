@@ -1,0 +1,119 @@
+"""JAX state through pytree templates: new arrays in the template's structure (optax
+states with .mu/.nu), typed PRNG keys, and a Flax + optax run resumed bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import arrayckpt as ac
+
+jax = pytest.importorskip("jax", reason="JAX templates need jax (nox -s tests installs it)")
+jnp = pytest.importorskip("jax.numpy", reason="needs jax.numpy")
+optax = pytest.importorskip("optax", reason="optax states need optax (nox -s tests installs it)")
+nn = pytest.importorskip("flax.linen", reason="the Flax MLP needs flax (nox -s tests installs it)")
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: Any) -> Any:
+        x = nn.relu(nn.Dense(16)(x))
+        return nn.Dense(1)(x)
+
+
+def _setup() -> tuple[Any, Any, Any, Any, Any]:
+    model, tx = MLP(), optax.adamw(1e-2, weight_decay=0.1)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    return model, tx, params, tx.init(params), jax.random.key(1, impl="rbg")
+
+
+def _train(model: Any, tx: Any, params: Any, opt: Any, key: Any, steps: int) -> tuple:
+    def loss_fn(p: Any, x: Any) -> Any:
+        return jnp.mean((model.apply(p, x) - jnp.sum(x, axis=1, keepdims=True)) ** 2)
+
+    @jax.jit
+    def step(p: Any, o: Any, k: Any) -> tuple:
+        k, sub = jax.random.split(k)
+        x = jax.random.normal(sub, (8, 4))
+        loss, g = jax.value_and_grad(loss_fn)(p, x)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o, k, loss
+
+    losses = []
+    for _ in range(steps):
+        params, opt, key, loss = step(params, opt, key)
+        losses.append(np.asarray(loss))
+    return params, opt, key, losses
+
+
+def _bits(tree: Any) -> list[bytes]:
+    return [np.asarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def test_flax_adamw_resume_is_bit_identical(tmp_path: Path) -> None:
+    model, tx, params, opt, key = _setup()
+    whole = _train(model, tx, params, opt, key, 6)
+
+    p3, o3, k3, first = _train(model, tx, params, opt, key, 3)
+    ac.save_checkpoint(tmp_path / "ckpt", p3, o3, extra={"key": k3})
+    del p3, o3
+    _, tx2, params_t, opt_t, _ = _setup()  # a fresh process would build its templates so
+    ckpt = ac.load_checkpoint(tmp_path / "ckpt", into=params_t, optimizer_into=opt_t)
+    assert isinstance(ckpt.optimizer[0], optax.ScaleByAdamState)
+    assert ckpt.optimizer[0].mu.keys() == params_t.keys() and ckpt.optimizer[0].nu is not None
+    restored_key = ckpt.extra["key"]
+    assert jax.random.key_impl(restored_key) == jax.random.key_impl(k3)
+    assert isinstance(ckpt.model["params"]["Dense_0"]["kernel"], jax.Array)
+    p6, o6, k6, second = _train(model, tx2, ckpt.model, ckpt.optimizer, restored_key, 3)
+
+    assert [x.tobytes() for x in first + second] == [x.tobytes() for x in whole[3]]
+    assert _bits(p6) == _bits(whole[0]) and _bits(o6) == _bits(whole[1])
+    assert _bits(jax.random.key_data(k6)) == _bits(jax.random.key_data(whole[2]))
+
+
+def test_typed_keys_round_trip_as_typed_keys(tmp_path: Path) -> None:
+    keys = {"fry": jax.random.key(3), "rbg": jax.random.key(4, impl="rbg"),
+            "many": jax.random.split(jax.random.key(5), 3)}
+    ac.save_checkpoint(tmp_path / "c", {"w": np.ones(1)}, extra=keys)
+    back = ac.load_checkpoint(tmp_path / "c").extra
+    for name, k in keys.items():
+        assert back[name].dtype == k.dtype and back[name].shape == k.shape
+        assert jax.random.key_impl(back[name]) == jax.random.key_impl(k)
+        assert np.array_equal(jax.random.key_data(back[name]), jax.random.key_data(k))
+
+
+def test_shape_dtype_struct_template_and_sharding(tmp_path: Path) -> None:
+    ac.save_checkpoint(tmp_path / "c", {"w": jnp.arange(4.0), "step": jnp.int32(7)})
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    model = ac.load_checkpoint(tmp_path / "c", into=template).model
+    assert model["w"].sharding == sharding and model["step"].dtype == jnp.int32
+    assert np.array_equal(model["w"], np.arange(4.0, dtype=np.float32))
+
+
+def test_restore_takes_optimizer_template(tmp_path: Path) -> None:
+    _, _, params, opt, _ = _setup()
+    with ac.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, params, opt)
+        ckpt = mgr.restore(into=params, optimizer_into=opt)
+    assert ckpt is not None and ckpt.optimizer[0].count.dtype == opt[0].count.dtype
+    assert _bits(ckpt.optimizer) == _bits(opt)
+
+
+@pytest.mark.parametrize(
+    ("template", "where"),
+    [
+        ({"w": jax.ShapeDtypeStruct((5,), jnp.float32)}, "['w']: the checkpoint has shape [4]"),
+        ({"w": jax.ShapeDtypeStruct((4,), jnp.int32)}, "['w']: the checkpoint has dtype float32"),
+        ({"w": jnp.zeros(4), "v": jnp.zeros(1)}, "['w']: the checkpoint has 1 leaves"),
+    ],
+)
+def test_mismatch_names_the_path(tmp_path: Path, template: Any, where: str) -> None:
+    ac.save_checkpoint(tmp_path / "c", {"w": np.arange(4, dtype=np.float32)})
+    with pytest.raises(ac.InvalidInputError, match=r"model\.safetensors") as info:
+        ac.load_checkpoint(tmp_path / "c", into=template)
+    assert where in str(info.value)
