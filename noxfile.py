@@ -11,8 +11,9 @@ nox.options.default_venv_backend = "venv"
 
 # A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-# transformers: tests/test_hf.py (installed with the torch pin in the same command).
-TEST_DEPS = [".[test,s3]", TORCH, "array-api-strict", "jax", "transformers"]
+# transformers: tests/test_hf.py; optax, flax: tests/test_jax_templates.py (all installed
+# with the torch pin in the same command).
+TEST_DEPS = [".[test,s3]", TORCH, "array-api-strict", "jax", "optax", "flax", "transformers"]
 
 
 @nox.session
