@@ -162,6 +162,9 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
                 )
             flat[name], paths[name] = x, path
             return {"tensor": name}
+        children = templates.pytree_children(x)
+        if children is not None:  # a dataclass or Flax struct: a dict of its fields
+            return encode(dict(children), parts, path)
         return _encode_scalar(x, f"{what}{path}")
 
     root = encode(state, (), "")

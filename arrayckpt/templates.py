@@ -44,9 +44,30 @@ def wrap_key(saved: dict[Any, Any]) -> Any:
 def is_saved_key(node: Any) -> bool:
     """True for the dict `key_parts` is saved as."""
     return (
-        isinstance(node, dict) and set(node) == {KEY_IMPL, KEY_DATA}
+        isinstance(node, dict)
+        and set(node) == {KEY_IMPL, KEY_DATA}
         and isinstance(node[KEY_IMPL], str)
     )
+
+
+def pytree_children(x: Any) -> list[tuple[str | int, Any]] | None:
+    """The named children of a registered JAX pytree node other than a dict, list or tuple
+    (a dataclass, a Flax struct), saved as a dict of them; ``None`` for anything else."""
+    jax = sys.modules.get("jax")
+    if jax is None or x is None:
+        return None
+    children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda n: n is not x)
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return None
+    return [(_key_name(path[0]), child) for path, child in children]
+
+
+def _key_name(entry: Any) -> str | int:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
+        value = getattr(entry, attr, None)
+        if isinstance(value, (str, int)):
+            return value
+    return str(entry)
 
 
 def is_jax_template(template: Any) -> bool:
@@ -64,35 +85,58 @@ def restore(template: Any, loaded: Any, *, source: str) -> Any:
     """``loaded`` (the saved state, NumPy leaves) rebuilt with ``template``'s structure,
     as JAX arrays of its leaves' dtypes on their shardings.
 
+    The two are walked together: a saved dict's entries are found by name (a dataclass or
+    Flax struct was saved as a dict of its fields), a list's or tuple's by position (a
+    namedtuple was saved as a tuple).
+
     Raises:
-        InvalidInputError: the leaf counts, or a leaf's shape or dtype, differ (names the
+        InvalidInputError: the structures, or a leaf's shape or dtype, differ (names the
             template path, as ``jax.tree_util.keystr`` writes it).
     """
     import jax  # is_jax_template found it in sys.modules: no new import
 
-    with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    saved = jax.tree_util.tree_leaves(loaded)
-
-    def fail(path: Any, problem: str) -> NoReturn:
-        where = jax.tree_util.keystr(path) if path is not None else "the top"
+    def fail(path: tuple[Any, ...], problem: str) -> NoReturn:
+        where = jax.tree_util.keystr(path) or "the top"
         raise InvalidInputError(
-            f"{source}: cannot load into the given template at {where or 'the top'}: {problem}"
+            f"{source}: cannot load into the given template at {where}: {problem}"
         )
 
-    if len(saved) != len(with_paths):
-        first = with_paths[len(saved)][0] if len(with_paths) > len(saved) else None
-        fail(
-            first,
-            f"the checkpoint has {len(saved)} leaves, the template {len(with_paths)}; "
-            "pass a template of the saved state (e.g. optimizer.init(params))",
-        )
-    out = [_leaf(t, s, path, jax, fail) for (path, t), s in zip(with_paths, saved, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    def build(t: Any, s: Any, path: tuple[Any, ...]) -> Any:
+        children, treedef = jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda n: n is not t)
+        if t is not None and jax.tree_util.treedef_is_leaf(treedef):
+            return _leaf(t, s, path, jax, fail)
+        out = []
+        for i, (key, child) in enumerate(children):
+            where = (*path, *key)
+            # a saved dict is looked up by name (a dataclass was saved as one); a saved
+            # list or tuple by position (a namedtuple was saved as a tuple)
+            if isinstance(s, dict):
+                name = _key_name(key[0])
+                if name not in s:
+                    fail(
+                        where,
+                        f"the checkpoint has no {name!r} here (it has {sorted(map(str, s))[:5]})",
+                    )
+                out.append(build(child, s[name], where))
+            elif isinstance(s, (list, tuple)) and len(s) == len(children):
+                out.append(build(child, s[i], where))
+            else:
+                fail(
+                    path,
+                    f"the template has {len(children)} children here, the checkpoint {s!r:.60}",
+                )
+        if isinstance(s, dict) and len(s) != len(children):
+            fail(path, f"the checkpoint has {len(s)} entries here, the template {len(children)}")
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return build(template, loaded, ())
 
 
 def _leaf(t: Any, s: Any, path: Any, jax: Any, fail: Any) -> Any:
     if not isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
         return s  # a Python value of the template (a step count, a flag): the saved one
+    if not (isinstance(s, (jax.Array, np.ndarray, np.generic))):
+        fail(path, f"the template has an array, the checkpoint {s!r:.60}")
     shape = tuple(np.shape(s))
     if tuple(t.shape) != shape:
         fail(path, f"the checkpoint has shape {list(shape)}, the template {list(t.shape)}")

@@ -75,8 +75,11 @@ def test_flax_adamw_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_typed_keys_round_trip_as_typed_keys(tmp_path: Path) -> None:
-    keys = {"fry": jax.random.key(3), "rbg": jax.random.key(4, impl="rbg"),
-            "many": jax.random.split(jax.random.key(5), 3)}
+    keys = {
+        "fry": jax.random.key(3),
+        "rbg": jax.random.key(4, impl="rbg"),
+        "many": jax.random.split(jax.random.key(5), 3),
+    }
     ac.save_checkpoint(tmp_path / "c", {"w": np.ones(1)}, extra=keys)
     back = ac.load_checkpoint(tmp_path / "c").extra
     for name, k in keys.items():
@@ -88,11 +91,37 @@ def test_typed_keys_round_trip_as_typed_keys(tmp_path: Path) -> None:
 def test_shape_dtype_struct_template_and_sharding(tmp_path: Path) -> None:
     ac.save_checkpoint(tmp_path / "c", {"w": jnp.arange(4.0), "step": jnp.int32(7)})
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    template = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding),
-                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    template = {
+        "w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     model = ac.load_checkpoint(tmp_path / "c", into=template).model
     assert model["w"].sharding == sharding and model["step"].dtype == jnp.int32
     assert np.array_equal(model["w"], np.arange(4.0, dtype=np.float32))
+
+
+def test_flax_struct_saves_as_its_fields_and_restores_as_itself(tmp_path: Path) -> None:
+    struct = pytest.importorskip("flax.struct", reason="needs flax")
+
+    @struct.dataclass
+    class TrainState:
+        params: Any
+        opt_state: Any
+        key: Any
+        step: int = struct.field(pytree_node=False, default=0)
+
+    _, _, params, opt, _ = _setup()
+    state = TrainState(params, opt, jax.random.key(2), step=5)
+    ac.save_checkpoint(tmp_path / "c", {"state": state})
+    plain = ac.load_checkpoint(tmp_path / "c").model["state"]
+    assert set(plain) == {"params", "opt_state", "key"}  # fields by name, no pickle
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, opt))
+    template = {"state": TrainState(*zeros, jax.random.key(0), step=5)}
+    restored = ac.load_checkpoint(tmp_path / "c", into=template).model["state"]
+    assert isinstance(restored, TrainState) and restored.step == 5
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    assert _bits(restored.params) == _bits(params) and _bits(restored.opt_state) == _bits(opt)
+    assert np.array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
 
 
 def test_restore_takes_optimizer_template(tmp_path: Path) -> None:
@@ -109,7 +138,8 @@ def test_restore_takes_optimizer_template(tmp_path: Path) -> None:
     [
         ({"w": jax.ShapeDtypeStruct((5,), jnp.float32)}, "['w']: the checkpoint has shape [4]"),
         ({"w": jax.ShapeDtypeStruct((4,), jnp.int32)}, "['w']: the checkpoint has dtype float32"),
-        ({"w": jnp.zeros(4), "v": jnp.zeros(1)}, "['w']: the checkpoint has 1 leaves"),
+        ({"w": jnp.zeros(4), "v": jnp.zeros(1)}, "['v']: the checkpoint has no 'v' here"),
+        ({"w": (jnp.zeros(4),)}, "['w']: the template has 1 children here"),
     ],
 )
 def test_mismatch_names_the_path(tmp_path: Path, template: Any, where: str) -> None:
