@@ -182,12 +182,20 @@ def check_writable(
         )
 
 
+def _stamped(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``metadata`` with the entries every file arrayckpt writes carries: the format
+    version, and ``"format": "pt"``, which transformers requires of a safetensors file."""
+    meta = dict(metadata or {})
+    meta[HF_FORMAT_KEY] = HF_FORMAT
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    return meta
+
+
 def _header_bytes(
     layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
 ) -> int:
     """The header's size as `write_file` will write it, to within a few bytes (above)."""
-    full = dict(meta)
-    full[FORMAT_KEY] = FORMAT_VERSION
+    full = _stamped(meta)
     full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
     size = len(json.dumps({"__metadata__": full}, separators=(",", ":"),
                           ensure_ascii=False).encode())
@@ -224,9 +232,7 @@ def write_file(
     check_writable(
         str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
     )
-    meta = dict(metadata or {})
-    meta[HF_FORMAT_KEY] = HF_FORMAT
-    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta = _stamped(metadata)
     crcs = checksums(tensors)
     _write(path, tensors, meta, crcs)
     if borrowed and _file_checksums(path, list(tensors)) != crcs:
@@ -781,8 +787,7 @@ def file_parts(
 
     Larger items first, as safetensors orders them, so every tensor stays aligned.
     """
-    meta = dict(metadata or {})
-    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta = _stamped(metadata)
     meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
     order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
     doc: dict[str, Any] = {"__metadata__": meta}
@@ -825,9 +830,7 @@ def write_file_streaming(
     seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}
 
     def header() -> bytes:
-        meta = dict(metadata or {})
-        meta[HF_FORMAT_KEY] = HF_FORMAT
-        meta[FORMAT_KEY] = FORMAT_VERSION
+        meta = _stamped(metadata)
         meta[CHECKSUMS_KEY] = _checksums_json(crcs)
         doc: dict[str, Any] = {"__metadata__": meta}
         cursor = 0
