@@ -147,6 +147,9 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
         key = templates.key_parts(x)
         if key is not None:  # safetensors has no key dtype: save its impl and raw data
             return encode({templates.KEY_IMPL: key[0], templates.KEY_DATA: key[1]}, parts, path)
+        children = templates.pytree_children(x)
+        if children is not None:  # a dataclass, Flax struct or NNX Variable: its fields
+            return encode(dict(children), parts, path)
         if _is_tree_scalar(x):
             return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{path}")]}
         if is_array(x):
@@ -162,9 +165,6 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
                 )
             flat[name], paths[name] = x, path
             return {"tensor": name}
-        children = templates.pytree_children(x)
-        if children is not None:  # a dataclass or Flax struct: a dict of its fields
-            return encode(dict(children), parts, path)
         return _encode_scalar(x, f"{what}{path}")
 
     root = encode(state, (), "")

@@ -147,3 +147,62 @@ def test_mismatch_names_the_path(tmp_path: Path, template: Any, where: str) -> N
     with pytest.raises(ac.InvalidInputError, match=r"model\.safetensors") as info:
         ac.load_checkpoint(tmp_path / "c", into=template)
     assert where in str(info.value)
+
+
+def test_flax_nnx_state_with_rngs_resumes_bit_identical(tmp_path: Path) -> None:
+    nnx = pytest.importorskip("flax.nnx", reason="the NNX model needs flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: Any) -> None:
+            self.l1 = nnx.Linear(4, 16, rngs=rngs)
+            self.drop = nnx.Dropout(0.2, rngs=rngs)  # draws from the Rngs: typed keys saved
+            self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+        def __call__(self, x: Any) -> Any:
+            return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+    def fresh() -> tuple[Any, Any]:
+        net = Net(nnx.Rngs(0))
+        return net, nnx.Optimizer(net, optax.adamw(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(net: Any, opt: Any, x: Any) -> Any:
+        def loss_fn(n: Any) -> Any:
+            return jnp.mean((n(x) - jnp.sum(x, axis=1, keepdims=True)) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(net)
+        opt.update(net, grads)
+        return loss
+
+    xs = jax.random.normal(jax.random.key(9), (6, 8, 4))
+
+    def train(net: Any, opt: Any, start: int, stop: int) -> list[bytes]:
+        return [np.asarray(step(net, opt, xs[i])).tobytes() for i in range(start, stop)]
+
+    net, opt = fresh()
+    whole = train(net, opt, 0, 6)
+    _, whole_state = nnx.split((net, opt))
+
+    net, opt = fresh()
+    first = train(net, opt, 0, 3)
+    _, state = nnx.split((net, opt))
+    ac.save_checkpoint(tmp_path / "c", {"nnx": state})
+    graph, abstract = nnx.split(nnx.eval_shape(fresh))
+    restored = ac.load_checkpoint(tmp_path / "c", into={"nnx": abstract}).model["nnx"]
+    net2, opt2 = nnx.merge(graph, restored)
+    second = train(net2, opt2, 3, 6)
+    _, end_state = nnx.split((net2, opt2))
+
+    assert first + second == whole
+
+    def raw(tree: Any) -> list[bytes]:
+        out = []
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                out.append(b"key:" + np.asarray(jax.random.key_data(leaf)).tobytes())
+            else:
+                out.append(np.asarray(leaf).tobytes())
+        return out
+
+    assert any(b.startswith(b"key:") for b in raw(end_state)), "the Rngs' keys are state"
+    assert raw(end_state) == raw(whole_state)
