@@ -11,9 +11,12 @@ nox.options.default_venv_backend = "venv"
 
 # A CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-# transformers: tests/test_hf.py; lightning: tests/test_lightning.py (both installed with
-# the torch pin in the same command, so neither can replace the CPU build).
-TEST_DEPS = [".[test,s3]", TORCH, "array-api-strict", "jax", "transformers", "lightning"]
+# transformers: tests/test_hf.py; lightning: tests/test_lightning.py; optax, flax:
+# tests/test_jax_templates.py (all installed with the torch pin in the same command, so none
+# can replace the CPU build).
+TEST_DEPS = [
+    ".[test,s3]", TORCH, "array-api-strict", "jax", "optax", "flax", "transformers", "lightning",
+]
 
 
 @nox.session

@@ -35,7 +35,7 @@ def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
 
     Raises:
         InvalidInputError: the structures, shapes or dtypes differ (names the path), or an
-            array cannot be written in place (JAX arrays are immutable).
+            array cannot be written in place (a JAX template never comes here: see `templates`).
         CorruptCheckpointError: a tensor fails its checksum; ``target`` may be partly filled.
     """
     source = str(reader.path)
@@ -118,5 +118,5 @@ def _copy_into(dst: Any, src: np.ndarray, name: str, fail: Callable[[str], NoRet
     else:
         fail(
             f"tensor {name!r}: a {type(dst).__module__}.{type(dst).__qualname__} cannot be "
-            "written in place (JAX arrays are immutable); load without into="
+            "written in place; load without into="
         )

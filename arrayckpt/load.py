@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from . import aliases, backends, fill, format, hf, nested, storage
+from . import aliases, backends, fill, format, hf, nested, storage, templates
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -104,7 +104,7 @@ def read_state(
     if keys is not None and into is not None:
         raise InvalidInputError("keys= and into= cannot be combined; pick one")
     path = reader.path
-    if into is not None:
+    if into is not None and not templates.is_jax_template(into):
         return fill.fill(into, reader, verify=verify)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
@@ -131,8 +131,11 @@ def read_state(
         return {name: get(name) for name in keys}
     tree = nested.tree_text(reader.header.metadata, source=str(path))
     if tree is not None:
-        return nested.unflatten(tree, get, {*reader.names, *tied}, source=str(path))
-    return {name: get(name) for name in [*reader.names, *tied]}
+        state = nested.unflatten(tree, get, {*reader.names, *tied}, source=str(path))
+    else:
+        state = {name: get(name) for name in [*reader.names, *tied]}
+    # JAX arrays are immutable: a JAX template gets new arrays in its structure
+    return state if into is None else templates.restore(into, state, source=str(path))
 
 
 def load_file(
@@ -183,6 +186,7 @@ def load_checkpoint(
     keys: Iterable[str] | None = None,
     optimizer: bool = True,
     into: Any = None,
+    optimizer_into: Any = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory into arrays of any framework.
@@ -209,7 +213,11 @@ def load_checkpoint(
         into: an existing model state with the saved structure (e.g.
             ``model.state_dict()``): tensors are copied into its arrays in place, on
             their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
-            then unused.
+            then unused. A JAX template (JAX arrays or ``jax.ShapeDtypeStruct`` leaves,
+            in any pytree: dataclasses, namedtuples, Flax structs) gets new arrays
+            instead, in its structure, dtypes and shardings.
+        optimizer_into: the same for the optimizer state (e.g. ``tx.init(params)``, so an
+            optax state comes back with its ``.mu`` and ``.nu``).
         storage_options: object-store settings over those from the environment.
 
     Returns:
@@ -237,14 +245,18 @@ def load_checkpoint(
         with objects.local_copy(str(directory), storage_options) as copy:
             return load_checkpoint(
                 copy, xp=xp, device=device, verify=verify, mmap=True, keys=keys,
-                optimizer=optimizer, into=into,
+                optimizer=optimizer, into=into, optimizer_into=optimizer_into,
             )
     root = Path(storage.local_path(directory))
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     if keys is not None and not isinstance(keys, str):  # a str is refused below
         keys = list(keys)  # a generator would be empty on a re-read
     return read_consistently(
-        root, lambda: _load_once(root, options, keys=keys, optimizer=optimizer, into=into)
+        root,
+        lambda: _load_once(
+            root, options, keys=keys, optimizer=optimizer, into=into,
+            optimizer_into=optimizer_into,
+        ),
     )
 
 
@@ -284,7 +296,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 def _load_once(
     root: Path, options: dict[str, Any], *, keys: Iterable[str] | None, optimizer: bool,
-    into: Any,
+    into: Any, optimizer_into: Any = None,
 ) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
@@ -295,7 +307,7 @@ def _load_once(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )
     if hf.is_model_dir(root):
-        if into is not None:
+        if into is not None or optimizer_into is not None:
             raise InvalidInputError(
                 f"{root} is a Hugging Face model directory; load it without into= "
                 "(or use the model's own load_state_dict)"
@@ -319,7 +331,10 @@ def _load_once(
         keys=keys, into=into,
     )
     opt_path = root / OPTIMIZER_FILE
-    opt = load_state_file(opt_path, **options) if optimizer and opt_path.exists() else None
+    opt = (
+        load_state_file(opt_path, into=optimizer_into, **options)
+        if optimizer and opt_path.exists() else None
+    )
     extra_path = root / EXTRA_FILE
     extra = load_state_file(extra_path, **options) if extra_path.exists() else None
     state = TrainingState.read(root / TRAINING_STATE_FILE, metadata=reader.header.metadata)

@@ -259,6 +259,7 @@ class CheckpointManager(ClosesOnExit):
         verify: bool = True,
         mmap: bool = True,
         optimizer: bool = True,
+        optimizer_into: Any = None,
     ) -> Checkpoint | None:
         """Load step ``step``, or the newest complete step; ``None`` when there is none.
 
@@ -271,11 +272,13 @@ class CheckpointManager(ClosesOnExit):
             step: the step to load; ``None`` for the latest complete one.
             xp: the framework of the returned arrays, as in `load_checkpoint`.
             device: where they go, as in `load_checkpoint`.
-            into: a model state to fill in place, as in `load_checkpoint`.
+            into: a model state to fill in place (or a JAX template), as in
+                `load_checkpoint`.
             keys: load only these model tensors, as in `load_checkpoint`.
             verify: check every tensor's CRC32C.
             mmap: map files (local disks) or read them sequentially (network file systems).
             optimizer: ``False`` skips the optimizer file.
+            optimizer_into: the same as ``into`` for the optimizer state.
 
         Returns:
             The `Checkpoint`, or ``None`` when ``step`` is ``None`` and no step is complete.
@@ -293,7 +296,7 @@ class CheckpointManager(ClosesOnExit):
         def load(path: Path) -> Checkpoint:
             return load_checkpoint(
                 path, xp=xp, device=device, into=into, keys=keys, verify=verify, mmap=mmap,
-                optimizer=optimizer,
+                optimizer=optimizer, optimizer_into=optimizer_into,
             )
 
         self.wait()

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from . import templates
 from .errors import CorruptCheckpointError, InvalidInputError, UnsupportedArrayError
 from .limits import MAX_TREE_DEPTH
 
@@ -93,7 +94,8 @@ def tree_text(metadata: Mapping[str, str], *, source: str) -> str | None:
 def is_flat(state: Any) -> bool:
     """True for a mapping of ``str`` to arrays: saved in boostr's flat layout, with no tree."""
     return isinstance(state, Mapping) and all(
-        isinstance(k, str) and is_array(v) for k, v in state.items()
+        isinstance(k, str) and is_array(v) and templates.key_parts(v) is None
+        for k, v in state.items()
     )
 
 
@@ -142,6 +144,12 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
         if isinstance(x, (list, tuple)):
             kind = "tuple" if isinstance(x, tuple) else "list"
             return {kind: [encode(v, (*parts, str(i)), f"{path}[{i}]") for i, v in enumerate(x)]}
+        key = templates.key_parts(x)
+        if key is not None:  # safetensors has no key dtype: save its impl and raw data
+            return encode({templates.KEY_IMPL: key[0], templates.KEY_DATA: key[1]}, parts, path)
+        children = templates.pytree_children(x)
+        if children is not None:  # a dataclass, Flax struct or NNX Variable: its fields
+            return encode(dict(children), parts, path)
         if _is_tree_scalar(x):
             return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{path}")]}
         if is_array(x):
@@ -339,7 +347,8 @@ def unflatten(tree: str, get: Callable[[str], Any], names: set[str], *, source: 
         if kind == "tensor":
             return get(value)
         if kind == "dict":
-            return {k: build(v) for k, v in value}
+            d = {k: build(v) for k, v in value}
+            return templates.wrap_key(d) if templates.is_saved_key(d) else d
         if kind in ("list", "tuple"):
             items = [build(v) for v in value]
             return tuple(items) if kind == "tuple" else items
