@@ -15,7 +15,14 @@ TORCH = "torch==2.13.0"
 # tests/test_jax_templates.py (all installed with the torch pin in the same command, so none
 # can replace the CPU build).
 TEST_DEPS = [
-    ".[test,s3]", TORCH, "array-api-strict", "jax", "optax", "flax", "transformers", "lightning",
+    ".[test,s3]",
+    TORCH,
+    "array-api-strict",
+    "jax",
+    "optax",
+    "flax",
+    "transformers",
+    "lightning",
 ]
 
 
@@ -38,8 +45,9 @@ def tests_minimal(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    session.install("ruff==0.17.6")  # pinned: another version may format differently
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
@@ -52,8 +60,7 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """The documentation site, strictly: a broken link or docstring fails the build."""
     session.install(".[docs]")
-    session.run("mkdocs", "build", "--strict", *session.posargs,
-                env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session
@@ -70,5 +77,6 @@ def bench(session: nox.Session) -> None:
 def stress(session: nox.Session) -> None:
     """The durability suites at their full counts."""
     session.install(*TEST_DEPS)
-    session.run("pytest", "-q", "-m", "slow or not slow", *session.posargs,
-                env={"ARRAYCKPT_STRESS": "1"})
+    session.run(
+        "pytest", "-q", "-m", "slow or not slow", *session.posargs, env={"ARRAYCKPT_STRESS": "1"}
+    )

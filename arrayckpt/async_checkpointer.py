@@ -147,9 +147,18 @@ class AsyncCheckpointer(ClosesOnExit):
             self._check_open()
             self.wait()
             job = prepare_save(
-                directory, rank, world_size, model_state, optimizer_state, training_state,
-                sharding, staging=self._staging, background=True, coordinator=coordinator,
-                timeout=timeout, extra=extra,
+                directory,
+                rank,
+                world_size,
+                model_state,
+                optimizer_state,
+                training_state,
+                sharding,
+                staging=self._staging,
+                background=True,
+                coordinator=coordinator,
+                timeout=timeout,
+                extra=extra,
             )
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
@@ -220,4 +229,3 @@ def absolute(directory: PathLike) -> Path | str:
     if storage.is_url(directory):
         return str(directory)
     return Path(storage.local_path(directory)).absolute()
-

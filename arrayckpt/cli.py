@@ -70,8 +70,10 @@ def _print_description(doc: dict[str, Any], indent: str = "") -> None:
     print(f"{indent}{doc['path']} ({doc['kind']})")
     if "training_state" in doc:
         s = doc["training_state"]
-        print(f"{indent}training state: step {s['step']}, epoch {s['epoch']}, "
-              f"learning rate {s['learning_rate']:g}, version {s['version']}")
+        print(
+            f"{indent}training state: step {s['step']}, epoch {s['epoch']}, "
+            f"learning rate {s['learning_rate']:g}, version {s['version']}"
+        )
         for k, v in s["metadata"].items():
             print(f"{indent}  {k} = {v}")
     if "sharding" in doc:
@@ -79,10 +81,19 @@ def _print_description(doc: dict[str, Any], indent: str = "") -> None:
     for f in doc.get("files", []):
         extra = ", nested" if f["nested"] else ""
         extra += "" if f["checksums"] else ", no checksums"
-        print(f"\n{indent}{Path(f['path']).name}: {_count(len(f['tensors']), 'tensor')}, "
-              f"{human_bytes(f['nbytes'])}{extra}")
-        rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
-                 human_bytes(t["nbytes"])] for t in f["tensors"]]
+        print(
+            f"\n{indent}{Path(f['path']).name}: {_count(len(f['tensors']), 'tensor')}, "
+            f"{human_bytes(f['nbytes'])}{extra}"
+        )
+        rows = [
+            [
+                t["name"],
+                t["dtype"],
+                "x".join(map(str, t["shape"])) or "scalar",
+                human_bytes(t["nbytes"]),
+            ]
+            for t in f["tensors"]
+        ]
         if rows:
             table = _table(rows, ["tensor", "dtype", "shape", "size"], right=frozenset({3}))
             print("\n".join(indent + "  " + line for line in table.splitlines()))
@@ -124,17 +135,24 @@ def _verify(args: argparse.Namespace) -> int:
                 for err in f["errors"]:
                     print(f"CORRUPT  {err}")
             elif f["checksums"] is False:
-                print(f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, no checksums "
-                      "recorded (another tool wrote it): header validated only")
+                print(
+                    f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, no checksums "
+                    "recorded (another tool wrote it): header validated only"
+                )
             elif f["checksums"]:
-                print(f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, "
-                      f"{human_bytes(f['nbytes'])}, CRC32C verified")
+                print(
+                    f"ok       {f['path']}: {_count(f['tensors'], 'tensor')}, "
+                    f"{human_bytes(f['nbytes'])}, CRC32C verified"
+                )
             else:
                 print(f"ok       {f['path']}")
         files = report["files"]
         bad = sum(1 for f in files if f["errors"])
-        print(f"verified: all good ({_count(len(files), 'file')})" if report["ok"] else
-              f"verification FAILED: {bad} of {_count(len(files), 'file')} corrupt or unreadable")
+        print(
+            f"verified: all good ({_count(len(files), 'file')})"
+            if report["ok"]
+            else f"verification FAILED: {bad} of {_count(len(files), 'file')} corrupt or unreadable"
+        )
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
@@ -156,26 +174,49 @@ def _ls(args: argparse.Namespace) -> int:
             modified = time.localtime(e.path.stat().st_mtime)
         except FileNotFoundError:  # deleted since the scan (retention, a finished save)
             continue
-        entries.append({"name": e.name, "path": str(e.path), "step": e.step, "status": e.status,
-                        "nbytes": size, "pid": temporary_owner(e.name),
-                        "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified)})
+        entries.append(
+            {
+                "name": e.name,
+                "path": str(e.path),
+                "step": e.step,
+                "status": e.status,
+                "nbytes": size,
+                "pid": temporary_owner(e.name),
+                "modified": time.strftime("%Y-%m-%d %H:%M:%S", modified),
+            }
+        )
     for path in sorted(root.iterdir()):
         proper = misnamed_step_dir(path.name)
         if proper is not None and path.is_dir():  # the manager skips these: say so, not nothing
-            entries.append({"name": path.name, "path": str(path), "step": None,
-                            "status": f"ignored: not a step name (rename to {proper})",
-                            "nbytes": sum(f.stat().st_size for f in path.rglob("*")
-                                          if f.is_file()),
-                            "pid": None, "modified": time.strftime(
-                                "%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))})
+            entries.append(
+                {
+                    "name": path.name,
+                    "path": str(path),
+                    "step": None,
+                    "status": f"ignored: not a step name (rename to {proper})",
+                    "nbytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                    "pid": None,
+                    "modified": time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)
+                    ),
+                }
+            )
     if args.json:
         _print_json(entries)
         return EXIT_OK
     if not entries:
         print(f"{root}: no steps (a CheckpointManager root holds step_00000100/, ...)")
         return EXIT_OK
-    rows = [["-" if e["step"] is None else str(e["step"]), e["status"],
-             human_bytes(e["nbytes"]), e["modified"], e["name"]] for e in entries]
+    rows = [
+        [
+            "-" if e["step"] is None else str(e["step"]),
+            e["status"],
+            human_bytes(e["nbytes"]),
+            e["modified"],
+            e["name"],
+        ]
+        for e in entries
+    ]
     print(_table(rows, ["step", "status", "size", "modified", "name"], right=frozenset({0, 2})))
     return EXIT_OK
 
@@ -187,8 +228,11 @@ def _consolidate(args: argparse.Namespace) -> int:
 
     consolidate = getattr(arrayckpt, "consolidate_checkpoint", None)
     if consolidate is None:
-        print("arrayckpt: error: this installation has no distributed checkpoint support "
-              "(arrayckpt.consolidate_checkpoint is missing)", file=sys.stderr)
+        print(
+            "arrayckpt: error: this installation has no distributed checkpoint support "
+            "(arrayckpt.consolidate_checkpoint is missing)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     with Progress(f"consolidate {args.src} -> {args.dst}") as bar:
         out = consolidate(args.src, args.dst, progress=bar.update)
@@ -199,8 +243,10 @@ def _consolidate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"src": args.src, "dst": str(dst), "tensors": tensors, "nbytes": nbytes})
     else:
-        print(f"consolidated {args.src} into {dst}: {_count(tensors, 'tensor')}, "
-              f"{human_bytes(nbytes)} (`arrayckpt inspect {dst}` lists them)")
+        print(
+            f"consolidated {args.src} into {dst}: {_count(tensors, 'tensor')}, "
+            f"{human_bytes(nbytes)} (`arrayckpt inspect {dst}` lists them)"
+        )
     return EXIT_OK
 
 
@@ -218,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="arrayckpt",
         description="Inspect, verify, list and consolidate arrayckpt checkpoints.",
         epilog="Exit status: 0 success; 1 corrupt checkpoint or failed operation; "
-               "2 bad usage or nothing at the path.",
+        "2 bad usage or nothing at the path.",
     )
     from . import __version__
 
@@ -226,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     # Also after the command (`verify -v`); SUPPRESS keeps a subcommand from resetting it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="log what is done")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what is done"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
@@ -259,10 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the new model directory (absent or empty)")
     from .hf import DEFAULT_MAX_SHARD_SIZE
 
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
-                   help=f"largest shard, e.g. 5GB, 500MB, 2GiB (default {DEFAULT_MAX_SHARD_SIZE})")
-    p.add_argument("--config", help="config.json (or its directory) to copy beside the "
-                   "weights (default: the checkpoint's own, if any)")
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest shard, e.g. 5GB, 500MB, 2GiB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    p.add_argument(
+        "--config",
+        help="config.json (or its directory) to copy beside the "
+        "weights (default: the checkpoint's own, if any)",
+    )
     p.set_defaults(run=_export_hf)
 
     p = add("demo", "train a small NumPy MLP, crash it, resume from a checkpoint")
@@ -274,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.run(args))
     except BrokenPipeError:  # e.g. `arrayckpt inspect --json ... | head`: not an error of ours

@@ -87,9 +87,7 @@ def commit_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
     except BaseException as exc:
         # A (second) Ctrl-C while cleaning up must not leave the temporary directory behind.
         with interrupts_deferred():
-            restored = undo is None or _attempt(
-                undo, f"restoring the previous content of {target}"
-            )
+            restored = undo is None or _attempt(undo, f"restoring the previous content of {target}")
             if restored:  # else `tmp` may hold the previous checkpoint: keep it for the user
                 _discard(tmp)
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
@@ -138,7 +136,6 @@ def _after_fork_in_child() -> None:
     global _IN_USE_LOCK
     _IN_USE_LOCK = threading.Lock()
     _IN_USE.clear()
-
 
 
 def _in_use(path: Path, using: bool) -> None:

@@ -36,7 +36,10 @@ def _init(seed: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 
 def _step(
-    model: dict[str, np.ndarray], opt: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+    model: dict[str, np.ndarray],
+    opt: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
     lr: float,
 ) -> float:
     """One step of SGD with momentum on mean squared error; updates arrays in place."""
@@ -63,22 +66,37 @@ def _step(
 BATCH = 256
 
 
-def _save(mgr: CheckpointManager, step: int, model: dict[str, np.ndarray],
-          opt: dict[str, np.ndarray], loss: float, lr: float,
-          shuffle: np.random.Generator, rollback: bool = False) -> None:
+def _save(
+    mgr: CheckpointManager,
+    step: int,
+    model: dict[str, np.ndarray],
+    opt: dict[str, np.ndarray],
+    loss: float,
+    lr: float,
+    shuffle: np.random.Generator,
+    rollback: bool = False,
+) -> None:
     state = TrainingState(step=step, epoch=0, learning_rate=lr, metadata={"loss": f"{loss:.6f}"})
     started = time.perf_counter()
     # Returns once the arrays are copied; writes in the background. `extra` holds what
     # else an exact resume needs: here the data order (the generator's 128-bit PCG64 state).
-    mgr.save(step, model, opt, state, extra={"shuffle": shuffle.bit_generator.state},
-             rollback=rollback)
+    mgr.save(
+        step, model, opt, state, extra={"shuffle": shuffle.bit_generator.state}, rollback=rollback
+    )
     stall = time.perf_counter() - started
-    print(f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
-          f"asynchronously, training stalled {stall * 1e3:.2f} ms")
+    print(
+        f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
+        f"asynchronously, training stalled {stall * 1e3:.2f} ms"
+    )
 
 
-def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_at: int = 180,
-        lr: float = 0.05) -> None:
+def run(
+    directory: str | None = None,
+    steps: int = 300,
+    every: int = 50,
+    crash_at: int = 180,
+    lr: float = 0.05,
+) -> None:
     """Train, checkpoint every ``every`` steps, lose everything at ``crash_at``, resume.
 
     Raises:
@@ -86,8 +104,9 @@ def run(directory: str | None = None, steps: int = 300, every: int = 50, crash_a
         AssertionError: the resumed run's losses differ from the original run's.
     """
     if steps < 2 * every:
-        raise InvalidInputError(f"steps must be at least {2 * every} to checkpoint, crash and "
-                                f"resume, got {steps}")
+        raise InvalidInputError(
+            f"steps must be at least {2 * every} to checkpoint, crash and resume, got {steps}"
+        )
     crash_at = min(crash_at, steps * 3 // 5) if steps <= crash_at else crash_at
     if directory is not None:
         _train(Path(directory), steps, every, crash_at, lr, kept=True)
@@ -102,22 +121,28 @@ def _train(root: Path, steps: int, every: int, crash_at: int, lr: float, *, kept
     x, y = _data()
     model, opt = _init()
     shuffle = np.random.default_rng(2)
-    print(f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, CheckpointManager(keep_last=3) "
-          f"in {root}")
+    print(
+        f"arrayckpt demo: 2-layer MLP (16-256-1), SGD+momentum, CheckpointManager(keep_last=3) "
+        f"in {root}"
+    )
     losses: dict[int, float] = {}
     with CheckpointManager(root, keep_last=3) as mgr:
         previous = mgr.steps()
         if previous:
-            print(f"  {root} holds steps {previous} of an earlier run: this run starts from "
-                  "scratch, so its first save rolls back (deletes) those steps")
+            print(
+                f"  {root} holds steps {previous} of an earlier run: this run starts from "
+                "scratch, so its first save rolls back (deletes) those steps"
+            )
         for step in range(1, crash_at + 1):
             batch = shuffle.integers(0, len(x), BATCH)
             losses[step] = _step(model, opt, x[batch], y[batch], lr)
             if step % every == 0:
                 # Steps only move forward; an explicit rollback replaces the earlier run's.
                 _save(mgr, step, model, opt, losses[step], lr, shuffle, rollback=step == every)
-    print(f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
-          "in-memory state lost")
+    print(
+        f"  step {crash_at:4d}  loss {losses[crash_at]:.5f}  -- simulated crash: all "
+        "in-memory state lost"
+    )
     del model, opt, shuffle
 
     with CheckpointManager(root, keep_last=3) as mgr:
@@ -126,9 +151,11 @@ def _train(root: Path, steps: int, every: int, crash_at: int, lr: float, *, kept
         if ckpt is None:
             raise AssertionError(f"no checkpoint was written to {root}")
         state = ckpt.training_state
-        print(f"resumed from {mgr.directory(state.step).name} (step {state.step}, saved loss "
-              f"{state.metadata['loss']}) in {(time.perf_counter() - started) * 1e3:.2f} ms; "
-              "CRC32C of every tensor verified")
+        print(
+            f"resumed from {mgr.directory(state.step).name} (step {state.step}, saved loss "
+            f"{state.metadata['loss']}) in {(time.perf_counter() - started) * 1e3:.2f} ms; "
+            "CRC32C of every tensor verified"
+        )
         model = {k: np.array(v) for k, v in ckpt.model.items()}
         opt = {k: np.array(v) for k, v in (ckpt.optimizer or {}).items()}
         shuffle = np.random.default_rng()

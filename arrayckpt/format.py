@@ -197,8 +197,9 @@ def _header_bytes(
     """The header's size as `write_file` will write it, to within a few bytes (above)."""
     full = _stamped(meta)
     full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
-    size = len(json.dumps({"__metadata__": full}, separators=(",", ":"),
-                          ensure_ascii=False).encode())
+    size = len(
+        json.dumps({"__metadata__": full}, separators=(",", ":"), ensure_ascii=False).encode()
+    )
     total = sum((d.nbytes(shape) or 0) for _, d, shape in layout)
     offsets = 2 * len(str(total)) + 1
     names = json.dumps([name for name, _, _ in layout], ensure_ascii=False).encode()
@@ -485,11 +486,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> Entry:
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         _fail(path, f"{where}: shape {shape!r} must be a list of non-negative integers")
     offsets = entry["data_offsets"]
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         _fail(path, f"{where}: data_offsets {offsets!r} must be two non-negative integers")
     start, end = offsets
     if start > end:
@@ -509,8 +506,10 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> Entry:
 def _check_coverage(path: Path, entries: Iterable[Entry], data_start: int, size: int) -> None:
     ordered = list(entries)
     # Files are usually written in offset order: sort (a second list of keys) only if not.
-    if any(a.start > b.start or (a.start == b.start and a.end > b.end)
-           for a, b in itertools.pairwise(ordered)):
+    if any(
+        a.start > b.start or (a.start == b.start and a.end > b.end)
+        for a, b in itertools.pairwise(ordered)
+    ):
         ordered.sort(key=lambda e: (e.start, e.end))
     cursor = data_start
     for e in ordered:
@@ -560,9 +559,7 @@ def _parse_checksums(
     return parsed, None
 
 
-def verify_bytes(
-    path: Path, header: Header, name: str, data: Any, crc: int | None = None
-) -> None:
+def verify_bytes(path: Path, header: Header, name: str, data: Any, crc: int | None = None) -> None:
     """Check tensor ``name``'s bytes ``data`` (or their CRC32C ``crc``, computed while
     reading) against the CRC32C recorded in ``header``.
 
@@ -718,9 +715,7 @@ class SafetensorsReader:
         assert self._fd is not None
         lo = e.start - e.start % mmap_module.ALLOCATIONGRANULARITY
         try:
-            m = mmap_module.mmap(
-                self._fd, e.end - lo, access=mmap_module.ACCESS_COPY, offset=lo
-            )
+            m = mmap_module.mmap(self._fd, e.end - lo, access=mmap_module.ACCESS_COPY, offset=lo)
         except OSError as exc:
             raise CheckpointReadError(
                 f"{self.path}: tensor {e.name!r} ({e.end - e.start} bytes) cannot be mapped "
@@ -752,11 +747,18 @@ class SafetensorsReader:
         """
         e = self.header.entries[name]
         if not e.dtype.known:
-            _unreadable(self.path, name, f"unknown dtype {e.dtype.code!r} (from a newer "
-                        "safetensors?); upgrade arrayckpt to read it")
+            _unreadable(
+                self.path,
+                name,
+                f"unknown dtype {e.dtype.code!r} (from a newer "
+                "safetensors?); upgrade arrayckpt to read it",
+            )
         if len(e.shape) > limits.MAX_NDIM:
-            _unreadable(self.path, name, f"{len(e.shape)} dimensions, more than the "
-                        f"{limits.MAX_NDIM} NumPy supports")
+            _unreadable(
+                self.path,
+                name,
+                f"{len(e.shape)} dimensions, more than the {limits.MAX_NDIM} NumPy supports",
+            )
         if verify:
             self.verify(name)
         dtype = e.dtype.numpy

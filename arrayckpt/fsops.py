@@ -238,8 +238,7 @@ _KINDS = {
 _READ_FIXES = {
     errno.ELOOP: "a symbolic link loop; point the link at the real file",
     errno.ENXIO: "not a regular file (a socket?); replace it with the checkpoint file",
-    errno.EMFILE: "too many open files in this process; raise the limit (ulimit -n) "
-    "or close files",
+    errno.EMFILE: "too many open files in this process; raise the limit (ulimit -n) or close files",
     errno.ENFILE: "too many open files on this system; close files and retry",
     errno.ENOMEM: "out of memory; free memory or raise the address-space limit",
     errno.EACCES: "permission denied; fix the file's permissions",

@@ -101,8 +101,18 @@ EXPORT_VALUE = "hf"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 #: Files beside the weights that ``from_pretrained`` reads, copied into the export.
 _CONFIG_FILES = ("config.json", "generation_config.json")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 
 
@@ -236,9 +246,11 @@ def export_hf(
     sizes = {name: e.end - e.start for name, e in entries.items()}
     configs = _config_files(root if config is None else Path(config), required=config is not None)
     shards = _plan(sizes, limit)
-    names = [MODEL_FILE] if len(shards) == 1 else [
-        shard_name(i + 1, len(shards)) for i in range(len(shards))
-    ]
+    names = (
+        [MODEL_FILE]
+        if len(shards) == 1
+        else [shard_name(i + 1, len(shards)) for i in range(len(shards))]
+    )
 
     def produce(name: str) -> Iterable[Any]:
         yield sources[name].array(name, verify=True)  # checked against its CRC32C
@@ -249,9 +261,10 @@ def export_hf(
             layout = [(n, entries[n].dtype, entries[n].shape) for n in members]
             format.write_file_streaming(tmp / file, layout, produce, {EXPORT_KEY: EXPORT_VALUE})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {n: f for f, ms in zip(names, shards, strict=True)
-                                    for n in ms}}
+            index = {
+                "metadata": {"total_size": sum(sizes.values())},
+                "weight_map": {n: f for f, ms in zip(names, shards, strict=True) for n in ms},
+            }
             fs.write_bytes(tmp / INDEX_FILE, json.dumps(index, indent=2).encode() + b"\n")
             fs.fsync_file(tmp / INDEX_FILE)
         for src in configs:

@@ -60,11 +60,14 @@ def kind_of(path: Path) -> str:
     if any(e.step is not None for e in settled_scan(path)):
         return "root"
     misnamed = sorted(p.name for p in path.iterdir() if misnamed_step_dir(p.name))
-    hint = (f"; {', '.join(misnamed[:3])} are not step names the manager reads "
-            f"(`arrayckpt ls {path}` shows how to rename them)" if misnamed else "")
+    hint = (
+        f"; {', '.join(misnamed[:3])} are not step names the manager reads "
+        f"(`arrayckpt ls {path}` shows how to rename them)"
+        if misnamed
+        else ""
+    )
     raise CheckpointNotFoundError(
-        f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs)"
-        f"{hint}"
+        f"{path} is not a checkpoint (no {MODEL_FILE}, {SHARDING_META_FILE} or step_* dirs){hint}"
     )
 
 
@@ -88,8 +91,12 @@ def describe_file(path: Path) -> dict[str, Any]:
         "checksums": header.checksums is not None,
         "nbytes": sum(e.end - e.start for e in entries),
         "tensors": [
-            {"name": e.name, "dtype": e.dtype.code, "shape": list(e.shape),
-             "nbytes": e.end - e.start}
+            {
+                "name": e.name,
+                "dtype": e.dtype.code,
+                "shape": list(e.shape),
+                "nbytes": e.end - e.start,
+            }
             for e in entries
         ],
         "values": {k: _jsonable(v) for k, v in values.items()},
@@ -111,8 +118,11 @@ def describe(path: PathLike) -> dict[str, Any]:
     elif kind == "checkpoint":
         state = TrainingState.read(path / TRAINING_STATE_FILE)
         out["training_state"] = {
-            "version": state.version, "step": state.step, "epoch": state.epoch,
-            "learning_rate": state.learning_rate, "metadata": state.metadata,
+            "version": state.version,
+            "step": state.step,
+            "epoch": state.epoch,
+            "learning_rate": state.learning_rate,
+            "metadata": state.metadata,
         }
         files = [path / MODEL_FILE, path / OPTIMIZER_FILE, path / EXTRA_FILE]
         out["files"] = [describe_file(f) for f in files if f.exists() or f.name == MODEL_FILE]
@@ -203,8 +213,13 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
 def _verify_files(files: list[Path], advance: Callable[[int], None]) -> list[dict[str, Any]]:
     report = []
     for f in files:
-        entry: dict[str, Any] = {"path": str(f), "tensors": 0, "nbytes": 0, "checksums": None,
-                                 "errors": []}
+        entry: dict[str, Any] = {
+            "path": str(f),
+            "tensors": 0,
+            "nbytes": 0,
+            "checksums": None,
+            "errors": [],
+        }
         report.append(entry)
         try:
             if f.suffix == ".json":

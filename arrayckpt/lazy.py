@@ -31,7 +31,10 @@ class LazyState(Mapping[str, Any]):
     """
 
     def __init__(
-        self, reader: format.SafetensorsReader, backend: backends.Backend, device: Any,
+        self,
+        reader: format.SafetensorsReader,
+        backend: backends.Backend,
+        device: Any,
         verify: bool,
     ) -> None:
         self._reader, self._backend = reader, backend

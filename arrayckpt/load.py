@@ -66,7 +66,6 @@ class Checkpoint(_Parts):
         return Checkpoint(**fields)
 
 
-
 def load_state_file(
     path: Path,
     *,
@@ -85,7 +84,9 @@ def load_state_file(
     """
     # eager partial loads read only the header and the requested tensors' byte ranges
     reader = format.SafetensorsReader(
-        path, mmap=mmap, ranges=keys is not None and not mmap,
+        path,
+        mmap=mmap,
+        ranges=keys is not None and not mmap,
         verify_while_reading=verify,
     )
     return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
@@ -244,8 +245,15 @@ def load_checkpoint(
         # mapped: arrays share its pages (in memory on /dev/shm), which outlive its removal.
         with objects.local_copy(str(directory), storage_options) as copy:
             return load_checkpoint(
-                copy, xp=xp, device=device, verify=verify, mmap=True, keys=keys,
-                optimizer=optimizer, into=into, optimizer_into=optimizer_into,
+                copy,
+                xp=xp,
+                device=device,
+                verify=verify,
+                mmap=True,
+                keys=keys,
+                optimizer=optimizer,
+                into=into,
+                optimizer_into=optimizer_into,
             )
     root = Path(storage.local_path(directory))
     options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
@@ -254,7 +262,11 @@ def load_checkpoint(
     return read_consistently(
         root,
         lambda: _load_once(
-            root, options, keys=keys, optimizer=optimizer, into=into,
+            root,
+            options,
+            keys=keys,
+            optimizer=optimizer,
+            into=into,
             optimizer_into=optimizer_into,
         ),
     )
@@ -295,8 +307,13 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 def _load_once(
-    root: Path, options: dict[str, Any], *, keys: Iterable[str] | None, optimizer: bool,
-    into: Any, optimizer_into: Any = None,
+    root: Path,
+    options: dict[str, Any],
+    *,
+    keys: Iterable[str] | None,
+    optimizer: bool,
+    into: Any,
+    optimizer_into: Any = None,
 ) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(
@@ -327,13 +344,18 @@ def _load_once(
         root / MODEL_FILE, mmap=mmap, ranges=keys is not None and not mmap
     )
     model = read_state(
-        reader, xp=options["xp"], device=options["device"], verify=options["verify"],
-        keys=keys, into=into,
+        reader,
+        xp=options["xp"],
+        device=options["device"],
+        verify=options["verify"],
+        keys=keys,
+        into=into,
     )
     opt_path = root / OPTIMIZER_FILE
     opt = (
         load_state_file(opt_path, into=optimizer_into, **options)
-        if optimizer and opt_path.exists() else None
+        if optimizer and opt_path.exists()
+        else None
     )
     extra_path = root / EXTRA_FILE
     extra = load_state_file(extra_path, **options) if extra_path.exists() else None

@@ -194,10 +194,17 @@ class CheckpointManager(ClosesOnExit):
                 self._retain()
                 return done
             # the root is local (URLs are refused above), so the write returns a Path
-            future = cast("Future[Path]", self._checkpointer.save(
-                target, model_state, optimizer_state, training_state, extra=extra,
-                on_commit=lambda _: self._retain(),
-            ))
+            future = cast(
+                "Future[Path]",
+                self._checkpointer.save(
+                    target,
+                    model_state,
+                    optimizer_state,
+                    training_state,
+                    extra=extra,
+                    on_commit=lambda _: self._retain(),
+                ),
+            )
             self._queued = (step, future)
             return future
 
@@ -295,8 +302,15 @@ class CheckpointManager(ClosesOnExit):
 
         def load(path: Path) -> Checkpoint:
             return load_checkpoint(
-                path, xp=xp, device=device, into=into, keys=keys, verify=verify, mmap=mmap,
-                optimizer=optimizer, optimizer_into=optimizer_into,
+                path,
+                xp=xp,
+                device=device,
+                into=into,
+                keys=keys,
+                verify=verify,
+                mmap=mmap,
+                optimizer=optimizer,
+                optimizer_into=optimizer_into,
             )
 
         self.wait()

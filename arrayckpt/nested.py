@@ -31,8 +31,20 @@ _FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 #: NumPy scalar types kept in the tree (as ``{"numpy": [dtype, value]}``), so they come
 #: back as themselves whatever framework the arrays load into; every value is exact in JSON.
 _NUMPY_SCALARS = frozenset(
-    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-     "float16", "float32", "float64"]
+    [
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    ]
 )
 
 
@@ -46,8 +58,14 @@ def is_array(x: Any) -> bool:
         return False
     return any(
         hasattr(x, attr)
-        for attr in ("__dlpack__", "__array_namespace__", "__cuda_array_interface__",
-                     "__array__", "__array_interface__", "untyped_storage")
+        for attr in (
+            "__dlpack__",
+            "__array_namespace__",
+            "__cuda_array_interface__",
+            "__array__",
+            "__array_interface__",
+            "untyped_storage",
+        )
     )
 
 
@@ -268,8 +286,10 @@ def parse(tree: str, *, source: str) -> Node:
         elif kind == "dict" and isinstance(value, list):
             keys: set[tuple[type, Any]] = set()
             for pair in value:
-                ok = isinstance(pair, list) and len(pair) == 2 and (
-                    isinstance(pair[0], str) or type(pair[0]) is int
+                ok = (
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and (isinstance(pair[0], str) or type(pair[0]) is int)
                 )
                 if not ok or (type(pair[0]), pair[0]) in keys:
                     fail(f"holds a malformed or repeated dict entry {str(pair)[:80]}")

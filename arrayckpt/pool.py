@@ -104,7 +104,6 @@ def _after_fork_in_child() -> None:
     _pool = None
 
 
-
 def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
     """Run ``fn`` on a thread of its own (for work that itself uses the pool)."""
     future: Future[T] = Future()

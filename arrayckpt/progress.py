@@ -34,7 +34,11 @@ class Progress:
     """
 
     def __init__(
-        self, label: str, total: int | None = None, *, stream: TextIO | None = None,
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        stream: TextIO | None = None,
         enabled: bool | None = None,
     ) -> None:
         self.label, self.total, self.done = label, total, 0

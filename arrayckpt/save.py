@@ -108,9 +108,7 @@ def write_snapshot(
 
         target = objects.save_files(str(directory), object_files(snap), storage_options)
     else:
-        target = commit_directory(
-            storage.local_path(directory), lambda tmp: write_files(tmp, snap)
-        )
+        target = commit_directory(storage.local_path(directory), lambda tmp: write_files(tmp, snap))
     log.info(
         "saved %s: %d tensors, %.1f MiB in %.3f s",
         target,
@@ -167,5 +165,3 @@ def save_checkpoint(
     """
     snap = take_snapshot(model_state, optimizer_state, training_state, staging=None, extra=extra)
     return write_snapshot(directory, snap, storage_options)
-
-

@@ -149,7 +149,8 @@ def _copy(
     # Host copies are collected and run together at the end, spread across threads.
     with hostcopy.batched():
         return {
-            key: in_slab[key] if key in in_slab
+            key: in_slab[key]
+            if key in in_slab
             else HostTensor(backend.to_host(x, key, dtype, alloc), dtype)
             for key, x, backend, dtype in plan
         }
@@ -231,9 +232,16 @@ def take_snapshot(
     if staging is not None:
         staging.end()
     return Snapshot(
-        model, optimizer, training_state, model_tree, optimizer_tree, model_aliases,
-        optimizer_aliases, borrowed=staging is None,
-        extra=None if extra is None else extra_copy, extra_tree=extra_tree,
+        model,
+        optimizer,
+        training_state,
+        model_tree,
+        optimizer_tree,
+        model_aliases,
+        optimizer_aliases,
+        borrowed=staging is None,
+        extra=None if extra is None else extra_copy,
+        extra_tree=extra_tree,
         extra_aliases=extra_aliases,
     )
 
@@ -253,7 +261,6 @@ def _flatten(
     flat, tree = nested.flatten(state, what=what)
     tied = aliases.find_aliases(flat, what=what)
     return {k: v for k, v in flat.items() if k not in tied}, tree, tied
-
 
 
 def check_key(key: Any, *, what: str) -> str:

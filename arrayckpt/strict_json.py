@@ -27,9 +27,7 @@ def is_uint(x: Any, bound: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound
 
 
-def load_object(
-    text: str | bytes, fail: Callable[[str], NoReturn], **hooks: Any
-) -> dict[str, Any]:
+def load_object(text: str | bytes, fail: Callable[[str], NoReturn], **hooks: Any) -> dict[str, Any]:
     """Parse a JSON object strictly: UTF-8 only (as serde_json: no UTF-16/32, no BOM), no
     duplicate keys; every problem goes to ``fail`` (which raises), RecursionError included.
 

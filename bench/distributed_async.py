@@ -46,17 +46,20 @@ resolve("auto", rank, world)
 group_s = time.perf_counter() - t0
 dist.barrier()
 t0 = time.perf_counter()
-ac.save_distributed_checkpoint(f"{root}/sync", rank, world, model, None, ac.TrainingState(1),
-                               sharding)
+ac.save_distributed_checkpoint(
+    f"{root}/sync", rank, world, model, None, ac.TrainingState(1), sharding
+)
 sync_s = time.perf_counter() - t0
 alone = allreduce_ms(50)
 with ac.AsyncCheckpointer() as ckpt:
     # The first save warms the staging buffers (page faults); the second shows steady state.
-    ckpt.save_distributed(f"{root}/warmup", rank, world, model, None, ac.TrainingState(2),
-                          sharding).result()
+    ckpt.save_distributed(
+        f"{root}/warmup", rank, world, model, None, ac.TrainingState(2), sharding
+    ).result()
     dist.barrier()
-    future = ckpt.save_distributed(f"{root}/async", rank, world, model, None,
-                                   ac.TrainingState(2), sharding)
+    future = ckpt.save_distributed(
+        f"{root}/async", rank, world, model, None, ac.TrainingState(2), sharding
+    )
     stall = ckpt.last_stall_s
     t0 = time.perf_counter()
     during: list[float] = []
@@ -76,6 +79,8 @@ if rank == 0:
     print(f"  asynchronous save, caller's stall:    {stall * 1e3:8.1f} ms  (warm buffers)")
     print(f"  asynchronous save, until committed:   {async_s * 1e3:8.1f} ms")
     print(f"  1 MiB all_reduce alone (median):      {statistics.median(alone):8.2f} ms")
-    print(f"  1 MiB all_reduce during commit (med): {statistics.median(during):8.2f} ms"
-          f"  ({len(during)} calls)")
+    print(
+        f"  1 MiB all_reduce during commit (med): {statistics.median(during):8.2f} ms"
+        f"  ({len(during)} calls)"
+    )
 dist.destroy_process_group()

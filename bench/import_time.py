@@ -26,8 +26,14 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("P
 
 def import_times(code: str) -> dict[str, float]:
     """Cumulative seconds per module for one fresh ``python -X importtime -c code``."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=ENV,
-                          capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     out: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
@@ -39,8 +45,13 @@ def import_times(code: str) -> dict[str, float]:
 
 def help_wall_s() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "arrayckpt", "--help"], env=ENV, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "arrayckpt", "--help"],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return time.perf_counter() - started
 
 
@@ -54,12 +65,15 @@ def main() -> int:
     heaviest = sorted(runs[-1].items(), key=lambda kv: -kv[1])
     top = [(n, s) for n, s in heaviest if "." not in n and n != "arrayckpt"][:6]
     print(f"median of {args.runs} fresh interpreters")
-    print(f"  import arrayckpt        {imported:6.3f} s  (target <= {IMPORT_TARGET_S} s, "
-          "python -X importtime, cumulative)")
-    print(f"  arrayckpt --help        {helped:6.3f} s  (target <= {HELP_TARGET_S} s, "
-          "wall time of the whole process)")
-    print("  heaviest top-level imports (last run): "
-          + ", ".join(f"{n} {s:.3f} s" for n, s in top))
+    print(
+        f"  import arrayckpt        {imported:6.3f} s  (target <= {IMPORT_TARGET_S} s, "
+        "python -X importtime, cumulative)"
+    )
+    print(
+        f"  arrayckpt --help        {helped:6.3f} s  (target <= {HELP_TARGET_S} s, "
+        "wall time of the whole process)"
+    )
+    print("  heaviest top-level imports (last run): " + ", ".join(f"{n} {s:.3f} s" for n, s in top))
     print("  ml_dtypes imported: " + ("yes" if "ml_dtypes" in runs[-1] else "no"))
     met = imported <= IMPORT_TARGET_S and helped <= HELP_TARGET_S
     print("targets met" if met else "target MISSED")

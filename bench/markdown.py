@@ -1,6 +1,6 @@
 """Print a results JSON of bench/run.py as the Markdown tables of docs/performance.md.
 
-    python bench/markdown.py bench/results/bench-cpu-full-....json
+python bench/markdown.py bench/results/bench-cpu-full-....json
 """
 
 from __future__ import annotations

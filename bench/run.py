@@ -168,10 +168,13 @@ def ratios(results: dict[str, dict[str, Any]], workload: str) -> list[str]:
     add("CuPy stall / CuPy get into pinned", cupy_stall, "cupy_d2h_pinned", "stall")
     add("CuPy stall / cupy.asnumpy of each array", cupy_stall, "cupy_asnumpy", "stall")
     add("total (durable) / raw write + fsync", ours_total, "raw_write", "total")
-    add("total (durable) / raw write, disk started early", ours_total,
-        "raw_write_overlapped", "total")
-    for case in ("st_numpy", "st_torch", "torch_save", "dcp_save", "dcp_async",
-                 "dcp_async_pinned"):
+    add(
+        "total (durable) / raw write, disk started early",
+        ours_total,
+        "raw_write_overlapped",
+        "total",
+    )
+    for case in ("st_numpy", "st_torch", "torch_save", "dcp_save", "dcp_async", "dcp_async_pinned"):
         add(f"total / {LABELS[case]} (+fsync)", ours_total, case, "total")
     add(
         "sync save_checkpoint / raw write + fsync",

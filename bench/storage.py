@@ -43,30 +43,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(Path(tmp))
         try:
-            opts = {"endpoint": server.endpoint, "access_key_id": "k",
-                    "secret_access_key": "s", "region": "us-east-1",
-                    "client_options": {"timeout": "300s"}}
+            opts = {
+                "endpoint": server.endpoint,
+                "access_key_id": "k",
+                "secret_access_key": "s",
+                "region": "us-east-1",
+                "client_options": {"timeout": "300s"},
+            }
             store = objects.open_store(parse_url(server.url("x")), opts)
             # 16 tensors of 64 MiB, as a model's large layers
             state = {f"layer{i}": np.ones(nbytes // 16 // 4, np.float32) for i in range(16)}
             blob = np.ones(nbytes, np.uint8)
-            raw_put = _best(lambda i: obstore.put(
-                store, f"raw/{i}", iter([blob.data]), chunk_size=objects.PART_BYTES,
-                max_concurrency=objects.PARTS_IN_FLIGHT), args.repeats)
-            save = _best(lambda i: ac.save_checkpoint(
-                server.url(f"run/step_{i}"), state, storage_options=opts), args.repeats)
+            raw_put = _best(
+                lambda i: obstore.put(
+                    store,
+                    f"raw/{i}",
+                    iter([blob.data]),
+                    chunk_size=objects.PART_BYTES,
+                    max_concurrency=objects.PARTS_IN_FLIGHT,
+                ),
+                args.repeats,
+            )
+            save = _best(
+                lambda i: ac.save_checkpoint(
+                    server.url(f"run/step_{i}"), state, storage_options=opts
+                ),
+                args.repeats,
+            )
 
             def raw_get(i: int) -> None:
                 starts = range(0, nbytes, objects.RANGE_BYTES)
                 from concurrent.futures import ThreadPoolExecutor
+
                 with ThreadPoolExecutor(objects.RANGES_IN_FLIGHT) as pool:
-                    list(pool.map(lambda s: obstore.get_range(
-                        store, f"raw/{i}", start=s, end=min(s + objects.RANGE_BYTES, nbytes)),
-                        starts))
+                    list(
+                        pool.map(
+                            lambda s: obstore.get_range(
+                                store, f"raw/{i}", start=s, end=min(s + objects.RANGE_BYTES, nbytes)
+                            ),
+                            starts,
+                        )
+                    )
 
             get = _best(raw_get, args.repeats)
-            load = _best(lambda i: ac.load_checkpoint(
-                server.url(f"run/step_{i}"), storage_options=opts), args.repeats)
+            load = _best(
+                lambda i: ac.load_checkpoint(server.url(f"run/step_{i}"), storage_options=opts),
+                args.repeats,
+            )
         finally:
             server.stop()
     gib = nbytes / 2**30

@@ -49,8 +49,9 @@ def wait_all(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
 
 
 def read_logs(logs: list[Path]) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in logs
-                     if p.exists())
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.exists()
+    )
 
 
 def results(out: Path, world: int, logs: list[Path]) -> list[dict[str, Any]]:
@@ -69,10 +70,15 @@ def run_torch(out: Path, world: int) -> list[dict[str, Any]]:
         log = out / f"log_{r}.txt"
         logs.append(log)
         with open(log, "wb") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "torch", str(out)], env={**env, "RANK": str(r)},
-                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "torch", str(out)],
+                    env={**env, "RANK": str(r)},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     wait_all(procs, logs)
     return results(out, world, logs)
 
@@ -89,7 +95,10 @@ def run_mpi(out: Path, world: int) -> list[dict[str, Any]]:
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [*mpirun_command(world), sys.executable, str(WORKER), "mpi", str(out)],
-            env=base_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            env=base_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     wait_all([proc], [log])
     return results(out, world, [log])
@@ -103,7 +112,8 @@ def check_sync(res: list[dict[str, Any]]) -> None:
     for r in res:
         assert r["sync"]["ok"], r["sync"]
         assert r["sync"]["committed"] == [f"rank_{i}" for i in range(world)] + [
-            "sharding_meta.json"]
+            "sharding_meta.json"
+        ]
 
 
 def check_given(res: list[dict[str, Any]]) -> None:

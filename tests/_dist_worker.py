@@ -54,14 +54,17 @@ def setup() -> tuple[int, int, Any, Any]:
         def given_group(members: list[int] | None = None) -> Any:
             if members is None:
                 return dist.new_group(backend="gloo")
-            halves = [dist.new_group(list(range(size // 2))),  # every rank builds both
-                      dist.new_group(list(range(size // 2, size)))]
+            halves = [
+                dist.new_group(list(range(size // 2))),  # every rank builds both
+                dist.new_group(list(range(size // 2, size))),
+            ]
             return halves[0] if rank in members else halves[1]
 
         return rank, size, "auto", (allreduce, dist.barrier, given_group)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+
     def mpi_allreduce(flag: float = 0.0) -> float:
         buf = np.full(1024, flag)
         comm.Allreduce(MPI.IN_PLACE, buf)
@@ -82,15 +85,20 @@ def main() -> None:
         try:
             results[name] = {"ok": True, **(fn() or {})}
         except Exception as exc:
-            results[name] = {"ok": False, "type": type(exc).__name__, "error": str(exc),
-                             "trace": traceback.format_exc()}
+            results[name] = {
+                "ok": False,
+                "type": type(exc).__name__,
+                "error": str(exc),
+                "trace": traceback.format_exc(),
+            }
         results[name]["elapsed"] = time.perf_counter() - started
         barrier()
 
     def sync_save() -> dict[str, Any]:
         m, o = state(rank, 1)
-        out = ac.save_distributed_checkpoint(root / "sync", rank, size, m, o,
-                                             ac.TrainingState(1), TP, coordinator=coordinator)
+        out = ac.save_distributed_checkpoint(
+            root / "sync", rank, size, m, o, ac.TrainingState(1), TP, coordinator=coordinator
+        )
         assert (Path(out) / "sharding_meta.json").exists()  # returned only after the commit
         mine = ac.load_distributed_checkpoint(out, rank).model["w"]
         np.testing.assert_array_equal(mine, m["w"])
@@ -108,8 +116,9 @@ def main() -> None:
                 allreduce()
             alone = time.perf_counter() - t0
             m, o = state(rank, 2)
-            future = ckpt.save_distributed(root / "async", rank, size, m, o,
-                                           ac.TrainingState(2), TP, coordinator=coordinator)
+            future = ckpt.save_distributed(
+                root / "async", rank, size, m, o, ac.TrainingState(2), TP, coordinator=coordinator
+            )
             stall = ckpt.last_stall_s
             m["w"] += 100  # after the snapshot: must not reach the checkpoint
             t0 = time.perf_counter()
@@ -123,15 +132,20 @@ def main() -> None:
             future.result(timeout=30)
         got = ac.load_distributed_checkpoint(root / "async", rank).model["w"]
         np.testing.assert_array_equal(got, state(rank, 2)[0]["w"])
-        return {"stall_s": stall, "allreduce_alone_s": alone / 50,
-                "allreduce_during_s": busy / during, "allreduces_during": during}
+        return {
+            "stall_s": stall,
+            "allreduce_alone_s": alone / 50,
+            "allreduce_during_s": busy / during,
+            "allreduces_during": during,
+        }
 
     def fault() -> dict[str, Any]:
         m, o = state(rank, 3)
         fs = FailOnRank1() if rank == 1 else fsops.FileSystem()
         with fsops.use(fs):
-            ac.save_distributed_checkpoint(root / "fault", rank, size, m, o, None, TP,
-                                           coordinator=coordinator, timeout=20)
+            ac.save_distributed_checkpoint(
+                root / "fault", rank, size, m, o, None, TP, coordinator=coordinator, timeout=20
+            )
         return {}
 
     def fault_async() -> dict[str, Any]:
@@ -139,8 +153,17 @@ def main() -> None:
         fs = FailOnRank1() if rank == 1 else fsops.FileSystem()
         ckpt = ac.AsyncCheckpointer()
         with fsops.use(fs):
-            ckpt.save_distributed(root / "fault_async", rank, size, m, o, None, TP,
-                                  coordinator=coordinator, timeout=20)
+            ckpt.save_distributed(
+                root / "fault_async",
+                rank,
+                size,
+                m,
+                o,
+                None,
+                TP,
+                coordinator=coordinator,
+                timeout=20,
+            )
             ckpt.close()  # waits for the write and raises its error
         return {}
 
@@ -148,14 +171,16 @@ def main() -> None:
         if rank == size - 1:
             return {"skipped": True}  # this rank never calls save
         m, o = state(rank, 5)
-        ac.save_distributed_checkpoint(root / "absent", rank, size, m, o, None, TP,
-                                       coordinator=coordinator, timeout=2)
+        ac.save_distributed_checkpoint(
+            root / "absent", rank, size, m, o, None, TP, coordinator=coordinator, timeout=2
+        )
         return {}
 
     def given() -> dict[str, Any]:
         m, o = state(rank, 6)
-        ac.save_distributed_checkpoint(root / "given", rank, size, m, o, None, TP,
-                                       coordinator=given_group())
+        ac.save_distributed_checkpoint(
+            root / "given", rank, size, m, o, None, TP, coordinator=given_group()
+        )
         got = ac.load_distributed_checkpoint(root / "given", 0, world_size=1).model["w"]
         assert got.shape == (2 * size, 8)
         return {}
@@ -166,11 +191,13 @@ def main() -> None:
         group = given_group(list(range(half)))
         sub_rank, which = rank % half, rank // half
         m, o = state(rank, 7)
-        ac.save_distributed_checkpoint(root / f"half{which}", sub_rank, half, m, o, None, TP,
-                                       coordinator=group)
+        ac.save_distributed_checkpoint(
+            root / f"half{which}", sub_rank, half, m, o, None, TP, coordinator=group
+        )
         got = ac.load_distributed_checkpoint(root / f"half{which}", 0, world_size=1).model["w"]
-        np.testing.assert_array_equal(got[:, 0], np.repeat(
-            [r + 7 for r in range(which * half, (which + 1) * half)], 2))
+        np.testing.assert_array_equal(
+            got[:, 0], np.repeat([r + 7 for r in range(which * half, (which + 1) * half)], 2)
+        )
         return {}
 
     scenario("sync", sync_save)

@@ -31,8 +31,7 @@ import strategies  # noqa: E402
 # shared by a test's examples on purpose (each example makes its own subdirectory).
 _QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_QUIET)
-settings.register_profile("stress", max_examples=500, deadline=None,
-                          suppress_health_check=_QUIET)
+settings.register_profile("stress", max_examples=500, deadline=None, suppress_health_check=_QUIET)
 settings.load_profile("stress" if os.environ.get("ARRAYCKPT_STRESS") == "1" else "ci")
 
 

@@ -101,8 +101,11 @@ def translate(log: Log, root: Path, ops: list[faults.Op]) -> Log:
         if op.kind in ("read_bytes", "size", "read_ranges", "open_regular", "read_into"):
             continue
         if op.kind == "makedirs":
-            missing = [p for p in [op.paths[0], *op.paths[0].parents]
-                       if root in p.parents and not _exists(nodes, top, root, p)]
+            missing = [
+                p
+                for p in [op.paths[0], *op.paths[0].parents]
+                if root in p.parents and not _exists(nodes, top, root, p)
+            ]
             for p in reversed(missing):
                 d, name = lookup(p)
                 ino = new(Node(children={}))
@@ -121,8 +124,9 @@ def translate(log: Log, root: Path, ops: list[faults.Op]) -> Log:
             action = Action("sync_dir", (ino_of(op.paths[0]),))
         elif op.kind in ("rename", "exchange"):
             (sd, sn), (dd, dn) = lookup(op.paths[0]), lookup(op.paths[1])
-            action = Action("move" if op.kind == "rename" else "swap", (sd, sn, dd, dn),
-                            tuple(sorted({sd, dd})))
+            action = Action(
+                "move" if op.kind == "rename" else "swap", (sd, sn, dd, dn), tuple(sorted({sd, dd}))
+            )
         elif op.kind in ("remove_tree", "remove_file"):
             d, name = lookup(op.paths[0])
             action = Action("unlink", (d, name), (d,))
@@ -253,8 +257,9 @@ def _states_at(log: Log, at: int) -> Iterator[CrashState]:
         for i in changes:
             if i in chosen or i not in optional:
                 _apply(nodes, done[i])
-        unsynced = [ino for ino in created
-                    if nodes[ino].children is None and ino not in synced_files]
+        unsynced = [
+            ino for ino in created if nodes[ino].children is None and ino not in synced_files
+        ]
         for cut in itertools.product(range(3), repeat=len(unsynced)):
             contents = {}
             for ino, how in zip(unsynced, cut, strict=True):

@@ -186,8 +186,13 @@ def dist_save_loop(target: str, rank: str, port: str, scale: str, seconds: str) 
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=int(rank),
-                            world_size=2, timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=int(rank),
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
     from arrayckpt.distributed import TorchCoordinator
 
     coord = TorchCoordinator(timeout=20)
@@ -222,11 +227,23 @@ def dist_caller_save_loop(target: str, scale: str, first: str = "1") -> None:
         say(f"committed {step}")
 
 
-COMMANDS = {f.__name__.replace("_", "-"): f for f in (
-    save_loop, pending_at_exit, failing_unobserved, exit_during_save, stuck_storage,
-    interrupt_during_save, read_loop, fail_cleanly, save_once, dist_save_loop,
-    dist_read_loop, dist_caller_save_loop,
-)}
+COMMANDS = {
+    f.__name__.replace("_", "-"): f
+    for f in (
+        save_loop,
+        pending_at_exit,
+        failing_unobserved,
+        exit_during_save,
+        stuck_storage,
+        interrupt_during_save,
+        read_loop,
+        fail_cleanly,
+        save_once,
+        dist_save_loop,
+        dist_read_loop,
+        dist_caller_save_loop,
+    )
+}
 
 if __name__ == "__main__":
     COMMANDS[sys.argv[1]](*sys.argv[2:])

@@ -150,8 +150,9 @@ def _record_every_step(cls: type[RecordingFS]) -> type[RecordingFS]:
         if name.startswith("_") or not callable(method) or name in vars(cls):
             continue
 
-        def recorded(self: RecordingFS, *args: Any, _name: str = name, _method: Any = method,
-                     **kwargs: Any) -> Any:
+        def recorded(
+            self: RecordingFS, *args: Any, _name: str = name, _method: Any = method, **kwargs: Any
+        ) -> Any:
             self.step(_name, *[Path(a) for a in args if isinstance(a, (str, os.PathLike))])
             return _method(self, *args, **kwargs)
 
@@ -209,11 +210,11 @@ def step_key(ops: list[Op], index: int) -> StepKey:
     The model and optimizer files are written on two threads, so a step's global index
     varies from run to run; each file's own steps keep their order, so this key does not.
     """
+
     def names(o: Op) -> tuple[str, ...]:
         # Files keep their names from run to run; directories (temporary ones, the test's
         # own) do not, and their steps run on one thread in a fixed order anyway.
-        return tuple(p.name if p.suffix in (".safetensors", ".json") else "<dir>"
-                     for p in o.paths)
+        return tuple(p.name if p.suffix in (".safetensors", ".json") else "<dir>" for p in o.paths)
 
     op = ops[index]
     own = names(op)
@@ -228,8 +229,14 @@ class FaultFS(RecordingFS):
     exactly as itself or as the ``__cause__`` of a `CheckpointWriteError`.
     """
 
-    def __init__(self, fail_at: StepKey, fault: Fault, *,
-                 also: tuple[StepKey, Fault] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fail_at: StepKey,
+        fault: Fault,
+        *,
+        also: tuple[StepKey, Fault] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.fail_at = fail_at
         self.fault = fault
@@ -308,8 +315,9 @@ def optimizer_state(step: int, scale: int = 1) -> dict[str, np.ndarray]:
 
 
 def training_state(step: int) -> ac.TrainingState:
-    return ac.TrainingState(step=step, epoch=step // 10, learning_rate=1e-3,
-                            metadata={"step": str(step)})
+    return ac.TrainingState(
+        step=step, epoch=step // 10, learning_rate=1e-3, metadata={"step": str(step)}
+    )
 
 
 def assert_checkpoint(path: Path, step: int, scale: int = 1) -> None:
@@ -333,16 +341,20 @@ def loaded_step(path: Path, scale: int = 1) -> int:
 def loaded_rank_steps(path: Path, scale: int = 1) -> list[int]:
     """Each rank's step of the distributed checkpoint at ``path``, every array checked."""
     world = ShardingMeta.read(path / SHARDING_META_FILE).world_size
-    return [_check_loaded(path / f"rank_{r}", ac.load_distributed_checkpoint(path, r), scale)
-            for r in range(world)]
+    return [
+        _check_loaded(path / f"rank_{r}", ac.load_distributed_checkpoint(path, r), scale)
+        for r in range(world)
+    ]
 
 
 def _check_loaded(path: Path, loaded: ac.Checkpoint, scale: int) -> int:
     model, optimizer, state = loaded
     step = state.step
     assert state.metadata == {"step": str(step)}, f"{path}: training state {state} is torn"
-    for name, expected in [*model_state(step, scale).items(),
-                           *optimizer_state(step, scale).items()]:
+    for name, expected in [
+        *model_state(step, scale).items(),
+        *optimizer_state(step, scale).items(),
+    ]:
         got = model.get(name, optimizer.get(name) if optimizer else None)
         assert got is not None, f"{path}: {name} missing"
         assert got.dtype == expected.dtype and got.shape == expected.shape, (path, name)
@@ -372,13 +384,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_child(*args: object, env: dict[str, str] | None = None,
-                **popen: Any) -> subprocess.Popen[str]:
+def start_child(
+    *args: object, env: dict[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[str]:
     """Run ``durability_child.py`` with this checkout of arrayckpt importable."""
     return subprocess.Popen(
         [sys.executable, str(CHILD), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env or child_env(), **popen,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or child_env(),
+        **popen,
     )
 
 
@@ -420,8 +436,12 @@ class Saver:
     _ckpt: ac.AsyncCheckpointer | None = field(default=None, repr=False)
 
     def save(self, target: Path, step: int) -> None:
-        args = (target, model_state(step, self.scale), optimizer_state(step, self.scale),
-                training_state(step))
+        args = (
+            target,
+            model_state(step, self.scale),
+            optimizer_state(step, self.scale),
+            training_state(step),
+        )
         if self.name == "sync":
             ac.save_checkpoint(*args)
         elif self.name == "async":
@@ -441,8 +461,14 @@ class Saver:
 
         def rank(r: int, coord: Any) -> Any:
             return ac.save_distributed_checkpoint(
-                target, r, 2, model_state(step, self.scale), optimizer_state(step, self.scale),
-                training_state(step), coordinator=coord)
+                target,
+                r,
+                2,
+                model_state(step, self.scale),
+                optimizer_state(step, self.scale),
+                training_state(step),
+                coordinator=coord,
+            )
 
         out = run_ranks(2, rank, timeout=DIST_TIMEOUT)
         errors = [e for e in out if isinstance(e, BaseException)]
@@ -450,8 +476,7 @@ class Saver:
             # The rank the fault hit raises it as itself or as its cause; the others say
             # which rank failed. Every rank must fail when one does.
             assert len(errors) == 2, f"one rank failed, the other returned: {out}"
-            own = [e for e in errors
-                   if isinstance(e, KeyboardInterrupt) or e.__cause__ is not None]
+            own = [e for e in errors if isinstance(e, KeyboardInterrupt) or e.__cause__ is not None]
             raise (own or errors)[0]
 
     def after_failure(self) -> None:

@@ -35,16 +35,18 @@ def seed_corpus() -> str:
     import arrayckpt as ac
 
     where = Path(tempfile.mkdtemp(prefix="arrayckpt-atheris-"))
-    ac.save_checkpoint(where / "ckpt", {"w": np.ones((2, 3), np.float32),
-                                        "b": np.zeros(0, np.int64)})
+    ac.save_checkpoint(
+        where / "ckpt", {"w": np.ones((2, 3), np.float32), "b": np.zeros(0, np.int64)}
+    )
     (where / "seeds").mkdir()
     (where / "seeds" / "valid").write_bytes((where / "ckpt" / "model.safetensors").read_bytes())
     return str(where / "seeds")
 
 
 def main() -> None:
-    argv = sys.argv if any(not a.startswith("-") for a in sys.argv[1:]) else [
-        *sys.argv, seed_corpus()]
+    argv = (
+        sys.argv if any(not a.startswith("-") for a in sys.argv[1:]) else [*sys.argv, seed_corpus()]
+    )
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
 

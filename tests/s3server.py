@@ -76,9 +76,13 @@ def _wait_ready(server: S3Server) -> None:
     from obstore.store import S3Store
 
     store = S3Store(
-        server.bucket, endpoint=server.endpoint, access_key_id="arrayckpt-test",
-        secret_access_key="arrayckpt-test-secret", region="us-east-1",
-        client_options={"allow_http": True}, retry_config={"max_retries": 0},
+        server.bucket,
+        endpoint=server.endpoint,
+        access_key_id="arrayckpt-test",
+        secret_access_key="arrayckpt-test-secret",
+        region="us-east-1",
+        client_options={"allow_http": True},
+        retry_config={"max_retries": 0},
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     last: Exception | None = None
@@ -104,11 +108,13 @@ def _create_bucket(server: S3Server) -> None:
 
     boundary = "arrayckpt"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-        f"filename=\".keep\"\r\n\r\n\r\n--{boundary}--\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename=".keep"\r\n\r\n\r\n--{boundary}--\r\n'
     ).encode()
     request = urllib.request.Request(
-        f"{server.filer}/buckets/{server.bucket}/.arrayckpt-keep", data=body, method="POST",
+        f"{server.filer}/buckets/{server.bucket}/.arrayckpt-keep",
+        data=body,
+        method="POST",
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
     urllib.request.urlopen(request, timeout=10).close()
@@ -124,18 +130,32 @@ def start_server(tmp: Path) -> S3Server:
     data = tmp / "weed"
     data.mkdir()
     command = [
-        weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={mg}",
-        f"-volume.port={volume}", f"-volume.port.grpc={vg}",
-        f"-filer.port={filer}", f"-filer.port.grpc={fg}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={sg}",
+        weed,
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={mg}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={vg}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={fg}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={sg}",
         # the Iceberg and Lance listeners would take fixed ports: two servers would clash
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=512", "-volume.max=0",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=512",
+        "-volume.max=0",
     ]
     server = S3Server(
-        endpoint=f"http://127.0.0.1:{s3}", filer=f"http://127.0.0.1:{filer}",
-        bucket=f"b{uuid.uuid4().hex[:10]}", command=command, log=tmp / "weed.log",
+        endpoint=f"http://127.0.0.1:{s3}",
+        filer=f"http://127.0.0.1:{filer}",
+        bucket=f"b{uuid.uuid4().hex[:10]}",
+        command=command,
+        log=tmp / "weed.log",
     )
     server.start()
     return server

@@ -45,8 +45,18 @@ XP_NAMES = {
 
 # array_api_strict implements the standard's dtypes only (no float16, BF16 or float8).
 _STRICT_NAMES = {
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float32", "float64", "complex64",
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float32",
+    "float64",
+    "complex64",
 }
 # CuPy has no BF16/float8 types of its own.
 _CUPY_NAMES = _STRICT_NAMES | {"float16"}
@@ -120,7 +130,8 @@ def backend_dtypes(backend: str) -> frozenset[str]:
         import torch
 
         return frozenset(
-            c for c in codes
+            c
+            for c in codes
             if isinstance(getattr(torch, ac_dtypes.BY_CODE[c].name, None), torch.dtype)
         )
     if backend == "array_api_strict":
@@ -204,8 +215,10 @@ def to_backend(
         import jax.numpy as jnp
 
         out = jnp.asarray(np.asarray(a, order="C"))
-        assert out.dtype == a.dtype, (f"JAX changed {a.dtype} to {out.dtype}: a test with "
-                                     "64-bit JAX arrays takes the jax_x64 fixture")
+        assert out.dtype == a.dtype, (
+            f"JAX changed {a.dtype} to {out.dtype}: a test with "
+            "64-bit JAX arrays takes the jax_x64 fixture"
+        )
         return out
     if backend == "cupy":
         import cupy
@@ -315,7 +328,8 @@ def tensor_names(max_size: int = 40) -> st.SearchStrategy[str]:
     )
     dotted = st.lists(
         st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8),
-        min_size=2, max_size=6,
+        min_size=2,
+        max_size=6,
     ).map(".".join)
     long = st.integers(200, 1000).map(lambda n: ("layer." * n)[:n] + "w")
     return st.one_of(text, dotted, long).filter(lambda s: s != "__metadata__")

@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(code: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-        text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -63,9 +67,15 @@ def test_a_framework_is_imported_only_when_asked_for() -> None:
     assert loaded == "['torch']"
 
 
-@pytest.mark.parametrize(("backend", "expected"), [
-    ("numpy", "numpy"), ("torch", "torch"), ("array_api_strict", "array-api"), ("jax", "array-api"),
-])
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("numpy", "numpy"),
+        ("torch", "torch"),
+        ("array_api_strict", "array-api"),
+        ("jax", "array-api"),
+    ],
+)
 def test_for_array_picks_the_adapter(backend: str, expected: str) -> None:
     if backend not in cpu_backends():
         pytest.skip(f"{backend} is not installed")
@@ -77,8 +87,9 @@ def test_numpy_scalars_are_zero_d_arrays() -> None:
     assert backends.for_array(np.float32(1.5), "k").name == "numpy"
 
 
-@pytest.mark.parametrize("value", [1, 1.0, "s", None, [1], (1,), b"x", object(), memoryview(b"x")],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "value", [1, 1.0, "s", None, [1], (1,), b"x", object(), memoryview(b"x")], ids=repr
+)
 def test_non_arrays_name_key_and_type(value: object) -> None:
     with pytest.raises(ac.UnsupportedArrayError) as info:
         backends.for_array(value, "layer.0")
@@ -86,11 +97,21 @@ def test_non_arrays_name_key_and_type(value: object) -> None:
     assert type(value).__qualname__ in str(info.value)
 
 
-@pytest.mark.parametrize(("xp", "name"), [
-    (None, "numpy"), ("numpy", "numpy"), ("np", "numpy"), (np, "numpy"),
-    ("torch", "torch"), ("array_api_strict", "array-api"), ("jax", "array-api"),
-    ("jnp", "array-api"), ("jax.numpy", "array-api"), ("array_api_compat.numpy", "numpy"),
-])
+@pytest.mark.parametrize(
+    ("xp", "name"),
+    [
+        (None, "numpy"),
+        ("numpy", "numpy"),
+        ("np", "numpy"),
+        (np, "numpy"),
+        ("torch", "torch"),
+        ("array_api_strict", "array-api"),
+        ("jax", "array-api"),
+        ("jnp", "array-api"),
+        ("jax.numpy", "array-api"),
+        ("array_api_compat.numpy", "numpy"),
+    ],
+)
 def test_for_namespace(xp: object, name: str) -> None:
     module = {"np": "numpy", "jax": "jax", "jnp": "jax"}.get(str(xp), str(xp))
     if isinstance(xp, str) and not importable(module.partition(".")[0]):

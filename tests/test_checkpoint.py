@@ -80,8 +80,9 @@ def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) ->
         if code not in backend_dtypes(backend):
             continue
         for layout in ("c", "fortran", "strided", "reversed", "big_endian"):
-            path = ac.save_checkpoint(tmp_path / f"{backend}_{layout}_{i}",
-                                      {"t": to_backend(a, backend, layout)})
+            path = ac.save_checkpoint(
+                tmp_path / f"{backend}_{layout}_{i}", {"t": to_backend(a, backend, layout)}
+            )
             _check_loads(path, {"t": a})
 
 
@@ -89,7 +90,10 @@ def test_every_dtype_every_backend_saves_and_loads(tmp_path: Path, code: str) ->
 @pytest.mark.usefixtures("jax_x64")
 @given(state=states(min_size=1), opt=states(), layout=layouts(), data=st.data())
 def test_mixed_frameworks_in_one_mapping(
-    tmp_path: Path, state: dict[str, np.ndarray], opt: dict[str, np.ndarray], layout: str,
+    tmp_path: Path,
+    state: dict[str, np.ndarray],
+    opt: dict[str, np.ndarray],
+    layout: str,
     data: st.DataObject,
 ) -> None:
     def mixed(s: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -174,8 +178,7 @@ def test_xp_strict_namespace_and_device(tmp_path: Path) -> None:
     assert m["a"].device == xs.Device("CPU_DEVICE")
     assert_same_array(m["a"], a)
     with pytest.raises(ac.UnsupportedArrayError, match=r"tensor 'h'.*float16"):
-        ac.load_checkpoint(ac.save_checkpoint(tmp_path / "h", {"h": a.astype(np.float16)}),
-                           xp=xs)
+        ac.load_checkpoint(ac.save_checkpoint(tmp_path / "h", {"h": a.astype(np.float16)}), xp=xs)
 
 
 def test_jax_without_x64_refuses_instead_of_truncating(tmp_path: Path) -> None:
@@ -193,8 +196,14 @@ def test_jax_without_x64_refuses_instead_of_truncating(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("xp", "device"),
-    [(None, "cuda"), (None, "tpu:0"), ("torch", "not-a-device"), ("torch", 3.5),
-     ("array_api_strict", "not-a-device"), ("jax", "not-a-device")],
+    [
+        (None, "cuda"),
+        (None, "tpu:0"),
+        ("torch", "not-a-device"),
+        ("torch", 3.5),
+        ("array_api_strict", "not-a-device"),
+        ("jax", "not-a-device"),
+    ],
 )
 def test_bad_device_is_invalid_input(tmp_path: Path, xp: str | None, device: Any) -> None:
     if xp is not None:
@@ -243,21 +252,31 @@ def test_non_array_value_named_before_anything_is_written(ckpt_dir: Path, value:
 def _unsupported_values() -> list[tuple[Any, str]]:
     """(value, what the message must name besides the tensor)."""
     values: list[tuple[Any, str]] = [
-        (np.zeros(2, np.complex128), "complex128"), (np.array([object()]), "object"),
-        (np.array(["a"]), "str"), (np.zeros(2, "M8[s]"), "datetime64"),
-        (np.zeros(2, [("a", "f4")]), "void"), (np.zeros(2, np.longdouble), "float"),
+        (np.zeros(2, np.complex128), "complex128"),
+        (np.array([object()]), "object"),
+        (np.array(["a"]), "str"),
+        (np.zeros(2, "M8[s]"), "datetime64"),
+        (np.zeros(2, [("a", "f4")]), "void"),
+        (np.zeros(2, np.longdouble), "float"),
         (np.ma.masked_array([1.0, 2.0], mask=[0, 1]), "mask"),
     ]
     try:
         import torch
     except ImportError:
         return values
-    return [*values, (torch.zeros(2, dtype=torch.complex128), "torch.complex128"),
-            (torch.zeros(2).to_sparse(), "sparse"), (torch.zeros(2, device="meta"), "meta")]
+    return [
+        *values,
+        (torch.zeros(2, dtype=torch.complex128), "torch.complex128"),
+        (torch.zeros(2).to_sparse(), "sparse"),
+        (torch.zeros(2, device="meta"), "meta"),
+    ]
 
 
-@pytest.mark.parametrize(("value", "named"), _unsupported_values(),
-                         ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+@pytest.mark.parametrize(
+    ("value", "named"),
+    _unsupported_values(),
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
 def test_unsupported_dtype_names_tensor_and_dtype(ckpt_dir: Path, value: Any, named: str) -> None:
     with pytest.raises(ac.UnsupportedArrayError) as info:
         ac.save_checkpoint(ckpt_dir, {"good": np.zeros(1)}, {"opt.state": value})
@@ -266,8 +285,7 @@ def test_unsupported_dtype_names_tensor_and_dtype(ckpt_dir: Path, value: Any, na
     assert not ckpt_dir.exists()
 
 
-@pytest.mark.parametrize("key", ["", "a\x00b", "__metadata__", "\ud800"],
-                         ids=repr)
+@pytest.mark.parametrize("key", ["", "a\x00b", "__metadata__", "\ud800"], ids=repr)
 def test_bad_keys_are_invalid_input(ckpt_dir: Path, key: Any) -> None:
     with pytest.raises(ac.InvalidInputError, match="key"):
         ac.save_checkpoint(ckpt_dir, {key: np.zeros(1)})
@@ -376,14 +394,16 @@ def test_parameters_state_dict_and_memmap(tmp_path: Path) -> None:
     layer = torch.nn.Linear(3, 2)
     mm = np.memmap(tmp_path / "mm.bin", dtype=np.float32, mode="w+", shape=(4,))
     mm[:] = 5
-    state = {"weight": layer.weight, **{f"sd.{k}": v for k, v in layer.state_dict().items()},
-             "mm": mm}
+    state = {
+        "weight": layer.weight,
+        **{f"sd.{k}": v for k, v in layer.state_dict().items()},
+        "mm": mm,
+    }
     ac.save_checkpoint(tmp_path / "c", state)
     model, _, _ = ac.load_checkpoint(tmp_path / "c", xp=torch)
     assert torch.equal(model["weight"], layer.weight.detach())
     assert torch.equal(model["sd.bias"], layer.bias.detach())
     assert model["mm"].tolist() == [5.0] * 4
-
 
 
 class RangeLog(fsops.FileSystem):
@@ -426,10 +446,18 @@ def test_eager_partial_load_still_verifies_checksums(tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(dtypes(), shapes(max_dims=3, max_side=4), layouts()), min_size=2,
-                max_size=12).flatmap(lambda specs: st.tuples(*(
-                    arrays(code, shape).map(lambda a, lay=lay: with_layout(a, lay))
-                    for code, shape, lay in specs))))
+@given(
+    st.lists(
+        st.tuples(dtypes(), shapes(max_dims=3, max_side=4), layouts()), min_size=2, max_size=12
+    ).flatmap(
+        lambda specs: st.tuples(
+            *(
+                arrays(code, shape).map(lambda a, lay=lay: with_layout(a, lay))
+                for code, shape, lay in specs
+            )
+        )
+    )
+)
 def test_small_arrays_share_one_slab_and_keep_their_bytes(arrays_: tuple[np.ndarray, ...]) -> None:
     from arrayckpt.snapshot import take_snapshot
     from arrayckpt.staging import StagingPool
@@ -458,9 +486,14 @@ def test_small_arrays_are_copied_into_one_reused_slab() -> None:
     from arrayckpt.snapshot import take_snapshot
     from arrayckpt.staging import StagingPool
 
-    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32),
-             "m": np.array([True, False]), "s": np.array(2.5),
-             "big_endian": np.arange(3, dtype=">i4"), "strided": np.arange(8)[::2]}
+    state = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.ones(3, np.float32),
+        "m": np.array([True, False]),
+        "s": np.array(2.5),
+        "big_endian": np.arange(3, dtype=">i4"),
+        "strided": np.arange(8)[::2],
+    }
     pool = StagingPool()
     first = take_snapshot(state, None, None, staging=pool).model
     second = take_snapshot(state, None, None, staging=pool).model
@@ -511,7 +544,9 @@ def test_ctrl_c_during_a_synchronous_save_leaves_no_temporary_directory(tmp_path
     trials = 40
     child = subprocess.Popen(
         [sys.executable, "-c", SIGINT_CHILD, str(tmp_path / "root"), str(trials)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
     )
     assert child.stdout is not None
     answers = []

@@ -21,18 +21,30 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("P
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "arrayckpt", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "arrayckpt", *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 @pytest.fixture
 def ckpt(tmp_path):
     model = {"embed.weight": np.ones((4, 8), np.float32), "head.bias": np.zeros(3, np.float16)}
-    opt = {"state": {0: {"m": np.zeros((4, 8), np.float32)}},
-           "param_groups": [{"lr": 0.01, "betas": (0.9, 0.99)}]}
+    opt = {
+        "state": {0: {"m": np.zeros((4, 8), np.float32)}},
+        "param_groups": [{"lr": 0.01, "betas": (0.9, 0.99)}],
+    }
     path = tmp_path / "ckpt"
-    ac.save_checkpoint(path, model, opt,
-                       ac.TrainingState(step=42, epoch=3, learning_rate=0.01, metadata={"a": "b"}))
+    ac.save_checkpoint(
+        path,
+        model,
+        opt,
+        ac.TrainingState(step=42, epoch=3, learning_rate=0.01, metadata={"a": "b"}),
+    )
     return path
 
 
@@ -58,8 +70,10 @@ def test_inspect_json(ckpt):
     doc = json.loads(cli("inspect", ckpt, "--json").stdout)
     assert doc["training_state"]["step"] == 42 and doc["training_state"]["metadata"] == {"a": "b"}
     model, opt = doc["files"]
-    assert {t["name"]: t["shape"] for t in model["tensors"]} == {"embed.weight": [4, 8],
-                                                                 "head.bias": [3]}
+    assert {t["name"]: t["shape"] for t in model["tensors"]} == {
+        "embed.weight": [4, 8],
+        "head.bias": [3],
+    }
     assert opt["nested"] and opt["values"]["param_groups.0.betas.1"] == 0.99
 
 
@@ -105,11 +119,17 @@ def test_ls_lists_complete_incomplete_and_temporary_steps(tmp_path):
     out = cli("ls", tmp_path)
     assert out.returncode == 0
     rows = [line.split() for line in out.stdout.splitlines()[2:]]
-    assert [(r[0], r[1]) for r in rows] == [("100", "complete"), ("200", "incomplete"),
-                                            ("-", "temporary")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("100", "complete"),
+        ("200", "incomplete"),
+        ("-", "temporary"),
+    ]
     doc = json.loads(cli("ls", tmp_path, "--json").stdout)
     assert [(e["step"], e["status"], e["pid"]) for e in doc] == [
-        (100, "complete", None), (200, "incomplete", None), (None, "temporary", os.getpid())]
+        (100, "complete", None),
+        (200, "incomplete", None),
+        (None, "temporary", os.getpid()),
+    ]
     assert cli("verify", tmp_path).returncode == 0  # a root: every complete step
 
 
@@ -117,8 +137,13 @@ def on_a_terminal(*args: object) -> tuple[int, str]:
     """Run the CLI with stderr on a pseudo-terminal; its exit status and what stderr showed."""
     primary, secondary = pty.openpty()
     try:
-        proc = subprocess.run([sys.executable, "-m", "arrayckpt", *map(str, args)], env=ENV,
-                              stdout=subprocess.PIPE, stderr=secondary, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "arrayckpt", *map(str, args)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            timeout=120,
+        )
         os.close(secondary)
         secondary = -1
         chunks = []
@@ -147,11 +172,16 @@ def tensor_parallel(src: Path, names: int = 1) -> np.ndarray:
     full = np.arange(8, dtype=np.float32)
     split = {f"layers.{i}.attention.query_key_value.weight": 0 for i in range(names)}
     for rank in range(2):
-        model = {name: full[rank * 4:(rank + 1) * 4] for name in split}
+        model = {name: full[rank * 4 : (rank + 1) * 4] for name in split}
         ac.save_distributed_checkpoint(
-            src, rank, 2, {"w": full[rank * 4:(rank + 1) * 4], **model,
-                           "b": np.ones(2, np.float32)}, None,
-            ac.TrainingState(step=5), ac.ShardingConfig(ac.TensorParallel(), {"w": 0, **split}))
+            src,
+            rank,
+            2,
+            {"w": full[rank * 4 : (rank + 1) * 4], **model, "b": np.ones(2, np.float32)},
+            None,
+            ac.TrainingState(step=5),
+            ac.ShardingConfig(ac.TensorParallel(), {"w": 0, **split}),
+        )
     return full
 
 
@@ -213,8 +243,14 @@ def test_consolidate_merges_a_sharded_checkpoint(tmp_path):
     full = np.arange(8, dtype=np.float32)
     for rank in range(2):
         ac.save_distributed_checkpoint(
-            src, rank, 2, {"w": full[rank * 4:(rank + 1) * 4], "b": np.ones(2, np.float32)}, None,
-            ac.TrainingState(step=5), ac.ShardingConfig(ac.TensorParallel(), {"w": 0}))
+            src,
+            rank,
+            2,
+            {"w": full[rank * 4 : (rank + 1) * 4], "b": np.ones(2, np.float32)},
+            None,
+            ac.TrainingState(step=5),
+            ac.ShardingConfig(ac.TensorParallel(), {"w": 0}),
+        )
     out = cli("consolidate", src, dst)
     assert out.returncode == 0, out.stderr
     assert f"consolidated {src} into {dst}: 2 tensors, 40 B" in out.stdout
@@ -223,8 +259,13 @@ def test_consolidate_merges_a_sharded_checkpoint(tmp_path):
 
 def test_demo_without_dir_leaves_nothing_behind(tmp_path):
     env = {**ENV, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "arrayckpt", "demo", "--steps", "200"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "arrayckpt", "demo", "--steps", "200"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "resumed from step_00000150" in out.stdout and "--dir" in out.stdout
     assert list(tmp_path.iterdir()) == []
@@ -236,8 +277,11 @@ def test_demo_runs_and_leaves_a_manager_root(tmp_path):
     assert "resumed from step_00000150" in out.stdout
     assert "step  151  loss" in out.stdout and "(bit-identical to before the crash)" in out.stdout
     listed = json.loads(cli("ls", tmp_path, "--json").stdout)
-    assert [(e["step"], e["status"]) for e in listed] == [(100, "complete"), (150, "complete"),
-                                                            (200, "complete")]
+    assert [(e["step"], e["status"]) for e in listed] == [
+        (100, "complete"),
+        (150, "complete"),
+        (200, "complete"),
+    ]
     assert cli("verify", tmp_path).returncode == 0
 
 
@@ -262,8 +306,11 @@ def test_inspect_and_verify_a_sharded_checkpoint(tmp_path):
     """A sharded layout built by hand (rank_N/ + sharding_meta.json), as boostr writes it."""
     root = tmp_path / "sharded"
     for rank in range(2):
-        ac.save_checkpoint(root / f"rank_{rank}", {"w": np.full(2, rank, np.float32)},
-                           training_state=ac.TrainingState(step=9))
+        ac.save_checkpoint(
+            root / f"rank_{rank}",
+            {"w": np.full(2, rank, np.float32)},
+            training_state=ac.TrainingState(step=9),
+        )
     meta = {"version": 2, "world_size": 2, "strategy": "TensorParallel", "split_dims": {"w": 0}}
     (root / "sharding_meta.json").write_text(json.dumps(meta))
     doc = json.loads(cli("inspect", root, "--json").stdout)

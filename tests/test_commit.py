@@ -28,8 +28,13 @@ from arrayckpt.layout import (
 class RecordingFS(FileSystem):
     """The real file system, logging every step and failing the ``fail_at``-th ``method`` call."""
 
-    def __init__(self, fail: str | None = None, fail_at: int = 1,
-                 exc: BaseException | None = None, no_exchange: bool = False) -> None:
+    def __init__(
+        self,
+        fail: str | None = None,
+        fail_at: int = 1,
+        exc: BaseException | None = None,
+        no_exchange: bool = False,
+    ) -> None:
         self.calls: list[tuple[str, str]] = []
         self.fail, self.fail_at, self.no_exchange = fail, fail_at, no_exchange
         self.exc = exc if exc is not None else OSError(errno.EIO, "injected I/O error")
@@ -49,8 +54,9 @@ class RecordingFS(FileSystem):
         self._step("mkdir", path)
         super().mkdir(path)
 
-    def write_safetensors(self, path: Path, specs: Mapping[str, Any],
-                          metadata: Mapping[str, str]) -> None:
+    def write_safetensors(
+        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
+    ) -> None:
         self._step("write_safetensors", path)
         super().write_safetensors(path, specs, metadata)
 
@@ -244,16 +250,26 @@ def test_bad_input_leaves_previous_checkpoint(ckpt_dir: Path) -> None:
     with pytest.raises(ac.UnsupportedArrayError):
         ac.save_checkpoint(ckpt_dir, {"w": np.zeros(2), "x": object()})
     with pytest.raises(ac.InvalidInputError):
-        ac.save_checkpoint(ckpt_dir, {"w": np.zeros(2)},
-                           training_state=ac.TrainingState(1, learning_rate=float("nan")))
+        ac.save_checkpoint(
+            ckpt_dir,
+            {"w": np.zeros(2)},
+            training_state=ac.TrainingState(1, learning_rate=float("nan")),
+        )
     assert_old(ckpt_dir)
     assert debris(ckpt_dir.parent) == []
 
 
 _FAULTS = [
-    ("mkdir", 1), ("write_safetensors", 1), ("write_safetensors", 2), ("write_bytes", 1),
-    ("fsync_file", 1), ("fsync_file", 2), ("fsync_file", 3), ("fsync_dir", 1),
-    ("exchange", 1), ("fsync_dir", 2),
+    ("mkdir", 1),
+    ("write_safetensors", 1),
+    ("write_safetensors", 2),
+    ("write_bytes", 1),
+    ("fsync_file", 1),
+    ("fsync_file", 2),
+    ("fsync_file", 3),
+    ("fsync_dir", 1),
+    ("exchange", 1),
+    ("fsync_dir", 2),
 ]
 
 
@@ -292,7 +308,7 @@ def test_failed_fsync_aborts_and_is_never_retried(ckpt_dir: Path, method: str) -
     with fsops.use(fs), pytest.raises(ac.CheckpointWriteError):
         save_new(ckpt_dir)
     failed = next(i for i, (m, _) in enumerate(fs.calls) if m == method)
-    after = fs.calls[failed + 1:]
+    after = fs.calls[failed + 1 :]
     assert fs.calls[failed] not in after, fs.calls  # not retried
     # Nothing is committed after the failure (the other file's write may still finish:
     # model and optimizer files are written concurrently).
@@ -329,8 +345,9 @@ def test_interrupt_during_write_cleans_up_and_propagates(ckpt_dir: Path) -> None
     assert debris(ckpt_dir.parent) == []
 
 
-def test_failure_removing_the_old_copy_is_not_an_error(ckpt_dir: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_failure_removing_the_old_copy_is_not_an_error(
+    ckpt_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     save_old(ckpt_dir)
     fs = RecordingFS(fail="remove_tree")
     with fsops.use(fs):

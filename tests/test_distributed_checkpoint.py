@@ -53,8 +53,14 @@ def save_tp(directory: Path, n: int) -> None:
     sharding = ac.ShardingConfig(ac.TensorParallel(), SPLIT)
     for r in range(n):
         ac.save_distributed_checkpoint(
-            directory, r, n, shard(model, r, n), shard(optimizer, r, n),
-            ac.TrainingState(300, epoch=2), sharding, coordinator=None,
+            directory,
+            r,
+            n,
+            shard(model, r, n),
+            shard(optimizer, r, n),
+            ac.TrainingState(300, epoch=2),
+            sharding,
+            coordinator=None,
         )
 
 
@@ -70,15 +76,31 @@ def save_zero(directory: Path, n: int) -> None:
         if n > 1:
             mine["shared.bias"] = np.ones(3, np.float32)  # every rank holds it: replicated
         opt = {f"exp_avg.{k}": v * 2 for k, v in mine.items()}
-        ac.save_distributed_checkpoint(directory, r, n, mine, opt, ac.TrainingState(7),
-                                       ac.ShardingConfig(ac.ZeroPartitioned(3)), coordinator=None)
+        ac.save_distributed_checkpoint(
+            directory,
+            r,
+            n,
+            mine,
+            opt,
+            ac.TrainingState(7),
+            ac.ShardingConfig(ac.ZeroPartitioned(3)),
+            coordinator=None,
+        )
 
 
 def save_replicated(directory: Path, n: int) -> None:
     model, optimizer = global_state()
     for r in range(n):
-        ac.save_distributed_checkpoint(directory, r, n, model, optimizer, ac.TrainingState(1),
-                                       ac.ShardingConfig(ac.Replicated()), coordinator=None)
+        ac.save_distributed_checkpoint(
+            directory,
+            r,
+            n,
+            model,
+            optimizer,
+            ac.TrainingState(1),
+            ac.ShardingConfig(ac.Replicated()),
+            coordinator=None,
+        )
 
 
 def assert_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -92,8 +114,12 @@ def test_boostr_layout_and_same_topology_round_trip(tmp_path: Path) -> None:
     save_tp(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1", "sharding_meta.json"]
     meta = json.loads((tmp_path / "sharding_meta.json").read_text())
-    assert meta == {"version": 2, "world_size": 2, "strategy": "TensorParallel",
-                    "split_dims": {"attn.wq": 0, "mlp.w1": 1}}
+    assert meta == {
+        "version": 2,
+        "world_size": 2,
+        "strategy": "TensorParallel",
+        "split_dims": {"attn.wq": 0, "mlp.w1": 1},
+    }
     model, optimizer = global_state()
     for r in range(2):
         m, o, s = ac.load_distributed_checkpoint(tmp_path, r)
@@ -175,7 +201,8 @@ def test_reshard_tensor_parallel_matches_consolidation(tmp_path: Path, n: int, m
             if name in SPLIT:
                 for r, piece in enumerate(pieces):  # each rank's even slice
                     np.testing.assert_array_equal(
-                        piece, np.array_split(full, m, axis=SPLIT[name])[r])
+                        piece, np.array_split(full, m, axis=SPLIT[name])[r]
+                    )
                 np.testing.assert_array_equal(np.concatenate(pieces, axis=SPLIT[name]), full)
             else:
                 for piece in pieces:
@@ -184,9 +211,7 @@ def test_reshard_tensor_parallel_matches_consolidation(tmp_path: Path, n: int, m
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 1), (1, 2), (2, 4), (4, 2), (3, 2)])
-def test_reshard_zero_partitions_keys_against_consolidation(
-    tmp_path: Path, n: int, m: int
-) -> None:
+def test_reshard_zero_partitions_keys_against_consolidation(tmp_path: Path, n: int, m: int) -> None:
     save_zero(tmp_path / "z", n)
     ac.consolidate_checkpoint(tmp_path / "z", tmp_path / "merged")
     merged = ac.load_checkpoint(tmp_path / "merged")
@@ -244,8 +269,16 @@ def test_resharding_reads_only_needed_byte_ranges(tmp_path: Path, dim: int) -> N
     big = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)  # 256 KiB
     sharding = ac.ShardingConfig(ac.TensorParallel(), {"w": dim})
     for r, part in enumerate(np.array_split(big, 2, axis=dim)):
-        ac.save_distributed_checkpoint(tmp_path, r, 2, {"w": np.ascontiguousarray(part)}, None,
-                                       None, sharding, coordinator=None)
+        ac.save_distributed_checkpoint(
+            tmp_path,
+            r,
+            2,
+            {"w": np.ascontiguousarray(part)},
+            None,
+            None,
+            sharding,
+            coordinator=None,
+        )
     files = sum(p.stat().st_size for p in tmp_path.glob("rank_*/model.safetensors"))
     with fsops.use(CountingFS()) as counting:
         w = ac.load_distributed_checkpoint(tmp_path, 1, world_size=4).model["w"]
@@ -260,14 +293,18 @@ def test_consolidation_memory_is_about_one_merged_tensor(tmp_path: Path) -> None
     sharding = ac.ShardingConfig(ac.TensorParallel(), {f"t{i}": 1 for i in range(n_tensors)})
     full = {f"t{i}": np.full(shape, i, np.float32) for i in range(n_tensors)}
     for r in range(2):
-        ac.save_distributed_checkpoint(tmp_path / "tp", r, 2, shard_all(full, r), None, None,
-                                       sharding, coordinator=None)
+        ac.save_distributed_checkpoint(
+            tmp_path / "tp", r, 2, shard_all(full, r), None, None, sharding, coordinator=None
+        )
     del full
     calls: list[tuple[int, int]] = []
     tracemalloc.start()
     try:
-        ac.consolidate_checkpoint(tmp_path / "tp", tmp_path / "merged",
-                                  progress=lambda done, total: calls.append((done, total)))
+        ac.consolidate_checkpoint(
+            tmp_path / "tp",
+            tmp_path / "merged",
+            progress=lambda done, total: calls.append((done, total)),
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -286,10 +323,12 @@ def shard_all(full: dict[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
 
 def test_consolidation_refuses_missing_shard(tmp_path: Path) -> None:
     sharding = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
-    ac.save_distributed_checkpoint(tmp_path, 0, 2, {"w": np.ones(2), "b": np.ones(1)}, None,
-                                   None, sharding, coordinator=None)
-    ac.save_distributed_checkpoint(tmp_path, 1, 2, {"b": np.ones(1)}, None, None, sharding,
-                                   coordinator=None)
+    ac.save_distributed_checkpoint(
+        tmp_path, 0, 2, {"w": np.ones(2), "b": np.ones(1)}, None, None, sharding, coordinator=None
+    )
+    ac.save_distributed_checkpoint(
+        tmp_path, 1, 2, {"b": np.ones(1)}, None, None, sharding, coordinator=None
+    )
     with pytest.raises(CorruptCheckpointError, match=r"'w'.*rank_1/model.safetensors"):
         ac.consolidate_checkpoint(tmp_path, tmp_path.parent / "out")
     assert not (tmp_path.parent / "out").exists()
@@ -299,17 +338,27 @@ def test_consolidation_refuses_missing_shard(tmp_path: Path) -> None:
 
 def test_consolidation_refuses_inconsistent_shapes(tmp_path: Path) -> None:
     sharding = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
-    ac.save_distributed_checkpoint(tmp_path, 0, 2, {"w": np.ones((2, 3))}, None, None, sharding,
-                                   coordinator=None)
-    ac.save_distributed_checkpoint(tmp_path, 1, 2, {"w": np.ones((2, 4))}, None, None, sharding,
-                                   coordinator=None)
+    ac.save_distributed_checkpoint(
+        tmp_path, 0, 2, {"w": np.ones((2, 3))}, None, None, sharding, coordinator=None
+    )
+    ac.save_distributed_checkpoint(
+        tmp_path, 1, 2, {"w": np.ones((2, 4))}, None, None, sharding, coordinator=None
+    )
     with pytest.raises(CorruptCheckpointError, match=r"rank_1 holds F64\[2, 4\]"):
         ac.consolidate_checkpoint(tmp_path, tmp_path.parent / "out")
 
 
 def test_tensor_parallel_without_split_dims_cannot_be_consolidated(tmp_path: Path) -> None:
-    ac.save_distributed_checkpoint(tmp_path, 0, 1, {"w": np.ones(2)}, None, None,
-                                   ac.ShardingConfig(ac.TensorParallel()), coordinator=None)
+    ac.save_distributed_checkpoint(
+        tmp_path,
+        0,
+        1,
+        {"w": np.ones(2)},
+        None,
+        None,
+        ac.ShardingConfig(ac.TensorParallel()),
+        coordinator=None,
+    )
     with pytest.raises(CorruptCheckpointError, match="split_dims"):
         ac.consolidate_checkpoint(tmp_path, tmp_path.parent / "out")
 
@@ -319,12 +368,15 @@ def test_reads_a_checkpoint_written_the_way_boostr_writes_it(tmp_path: Path) -> 
     for r in range(2):
         d = tmp_path / f"rank_{r}"
         d.mkdir()
-        save_file({"attn.wq": np.full((2, 4), r, np.float32), "norm.weight": np.ones(2)},
-                  str(d / "model.safetensors"))
+        save_file(
+            {"attn.wq": np.full((2, 4), r, np.float32), "norm.weight": np.ones(2)},
+            str(d / "model.safetensors"),
+        )
         (d / "training_state.json").write_text('{\n  "version": 2,\n  "step": 300\n}')
     (tmp_path / "sharding_meta.json").write_text(
         '{\n  "version": 2,\n  "world_size": 2,\n  "strategy": "TensorParallel",\n'
-        '  "split_dims": {\n    "attn.wq": 0\n  }\n}')
+        '  "split_dims": {\n    "attn.wq": 0\n  }\n}'
+    )
     ac.consolidate_checkpoint(tmp_path, tmp_path.parent / "merged")
     m = ac.load_checkpoint(tmp_path.parent / "merged").model
     assert m["attn.wq"].shape == (4, 4) and m["attn.wq"][2, 0] == 1
@@ -337,8 +389,9 @@ def test_async_caller_coordinated_snapshot_is_taken_at_call(tmp_path: Path) -> N
     ws = [np.zeros(3, np.float32), np.zeros(3, np.float32)]
     with ac.AsyncCheckpointer() as ckpt:
         for r in range(2):
-            future = ckpt.save_distributed(tmp_path, r, 2, {"w": ws[r]}, None,
-                                           ac.TrainingState(4), sharding, coordinator=None)
+            future = ckpt.save_distributed(
+                tmp_path, r, 2, {"w": ws[r]}, None, ac.TrainingState(4), sharding, coordinator=None
+            )
             ws[r] += 1  # after the call: must not reach the checkpoint
             assert future.result(timeout=30) == tmp_path.absolute()
     merged = ac.load_distributed_checkpoint(tmp_path, 0, world_size=1).model["w"]
@@ -353,10 +406,12 @@ def test_load_checkpoint_on_distributed_root_points_to_distributed_loader(tmp_pa
 
 def test_resharding_reports_a_split_tensor_missing_from_rank_0(tmp_path: Path) -> None:
     sharding = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
-    ac.save_distributed_checkpoint(tmp_path, 0, 2, {"b": np.ones(1)}, None, None, sharding,
-                                   coordinator=None)
-    ac.save_distributed_checkpoint(tmp_path, 1, 2, {"w": np.ones(2), "b": np.ones(1)}, None,
-                                   None, sharding, coordinator=None)
+    ac.save_distributed_checkpoint(
+        tmp_path, 0, 2, {"b": np.ones(1)}, None, None, sharding, coordinator=None
+    )
+    ac.save_distributed_checkpoint(
+        tmp_path, 1, 2, {"w": np.ones(2), "b": np.ones(1)}, None, None, sharding, coordinator=None
+    )
     with pytest.raises(CorruptCheckpointError, match=r"'w'.*rank_0/model.safetensors"):
         ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)
 
@@ -374,8 +429,9 @@ def test_a_shard_failing_while_read_is_a_corrupt_checkpoint(tmp_path: Path) -> N
         ac.load_distributed_checkpoint(tmp_path, 0, world_size=1)
 
 
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(1, 4),
     m=st.integers(1, 5),
@@ -390,8 +446,9 @@ def test_any_reshard_is_the_even_slice_of_the_merged_tensor(
     d = tmp_path_factory.mktemp("prop")
     sharding = ac.ShardingConfig(ac.TensorParallel(), {"t": dim})
     for r, part in enumerate(np.array_split(full, n, axis=dim)):
-        ac.save_distributed_checkpoint(d, r, n, {"t": np.ascontiguousarray(part)}, None, None,
-                                       sharding, coordinator=None)
+        ac.save_distributed_checkpoint(
+            d, r, n, {"t": np.ascontiguousarray(part)}, None, None, sharding, coordinator=None
+        )
     for r in range(m):
         got = ac.load_distributed_checkpoint(d, r, world_size=m).model["t"]
         np.testing.assert_array_equal(got, np.array_split(full, m, axis=dim)[r])
@@ -401,8 +458,9 @@ def test_missing_checkpoint_names_the_aside_copy_a_failed_save_left(tmp_path: Pa
     """A two-rename save whose undo failed leaves the previous checkpoint aside: say where."""
     aside = tmp_path / ".ckpt.arrayckpt-old-1-0123456789ab"
     for r in range(2):
-        ac.save_distributed_checkpoint(aside, r, 2, {"w": np.zeros(2)}, None,
-                                       ac.TrainingState(7), coordinator=None)
+        ac.save_distributed_checkpoint(
+            aside, r, 2, {"w": np.zeros(2)}, None, ac.TrainingState(7), coordinator=None
+        )
     for load in (lambda p: ac.load_distributed_checkpoint(p, 0), ac.load_checkpoint):
         with pytest.raises(ac.CheckpointNotFoundError, match=r"\(step 7\) in .*arrayckpt-old-1"):
             load(tmp_path / "ckpt")

@@ -26,9 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def save_two_ranks(directory: Path) -> Path:
     for r in range(2):
-        ac.save_distributed_checkpoint(directory, r, 2, {"w": np.full(3, r, np.float32)}, None,
-                                       ac.TrainingState(4), ac.ShardingConfig(ac.Replicated()),
-                                       coordinator=None)
+        ac.save_distributed_checkpoint(
+            directory,
+            r,
+            2,
+            {"w": np.full(3, r, np.float32)},
+            None,
+            ac.TrainingState(4),
+            ac.ShardingConfig(ac.Replicated()),
+            coordinator=None,
+        )
     return directory
 
 
@@ -58,8 +65,14 @@ def test_a_trillion_ranks_is_refused_by_what_is_on_disk(tmp_path: Path) -> None:
         "        print(exc)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code, str(ckpt)], env=env, timeout=120,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt)],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert len(out) == 3, out
     for line in out:
         assert "saved by 1000000000000 ranks is incomplete" in line
@@ -100,8 +113,9 @@ def test_manager_steps_does_not_read_a_huge_sparse_meta(tmp_path: Path) -> None:
 
 def test_deep_meta_is_corrupt_not_a_recursion_error(tmp_path: Path) -> None:
     step = save_two_ranks(tmp_path / "step_00000001")
-    (step / "sharding_meta.json").write_text('{"world_size": ' + "[" * 100_000 + "]" * 100_000
-                                             + "}")
+    (step / "sharding_meta.json").write_text(
+        '{"world_size": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
     assert ac.CheckpointManager(tmp_path).steps() == []
     with pytest.raises(CorruptCheckpointError, match="nested too deeply"):
         ac.load_distributed_checkpoint(step, 0)
@@ -111,8 +125,11 @@ def test_deep_meta_is_corrupt_not_a_recursion_error(tmp_path: Path) -> None:
 def test_a_meta_too_large_to_load_is_never_written() -> None:
     entry = {"dtype": "F32", "shape": [4, 4], "crc32c": "00000000"}
     tensors = {f"layer.{i}.weight": entry for i in range(60_000)}
-    meta = ShardingMeta(2, ac.ShardingConfig(ac.ZeroPartitioned(1)),
-                        ranks=[{"rank": r, "model": tensors} for r in range(2)])
+    meta = ShardingMeta(
+        2,
+        ac.ShardingConfig(ac.ZeroPartitioned(1)),
+        ranks=[{"rank": r, "model": tensors} for r in range(2)],
+    )
     with pytest.raises(InvalidInputError, match=r"over the .* a load accepts"):
         meta.to_json()
 
@@ -136,8 +153,9 @@ def test_verify_fails_where_the_loader_refuses(tmp_path: Path, problem: str) -> 
     assert cli_main(["verify", str(ckpt)]) != 0
 
 
-def test_bad_dist_timeout_fails_the_save_not_the_import(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_dist_timeout_fails_the_save_not_the_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ARRAYCKPT_DIST_TIMEOUT": "five minutes"}
     subprocess.run([sys.executable, "-c", "import arrayckpt"], env=env, timeout=120, check=True)
     for bad in ("five minutes", "0", "-3", "nan", "inf"):

@@ -29,7 +29,10 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
     probe = subprocess.run(
         [*mpirun_command(1), sys.executable, "-c", "from mpi4py import MPI; MPI.COMM_WORLD"],
-        env=base_env(), capture_output=True, timeout=60, check=False,
+        env=base_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     if probe.returncode != 0:
         pytest.skip(f"mpirun cannot start a process here: {probe.stderr.decode()[-500:]}")

@@ -35,9 +35,18 @@ def state(r: int, rows: int = 2) -> dict[str, np.ndarray]:
 
 def save(directory: Path, sharding: ac.ShardingConfig = TP, **kw: Any) -> Callable[..., Any]:
     def body(r: int, coord: Coordinator) -> Any:
-        return ac.save_distributed_checkpoint(directory, r, coord.world_size, state(r),
-                                              {"m": np.zeros(1)}, ac.TrainingState(9), sharding,
-                                              coordinator=coord, **kw)
+        return ac.save_distributed_checkpoint(
+            directory,
+            r,
+            coord.world_size,
+            state(r),
+            {"m": np.zeros(1)},
+            ac.TrainingState(9),
+            sharding,
+            coordinator=coord,
+            **kw,
+        )
+
     return body
 
 
@@ -50,7 +59,11 @@ def test_commit_writes_everything_and_records_manifests(tmp_path: Path) -> None:
     assert run_ranks(3, save(target)) == [target.absolute()] * 3
     meta = json.loads((target / "sharding_meta.json").read_text())
     assert [meta[k] for k in ("version", "world_size", "strategy", "split_dims")] == [
-        2, 3, "TensorParallel", {"w": 0}]
+        2,
+        3,
+        "TensorParallel",
+        {"w": 0},
+    ]
     ranks = meta["arrayckpt"]["ranks"]
     assert [m["rank"] for m in ranks] == [0, 1, 2]
     assert [m["model"]["w"]["offset"] for m in ranks] == [0, 2, 4]
@@ -124,8 +137,9 @@ def test_ranks_disagreeing_on_sharding_commit_nothing(tmp_path: Path) -> None:
 def test_split_shards_that_do_not_fit_fail_at_save_time(tmp_path: Path) -> None:
     def body(r: int, coord: Coordinator) -> Any:
         s = state(r) if r != 1 else {"w": np.ones((2, 4), np.float32), "b": np.ones(3, np.float32)}
-        return ac.save_distributed_checkpoint(tmp_path / "ckpt", r, 2, s, None, None, TP,
-                                              coordinator=coord)
+        return ac.save_distributed_checkpoint(
+            tmp_path / "ckpt", r, 2, s, None, None, TP, coordinator=coord
+        )
 
     out = run_ranks(2, body)
     assert all(isinstance(e, CheckpointError) for e in out)
@@ -146,8 +160,7 @@ def test_target_that_is_not_a_checkpoint_is_refused_on_every_rank(tmp_path: Path
 def test_rank_must_match_the_coordinator(tmp_path: Path) -> None:
     coord = ThreadCoordinator(Hub(), 1, 2)
     with pytest.raises(TopologyError, match="rank 1 of 2"):
-        ac.save_distributed_checkpoint(tmp_path, 0, 2, state(0), None, None, TP,
-                                       coordinator=coord)
+        ac.save_distributed_checkpoint(tmp_path, 0, 2, state(0), None, None, TP, coordinator=coord)
 
 
 def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -> None:
@@ -155,9 +168,16 @@ def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -
     run_ranks(2, save(a))
     run_ranks(2, save(b))
     # replace b's rank_1 by another save of the same keys and shapes: its checksums differ
-    ac.save_distributed_checkpoint(b, 1, 2, {"w": np.full((2, 3), 7, np.float32),
-                                             "b": np.ones(3, np.float32)},
-                                   {"m": np.zeros(1)}, None, TP, coordinator=None)
+    ac.save_distributed_checkpoint(
+        b,
+        1,
+        2,
+        {"w": np.full((2, 3), 7, np.float32), "b": np.ones(3, np.float32)},
+        {"m": np.zeros(1)},
+        None,
+        TP,
+        coordinator=None,
+    )
     with pytest.raises(ac.CorruptCheckpointError, match=r"rank_1/model.safetensors.*\['w'\]"):
         ac.load_distributed_checkpoint(b, 1)
     with pytest.raises(ac.CorruptCheckpointError, match="rank_1"):
@@ -171,8 +191,9 @@ def test_load_checks_rank_files_against_the_recorded_manifests(tmp_path: Path) -
 def test_invalid_state_on_one_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
     def body(r: int, coord: Coordinator) -> Any:
         s: dict[str, Any] = state(r) if r != 1 else {"w": b"not an array"}
-        return ac.save_distributed_checkpoint(tmp_path / "ckpt", r, 3, s, None, None, TP,
-                                              coordinator=coord)
+        return ac.save_distributed_checkpoint(
+            tmp_path / "ckpt", r, 3, s, None, None, TP, coordinator=coord
+        )
 
     started = time.monotonic()
     out = run_ranks(3, body, timeout=30)

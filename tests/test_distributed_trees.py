@@ -47,16 +47,18 @@ def zero_shares(model: Any, opt: Any, world: int) -> list[tuple[dict, dict]]:
     for r in range(world):
         keys = list(sd)[r::world]
         state = {i: s for i, s in osd["state"].items() if i % world == r}
-        shares.append(({k: sd[k] for k in keys},
-                       {"state": state, "param_groups": osd["param_groups"]}))
+        shares.append(
+            ({k: sd[k] for k in keys}, {"state": state, "param_groups": osd["param_groups"]})
+        )
     return shares
 
 
 def test_replicated_torch_state_dicts_consolidate_to_their_structure(tmp_path):
     model, opt = trained()
     for r in range(2):
-        ac.save_distributed_checkpoint(tmp_path / "d", r, 2, model.state_dict(),
-                                       opt.state_dict(), ac.TrainingState(7))
+        ac.save_distributed_checkpoint(
+            tmp_path / "d", r, 2, model.state_dict(), opt.state_dict(), ac.TrainingState(7)
+        )
     ac.consolidate_checkpoint(tmp_path / "d", tmp_path / "merged")
     ckpt = ac.load_checkpoint(tmp_path / "merged", xp="torch")
     assert_same(ckpt.model, model.state_dict())
@@ -96,8 +98,9 @@ def test_ranks_that_disagree_about_a_leaf_merge_flat_with_a_warning(tmp_path, ca
     zero = ac.ShardingConfig(ac.ZeroPartitioned(2))
     for r in range(2):
         opt = {"state": {r: {"m": np.full(2, r, np.float32)}}, "param_groups": [{"params": [r]}]}
-        ac.save_distributed_checkpoint(tmp_path / "d", r, 2, {f"w{r}": np.zeros(1)}, opt,
-                                       None, zero)
+        ac.save_distributed_checkpoint(
+            tmp_path / "d", r, 2, {f"w{r}": np.zeros(1)}, opt, None, zero
+        )
     with caplog.at_level(logging.WARNING, logger="arrayckpt"):
         ac.consolidate_checkpoint(tmp_path / "d", tmp_path / "merged")
     assert "merged flat" in caplog.text and "param_groups" in caplog.text
@@ -109,8 +112,15 @@ def test_tensor_parallel_nested_state_reshards_and_merges_structured(tmp_path):
     tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0, "state.0.m": 0})
     for r in range(2):
         opt = {"state": {0: {"m": np.full(2, r)}}, "lr": 0.1}
-        ac.save_distributed_checkpoint(tmp_path / "d", r, 2, {"w": np.full((2, 3), r, np.float32)},
-                                       opt, ac.TrainingState(7), tp)
+        ac.save_distributed_checkpoint(
+            tmp_path / "d",
+            r,
+            2,
+            {"w": np.full((2, 3), r, np.float32)},
+            opt,
+            ac.TrainingState(7),
+            tp,
+        )
     third = ac.load_distributed_checkpoint(tmp_path / "d", 2, world_size=3).optimizer
     assert third["lr"] == 0.1 and third["state"][0]["m"].tolist() == [1]
     ac.consolidate_checkpoint(tmp_path / "d", tmp_path / "merged")

@@ -29,7 +29,7 @@ VECTORS = [
         '  "split_dims": {\n    "attn.wq": 0,\n    "mlp.w1": 1\n  }\n}',
     ),
     (  # serde writes non-ASCII raw and control characters as lower-case \u escapes
-        ShardingMeta(1, ac.ShardingConfig(ac.TensorParallel(), {"é\x01\"": 2})),
+        ShardingMeta(1, ac.ShardingConfig(ac.TensorParallel(), {'é\x01"': 2})),
         '{\n  "version": 2,\n  "world_size": 1,\n  "strategy": "TensorParallel",\n'
         '  "split_dims": {\n    "é\\u0001\\"": 2\n  }\n}',
     ),
@@ -57,8 +57,13 @@ def test_reads_boostr_meta_with_unknown_fields_and_defaults() -> None:
 
 
 def test_reads_boostr_older_per_rank_shards_layout() -> None:
-    shard = {"world_size": 2, "rank": 0, "owned_params": [], "strategy": "TensorParallel",
-             "split_dims": {"w": 1}}
+    shard = {
+        "world_size": 2,
+        "rank": 0,
+        "owned_params": [],
+        "strategy": "TensorParallel",
+        "split_dims": {"w": 1},
+    }
     text = json.dumps({"version": 2, "world_size": 2, "shards": [shard, dict(shard, rank=1)]})
     meta = ShardingMeta.from_json(text)
     assert meta.sharding == ac.ShardingConfig(ac.TensorParallel(), {"w": 1})
@@ -72,14 +77,19 @@ def test_reads_boostr_older_per_rank_shards_layout() -> None:
         ('{"version": 2, "world_size": -1, "strategy": "Replicated"}', "world_size"),
         ('{"version": 2, "world_size": 2}', "strategy"),
         ('{"version": 2, "world_size": 2, "strategy": "Sharded"}', "strategy"),
-        ('{"version": 2, "world_size": 2, "strategy": {"ZeroPartitioned": {"stage": 300}}}',
-         "strategy"),
-        ('{"version": 2, "world_size": 2, "strategy": "Replicated", "split_dims": {"w": -1}}',
-         "split_dims"),
-        ('{"version": 2, "world_size": 2, "world_size": 3, "strategy": "Replicated"}',
-         "duplicate"),
-        ('{"version": 2, "world_size": 2, "strategy": "Replicated", "arrayckpt": {"ranks": []}}',
-         "one manifest per rank"),
+        (
+            '{"version": 2, "world_size": 2, "strategy": {"ZeroPartitioned": {"stage": 300}}}',
+            "strategy",
+        ),
+        (
+            '{"version": 2, "world_size": 2, "strategy": "Replicated", "split_dims": {"w": -1}}',
+            "split_dims",
+        ),
+        ('{"version": 2, "world_size": 2, "world_size": 3, "strategy": "Replicated"}', "duplicate"),
+        (
+            '{"version": 2, "world_size": 2, "strategy": "Replicated", "arrayckpt": {"ranks": []}}',
+            "one manifest per rank",
+        ),
     ],
 )
 def test_malformed_meta_is_a_corrupt_checkpoint(text: str, problem: str) -> None:

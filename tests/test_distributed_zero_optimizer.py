@@ -17,8 +17,7 @@ NAMES = [f"layer{i}.weight" for i in range(7)]
 def trained(names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Parameters ``names`` and the state_dict of an AdamW over exactly them, after 2 steps."""
     gen = torch.Generator().manual_seed(sum(map(ord, "".join(names))))
-    params = [torch.nn.Parameter(torch.randn(3 + i, 4, generator=gen))
-              for i, _ in enumerate(names)]
+    params = [torch.nn.Parameter(torch.randn(3 + i, 4, generator=gen)) for i, _ in enumerate(names)]
     opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
     for _ in range(2):
         sum((p * p).sum() for p in params).backward()
@@ -38,8 +37,16 @@ def save_zero(directory: Path, n: int) -> dict[str, dict[str, torch.Tensor]]:
         assert isinstance(state, dict)
         for i, name in enumerate(mine):
             truth[name] = {"param": model[name], **state[i]}
-        ac.save_distributed_checkpoint(directory, r, n, model, opt, ac.TrainingState(2),
-                                       ac.ShardingConfig(ac.ZeroPartitioned(3)), coordinator=None)
+        ac.save_distributed_checkpoint(
+            directory,
+            r,
+            n,
+            model,
+            opt,
+            ac.TrainingState(2),
+            ac.ShardingConfig(ac.ZeroPartitioned(3)),
+            coordinator=None,
+        )
     return truth
 
 

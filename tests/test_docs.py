@@ -48,8 +48,11 @@ def blocks() -> list:
             line = text.count("\n", 0, m.start("code")) + 1
             needs = [s.strip() for s in (m["needs"] or "").split(",") if s.strip()]
             runs = 2 if m["after"] else 1
-            found.append(pytest.param(page, line, m["code"], needs, runs,
-                                      id=f"{page.relative_to(REPO)}:{line}"))
+            found.append(
+                pytest.param(
+                    page, line, m["code"], needs, runs, id=f"{page.relative_to(REPO)}:{line}"
+                )
+            )
     return found
 
 
@@ -103,8 +106,9 @@ def pages_with_several_blocks() -> list[Path]:
     return [page for page, n in counts.items() if n > 1]
 
 
-@pytest.mark.parametrize("page", pages_with_several_blocks(),
-                         ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "page", pages_with_several_blocks(), ids=lambda p: str(p.relative_to(REPO))
+)
 def test_a_pages_blocks_run_in_one_folder(page, tmp_path, monkeypatch):
     """Pasted one after another into one folder, no block trips over an earlier one's files."""
     monkeypatch.chdir(tmp_path)
@@ -127,8 +131,9 @@ def test_install_instructions_need_no_release():
 
 
 def public_modules() -> list:
-    names = ["arrayckpt"] + [m.name for m in pkgutil.walk_packages(arrayckpt.__path__,
-                                                                    "arrayckpt.")]
+    names = ["arrayckpt"] + [
+        m.name for m in pkgutil.walk_packages(arrayckpt.__path__, "arrayckpt.")
+    ]
     return sorted(n for n in names if not n.endswith("__main__"))
 
 
@@ -153,9 +158,14 @@ def test_site_builds_strictly(tmp_path):
             pytest.skip(f"{module} is not installed (pip install '.[docs]')")
     mkdocs = shutil.which("mkdocs") or ""
     cmd = [mkdocs] if mkdocs else [sys.executable, "-m", "mkdocs"]
-    proc = subprocess.run([*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    proc = subprocess.run(
+        [*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_api_page((tmp_path / "site" / "api" / "index.html").read_text())
     index = json.loads((tmp_path / "site" / "search" / "search_index.json").read_text())
@@ -166,12 +176,14 @@ def check_api_page(page: str) -> None:
     """Examples render as code, signatures are wrapped, every public name has a section."""
     sections = set(re.findall(r'id="arrayckpt\.([A-Za-z_]+)"', page))
     assert not set(arrayckpt.__all__) - sections, "public names without an API section"
-    examples = re.findall(r"<pre[^>]*>(?:(?!</pre>).)*?<code[^>]*>(?:(?!</pre>).)*?&gt;&gt;&gt;",
-                          page, re.DOTALL)
+    examples = re.findall(
+        r"<pre[^>]*>(?:(?!</pre>).)*?<code[^>]*>(?:(?!</pre>).)*?&gt;&gt;&gt;", page, re.DOTALL
+    )
     assert len(examples) >= 8, "docstring examples do not render as code blocks"
     assert "&gt;&gt;&gt;" not in re.sub(r"<pre.*?</pre>", "", page, flags=re.DOTALL)
-    signatures = re.findall(r'<div class="doc-signature[^>]*>.*?<pre[^>]*>(.*?)</pre>', page,
-                            re.DOTALL)
+    signatures = re.findall(
+        r'<div class="doc-signature[^>]*>.*?<pre[^>]*>(.*?)</pre>', page, re.DOTALL
+    )
     assert signatures, "no separate signatures"
     lines = [html.unescape(re.sub(r"<[^>]+>", "", sig)).splitlines() for sig in signatures]
     assert max(len(line) for sig in lines for line in sig) <= 100
@@ -179,17 +191,22 @@ def check_api_page(page: str) -> None:
 
 def test_docstrings_use_the_examples_section_the_generator_renders():
     """mkdocstrings' Google style renders `Examples:` as code, `Example:` as quoted text."""
-    bad = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "arrayckpt").rglob("*.py"))
-           for n, line in enumerate(path.read_text().splitlines(), 1)
-           if line.strip() == "Example:"]
+    bad = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted((REPO / "arrayckpt").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.strip() == "Example:"
+    ]
     assert not bad
 
 
 def test_readme_starts_with_the_demo_and_the_tests_and_links_every_page():
     text = (REPO / "README.md").read_text()
     commands = [line.strip() for line in text.splitlines() if line.startswith("    ")][:2]
-    assert commands == ["pip install . && python -m arrayckpt demo",
-                        "pip install nox && nox -s tests"]
+    assert commands == [
+        "pip install . && python -m arrayckpt demo",
+        "pip install nox && nox -s tests",
+    ]
     pages = sorted((REPO / "docs").glob("*.md"))
     missing = [p.name for p in pages if f"(docs/{p.name})" not in text]
     assert not missing, f"README.md does not link {missing}"
@@ -197,8 +214,11 @@ def test_readme_starts_with_the_demo_and_the_tests_and_links_every_page():
 
 def example_commands() -> list[str]:
     text = (REPO / "docs" / "examples.md").read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines()
-            if line.startswith("python docs/examples/")]
+    return [
+        line.split("#")[0].strip()
+        for line in text.splitlines()
+        if line.startswith("python docs/examples/")
+    ]
 
 
 def test_the_examples_page_shows_how_to_run_each_script():
@@ -216,9 +236,17 @@ def test_the_numpy_example_commands_run_as_written(tmp_path):
     shutil.copytree(REPO / "docs" / "examples", tmp_path / "docs" / "examples")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     commands = [c for c in example_commands() if "numpy_train.py" in c]
-    statuses = [subprocess.run([sys.executable, *c.split()[1:]], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=300)
-                for c in commands]
+    statuses = [
+        subprocess.run(
+            [sys.executable, *c.split()[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for c in commands
+    ]
     assert [s.returncode for s in statuses] == [3, 0], [s.stderr[-500:] for s in statuses]
     # The save at step 40 may be cut short by the crash (os._exit): 20 or 40.
     assert re.search(r"resumed from step (20|40)\n", statuses[1].stdout), statuses[1].stdout

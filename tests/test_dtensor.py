@@ -155,14 +155,23 @@ def test_several_ranks_without_targets_are_told_to_pass_into(saved: Path) -> Non
 def test_fsdp2_example_reshards_2_to_3_exactly(tmp_path: Path) -> None:
     """docs/examples/fsdp2_reshard.py: fully_shard + AdamW on 2 ranks, restored on 3."""
     script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "fsdp2_reshard.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=base_env(),
-                          capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "restored on 3: weights and AdamW state exact" in proc.stdout
     # 51 float32 parameters, and as many of each AdamW moment: each of the 3 ranks reads
     # its third of the three (3 x 68 bytes), plus the 4 float32 step counters (16 bytes).
     assert sorted(proc.stdout.count(f"rank {r}: step 3, read 220 bytes") for r in range(3)) == [
-        1, 1, 1]
+        1,
+        1,
+        1,
+    ]
 
 
 def test_consolidate_assembles_whole_tensors(saved: Path, tmp_path: Path) -> None:
@@ -182,11 +191,19 @@ def test_changed_dtype_or_larger_target_names_the_tensor(saved: Path) -> None:
     into = {n: torch.zeros(a.shape, dtype=torch.from_numpy(a).dtype) for n, a in model.items()}
     ac.load_distributed_checkpoint(saved, 0, world_size=1, into=into)
     assert torch.equal(into["w"], torch.from_numpy(model["w"]))  # filled in place
-    with pytest.raises(ac.InvalidInputError, match=r"into\['w'\] on rank 0: the target is F64, "
-                       r"the checkpoint holds F32"):
-        ac.load_distributed_checkpoint(saved, 0, world_size=1,
-                                       into={"w": torch.zeros(5, 3, dtype=torch.float64)})
-    with pytest.raises(ac.TopologyError, match=r"into\['c'\].*\[2, 6\] is larger than the saved "
-                       r"\[2, 5\] \(saved by ranks \[0, 1\]\)"):
-        ac.load_distributed_checkpoint(saved, 0, world_size=1,
-                                       into={"c": torch.zeros(2, 6, dtype=torch.int64)})
+    with pytest.raises(
+        ac.InvalidInputError,
+        match=r"into\['w'\] on rank 0: the target is F64, "
+        r"the checkpoint holds F32",
+    ):
+        ac.load_distributed_checkpoint(
+            saved, 0, world_size=1, into={"w": torch.zeros(5, 3, dtype=torch.float64)}
+        )
+    with pytest.raises(
+        ac.TopologyError,
+        match=r"into\['c'\].*\[2, 6\] is larger than the saved "
+        r"\[2, 5\] \(saved by ranks \[0, 1\]\)",
+    ):
+        ac.load_distributed_checkpoint(
+            saved, 0, world_size=1, into={"c": torch.zeros(2, 6, dtype=torch.int64)}
+        )

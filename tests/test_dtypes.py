@@ -12,8 +12,23 @@ import arrayckpt as ac
 from arrayckpt import dtypes
 
 # The codes issue 2 requires; the table may hold more.
-REQUIRED = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
-            "I64", "U64", "F8_E4M3", "F8_E5M2"}
+REQUIRED = {
+    "BOOL",
+    "U8",
+    "I8",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "F64",
+    "I64",
+    "U64",
+    "F8_E4M3",
+    "F8_E5M2",
+}
 
 
 def test_table_covers_the_required_codes() -> None:
@@ -86,8 +101,9 @@ def test_any_byte_order_maps_to_the_same_code(name: str, order: Any) -> None:
     assert d is dtypes.BY_NAME[name]
 
 
-@pytest.mark.parametrize("name", ["torch.bfloat16", "torch.float8_e4m3fn", "float32",
-                                  "array_api_strict.int64", "bool"])
+@pytest.mark.parametrize(
+    "name", ["torch.bfloat16", "torch.float8_e4m3fn", "float32", "array_api_strict.int64", "bool"]
+)
 def test_framework_spellings(name: str) -> None:
     assert dtypes.from_name(name, tensor="t").name == name.rsplit(".", 1)[-1]
 
@@ -108,8 +124,9 @@ def test_jax_has_a_type_for_every_code() -> None:
         assert np.dtype(getattr(jnp, d.name)) == d.numpy
 
 
-@pytest.mark.parametrize("name", ["complex128", "float128", "object", "str", "torch.qint8",
-                                  "int4", "float4_e2m1fn", ""])
+@pytest.mark.parametrize(
+    "name", ["complex128", "float128", "object", "str", "torch.qint8", "int4", "float4_e2m1fn", ""]
+)
 def test_unsupported_dtype_names_tensor_and_dtype(name: str) -> None:
     with pytest.raises(ac.UnsupportedArrayError) as info:
         dtypes.from_name(name, tensor="layer.0.w")

@@ -31,8 +31,9 @@ def finish(child, timeout: float = 300) -> tuple[str, str]:
 def test_two_processes_save_the_same_path(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     ranges = [(1000, 1000 + SAVES - 1), (2000, 2000 + SAVES - 1)]
-    children = [faults.start_child("save-loop", target, "sync", 16, first, last)
-                for first, last in ranges]
+    children = [
+        faults.start_child("save-loop", target, "sync", 16, first, last) for first, last in ranges
+    ]
     results = [finish(child) for child in children]
     for child, (out, err) in zip(children, results, strict=True):
         assert child.returncode == 0, err

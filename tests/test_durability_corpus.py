@@ -24,8 +24,11 @@ B = np.array([7], dtype=np.int64).tobytes()  # 8 bytes
 
 
 def entry(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:
-    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
-            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets,
+    }
 
 
 def header(**overrides: object) -> dict:
@@ -34,8 +37,13 @@ def header(**overrides: object) -> dict:
     return {k: v for k, v in h.items() if v is not None}
 
 
-def st(h: dict | str | bytes | None = None, data: bytes = A + B, *, length: int | None = None,
-       raw_suffix: bytes = b"") -> bytes:
+def st(
+    h: dict | str | bytes | None = None,
+    data: bytes = A + B,
+    *,
+    length: int | None = None,
+    raw_suffix: bytes = b"",
+) -> bytes:
     """A safetensors file: 8-byte little-endian header length, header, data."""
     if h is None:
         h = header()
@@ -53,8 +61,10 @@ def with_checksums(table: object) -> bytes:
     return st(header(__metadata__=meta))
 
 
-GOOD_SUMS = {"a": f"{tensor_checksum('F32', (2,), A):08x}",
-             "b": f"{tensor_checksum('I64', (1,), B):08x}"}
+GOOD_SUMS = {
+    "a": f"{tensor_checksum('F32', (2,), A):08x}",
+    "b": f"{tensor_checksum('I64', (1,), B):08x}",
+}
 
 # name -> (file bytes, what the message must say)
 SAFETENSORS: dict[str, tuple[bytes, str]] = {
@@ -80,13 +90,13 @@ SAFETENSORS: dict[str, tuple[bytes, str]] = {
         "duplicate key 'a'",
     ),
     "duplicate field in an entry": (
-        st('{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
-           data=A),
+        st('{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', data=A),
         "duplicate key 'dtype'",
     ),
     "extra field in an entry": (st(header(a={**entry(), "x": 1})), "unknown fields ['x']"),
     "missing field in an entry": (
-        st(header(a={"dtype": "F32", "data_offsets": [0, 8]})), "missing fields ['shape']"
+        st(header(a={"dtype": "F32", "data_offsets": [0, 8]})),
+        "missing fields ['shape']",
     ),
     "entry is not an object": (st(header(a=[1, 2])), "entry must be an object"),
     "unknown dtype": (st(header(a=entry("F33"))), "unknown dtype 'F33'"),
@@ -94,21 +104,26 @@ SAFETENSORS: dict[str, tuple[bytes, str]] = {
     "dtype in lower case": (st(header(a=entry("f32"))), "unknown dtype 'f32'"),
     "negative dimension": (st(header(a=entry(shape=[-2]))), "negative number -2"),
     "float dimension": (st(header(a=entry(shape=[2.0]))), "unexpected number 2.0"),
-    "negative zero offset": (st('{"a": {"dtype": "F32", "shape": [2], '
-                                '"data_offsets": [-0, 8]}}', data=A), "negative number -0"),
+    "negative zero offset": (
+        st('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}', data=A),
+        "negative number -0",
+    ),
     "bool dimension": (st(header(a=entry(shape=[True, 2]))), "must be a list of non-negative"),
     "shape not a list": (st(header(a=entry(shape=2))), "must be a list of non-negative"),
     "offsets of length one": (st(header(a=entry(offsets=[8]))), "must be two non-negative"),
     "offsets not a list": (st(header(a=entry(offsets="0-8"))), "must be two non-negative"),
-    "offsets out of bounds": (st(header(a=entry(shape=(4,), offsets=(0, 16)), b=None), data=A),
-                              "holds only 8 data bytes"),
+    "offsets out of bounds": (
+        st(header(a=entry(shape=(4,), offsets=(0, 16)), b=None), data=A),
+        "holds only 8 data bytes",
+    ),
     "offsets past the data": (st(header(b=entry("I64", (2,), (8, 24)))), "holds only 16"),
-    "offsets beyond 2**64": (st(header(b=entry("I64", (1,), (2**70, 2**70 + 8)))),
-                             "unused bytes"),
+    "offsets beyond 2**64": (st(header(b=entry("I64", (1,), (2**70, 2**70 + 8)))), "unused bytes"),
     "reversed offsets": (st(header(a=entry(shape=(0,), offsets=(8, 0)))), "reversed"),
     "overlapping tensors": (st(header(b=entry("I64", (1,), (4, 12)))), "overlap"),
-    "hole between tensors": (st(header(b=entry("I64", (1,), (12, 20))), data=A + b"\0" * 12),
-                             "4 unused bytes"),
+    "hole between tensors": (
+        st(header(b=entry("I64", (1,), (12, 20))), data=A + b"\0" * 12),
+        "4 unused bytes",
+    ),
     "trailing bytes": (st(raw_suffix=b"\0\0\0"), "3 trailing bytes"),
     "shape times itemsize mismatch": (st(header(a=entry(shape=(3,)))), "needs 12 bytes"),
     "size overflow": (st(header(a=entry(shape=(2**40, 2**40, 2**40)))), "needs"),
@@ -121,24 +136,35 @@ SAFETENSORS: dict[str, tuple[bytes, str]] = {
     "1e999 in the header": (st(b'{"a": 1e999}'), "unexpected number 1e999"),
     "deeply nested header": (st(nested(100_000), data=b""), "nested too deeply"),
     "checksum mismatch (flipped bit)": (
-        with_checksums(GOOD_SUMS)[:-1] + bytes([B[-1] ^ 1]), "fails its CRC32C"
+        with_checksums(GOOD_SUMS)[:-1] + bytes([B[-1] ^ 1]),
+        "fails its CRC32C",
     ),
     "checksum table not JSON": (with_checksums("{oops"), "not a map of tensor names"),
     "checksum table with non-hex": (with_checksums({"a": "zz", "b": "00"}), "not a map"),
-    "checksum table missing a tensor": (with_checksums({"a": GOOD_SUMS["a"]}),
-                                        "does not list exactly"),
+    "checksum table missing a tensor": (
+        with_checksums({"a": GOOD_SUMS["a"]}),
+        "does not list exactly",
+    ),
     "checksum table nested deeply": (with_checksums(nested(100_000)), "not a map"),
     "arrayckpt metadata without its checksum table": (
-        st(header(__metadata__={FORMAT_KEY: "1"})), "lacks its 'arrayckpt.crc32c' table"
+        st(header(__metadata__={FORMAT_KEY: "1"})),
+        "lacks its 'arrayckpt.crc32c' table",
     ),
     "dtype changed to another of the same size": (
-        st(header(__metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)},
-                  a=entry("I32"))),
+        st(
+            header(
+                __metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)}, a=entry("I32")
+            )
+        ),
         "fails its CRC32C",
     ),
     "shape changed, same size": (
-        st(header(__metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)},
-                  a=entry(shape=(1, 2)))),
+        st(
+            header(
+                __metadata__={FORMAT_KEY: "1", CHECKSUMS_KEY: json.dumps(GOOD_SUMS)},
+                a=entry(shape=(1, 2)),
+            )
+        ),
         "fails its CRC32C",
     ),
 }
@@ -154,12 +180,15 @@ STATE: dict[str, tuple[bytes, str]] = {
     "state: -Infinity": (b'{"step": 1, "learning_rate": -Infinity}', "-Infinity is not"),
     "state: 1e999": (b'{"step": 1, "learning_rate": 1e999}', "learning_rate must be a finite"),
     "state: learning rate a huge integer": (
-        b'{"step": 1, "learning_rate": 1' + b"0" * 400 + b"}", "learning_rate must be a finite"
+        b'{"step": 1, "learning_rate": 1' + b"0" * 400 + b"}",
+        "learning_rate must be a finite",
     ),
     "state: step 2**64": (b'{"step": 18446744073709551616}', "step must be an integer in"),
     "state: step with 5000 digits": (b'{"step": ' + b"9" * 5000 + b"}", "not valid JSON"),
-    "state: deep nesting": (b'{"step": 1, "metadata": ' + nested(100_000).encode() + b"}",
-                            "nested too deeply"),
+    "state: deep nesting": (
+        b'{"step": 1, "metadata": ' + nested(100_000).encode() + b"}",
+        "nested too deeply",
+    ),
     "state: duplicate keys": (b'{"step": 1, "step": 2}', "duplicate key 'step'"),
     "state: bool step": (b'{"step": true}', "step must be an integer"),
     "state: bool epoch": (b'{"step": 1, "epoch": false}', "epoch must be an integer"),
@@ -171,20 +200,30 @@ STATE: dict[str, tuple[bytes, str]] = {
     "state: missing step": (b'{"version": 2, "epoch": 1}', "missing required field 'step'"),
     "state: metadata a list": (b'{"step": 1, "metadata": ["a"]}', "metadata must map"),
     "state: metadata value an int": (b'{"step": 1, "metadata": {"a": 1}}', "metadata must map"),
-    "state: learning rate a string": (b'{"step": 1, "learning_rate": "0.1"}',
-                                      "learning_rate must be a finite"),
-    "state: bool learning rate": (b'{"step": 1, "learning_rate": true}',
-                                  "learning_rate must be a finite"),
-    "state: larger than the cap": (b'{"step": 1, "pad": "' + b" " * (16 * 2**20) + b'"}',
-                                   "larger than"),
+    "state: learning rate a string": (
+        b'{"step": 1, "learning_rate": "0.1"}',
+        "learning_rate must be a finite",
+    ),
+    "state: bool learning rate": (
+        b'{"step": 1, "learning_rate": true}',
+        "learning_rate must be a finite",
+    ),
+    "state: larger than the cap": (
+        b'{"step": 1, "pad": "' + b" " * (16 * 2**20) + b'"}',
+        "larger than",
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def valid_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("valid") / "ckpt"
-    ac.save_checkpoint(path, {"w": np.ones(3, np.float32)}, {"m": np.zeros(2, np.float32)},
-                       ac.TrainingState(step=5))
+    ac.save_checkpoint(
+        path,
+        {"w": np.ones(3, np.float32)},
+        {"m": np.zeros(2, np.float32)},
+        ac.TrainingState(step=5),
+    )
     return path
 
 
@@ -228,8 +267,9 @@ def test_the_base_file_is_valid(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
 @pytest.mark.parametrize("case", list(SAFETENSORS))
-def test_malformed_safetensors(valid_checkpoint: Path, tmp_path: Path, case: str,
-                               mmap: bool) -> None:
+def test_malformed_safetensors(
+    valid_checkpoint: Path, tmp_path: Path, case: str, mmap: bool
+) -> None:
     data, problem = SAFETENSORS[case]
     for name in ("model.safetensors", "optimizer.safetensors"):
         path = corrupt(valid_checkpoint, tmp_path / name, name, data)
@@ -265,8 +305,11 @@ OTHER: dict[str, tuple[str, Callable[[Path], None], str]] = {
 def test_wrong_kind_of_file(valid_checkpoint: Path, tmp_path: Path, case: str) -> None:
     name, damage, problem = OTHER[case]
     path = corrupt(valid_checkpoint, tmp_path, name, damage)
-    load_fails(path.parent, path if name != "model.safetensors" or "missing" not in case
-               else path.parent, problem)
+    load_fails(
+        path.parent,
+        path if name != "model.safetensors" or "missing" not in case else path.parent,
+        problem,
+    )
 
 
 def test_loading_never_runs_code() -> None:
@@ -285,10 +328,17 @@ def test_loading_never_runs_code() -> None:
                     hits.append(f"{where}: imports {names}")
             elif isinstance(node, ast.Name) and node.id in {"eval", "exec"}:
                 hits.append(f"{where}: {node.id}")
-            elif isinstance(node, ast.Attribute) and node.attr == "load" and \
-                    isinstance(node.value, ast.Name) and node.value.id in {"torch", "yaml"}:
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == "load"
+                and isinstance(node.value, ast.Name)
+                and node.value.id in {"torch", "yaml"}
+            ):
                 hits.append(f"{where}: {node.value.id}.load")
-            elif isinstance(node, ast.keyword) and node.arg == "allow_pickle" and not (
-                    isinstance(node.value, ast.Constant) and node.value.value is False):
+            elif (
+                isinstance(node, ast.keyword)
+                and node.arg == "allow_pickle"
+                and not (isinstance(node.value, ast.Constant) and node.value.value is False)
+            ):
                 hits.append(f"{where}: allow_pickle")
     assert hits == []

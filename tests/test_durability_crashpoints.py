@@ -38,8 +38,16 @@ def clean_ops(tmp_path: Path, saver_name: str, previous: bool, exchange: bool):
     return recorder.ops
 
 
-def run_case(root: Path, saver_name: str, previous: bool, exchange: bool, k: int,
-             fault: faults.Fault, commit_at: int, key: faults.StepKey) -> None:
+def run_case(
+    root: Path,
+    saver_name: str,
+    previous: bool,
+    exchange: bool,
+    k: int,
+    fault: faults.Fault,
+    commit_at: int,
+    key: faults.StepKey,
+) -> None:
     target = root / "ckpt"
     with faults.saver(saver_name) as s:
         if previous:
@@ -89,12 +97,26 @@ def test_fault_at_every_step(tmp_path: Path, saver_name: str, scenario: str) -> 
     failures = []
     for n, (k, fault) in enumerate(cases):
         try:
-            run_case(tmp_path / f"case{n}", saver_name, previous, exchange, k, fault, commit_at,
-                     faults.step_key(ops, k))
+            run_case(
+                tmp_path / f"case{n}",
+                saver_name,
+                previous,
+                exchange,
+                k,
+                fault,
+                commit_at,
+                faults.step_key(ops, k),
+            )
         except AssertionError as exc:
             failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
-    faults.report("crash points", saver=saver_name, scenario=scenario, steps=len(ops),
-                  faults_injected=len(cases), failures=len(failures))
+    faults.report(
+        "crash points",
+        saver=saver_name,
+        scenario=scenario,
+        steps=len(ops),
+        faults_injected=len(cases),
+        failures=len(failures),
+    )
     assert failures == [], "\n".join(failures)
 
 
@@ -162,15 +184,20 @@ def test_second_fault_during_recovery(tmp_path: Path, saver_name: str, scenario:
             for k2 in range(k + 1, outcome_steps):
                 tried += 1
                 where = tmp_path / f"case-{k}-{first}-{k2}"
-                fs = faults.FaultFS(faults.step_key(ops, k), first, exchange=exchange,
-                                    also=(faults.step_key(probe.ops, k2), eio))
+                fs = faults.FaultFS(
+                    faults.step_key(ops, k),
+                    first,
+                    exchange=exchange,
+                    also=(faults.step_key(probe.ops, k2), eio),
+                )
                 try:
                     _failing_save(where, saver_name, previous, fs)
                     _check_double(where, previous)
                 except AssertionError as exc:
                     failures.append(f"{first} at {op}, EIO at step {k2}: {exc}")
-    faults.report("double faults", saver=saver_name, scenario=scenario, cases=tried,
-                  failures=len(failures))
+    faults.report(
+        "double faults", saver=saver_name, scenario=scenario, cases=tried, failures=len(failures)
+    )
     assert tried > 0
     assert failures == [], "\n".join(failures)
 
@@ -199,7 +226,8 @@ def _check_double(root: Path, previous: bool) -> None:
         if previous:
             named = [p for p in root.glob(".ckpt.arrayckpt-*") if str(p) in message]
             assert named and faults.loaded_step(named[0]) == 1, f"step 1 lost: {message}"
-    ac.save_checkpoint(target, faults.model_state(3), faults.optimizer_state(3),
-                       faults.training_state(3))
+    ac.save_checkpoint(
+        target, faults.model_state(3), faults.optimizer_state(3), faults.training_state(3)
+    )
     faults.assert_checkpoint(target, 3)
     assert faults.debris(root) == [], faults.debris(root)

@@ -65,7 +65,8 @@ def test_coordinated_order(tmp_path: Path, previous: bool) -> None:
         made, synced_dir = one(ops, "mkdir", rank_dir), one(ops, "fsync_dir", rank_dir)
         for name in FILES:
             written = where(ops, "write_safetensors", rank_dir / name) + where(
-                ops, "write_bytes", rank_dir / name)
+                ops, "write_bytes", rank_dir / name
+            )
             assert len(written) == 1, f"rank_{rank}/{name} written {len(written)} times"
             synced = one(ops, "fsync_file", rank_dir / name)
             assert made < written[0] < synced < synced_dir < wrote_meta, [str(o) for o in ops]
@@ -76,7 +77,7 @@ def test_coordinated_order(tmp_path: Path, previous: bool) -> None:
     sync_parent = one(ops, "fsync_dir", target.parent)
     assert sync_tmp < swap < sync_parent
     # After the commit only the replaced directory is removed; nothing writes in the target.
-    assert all(op.kind == "remove_tree" for op in ops[sync_parent + 1:])
+    assert all(op.kind == "remove_tree" for op in ops[sync_parent + 1 :])
     assert not any(op.kind in faults.WRITES and target in op.paths[0].parents for op in ops)
 
 
@@ -88,8 +89,11 @@ def test_caller_coordinated_order(tmp_path: Path, previous: bool) -> None:
     commits = []
     for rank in (0, 1):
         final = target / f"rank_{rank}"
-        tmp = next(op.paths[0] for op in ops if op.kind == "mkdir"
-                   and op.paths[0].name.startswith(f".rank_{rank}.arrayckpt-tmp-"))
+        tmp = next(
+            op.paths[0]
+            for op in ops
+            if op.kind == "mkdir" and op.paths[0].name.startswith(f".rank_{rank}.arrayckpt-tmp-")
+        )
         sync_tmp = one(ops, "fsync_dir", tmp)
         for name in FILES:
             assert one(ops, "fsync_file", tmp / name) < sync_tmp
@@ -98,8 +102,12 @@ def test_caller_coordinated_order(tmp_path: Path, previous: bool) -> None:
         syncs = [i for i in where(ops, "fsync_dir", target) if i > swap]
         assert syncs, f"rank_{rank}'s swap is never made durable"
         commits.append(syncs[0])
-    meta_tmp = next(op.paths[0] for op in ops if op.kind == "write_bytes"
-                    and op.paths[0].name.startswith(f".{SHARDING_META_FILE}.arrayckpt-tmp-"))
+    meta_tmp = next(
+        op.paths[0]
+        for op in ops
+        if op.kind == "write_bytes"
+        and op.paths[0].name.startswith(f".{SHARDING_META_FILE}.arrayckpt-tmp-")
+    )
     wrote, synced = one(ops, "write_bytes", meta_tmp), one(ops, "fsync_file", meta_tmp)
     renamed = one(ops, "rename", meta_tmp)
     assert ops[renamed].paths[1] == target / SHARDING_META_FILE
@@ -119,9 +127,19 @@ def kill_one_rank(where: Path, rng: random.Random) -> tuple[bool, int]:
     """
     target = where / "ckpt"
     port = free_port()
-    ranks = [faults.start_child("dist-save-loop", target, r, port, SCALE, 120,
-                                env=faults.child_env(OMP_NUM_THREADS="1"),
-                                start_new_session=True) for r in (0, 1)]
+    ranks = [
+        faults.start_child(
+            "dist-save-loop",
+            target,
+            r,
+            port,
+            SCALE,
+            120,
+            env=faults.child_env(OMP_NUM_THREADS="1"),
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
     victim = rng.randrange(2)
     outs = ["", ""]
     try:
@@ -205,8 +223,12 @@ def test_reader_never_sees_a_mix_of_distributed_saves(tmp_path: Path) -> None:
     for rank in (0, 1):
         seen = [r[rank] for r in reads]
         assert seen == sorted(seen), f"rank {rank}: the reader went back to an older save"
-    faults.report("concurrency (2 ranks)", reads=2 * len(reads),
-                  distinct_steps=len({r[0] for r in reads}), failures=0)
+    faults.report(
+        "concurrency (2 ranks)",
+        reads=2 * len(reads),
+        distinct_steps=len({r[0] for r in reads}),
+        failures=0,
+    )
 
 
 def test_reader_of_caller_coordinated_saves_sees_whole_ranks(tmp_path: Path) -> None:
@@ -247,7 +269,7 @@ def test_caller_coordinated_fault_at_every_step(tmp_path: Path, exchange: bool) 
             s.save(probe, 2)
     ops = recorder.ops
     cases = [(k, f) for k, op in enumerate(ops) for f in faults.FAULTS if f.applies(op.kind)]
-    cases = cases[::faults.scaled(2, 1)]  # CI: every other case; all under ARRAYCKPT_STRESS=1
+    cases = cases[:: faults.scaled(2, 1)]  # CI: every other case; all under ARRAYCKPT_STRESS=1
     failures = []
     for n, (k, fault) in enumerate(cases):
         root = tmp_path / f"case{n}"
@@ -271,6 +293,12 @@ def test_caller_coordinated_fault_at_every_step(tmp_path: Path, exchange: bool) 
             assert faults.debris(root) == [], faults.debris(root)
         except AssertionError as exc:
             failures.append(f"{fault} at step {k} {ops[k]}: {exc}")
-    faults.report("crash points", saver="dist2-caller", exchange=exchange, steps=len(ops),
-                  faults_injected=len(cases), failures=len(failures))
+    faults.report(
+        "crash points",
+        saver="dist2-caller",
+        exchange=exchange,
+        steps=len(ops),
+        faults_injected=len(cases),
+        failures=len(failures),
+    )
     assert failures == [], "\n".join(failures)

@@ -54,8 +54,8 @@ STRICTER = {
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        and a[k].tobytes() == b[k].tobytes() for k in a
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+        for k in a
     )
 
 
@@ -82,7 +82,7 @@ def apply(data: bytes, ops: list[tuple]) -> bytes:
         elif kind == "insert":
             out[pos:pos] = op[2]
         elif kind == "delete":
-            del out[pos:pos + op[2]]
+            del out[pos : pos + op[2]]
         elif kind == "truncate":
             del out[pos:]
     return bytes(out)
@@ -103,12 +103,19 @@ TRIED = {"safetensors mutants": 0, "training_state mutants": 0}
 def _report_tried(request: pytest.FixtureRequest):
     failed_before = request.session.testsfailed
     yield
-    faults.report("fuzz-hypothesis", **{k.replace(" ", "_"): v for k, v in TRIED.items()},
-                  failures=request.session.testsfailed - failed_before)
+    faults.report(
+        "fuzz-hypothesis",
+        **{k.replace(" ", "_"): v for k, v in TRIED.items()},
+        failures=request.session.testsfailed - failed_before,
+    )
 
 
-FUZZ = settings(max_examples=faults.scaled(300, 20_000), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=faults.scaled(300, 20_000),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @FUZZ
@@ -176,7 +183,11 @@ def test_differential_against_safetensors() -> None:
             assert reason, f"we reject what safetensors accepts, not on purpose: {error}"
             tally["we are stricter"] += 1
         else:
-            pytest.fail(f"we accept a file safetensors rejects: {data[:HEADER_END + 8]!r}")
-    faults.report("fuzz-differential", mutants=MUTANTS, failures=0, **{
-        k.replace(" ", "_"): v for k, v in tally.items()})
+            pytest.fail(f"we accept a file safetensors rejects: {data[: HEADER_END + 8]!r}")
+    faults.report(
+        "fuzz-differential",
+        mutants=MUTANTS,
+        failures=0,
+        **{k.replace(" ", "_"): v for k, v in tally.items()},
+    )
     assert tally["both reject"] and tally["we are stricter"]

@@ -33,16 +33,17 @@ def record_save(tmp_path: Path, saver_name: str, *, previous: bool, exchange: bo
 
 def index(ops: list[faults.Op], kind: str, *names: str) -> int:
     """Position of the one step ``kind`` on paths with these final names."""
-    hits = [i for i, op in enumerate(ops)
-            if op.kind == kind and tuple(p.name for p in op.paths) == names]
+    hits = [
+        i
+        for i, op in enumerate(ops)
+        if op.kind == kind and tuple(p.name for p in op.paths) == names
+    ]
     assert len(hits) == 1, f"expected one {kind}{names} in {[str(o) for o in ops]}"
     return hits[0]
 
 
 @pytest.mark.parametrize("saver_name", faults.SINGLE_SAVERS)
-@pytest.mark.parametrize(
-    "case", ["first save", "replace (exchange)", "replace (two renames)"]
-)
+@pytest.mark.parametrize("case", ["first save", "replace (exchange)", "replace (two renames)"])
 def test_durable_order(tmp_path: Path, saver_name: str, case: str) -> None:
     previous = case != "first save"
     exchange = case != "replace (two renames)"
@@ -55,8 +56,9 @@ def test_durable_order(tmp_path: Path, saver_name: str, case: str) -> None:
     assert tmp.parent == target.parent and tmp.name.startswith(f".{target.name}.arrayckpt-tmp-")
     sync_tmp = index(ops, "fsync_dir", tmp.name)
     for name in (MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE):
-        written = [i for i, op in enumerate(ops)
-                   if op.kind in faults.WRITES and op.paths == (tmp / name,)]
+        written = [
+            i for i, op in enumerate(ops) if op.kind in faults.WRITES and op.paths == (tmp / name,)
+        ]
         assert len(written) == 1, f"{name} written {len(written)} times"
         synced = index(ops, "fsync_file", name)
         assert ops[synced].paths == (tmp / name,)
@@ -69,8 +71,9 @@ def test_durable_order(tmp_path: Path, saver_name: str, case: str) -> None:
         swap = index(ops, "exchange", tmp.name, target.name)
         moved_aside = None
     else:
-        moved_aside = next(i for i, op in enumerate(ops)
-                           if op.kind == "rename" and op.paths[0] == target)
+        moved_aside = next(
+            i for i, op in enumerate(ops) if op.kind == "rename" and op.paths[0] == target
+        )
         assert ".arrayckpt-old-" in ops[moved_aside].paths[1].name
         swap = index(ops, "rename", tmp.name, target.name)
         assert sync_tmp < moved_aside < swap
@@ -79,7 +82,7 @@ def test_durable_order(tmp_path: Path, saver_name: str, case: str) -> None:
 
     # Nothing writes into the target itself, and after the commit only cleanup remains.
     assert not any(target in op.paths[0].parents for op in ops)
-    after = [op for op in ops[sync_parent + 1:]]
+    after = [op for op in ops[sync_parent + 1 :]]
     assert all(op.kind == "remove_tree" for op in after), [str(o) for o in after]
     assert len(after) == (1 if previous else 0)
 
@@ -95,7 +98,8 @@ def test_every_mutating_call_goes_through_fsops() -> None:
     )
     offenders = [
         f"{path.relative_to(package)}:{n}: {line.strip()}"
-        for path in sorted(package.rglob("*.py")) if path.name != "fsops.py"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "fsops.py"
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if mutating.search(line)
     ]

@@ -28,8 +28,9 @@ LIMIT = faults.scaled(400, 2000)  # states checked per run (sampled when there a
 STEPS = faults.scaled(3, 10)  # saves per recorded run
 
 
-def record(tmp_path: Path, saver_name: str, fs: faults.RecordingFS, *, empty_dir: bool,
-           steps: int = STEPS):
+def record(
+    tmp_path: Path, saver_name: str, fs: faults.RecordingFS, *, empty_dir: bool, steps: int = STEPS
+):
     root = tmp_path / "root"
     root.mkdir()
     if empty_dir:
@@ -68,8 +69,12 @@ def violations(tmp_path: Path, log: crashsim.Log, states: list[crashsim.CrashSta
         if step not in allowed:
             bad.append(f"state {n}: loaded step {step}, expected one of {sorted(allowed)}")
         elif n % 25 == 0:  # now and then: the next save over the wreck works and tidies up
-            ac.save_checkpoint(where / "ckpt", faults.model_state(9),
-                               faults.optimizer_state(9), faults.training_state(9))
+            ac.save_checkpoint(
+                where / "ckpt",
+                faults.model_state(9),
+                faults.optimizer_state(9),
+                faults.training_state(9),
+            )
             faults.assert_checkpoint(where / "ckpt", 9)
             assert faults.debris(where) == []
     return bad
@@ -83,8 +88,14 @@ def test_power_cut_at_every_step(tmp_path: Path, saver_name: str, case: str) -> 
     states, total = crashsim.crash_states(log, LIMIT)
     assert total >= 20, "the simulation produced suspiciously few states"
     bad = violations(tmp_path, log, states)
-    faults.report("power-loss", runs=1, saves=STEPS, distinct_states=total,
-                  states_checked=len(states), failures=len(bad))
+    faults.report(
+        "power-loss",
+        runs=1,
+        saves=STEPS,
+        distinct_states=total,
+        states_checked=len(states),
+        failures=len(bad),
+    )
     assert bad == [], "\n".join(bad[:20])
 
 

@@ -36,8 +36,9 @@ def child_command(*args: object) -> list[str]:
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120,
-                          env=faults.child_env())
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=faults.child_env()
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -47,13 +48,33 @@ def test_disk_full(tmp_path: Path, mode: str) -> None:
         pytest.skip("no unshare(1) to mount a private tmpfs")
     mount = tmp_path / "small"
     mount.mkdir()
-    probe = run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
-                 f"mount -t tmpfs -o size=1m tmpfs {mount}"])
+    probe = run(
+        [
+            unshare,
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=1m tmpfs {mount}",
+        ]
+    )
     if probe.returncode != 0:
         pytest.skip(f"mounting a tmpfs in a user namespace is not permitted: {probe.stderr}")
     script = 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"'
-    proc = run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mount),
-                *child_command("disk-full", mount / "ckpt", mode)])
+    proc = run(
+        [
+            unshare,
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            str(mount),
+            *child_command("disk-full", mount / "ckpt", mode),
+        ]
+    )
     check(proc, "OSError 28")  # ENOSPC
 
 

@@ -16,8 +16,13 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("P
 
 
 def start(script: str, *args: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen[str], expect: int = 0) -> str:
@@ -35,9 +40,10 @@ def needs(module: str) -> None:
         pytest.skip(f"{module} is not installed")
 
 
-@pytest.mark.parametrize(("script", "module"), [("numpy_train.py", "numpy"),
-                                                ("torch_train.py", "torch"),
-                                                ("jax_train.py", "jax")])
+@pytest.mark.parametrize(
+    ("script", "module"),
+    [("numpy_train.py", "numpy"), ("torch_train.py", "torch"), ("jax_train.py", "jax")],
+)
 def test_crash_and_resume_ends_like_an_uninterrupted_run(tmp_path, script, module):
     needs(module)
     straight = start(script, tmp_path / "straight")  # both at once: two cores

@@ -20,8 +20,13 @@ def _gpt2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, An
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     ckpt = tmp_path / "ckpt"
@@ -48,9 +53,7 @@ def test_sharded_export_loads_in_transformers(
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2
     assert shards == [hf.shard_name(i + 1, len(shards)) for i in range(len(shards))]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*shards, hf.INDEX_FILE, "config.json"]
-    )
+    assert sorted(p.name for p in out.iterdir()) == sorted([*shards, hf.INDEX_FILE, "config.json"])
     # the tied lm_head is stored once, as save_pretrained does
     assert "lm_head.weight" not in index["weight_map"]
     assert "transformer.wte.weight" in index["weight_map"]
@@ -59,8 +62,10 @@ def test_sharded_export_loads_in_transformers(
     _check_loads(torch, transformers, model, out)
     # arrayckpt reads its export back too (only the shards holding the asked-for key)
     m, _, _ = ac.load_checkpoint(out, keys=["transformer.h.1.mlp.c_fc.weight"])
-    assert torch.equal(torch.from_numpy(np.asarray(m["transformer.h.1.mlp.c_fc.weight"])),
-                       model.state_dict()["transformer.h.1.mlp.c_fc.weight"])
+    assert torch.equal(
+        torch.from_numpy(np.asarray(m["transformer.h.1.mlp.c_fc.weight"])),
+        model.state_dict()["transformer.h.1.mlp.c_fc.weight"],
+    )
     for shard in shards:  # the shards keep their CRC32Cs
         assert cli.main(["verify", str(out / shard)]) == cli.EXIT_OK
     # a sharded model directory is a source too: back into one file
@@ -88,8 +93,11 @@ def test_cli_export_single_file(
 
 
 def test_shard_plan_and_sizes(tmp_path: Path) -> None:
-    state = {"a": np.ones(10, np.float32), "big": np.zeros(100, np.float32),
-             "c": np.full(5, 2.0, np.float64)}
+    state = {
+        "a": np.ones(10, np.float32),
+        "big": np.zeros(100, np.float32),
+        "c": np.full(5, 2.0, np.float64),
+    }
     ac.save_checkpoint(tmp_path / "c", state)
     out = ac.export_hf(tmp_path / "c", tmp_path / "o", max_shard_size=60)
     index = json.loads((out / hf.INDEX_FILE).read_text())
@@ -136,8 +144,7 @@ def test_export_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
     import tracemalloc
 
     one = 2**18 * 4  # bytes per tensor; NumPy reports its buffers to tracemalloc
-    ac.save_checkpoint(tmp_path / "c", {f"t{i}": np.full(2**18, i, np.float32)
-                                        for i in range(16)})
+    ac.save_checkpoint(tmp_path / "c", {f"t{i}": np.full(2**18, i, np.float32) for i in range(16)})
     tracemalloc.start()
     try:
         ac.export_hf(tmp_path / "c", tmp_path / "o", max_shard_size=4 * one)

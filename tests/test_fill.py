@@ -88,8 +88,10 @@ def test_cuda_tensors_are_filled_on_their_device(tmp_path):
         pytest.skip("no CUDA GPU: torch.cuda.is_available() is False")
     src = {"w": torch.randn(64, 64), "step": torch.tensor(3)}
     ac.save_checkpoint(tmp_path, src)
-    dst = {"w": torch.zeros(64, 64, device="cuda"), "step": torch.zeros((), dtype=torch.int64,
-                                                                        device="cuda")}
+    dst = {
+        "w": torch.zeros(64, 64, device="cuda"),
+        "step": torch.zeros((), dtype=torch.int64, device="cuda"),
+    }
     ptr = dst["w"].data_ptr()
     ac.load_checkpoint(tmp_path, into=dst)
     assert dst["w"].is_cuda and dst["w"].data_ptr() == ptr

@@ -36,17 +36,26 @@ def write_raw(path: Path, header: Any, data: bytes = b"", *, length: int | None 
     return path
 
 
-def entry(dtype: Any = "F32", shape: list[Any] | None = None, offsets: list[Any] | None = None,
-          **extra: Any) -> dict[str, Any]:
-    return {"dtype": dtype, "shape": [2] if shape is None else shape,
-            "data_offsets": [0, 8] if offsets is None else offsets, **extra}
+def entry(
+    dtype: Any = "F32",
+    shape: list[Any] | None = None,
+    offsets: list[Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "dtype": dtype,
+        "shape": [2] if shape is None else shape,
+        "data_offsets": [0, 8] if offsets is None else offsets,
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------ interop
 
 # safetensors.numpy cannot build BF16/F8 arrays; it reads the plain NumPy dtypes.
-_NUMPY_INTEROP = frozenset({"BOOL", "U8", "I8", "I16", "U16", "F16", "I32", "U32", "F32",
-                            "F64", "I64", "U64", "C64"})
+_NUMPY_INTEROP = frozenset(
+    {"BOOL", "U8", "I8", "I16", "U16", "F16", "I32", "U32", "F32", "F64", "I64", "U64", "C64"}
+)
 
 
 @given(state=states(dtype=dtypes(_NUMPY_INTEROP)))
@@ -62,8 +71,11 @@ def test_our_files_read_by_safetensors_numpy(tmp_path: Path, state: dict[str, np
 def test_our_files_read_by_safetensors_torch(tmp_path: Path, state: dict[str, np.ndarray]) -> None:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    state = {k: v for k, v in state.items()
-             if isinstance(getattr(torch, v.dtype.name, None), torch.dtype)}
+    state = {
+        k: v
+        for k, v in state.items()
+        if isinstance(getattr(torch, v.dtype.name, None), torch.dtype)
+    }
     path = ac.save_checkpoint(_fresh(tmp_path), state) / MODEL_FILE
     theirs = safetensors_torch.load_file(str(path))
     assert set(theirs) == set(state)
@@ -71,8 +83,10 @@ def test_our_files_read_by_safetensors_torch(tmp_path: Path, state: dict[str, np
         assert_same_array(theirs[name], a, name)
 
 
-@given(state=states(dtype=dtypes(_NUMPY_INTEROP)),
-       meta=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+@given(
+    state=states(dtype=dtypes(_NUMPY_INTEROP)),
+    meta=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+)
 def test_safetensors_numpy_files_read_by_us(
     tmp_path: Path, state: dict[str, np.ndarray], meta: dict[str, str]
 ) -> None:
@@ -139,6 +153,7 @@ def _cases() -> list[tuple[str, Callable[[Path], Path], str]]:
         def build(p: Path) -> Path:
             p.write_bytes(content)
             return p
+
         return build
 
     nested = b"[" * 200_000 + b"]" * 200_000
@@ -163,19 +178,38 @@ def _cases() -> list[tuple[str, Callable[[Path], Path], str]]:
         ("number-top", raw(b"1", b""), "JSON object"),
         ("null-top", raw(b"null", b""), "JSON object"),
         ("deep-nesting", raw(nested, b""), "nested too deeply|not valid JSON"),
-        ("deep-nesting-in-entry", raw(b'{"a": {"dtype": ' + nested + b"}}", b""),
-         "nested too deeply|not valid JSON"),
+        (
+            "deep-nesting-in-entry",
+            raw(b'{"a": {"dtype": ' + nested + b"}}", b""),
+            "nested too deeply|not valid JSON",
+        ),
         # duplicate keys at any level
-        ("duplicate-tensor", raw(b'{"a": %s, "a": %s}' % (json.dumps(entry()).encode(),
-                                                          json.dumps(entry()).encode())),
-         "duplicate key 'a'"),
-        ("duplicate-field", raw(b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], '
-                                b'"data_offsets": [0, 8]}}'), "duplicate key 'dtype'"),
-        ("duplicate-metadata-key", raw(b'{"__metadata__": {"k": "1", "k": "2"}, "a": '
-                                       + json.dumps(entry()).encode() + b"}"),
-         "duplicate key 'k'"),
-        ("duplicate-metadata", raw(b'{"__metadata__": {}, "__metadata__": {}}', b""),
-         "duplicate key '__metadata__'"),
+        (
+            "duplicate-tensor",
+            raw(
+                b'{"a": %s, "a": %s}' % (json.dumps(entry()).encode(), json.dumps(entry()).encode())
+            ),
+            "duplicate key 'a'",
+        ),
+        (
+            "duplicate-field",
+            raw(b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'),
+            "duplicate key 'dtype'",
+        ),
+        (
+            "duplicate-metadata-key",
+            raw(
+                b'{"__metadata__": {"k": "1", "k": "2"}, "a": '
+                + json.dumps(entry()).encode()
+                + b"}"
+            ),
+            "duplicate key 'k'",
+        ),
+        (
+            "duplicate-metadata",
+            raw(b'{"__metadata__": {}, "__metadata__": {}}', b""),
+            "duplicate key '__metadata__'",
+        ),
         # fields
         ("unknown-field", raw({"a": entry(extra=1)}), "unknown fields \\['extra'\\]"),
         ("missing-field", raw({"a": {"dtype": "F32", "shape": [2]}}), "missing fields"),
@@ -185,66 +219,112 @@ def _cases() -> list[tuple[str, Callable[[Path], Path], str]]:
         # (an unknown dtype *code* is refused only when its tensor is read: see
         # test_unknown_dtype_fails_only_the_tensor_asked_for)
         ("dtype-not-string", raw({"a": entry(4)}), "unknown dtype 4"),
-        ("packed-dtype-off-byte-boundary", raw({"a": entry("F4", [3], [0, 2])}, b"\0\0"),
-         "does not end on a byte boundary"),
-        ("packed-dtype-wrong-length", raw({"a": entry("F4", [4], [0, 4])}, b"\0" * 4),
-         "needs 2 bytes"),
+        (
+            "packed-dtype-off-byte-boundary",
+            raw({"a": entry("F4", [3], [0, 2])}, b"\0\0"),
+            "does not end on a byte boundary",
+        ),
+        (
+            "packed-dtype-wrong-length",
+            raw({"a": entry("F4", [4], [0, 4])}, b"\0" * 4),
+            "needs 2 bytes",
+        ),
         # numbers in shape and offsets
         ("negative-dim", raw({"a": entry(shape=[-2])}), "negative number -2"),
         ("float-dim", raw({"a": entry(shape=[2.0])}), "unexpected number 2.0"),
-        ("exp-dim", raw(b'{"a": {"dtype": "F32", "shape": [2e0], "data_offsets": [0, 8]}}'),
-         "unexpected number 2e0"),
-        ("negative-zero-dim", raw(b'{"a": {"dtype": "F32", "shape": [-0], '
-                                  b'"data_offsets": [0, 0]}}', b""), "negative number -0"),
+        (
+            "exp-dim",
+            raw(b'{"a": {"dtype": "F32", "shape": [2e0], "data_offsets": [0, 8]}}'),
+            "unexpected number 2e0",
+        ),
+        (
+            "negative-zero-dim",
+            raw(b'{"a": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}', b""),
+            "negative number -0",
+        ),
         ("bool-dim", raw({"a": entry(shape=[True, True])}), "shape .* non-negative integers"),
         ("string-dim", raw({"a": entry(shape=["2"])}), "shape .* non-negative integers"),
         ("shape-not-list", raw({"a": entry(shape=2)}), "shape .* non-negative integers"),  # type: ignore[arg-type]
         ("null-dim", raw({"a": entry(shape=[None])}), "shape .* non-negative integers"),
         ("negative-offset", raw({"a": entry(offsets=[-8, 0])}), "negative number -8"),
         ("float-offset", raw({"a": entry(offsets=[0, 8.0])}), "unexpected number 8.0"),
-        ("negative-zero-offset", raw(b'{"a": {"dtype": "F32", "shape": [2], '
-                                     b'"data_offsets": [-0, 8]}}'), "negative number -0"),
+        (
+            "negative-zero-offset",
+            raw(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}'),
+            "negative number -0",
+        ),
         ("bool-offset", raw({"a": entry(offsets=[False, 8])}), "data_offsets .* two"),
         ("one-offset", raw({"a": entry(offsets=[8])}), "data_offsets .* two"),
         ("three-offsets", raw({"a": entry(offsets=[0, 4, 8])}), "data_offsets .* two"),
         ("offsets-not-list", raw({"a": entry(offsets={"0": 8})}), "data_offsets .* two"),  # type: ignore[arg-type]
-        ("too-many-digits", raw(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000
-                                + b'], "data_offsets": [0, 8]}}'), "not valid JSON"),
+        (
+            "too-many-digits",
+            raw(
+                b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}'
+            ),
+            "not valid JSON",
+        ),
         # offsets vs data
-        ("offsets-out-of-bounds", raw({"a": entry(shape=[4], offsets=[0, 16])}),
-         "ends at 16 but the file holds only 8"),
+        (
+            "offsets-out-of-bounds",
+            raw({"a": entry(shape=[4], offsets=[0, 16])}),
+            "ends at 16 but the file holds only 8",
+        ),
         ("offsets-reversed", raw({"a": entry(shape=[0], offsets=[8, 0])}), "reversed"),
-        ("offsets-overlap", raw({"a": entry(shape=[2], offsets=[0, 8]),
-                                 "b": entry(shape=[1], offsets=[4, 8])}), "overlap"),
+        (
+            "offsets-overlap",
+            raw({"a": entry(shape=[2], offsets=[0, 8]), "b": entry(shape=[1], offsets=[4, 8])}),
+            "overlap",
+        ),
         ("offsets-duplicate-range", raw({"a": entry(), "b": entry()}), "overlap"),
         ("offsets-hole", raw({"a": entry(shape=[1], offsets=[4, 8])}), "4 unused bytes"),
-        ("offsets-hole-between", raw({"a": entry("U8", [1], [0, 1]),
-                                      "b": entry("U8", [1], [2, 3])}, b"\0\0\0"),
-         "1 unused bytes"),
+        (
+            "offsets-hole-between",
+            raw({"a": entry("U8", [1], [0, 1]), "b": entry("U8", [1], [2, 3])}, b"\0\0\0"),
+            "1 unused bytes",
+        ),
         ("trailing-bytes", raw(ok, F32x2 + b"junk"), "4 trailing bytes"),
         ("data-but-no-tensors", raw({}, b"\0"), "1 trailing bytes"),
         ("shape-itemsize-mismatch", raw({"a": entry(shape=[3])}), "needs 12 bytes"),
         ("shape-itemsize-mismatch-bf16", raw({"a": entry("BF16", [2])}), "needs 4 bytes"),
-        ("huge-shape-overflow", raw({"a": entry(shape=[_HUGE, _HUGE, 4], offsets=[0, 8])}),
-         "needs .* bytes but data_offsets span 8"),
-        ("huge-shape-wraps-to-zero", raw({"a": entry("U8", [2**32, 2**32], [0, 0])}, b""),
-         "needs 18446744073709551616 bytes"),
-        ("huge-offsets", raw({"a": entry("U8", [_HUGE], [_HUGE, 2 * _HUGE])}, b""),
-         "unused bytes|ends at .* but the file holds only 0"),
-        ("offset-beyond-u64", raw({"a": entry("U8", [1], [2**64, 2**64 + 1])}, b""),
-         "unused bytes|file holds only 0"),
+        (
+            "huge-shape-overflow",
+            raw({"a": entry(shape=[_HUGE, _HUGE, 4], offsets=[0, 8])}),
+            "needs .* bytes but data_offsets span 8",
+        ),
+        (
+            "huge-shape-wraps-to-zero",
+            raw({"a": entry("U8", [2**32, 2**32], [0, 0])}, b""),
+            "needs 18446744073709551616 bytes",
+        ),
+        (
+            "huge-offsets",
+            raw({"a": entry("U8", [_HUGE], [_HUGE, 2 * _HUGE])}, b""),
+            "unused bytes|ends at .* but the file holds only 0",
+        ),
+        (
+            "offset-beyond-u64",
+            raw({"a": entry("U8", [1], [2**64, 2**64 + 1])}, b""),
+            "unused bytes|file holds only 0",
+        ),
         # __metadata__
         ("metadata-int-value", raw({"__metadata__": {"k": 1}, **ok}), "__metadata__ must map"),
         ("metadata-list", raw({"__metadata__": ["k"], **ok}), "__metadata__ must map"),
         ("metadata-string", raw({"__metadata__": "k", **ok}), "__metadata__ must map"),
         ("metadata-null", raw({"__metadata__": None, **ok}), "__metadata__ must map"),
-        ("metadata-nested", raw({"__metadata__": {"k": {"x": "y"}}, **ok}),
-         "__metadata__ must map"),
+        (
+            "metadata-nested",
+            raw({"__metadata__": {"k": {"x": "y"}}, **ok}),
+            "__metadata__ must map",
+        ),
         # names
         ("empty-name", raw({"": entry()}), "non-empty and contain no NUL"),
         ("nul-in-name", raw({"a\x00b": entry()}), "non-empty and contain no NUL"),
-        ("lone-surrogate-name", raw(b'{"\\ud800": ' + json.dumps(entry()).encode() + b"}"),
-         "surrogate"),
+        (
+            "lone-surrogate-name",
+            raw(b'{"\\ud800": ' + json.dumps(entry()).encode() + b"}"),
+            "surrogate",
+        ),
     ]
 
 
@@ -381,8 +461,19 @@ def _rewrite_checksums(path: Path, value: Any) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["not json", "[1, 2]", '"a"', '{"a": 1}', '{"a": "zz"}', '{"a": "0", "b": "0"}',
-     '{"b": "0"}', "{}", '{"a": "0", "a": "0"}', "[" * 5000 + "]" * 5000, '{"a": null}'],
+    [
+        "not json",
+        "[1, 2]",
+        '"a"',
+        '{"a": 1}',
+        '{"a": "zz"}',
+        '{"a": "0", "b": "0"}',
+        '{"b": "0"}',
+        "{}",
+        '{"a": "0", "a": "0"}',
+        "[" * 5000 + "]" * 5000,
+        '{"a": null}',
+    ],
 )
 def test_bad_checksum_metadata(tmp_path: Path, value: str) -> None:
     """A damaged table fails verification of every tensor; verify=False still loads (#10)."""
@@ -414,7 +505,6 @@ def test_checksum_is_crc32c_of_dtype_shape_and_data(tmp_path: Path) -> None:
     expected = crc32c.crc32c(a.tobytes(), crc32c.crc32c(b"F64:7"))
     assert reader.header.checksums == {"a": expected}
     assert reader.header.metadata[fmt.FORMAT_KEY] == fmt.FORMAT_VERSION
-
 
 
 # ------------------------------------------------------- bounded memory, huge files (#10)
@@ -450,8 +540,9 @@ def _rss_growth(path: Path, mmap: bool) -> tuple[int, str]:
 
 
 def _many_tiny_tensors(path: Path, n: int) -> Path:
-    parts = [b'"t%d":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1)
-             for i in range(n)]
+    parts = [
+        b'"t%d":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(n)
+    ]
     raw = b"{" + b",".join(parts) + b"}"
     return write_raw(path, raw + b" " * (-len(raw) % 8), bytes(n))
 

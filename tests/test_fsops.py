@@ -25,13 +25,13 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 def modes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode)
-            for p in [root, *root.rglob("*")]}
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]
+    }
 
 
 def expected(root: Path, mask: int) -> dict[str, int]:
-    return {name: (0o777 if (root / name).is_dir() else 0o666) & ~mask
-            for name in modes(root)}
+    return {name: (0o777 if (root / name).is_dir() else 0o666) & ~mask for name in modes(root)}
 
 
 def test_current_umask_reads_without_changing(umask: int) -> None:
@@ -41,8 +41,12 @@ def test_current_umask_reads_without_changing(umask: int) -> None:
 
 def test_save_checkpoint_follows_the_umask(tmp_path: Path, umask: int) -> None:
     target = tmp_path / "ckpt"
-    ac.save_checkpoint(target, {"w": np.ones(3, np.float32)}, {"m": np.zeros(3, np.float32)},
-                       ac.TrainingState(step=1))
+    ac.save_checkpoint(
+        target,
+        {"w": np.ones(3, np.float32)},
+        {"m": np.zeros(3, np.float32)},
+        ac.TrainingState(step=1),
+    )
     got = modes(target)
     assert "model.safetensors" in got and "optimizer.safetensors" in got
     assert got == expected(target, umask)

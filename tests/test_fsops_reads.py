@@ -31,8 +31,12 @@ def run_child(code: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-            timeout=CHILD_TIMEOUT_S, env=env, cwd=ROOT,
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=env,
+            cwd=ROOT,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung for {CHILD_TIMEOUT_S} s (a FIFO opened for reading blocks)")

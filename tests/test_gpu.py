@@ -59,8 +59,9 @@ def test_torch_cuda_round_trip_every_dtype_and_layout(tmp_path: Path) -> None:
     for code in sorted(backend_dtypes("torch-cuda")):
         for layout in LAYOUTS:
             a = _sample(code)
-            path = ac.save_checkpoint(tmp_path / f"{code}_{layout}",
-                                      {"t": to_backend(a, "torch-cuda", layout)})
+            path = ac.save_checkpoint(
+                tmp_path / f"{code}_{layout}", {"t": to_backend(a, "torch-cuda", layout)}
+            )
             on_gpu = ac.load_checkpoint(path, xp=torch, device="cuda:0").model["t"]
             assert on_gpu.device.type == "cuda"
             assert_same_array(on_gpu, a, f"{code}/{layout}")
@@ -70,8 +71,12 @@ def test_torch_cuda_round_trip_every_dtype_and_layout(tmp_path: Path) -> None:
 def test_torch_cuda_requires_grad_and_zero_d(tmp_path: Path) -> None:
     torch = _need_torch_cuda()
     w = torch.randn(4, 3, device="cuda", requires_grad=True)
-    state = {"w": w, "wT": w.T, "s": torch.tensor(3.0, device="cuda"),
-             "e": torch.zeros(0, 2, device="cuda")}
+    state = {
+        "w": w,
+        "wT": w.T,
+        "s": torch.tensor(3.0, device="cuda"),
+        "e": torch.zeros(0, 2, device="cuda"),
+    }
     ac.save_checkpoint(tmp_path / "c", state)
     got = ac.load_checkpoint(tmp_path / "c", xp="torch", device=torch.device("cuda")).model
     for k, v in state.items():
@@ -123,8 +128,11 @@ def test_cupy_bad_device_is_invalid_input(tmp_path: Path) -> None:
 def test_mixed_gpu_frameworks_in_one_mapping(tmp_path: Path) -> None:
     torch = _need_torch_cuda()
     cupy = _need_cupy()
-    state = {"t": torch.ones(3, device="cuda"), "c": cupy.arange(4, dtype=cupy.int32),
-             "n": np.array([1, 2], np.float16)}
+    state = {
+        "t": torch.ones(3, device="cuda"),
+        "c": cupy.arange(4, dtype=cupy.int32),
+        "n": np.array([1, 2], np.float16),
+    }
     ac.save_checkpoint(tmp_path / "c", state)
     got = ac.load_checkpoint(tmp_path / "c").model
     assert got["t"].tolist() == [1, 1, 1] and got["c"].tolist() == [0, 1, 2, 3]
@@ -151,9 +159,15 @@ def test_cupy_load_of_bf16_names_the_tensor_and_the_fix(tmp_path: Path) -> None:
 def test_torch_cuda_strided_views_in_an_async_save(tmp_path: Path) -> None:
     torch = _need_torch_cuda()
     base = torch.arange(64, device="cuda", dtype=torch.float32).reshape(8, 8)
-    state = {"t": base.t(), "every_other": base[:, ::2], "row": base[3], "s": base[2, 2],
-             "neg": torch.zeros(3, device="cuda") - base[0, :3],
-             "e": base[:0], "h": base.to(torch.bfloat16).t()}
+    state = {
+        "t": base.t(),
+        "every_other": base[:, ::2],
+        "row": base[3],
+        "s": base[2, 2],
+        "neg": torch.zeros(3, device="cuda") - base[0, :3],
+        "e": base[:0],
+        "h": base.to(torch.bfloat16).t(),
+    }
     expected = {k: v.cpu().clone() for k, v in state.items()}
     with ac.AsyncCheckpointer() as ckpt:
         ckpt.save(tmp_path / "c", state)

@@ -18,7 +18,11 @@ HEAVY = ("ml_dtypes", "torch", "jax", "cupy", "obstore", "mpi4py", "lightning")
 def loaded_after(code: str) -> set[str]:
     proc = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
-        env=ENV, capture_output=True, text=True, timeout=120)
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return set(proc.stdout.split())
 
@@ -28,17 +32,21 @@ def test_import_arrayckpt_skips_ml_dtypes_and_frameworks() -> None:
 
 
 def test_help_skips_ml_dtypes() -> None:
-    code = ("import sys\nfrom arrayckpt.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    code = (
+        "import sys\nfrom arrayckpt.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
     assert not {m for m in HEAVY if m in loaded_after(code)}
 
 
 def test_bf16_still_loads_with_ml_dtypes_imported_on_demand(tmp_path: Path) -> None:
-    code = (f"import numpy as np, arrayckpt as ac, sys\n"
-            f"ac.save_checkpoint({str(tmp_path / 'c')!r}, {{'w': np.ones(2, np.float32)}})\n"
-            f"assert 'ml_dtypes' not in sys.modules\n"
-            f"from arrayckpt import dtypes\n"
-            f"print(dtypes.by_code('BF16').numpy)\n")
+    code = (
+        f"import numpy as np, arrayckpt as ac, sys\n"
+        f"ac.save_checkpoint({str(tmp_path / 'c')!r}, {{'w': np.ones(2, np.float32)}})\n"
+        f"assert 'ml_dtypes' not in sys.modules\n"
+        f"from arrayckpt import dtypes\n"
+        f"print(dtypes.by_code('BF16').numpy)\n"
+    )
     assert "ml_dtypes" in loaded_after(code)
     import ml_dtypes
 
@@ -49,7 +57,12 @@ def test_bf16_still_loads_with_ml_dtypes_imported_on_demand(tmp_path: Path) -> N
 
 
 def test_the_import_benchmark_runs() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "import_time.py"), "--runs", "1"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "import_time.py"), "--runs", "1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode in (0, 1), proc.stderr  # 1: a target missed on a busy machine
     assert "import arrayckpt" in proc.stdout and "ml_dtypes imported: no" in proc.stdout

@@ -72,8 +72,11 @@ def test_open_checkpoint_converts_to_the_requested_framework(ckpt, mmap):
 
 
 def test_open_checkpoint_exposes_non_array_leaves(tmp_path):
-    ac.save_checkpoint(tmp_path, {"w": np.ones(1)},
-                       {"state": {0: {"m": np.ones(1)}}, "param_groups": [{"lr": 0.5}]})
+    ac.save_checkpoint(
+        tmp_path,
+        {"w": np.ones(1)},
+        {"state": {0: {"m": np.ones(1)}}, "param_groups": [{"lr": 0.5}]},
+    )
     lazy = ac.open_checkpoint(tmp_path)
     assert lazy.optimizer is not None and lazy.optimizer.nested and not lazy.model.nested
     assert lazy.optimizer.leaves == {"param_groups.0.lr": 0.5}

@@ -44,14 +44,20 @@ class Regression(lightning.LightningModule):  # type: ignore[misc]
 def trainer(root: Path, epochs: int, *, checkpointing: bool = True, **kw: Any) -> Any:
     callbacks = []
     if checkpointing:
-        callbacks.append(
-            lightning.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
-        )
+        callbacks.append(lightning.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True))
     return lightning.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        default_root_dir=root, enable_checkpointing=checkpointing, callbacks=callbacks,
-        plugins=[ArrayckptCheckpointIO()], **kw,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=root,
+        enable_checkpointing=checkpointing,
+        callbacks=callbacks,
+        plugins=[ArrayckptCheckpointIO()],
+        **kw,
     )
 
 

@@ -36,8 +36,9 @@ def test_save_list_and_restore(tmp_path, async_save):
     with ac.CheckpointManager(tmp_path, async_save=async_save) as mgr:
         assert mgr.restore() is None and mgr.latest_step() is None
         for step in (5, 10, 100):
-            future = mgr.save(step, state(step), {"m": np.zeros(1)},
-                              ac.TrainingState(step=step, epoch=1))
+            future = mgr.save(
+                step, state(step), {"m": np.zeros(1)}, ac.TrainingState(step=step, epoch=1)
+            )
         assert future.result() == tmp_path / "step_00000100"
         mgr.wait()
         assert mgr.steps() == [5, 10, 100] and mgr.latest_step() == 100
@@ -59,8 +60,7 @@ def test_async_save_snapshots_before_returning(tmp_path):
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_keep_last_and_keep_every(tmp_path, async_save):
-    with ac.CheckpointManager(tmp_path, keep_last=2, keep_every=300,
-                              async_save=async_save) as mgr:
+    with ac.CheckpointManager(tmp_path, keep_last=2, keep_every=300, async_save=async_save) as mgr:
         for step in range(100, 1100, 100):
             mgr.save(step, state(step))
     assert ac.CheckpointManager(tmp_path).steps() == [300, 600, 900, 1000]
@@ -104,8 +104,11 @@ def test_incomplete_directories_and_temporaries_are_never_listed_or_restored(tmp
     assert mgr.steps() == [1]
     assert mgr.restore().training_state.step == 1
     statuses = {e.name: e.status for e in scan(tmp_path)}
-    assert statuses == {"step_00000001": "complete", "step_00000002": "incomplete",
-                        tmp.name: "temporary"}
+    assert statuses == {
+        "step_00000001": "complete",
+        "step_00000002": "incomplete",
+        tmp.name: "temporary",
+    }
     assert (tmp_path / "notes.txt").exists()
 
 
@@ -221,8 +224,9 @@ with fsops.use(DieWhileWritingStep4()):
 def test_resume_after_a_crash_is_one_call(tmp_path):
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASHING_CHILD), str(tmp_path)],
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASHING_CHILD), str(tmp_path)], env=env, timeout=120
+    )
     assert proc.returncode == 9
     assert any(e.status == "temporary" for e in scan(tmp_path))  # the crash left debris
     mgr = ac.CheckpointManager(tmp_path)
@@ -234,8 +238,11 @@ def test_resume_after_a_crash_is_one_call(tmp_path):
 def test_of_several_aside_copies_the_newest_complete_one_is_renamed_back(tmp_path):
     pid = dead_pid()
     for step, tag in ((4, "aaaa"), (5, "bbbb"), (3, "cccc")):
-        ac.save_checkpoint(tmp_path / f".step_00000005.arrayckpt-old-{pid}-{tag}",
-                           state(step), training_state=ac.TrainingState(step))
+        ac.save_checkpoint(
+            tmp_path / f".step_00000005.arrayckpt-old-{pid}-{tag}",
+            state(step),
+            training_state=ac.TrainingState(step),
+        )
     broken = tmp_path / f".step_00000005.arrayckpt-old-{pid}-ffff"
     broken.mkdir()  # incomplete: never renamed back
     mgr = ac.CheckpointManager(tmp_path)
@@ -281,9 +288,7 @@ def test_keep_last_keeps_exactly_n_after_a_rollback_into_an_old_root(tmp_path):
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_rolling_back_after_a_loss_spike_replaces_the_step_and_deletes_newer(
-    tmp_path, async_save
-):
+def test_rolling_back_after_a_loss_spike_replaces_the_step_and_deletes_newer(tmp_path, async_save):
     _run(tmp_path, range(100, 501, 100), keep_last=None)
     with ac.CheckpointManager(tmp_path, async_save=async_save) as mgr:
         good = mgr.restore(300)

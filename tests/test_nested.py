@@ -50,9 +50,19 @@ def test_nested_state_round_trips_with_int_keys_tuples_and_scalars(tmp_path):
     opt = {
         "state": {0: {"step": np.float32(3), "m": np.arange(4.0)}, 1: {"m": np.zeros((2, 1))}},
         "param_groups": [
-            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "foreach": None,
-             "name": "group0", "params": [0, 1], "weight_decay": 0, "clip": float("inf"),
-             "bad": float("nan"), "low": float("-inf")},
+            {
+                "lr": 1e-3,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "amsgrad": False,
+                "foreach": None,
+                "name": "group0",
+                "params": [0, 1],
+                "weight_decay": 0,
+                "clip": float("inf"),
+                "bad": float("nan"),
+                "low": float("-inf"),
+            },
         ],
         "0": "string key that looks like an int",
     }
@@ -95,19 +105,22 @@ def test_malformed_tree_is_reported_as_corrupt(tmp_path):
     with pytest.raises(ac.CorruptCheckpointError, match="missing"):
         nested.unflatten(json.dumps(doc), lambda n: None, set(flat), source="f")
     with pytest.raises(ac.CorruptCheckpointError, match="does not list"):
-        nested.unflatten(json.dumps({"version": 1, "root": {"dict": []}}), lambda n: None,
-                         {"a.0"}, source="f")
+        nested.unflatten(
+            json.dumps({"version": 1, "root": {"dict": []}}), lambda n: None, {"a.0"}, source="f"
+        )
     with pytest.raises(ac.CorruptCheckpointError):
         nested.unflatten('{"version": 1, "root": {"int": 1.5}}', lambda n: None, set(), source="f")
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
     st.text(max_size=5),
 )
 arrays = st.integers(0, 3).map(lambda n: np.arange(n, dtype=np.float32))
-keys = st.one_of(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s),
-                 st.integers(0, 5))
+keys = st.one_of(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), st.integers(0, 5))
 trees = st.recursive(
     st.one_of(scalars, arrays),
     lambda children: st.one_of(
@@ -120,8 +133,11 @@ trees = st.recursive(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees,
-                       max_size=3))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees, max_size=3
+    )
+)
 def test_any_pytree_round_trips_through_flatten(state):
     try:
         flat, tree = nested.flatten(state, what="model_state")
@@ -136,8 +152,11 @@ def test_any_pytree_round_trips_through_flatten(state):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees,
-                       max_size=3))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=4).filter(lambda s: "." not in s), trees, max_size=3
+    )
+)
 def test_map_arrays_names_leaves_as_flatten_does(state):
     """A rank's pruned state (distributed/global_shards.py) keeps flatten's tensor names."""
     try:
@@ -259,8 +278,10 @@ def test_a_flipped_digit_in_training_state_json_fails_its_checksum(nested_ckpt, 
 def test_checkpoints_without_tree_or_state_checksums_still_load(nested_ckpt):
     from arrayckpt.training_state import STATE_CHECKSUM_KEY
 
-    for name, key in (("optimizer.safetensors", nested.TREE_CHECKSUM_KEY),
-                      ("model.safetensors", STATE_CHECKSUM_KEY)):
+    for name, key in (
+        ("optimizer.safetensors", nested.TREE_CHECKSUM_KEY),
+        ("model.safetensors", STATE_CHECKSUM_KEY),
+    ):
         _rewrite_metadata(nested_ckpt / name, key, lambda v: None)
     ckpt = ac.load_checkpoint(nested_ckpt)
     assert ckpt.optimizer["param_groups"] == [{"lr": 0.001}]
@@ -293,8 +314,7 @@ def test_a_tree_nested_too_deeply_on_disk_is_corrupt_not_a_recursion_error():
         for _ in range(levels):
             root = '{"list":[' + root + "]}"
         with pytest.raises(ac.CorruptCheckpointError, match="deeper than"):
-            nested.unflatten('{"version":1,"root":' + root + "}", lambda n: None, set(),
-                             source="f")
+            nested.unflatten('{"version":1,"root":' + root + "}", lambda n: None, set(), source="f")
 
 
 @pytest.mark.parametrize("leaf", [__import__("pathlib").Path("/tmp"), {1, 2}, b"raw", object()])
@@ -307,9 +327,19 @@ def test_non_array_leaves_are_named_neither_array_nor_json_value(tmp_path, leaf)
 
 def test_json_values_and_numpy_scalars_come_back_as_saved_with_xp_torch(tmp_path):
     torch = pytest.importorskip("torch")
-    opt = {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "name": "g", "fused": None,
-                             "step": np.int64(3), "scale": np.float32(0.5)}],
-           "state": {0: {"m": np.ones(2, np.float32)}}}
+    opt = {
+        "param_groups": [
+            {
+                "lr": 0.1,
+                "betas": (0.9, 0.99),
+                "name": "g",
+                "fused": None,
+                "step": np.int64(3),
+                "scale": np.float32(0.5),
+            }
+        ],
+        "state": {0: {"m": np.ones(2, np.float32)}},
+    }
     ac.save_checkpoint(tmp_path, {"w": np.ones(1)}, opt)
     back = ac.load_checkpoint(tmp_path, xp=torch).optimizer
     group = back["param_groups"][0]

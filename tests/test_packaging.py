@@ -14,8 +14,16 @@ import pytest
 import arrayckpt
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "arrayckpt", "tests", "docs",
-           "bench"]
+SOURCES = [
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "MANIFEST.in",
+    "arrayckpt",
+    "tests",
+    "docs",
+    "bench",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +39,17 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str, str
             shutil.copy2(path, src / name)
     out = src / "dist"
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-         "print(b.build_sdist(sys.argv[1]))", str(out)],
-        cwd=src, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
+            str(out),
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (archive,) = out.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
@@ -54,8 +70,9 @@ def test_license_is_an_spdx_expression_with_its_file(sdist: tuple[list[str], str
 
 def test_classifiers_say_what_it_runs_on(sdist: tuple[list[str], str, str]) -> None:
     _, pkg_info, _ = sdist
-    classifiers = [line.split(": ", 1)[1] for line in pkg_info.splitlines()
-                   if line.startswith("Classifier: ")]
+    classifiers = [
+        line.split(": ", 1)[1] for line in pkg_info.splitlines() if line.startswith("Classifier: ")
+    ]
     assert "Typing :: Typed" in classifiers
     assert "Programming Language :: Python :: 3 :: Only" in classifiers
     assert not any(c.startswith("License ::") for c in classifiers)  # the SPDX string says it
@@ -71,13 +88,36 @@ def test_the_sdist_ships_no_half_test_suite(sdist: tuple[list[str], str, str]) -
 
 def test_public_names_are_pinned() -> None:
     """A name added or dropped is an API change: update this list, the docs and DESIGN.md."""
-    assert sorted(arrayckpt.__all__) == sorted([
-        "CHECKPOINT_VERSION", "AsyncCheckpointer", "Checkpoint", "CheckpointError",
-        "CheckpointManager", "CheckpointNotFoundError", "CheckpointWriteError",
-        "CorruptCheckpointError", "InvalidInputError", "LazyCheckpoint", "ReadStats", "Replicated",
-        "ShardingConfig", "TensorParallel", "TopologyError", "TrainingState",
-        "UnsupportedArrayError", "ZeroPartitioned", "consolidate_checkpoint", "export_hf",
-        "get_rng_state", "load_checkpoint", "load_distributed_checkpoint", "load_file",
-        "open_checkpoint", "save_checkpoint", "save_distributed_checkpoint", "set_rng_state",
-    ])
+    assert sorted(arrayckpt.__all__) == sorted(
+        [
+            "CHECKPOINT_VERSION",
+            "AsyncCheckpointer",
+            "Checkpoint",
+            "CheckpointError",
+            "CheckpointManager",
+            "CheckpointNotFoundError",
+            "CheckpointWriteError",
+            "CorruptCheckpointError",
+            "InvalidInputError",
+            "LazyCheckpoint",
+            "ReadStats",
+            "Replicated",
+            "ShardingConfig",
+            "TensorParallel",
+            "TopologyError",
+            "TrainingState",
+            "UnsupportedArrayError",
+            "ZeroPartitioned",
+            "consolidate_checkpoint",
+            "export_hf",
+            "get_rng_state",
+            "load_checkpoint",
+            "load_distributed_checkpoint",
+            "load_file",
+            "open_checkpoint",
+            "save_checkpoint",
+            "save_distributed_checkpoint",
+            "set_rng_state",
+        ]
+    )
     assert all(hasattr(arrayckpt, name) for name in arrayckpt.__all__)

@@ -37,7 +37,10 @@ def test_the_pool_still_runs_jobs_while_the_interpreter_exits(tmp_path: Path) ->
     )
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert out.returncode == 0, out.stderr

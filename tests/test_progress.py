@@ -38,4 +38,8 @@ def test_without_a_total_it_shows_elapsed_time():
 
 def test_human_bytes():
     assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**30)] == [
-        "0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 GiB",
+    ]

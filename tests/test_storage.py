@@ -51,8 +51,10 @@ def test_storage_options_override_env(s3_server: S3Server, monkeypatch: pytest.M
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     options = {
-        "endpoint": s3_server.endpoint, "access_key_id": "arrayckpt-test",
-        "secret_access_key": "arrayckpt-test-secret", "region": "us-east-1",
+        "endpoint": s3_server.endpoint,
+        "access_key_id": "arrayckpt-test",
+        "secret_access_key": "arrayckpt-test-secret",
+        "region": "us-east-1",
     }
     url = s3_server.url("opts/step_1")
     ac.save_checkpoint(url, {"x": np.arange(4)}, storage_options=options)
@@ -176,7 +178,9 @@ def test_kill_9_during_upload_leaves_nothing_complete(s3_env: S3Server) -> None:
     env = {**os.environ, **s3_env.env, "PYTHONPATH": str(Path(__file__).parent.parent)}
     child = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("storage_child.py")), url],
-        env=env, stdout=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == "saving\n"
@@ -204,7 +208,9 @@ def test_server_killed_mid_save_then_restarted(tmp_path) -> None:  # type: ignor
 
     server = start_server(tmp_path)
     options = {
-        "endpoint": server.endpoint, "access_key_id": "k", "secret_access_key": "s",
+        "endpoint": server.endpoint,
+        "access_key_id": "k",
+        "secret_access_key": "s",
         "region": "us-east-1",
         "retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=3)},
     }
@@ -215,8 +221,10 @@ def test_server_killed_mid_save_then_restarted(tmp_path) -> None:  # type: ignor
         def save() -> None:
             try:
                 ac.save_checkpoint(
-                    server.url("run/step_2"), {"w": np.ones(16 << 20, np.float32)},
-                    {"m": np.ones(64 << 20, np.float32)}, storage_options=options,
+                    server.url("run/step_2"),
+                    {"w": np.ones(16 << 20, np.float32)},
+                    {"m": np.ones(64 << 20, np.float32)},
+                    storage_options=options,
                 )
             except BaseException as exc:
                 errors.append(exc)
@@ -254,13 +262,16 @@ def _listing_with(url: str, options: dict) -> set[str]:  # type: ignore[type-arg
     return {m["path"].rsplit("/", 1)[1] for m in obstore.list(store, parsed.prefix).collect()}
 
 
-@pytest.mark.parametrize("call", [
-    lambda u: ac.CheckpointManager(u),
-    lambda u: ac.open_checkpoint(u),
-    lambda u: ac.load_distributed_checkpoint(u, 0),
-    lambda u: ac.consolidate_checkpoint(u, "/tmp/never-written"),
-    lambda u: ac.save_distributed_checkpoint(u, 0, 1, {"x": np.arange(2)}),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda u: ac.CheckpointManager(u),
+        lambda u: ac.open_checkpoint(u),
+        lambda u: ac.load_distributed_checkpoint(u, 0),
+        lambda u: ac.consolidate_checkpoint(u, "/tmp/never-written"),
+        lambda u: ac.save_distributed_checkpoint(u, 0, 1, {"x": np.arange(2)}),
+    ],
+)
 def test_entry_points_without_object_stores_refuse_urls(call, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Not yet wired to object stores: a URL is refused, never made a local `s3:` folder."""
     monkeypatch.chdir(tmp_path)

@@ -56,7 +56,7 @@ def test_exact_json_text_in_serde_order() -> None:
 
 
 def test_json_written_into_checkpoint_is_the_serde_text(tmp_path: Path) -> None:
-    ts = TrainingState(step=7, epoch=1, learning_rate=1e-5, metadata={"é": "\n\t\"\\\x01"})
+    ts = TrainingState(step=7, epoch=1, learning_rate=1e-5, metadata={"é": '\n\t"\\\x01'})
     ac.save_checkpoint(tmp_path / "c", {}, training_state=ts)
     text = (tmp_path / "c" / TRAINING_STATE_FILE).read_text("utf-8")
     assert text == ts.to_json()
@@ -67,11 +67,24 @@ def test_json_written_into_checkpoint_is_the_serde_text(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "serde"),
-    [(0.0, "0.0"), (-0.0, "-0.0"), (1.0, "1.0"), (100.0, "100.0"), (0.1, "0.1"),
-     (3e-4, "0.0003"), (1e-5, "0.00001"), (-2.5e-5, "-0.000025"), (1e-6, "1e-6"),
-     (1.5e-7, "1.5e-7"), (1e15, "1000000000000000.0"), (1e16, "1e16"),
-     (1.2345678901234568e17, "1.2345678901234568e17"), (5e-324, "5e-324"),
-     (1.7976931348623157e308, "1.7976931348623157e308"), (123456.789, "123456.789")],
+    [
+        (0.0, "0.0"),
+        (-0.0, "-0.0"),
+        (1.0, "1.0"),
+        (100.0, "100.0"),
+        (0.1, "0.1"),
+        (3e-4, "0.0003"),
+        (1e-5, "0.00001"),
+        (-2.5e-5, "-0.000025"),
+        (1e-6, "1e-6"),
+        (1.5e-7, "1.5e-7"),
+        (1e15, "1000000000000000.0"),
+        (1e16, "1e16"),
+        (1.2345678901234568e17, "1.2345678901234568e17"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e308"),
+        (123456.789, "123456.789"),
+    ],
 )
 def test_learning_rate_spelled_as_serde_json(value: float, serde: str) -> None:
     assert serde_f64(value) == serde
@@ -88,8 +101,9 @@ def test_serde_f64_round_trips(x: float) -> None:
 
 
 def test_v1_file_without_version() -> None:
-    ts = TrainingState.from_json('{"step": 1000, "epoch": 2, "learning_rate": 0.0003, '
-                                 '"metadata": {"k": "v"}}')
+    ts = TrainingState.from_json(
+        '{"step": 1000, "epoch": 2, "learning_rate": 0.0003, "metadata": {"k": "v"}}'
+    )
     assert ts == TrainingState(1000, 2, 3e-4, {"k": "v"}, version=1)
 
 
@@ -101,8 +115,10 @@ def test_serde_defaults_for_missing_fields() -> None:
 
 
 def test_boostr_v2_pretty_file_and_unknown_fields() -> None:
-    text = ('{\n  "version": 2,\n  "step": 42,\n  "epoch": 3,\n  "learning_rate": 1e-6,\n'
-            '  "metadata": {\n    "model": "gpt"\n  },\n  "future_field": [1, {"x": null}]\n}')
+    text = (
+        '{\n  "version": 2,\n  "step": 42,\n  "epoch": 3,\n  "learning_rate": 1e-6,\n'
+        '  "metadata": {\n    "model": "gpt"\n  },\n  "future_field": [1, {"x": null}]\n}'
+    )
     assert TrainingState.from_json(text) == TrainingState(42, 3, 1e-6, {"model": "gpt"})
 
 
@@ -159,8 +175,11 @@ _BAD = [
     ("trailing-garbage", '{"step": 1} x', "not valid JSON"),
     ("digits-beyond-int-limit", '{"step": ' + "9" * 5000 + "}", "not valid JSON|step"),
     ("deep-nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply|not valid JSON"),
-    ("deep-nesting-in-field", '{"step": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
-     "nested too deeply|not valid JSON"),
+    (
+        "deep-nesting-in-field",
+        '{"step": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "nested too deeply|not valid JSON",
+    ),
     ("deep-objects", '{"a":' * 50_000 + "1" + "}" * 50_000, "nested too deeply|not valid JSON"),
 ]
 
@@ -174,8 +193,12 @@ def test_strict_parse_errors_name_the_file(text: str, problem: str) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b'{"step": 1, "metadata": {"a": "\xff"}}', b'\xef\xbb\xbf{"step": 1}',
-     '{"step": 1}'.encode("utf-16"), '{"step": 1}'.encode("utf-32-le")],
+    [
+        b'{"step": 1, "metadata": {"a": "\xff"}}',
+        b'\xef\xbb\xbf{"step": 1}',
+        '{"step": 1}'.encode("utf-16"),
+        '{"step": 1}'.encode("utf-32-le"),
+    ],
     ids=["invalid-utf8", "utf8-bom", "utf16", "utf32"],
 )
 def test_bytes_must_be_utf8_without_bom(data: bytes) -> None:
@@ -210,15 +233,30 @@ def test_oversized_file_is_refused_without_reading_it_all(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"learning_rate": math.nan}, {"learning_rate": math.inf}, {"learning_rate": -math.inf},
-     {"learning_rate": 10**400}, {"learning_rate": "0.1"}, {"learning_rate": True},
-     {"step": -1}, {"step": 1.0}, {"step": True}, {"step": 2**64}, {"epoch": -1},
-     {"epoch": None}, {"metadata": {"a": 1}}, {"metadata": {1: "a"}}, {"metadata": None},
-     {"metadata": {"a": "\ud800"}}, {"version": -1}],
+    [
+        {"learning_rate": math.nan},
+        {"learning_rate": math.inf},
+        {"learning_rate": -math.inf},
+        {"learning_rate": 10**400},
+        {"learning_rate": "0.1"},
+        {"learning_rate": True},
+        {"step": -1},
+        {"step": 1.0},
+        {"step": True},
+        {"step": 2**64},
+        {"epoch": -1},
+        {"epoch": None},
+        {"metadata": {"a": 1}},
+        {"metadata": {1: "a"}},
+        {"metadata": None},
+        {"metadata": {"a": "\ud800"}},
+        {"version": -1},
+    ],
     ids=repr,
 )
-def test_saving_invalid_state_is_an_error_before_writing(tmp_path: Path,
-                                                         kwargs: dict[str, Any]) -> None:
+def test_saving_invalid_state_is_an_error_before_writing(
+    tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
     fields: dict[str, Any] = {"step": 1, **kwargs}
     ts = TrainingState(**fields)
     with pytest.raises(ac.InvalidInputError, match="training_state"):

@@ -94,9 +94,11 @@ def test_the_flusher_stops_when_the_block_raises(tmp_path: Path, recorder: Recor
         assert recorder.called.wait(10)
         raise OSError("disk full")
     assert not _flusher_threads()
-    assert not any(os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
-                   for fd in map(int, os.listdir("/proc/self/fd"))
-                   if os.path.exists(f"/proc/self/fd/{fd}"))
+    assert not any(
+        os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
+        for fd in map(int, os.listdir("/proc/self/fd"))
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
 
 
 @needs_sync_file_range

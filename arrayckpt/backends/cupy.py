@@ -45,8 +45,7 @@ class CupyBackend(SideStreamBackend):
         if host.dtype.kind not in _CUPY_KINDS:
             code = dtypes.from_numpy(host.dtype, tensor="?").code
             raise UnsupportedArrayError(
-                f"CuPy has no dtype for {code}; load it with xp=torch (device='cuda:0') "
-                "or xp=numpy"
+                f"CuPy has no dtype for {code}; load it with xp=torch (device='cuda:0') or xp=numpy"
             )
         with self._device(device):
             # Blocking: `host` is usually a temporary view of the file's mapping, unmapped

@@ -104,8 +104,11 @@ def consolidate_checkpoint(
         for saved, manifest in zip(ranks, meta.ranks, strict=True):
             check_manifest(saved, manifest)
     boxes = meta.ranks is not None and is_global(meta.ranks)
-    if (isinstance(meta.sharding.strategy, TensorParallel) and not meta.sharding.split_dims
-            and not boxes):
+    if (
+        isinstance(meta.sharding.strategy, TensorParallel)
+        and not meta.sharding.split_dims
+        and not boxes
+    ):
         raise CorruptCheckpointError(
             f"{root / SHARDING_META_FILE}: TensorParallel with empty split_dims says nothing "
             "about how to merge the shards; save with ShardingConfig(TensorParallel(), "
@@ -159,7 +162,11 @@ class _Source:
     """Where one merged tensor's bytes come from: a whole tensor, or shards to place."""
 
     def __init__(
-        self, name: str, dtype: DType, shape: tuple[int, ...], files: Sequence[ShardFile],
+        self,
+        name: str,
+        dtype: DType,
+        shape: tuple[int, ...],
+        files: Sequence[ShardFile],
         split: SplitTensor | None,
     ) -> None:
         self.name, self.dtype, self.shape, self.files, self.split = name, dtype, shape, files, split
@@ -277,10 +284,17 @@ class _Meter:
         if self.callback is not None:
             self.callback(self.done, self.total)
         if self.total >= PROGRESS_LOG_BYTES and self.done >= self._next_log * self.total:
-            log.info("consolidating: %.0f%% of %.1f GiB", 100 * self.done / self.total,
-                     self.total / 2**30)
+            log.info(
+                "consolidating: %.0f%% of %.1f GiB",
+                100 * self.done / self.total,
+                self.total / 2**30,
+            )
             self._next_log += 0.1
 
     def finish(self, target: Path) -> None:
-        log.info("consolidated %.1f MiB into %s in %.3f s", self.total / 2**20, target,
-                 time.perf_counter() - self.started)
+        log.info(
+            "consolidated %.1f MiB into %s in %.3f s",
+            self.total / 2**20,
+            target,
+            time.perf_counter() - self.started,
+        )

@@ -94,7 +94,9 @@ class TorchCoordinator(Coordinator):
         ranks = None if group is None else dist.get_process_group_ranks(group)
         # Local synchronization: only the members of ``group`` take part in building it.
         self._group = dist.new_group(
-            ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout),
+            ranks=ranks,
+            backend="gloo",
+            timeout=datetime.timedelta(seconds=self.timeout),
             use_local_synchronization=ranks is not None,
         )
         self.rank = dist.get_rank(self._group)

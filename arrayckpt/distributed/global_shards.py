@@ -51,9 +51,7 @@ def has_sharded(*states: Any) -> bool:
     return found
 
 
-def localize(
-    state: Any, rank: int, what: str
-) -> tuple[Any, dict[str, dict[str, list[int]]]]:
+def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str, list[int]]]]:
     """This rank's boxes of ``state`` to write, and each written box's global facts.
 
     ``state`` may be nested (an FSDP2 ``optimizer.state_dict()``): it keeps its

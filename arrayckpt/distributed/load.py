@@ -90,8 +90,19 @@ def load_distributed_checkpoint(
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.
     return read_consistently(
-        root, lambda: _load_once(root, rank, world_size, keys, xp, device, verify, mmap,
-                                 {"model": into, "optimizer": optimizer_into}, stats)
+        root,
+        lambda: _load_once(
+            root,
+            rank,
+            world_size,
+            keys,
+            xp,
+            device,
+            verify,
+            mmap,
+            {"model": into, "optimizer": optimizer_into},
+            stats,
+        ),
     )
 
 
@@ -131,8 +142,18 @@ def _load_once(
         )
     ranks = check_ranks_present(root, saved)
     if meta.ranks is not None and is_global(meta.ranks):
-        return _load_boxes(root, ranks, meta.ranks, rank, target, targets, xp, device, verify,
-                           ReadStats() if stats is None else stats)
+        return _load_boxes(
+            root,
+            ranks,
+            meta.ranks,
+            rank,
+            target,
+            targets,
+            xp,
+            device,
+            verify,
+            ReadStats() if stats is None else stats,
+        )
     same = target == saved and keys is None
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for r in [rank] if same else range(saved):
@@ -149,8 +170,11 @@ def _load_once(
         share = zero_share(ranks, rank, target, verify=verify)
         if share is not None:
             params, opt = share
-            return Checkpoint({n: backend.from_host(a, device) for n, a in params.items()},
-                              _map_arrays(opt, lambda a: backend.from_host(a, device)), state)
+            return Checkpoint(
+                {n: backend.from_host(a, device) for n, a in params.items()},
+                _map_arrays(opt, lambda a: backend.from_host(a, device)),
+                state,
+            )
     model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
 
     def convert(arrays: dict[str, Any], part: str) -> Any:
@@ -180,8 +204,17 @@ def _load_boxes(
         check_manifest(saved, manifest)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    parts = load_boxes(ranks, manifests, rank, world_size, targets,
-                       lambda a: backend.from_host(a, device), stats, verify, str(root))
+    parts = load_boxes(
+        ranks,
+        manifests,
+        rank,
+        world_size,
+        targets,
+        lambda a: backend.from_host(a, device),
+        stats,
+        verify,
+        str(root),
+    )
     model = parts["model"]
     return Checkpoint(
         {} if model is None else model,
@@ -191,7 +224,10 @@ def _load_boxes(
 
 
 def _structured(
-    arrays: dict[str, Any], ranks: Sequence[SavedRank], meta: ShardingMeta, part: str,
+    arrays: dict[str, Any],
+    ranks: Sequence[SavedRank],
+    meta: ShardingMeta,
+    part: str,
     root: Path,
 ) -> Any:
     """``arrays`` in the saved nested structure when this rank's share is the whole state

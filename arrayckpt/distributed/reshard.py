@@ -55,8 +55,9 @@ def load_share(
             continue
         names = share_names(files, meta, rank, world_size, part, wanted)
         found |= set(names)
-        out[part] = {name: _read(name, files, meta, rank, world_size, part, verify)
-                     for name in names}
+        out[part] = {
+            name: _read(name, files, meta, rank, world_size, part, verify) for name in names
+        }
     if wanted is not None and wanted - found:
         raise CheckpointNotFoundError(
             f"keys={sorted(wanted - found)[:10]} are in no saved rank's model or optimizer state"
@@ -174,7 +175,6 @@ def read_global_slice(
     return np.concatenate(pieces, axis=plan.dim)
 
 
-
 class _Ref:
     """A tensor's place in a saved optimizer tree, read only if a share needs it."""
 
@@ -212,10 +212,16 @@ def zero_param_units(
         if opt is None or text is None:
             return None
         tree = nested.unflatten(text, _Ref, set(opt.entries), source=str(opt.path))
-        if not (isinstance(tree, dict) and set(tree) == {"state", "param_groups"}
-                and isinstance(tree["state"], dict) and isinstance(tree["param_groups"], list)
-                and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                        for g in tree["param_groups"])):
+        if not (
+            isinstance(tree, dict)
+            and set(tree) == {"state", "param_groups"}
+            and isinstance(tree["state"], dict)
+            and isinstance(tree["param_groups"], list)
+            and all(
+                isinstance(g, dict) and isinstance(g.get("params"), list)
+                for g in tree["param_groups"]
+            )
+        ):
             return None
         ids = [(g, pid) for g, group in enumerate(tree["param_groups"]) for pid in group["params"]]
         own = [n for n in saved.model.entries if not (everywhere and holders[n] == len(ranks))]
@@ -263,8 +269,11 @@ def zero_share(
     total, before = sum(sizes), 0
     mine: list[_Param] = []
     for i, (p, size) in enumerate(zip(ordered, sizes, strict=True)):
-        owner = (min(world_size - 1, int(world_size * (2 * before + size) // (2 * total)))
-                 if total else i * world_size // len(ordered))
+        owner = (
+            min(world_size - 1, int(world_size * (2 * before + size) // (2 * total)))
+            if total
+            else i * world_size // len(ordered)
+        )
         if owner == rank:
             mine.append(p)
         before += size
@@ -275,8 +284,10 @@ def zero_share(
         model[p.name] = files[p.rank].read(p.name, verify=verify)
         opt = ranks[p.rank].optimizer
         assert opt is not None
-        state[j] = {k: opt.read(v.name, verify=verify) if isinstance(v, _Ref) else v
-                    for k, v in p.state.items()}
+        state[j] = {
+            k: opt.read(v.name, verify=verify) if isinstance(v, _Ref) else v
+            for k, v in p.state.items()
+        }
     param_groups = [
         {**settings, "params": [j for j, p in enumerate(mine) if p.group == g]}
         for g, settings in enumerate(groups)

@@ -100,8 +100,18 @@ def save_distributed_checkpoint(
     """
     directory = storage.local_only(directory, "save_distributed_checkpoint")
     job = prepare_save(
-        directory, rank, world_size, model_state, optimizer_state, training_state, sharding,
-        staging=None, coordinator=coordinator, timeout=timeout, join_on_error=True, extra=extra,
+        directory,
+        rank,
+        world_size,
+        model_state,
+        optimizer_state,
+        training_state,
+        sharding,
+        staging=None,
+        coordinator=coordinator,
+        timeout=timeout,
+        join_on_error=True,
+        extra=extra,
     )
     return job()
 
@@ -253,8 +263,11 @@ def _save_coordinated(
     own: BaseException | None = None
     report: dict[str, Any]
     try:
-        report = {"ok": True, "sharding": _sharding_doc(meta), "manifest": _write_rank_into(
-            Path(start["tmp"]), rank, snap, facts)}
+        report = {
+            "ok": True,
+            "sharding": _sharding_doc(meta),
+            "manifest": _write_rank_into(Path(start["tmp"]), rank, snap, facts),
+        }
     except BaseException as exc:  # even Ctrl-C: tell rank 0 rather than leave it waiting
         own = exc
         report = {"ok": False, "error": _describe(exc)}
@@ -290,8 +303,11 @@ def _commit_as_root(
         stage = "announced"
         own: BaseException | None = None
         try:
-            report = {"ok": True, "sharding": _sharding_doc(meta),
-                      "manifest": _write_rank_into(tmp, 0, snap, facts)}
+            report = {
+                "ok": True,
+                "sharding": _sharding_doc(meta),
+                "manifest": _write_rank_into(tmp, 0, snap, facts),
+            }
         except BaseException as exc:  # even Ctrl-C: the others wait for the gather
             own = exc
             report = {"ok": False, "error": _describe(exc)}
@@ -345,9 +361,7 @@ def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[di
     """
     failed = [(r, rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]]
     if failed:
-        raise CheckpointWriteError(
-            "; ".join(f"rank {r} failed: {err}" for r, err in failed)
-        )
+        raise CheckpointWriteError("; ".join(f"rank {r} failed: {err}" for r, err in failed))
     mine = _sharding_doc(meta)
     odd = [r for r, rep in enumerate(reports) if rep["sharding"] != mine]
     if odd:
@@ -359,8 +373,10 @@ def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[di
     if isinstance(meta.sharding.strategy, TensorParallel):
         for part in ("model", "optimizer"):
             maps = [
-                {n: Entry(n, BY_CODE[f["dtype"]], tuple(f["shape"]), 0, 0)
-                 for n, f in m.get(part, {}).items()}
+                {
+                    n: Entry(n, BY_CODE[f["dtype"]], tuple(f["shape"]), 0, 0)
+                    for n, f in m.get(part, {}).items()
+                }
                 for m in manifests
             ]
             present = set().union(*maps)

@@ -147,8 +147,11 @@ def rank_files_missing(root: Path, world_size: int) -> tuple[list[str], int]:
         missing += [f"{rank_dir_name(r)}/" for r in shown]
     for r in present:
         d = root / rank_dir_name(r)
-        missing += [f"{rank_dir_name(r)}/{f}" for f in (MODEL_FILE, TRAINING_STATE_FILE)
-                    if not (d / f).is_file()]
+        missing += [
+            f"{rank_dir_name(r)}/{f}"
+            for f in (MODEL_FILE, TRAINING_STATE_FILE)
+            if not (d / f).is_file()
+        ]
     return missing, absent - min(absent, 20)
 
 
@@ -220,16 +223,23 @@ def check_manifest(saved: SavedRank, manifest: Any) -> None:
     for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
         recorded = manifest.get(part) if isinstance(manifest, dict) else None
         found = saved.part(part)
-        have = None if found is None else {
-            name: (e.dtype.code, list(e.shape),
-                   (found.header.checksums or {}).get(name))
-            for name, e in found.entries.items()
-        }
-        try:
-            want = None if recorded is None else {
-                name: (f["dtype"], f["shape"], int(f["crc32c"], 16))
-                for name, f in recorded.items()
+        have = (
+            None
+            if found is None
+            else {
+                name: (e.dtype.code, list(e.shape), (found.header.checksums or {}).get(name))
+                for name, e in found.entries.items()
             }
+        )
+        try:
+            want = (
+                None
+                if recorded is None
+                else {
+                    name: (f["dtype"], f["shape"], int(f["crc32c"], 16))
+                    for name, f in recorded.items()
+                }
+            )
         except (TypeError, KeyError, ValueError, AttributeError):
             raise CorruptCheckpointError(
                 f"{saved.path.parent / SHARDING_META_FILE}: the manifest of rank_{saved.rank} "

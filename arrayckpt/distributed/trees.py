@@ -48,8 +48,12 @@ def merged_tree(files: Sequence[ShardFile | None], names: Collection[str], part:
         if len(used) != len(set(used)) or set(used) != set(names):
             raise _Conflict("the ranks' trees do not name each merged tensor exactly once")
     except _Conflict as exc:
-        log.warning("%s: %s state is merged flat (dotted names): %s",
-                    present[0][1].path.parent.parent, part, exc)
+        log.warning(
+            "%s: %s state is merged flat (dotted names): %s",
+            present[0][1].path.parent.parent,
+            part,
+            exc,
+        )
         return None
     return nested.to_text(merged)
 
@@ -62,6 +66,7 @@ def _merge(a: Any, b: Any, rank: int, path: str = "") -> Any:
             out[key] = [k, _merge(out[key][1], v, rank, f"{path}[{k!r}]")] if key in out else [k, v]
         return {"dict": list(out.values())}
     if a != b:
-        raise _Conflict(f"rank_{rank} holds {str(b)[:60]} at {path or 'the root'}, "
-                        f"a lower rank {str(a)[:60]}")
+        raise _Conflict(
+            f"rank_{rank} holds {str(b)[:60]} at {path or 'the root'}, a lower rank {str(a)[:60]}"
+        )
     return a

@@ -227,7 +227,7 @@ def strategy_from_json(value: Any, fail: Any) -> Strategy:
         if isinstance(inner, dict) and list(inner) == ["stage"] and is_uint(inner["stage"], _U8):
             return ZeroPartitioned(inner["stage"])
     fail(
-        f"strategy {value!r} is not one of \"Replicated\", "
+        f'strategy {value!r} is not one of "Replicated", '
         '{"ZeroPartitioned": {"stage": N}}, "TensorParallel"'
     )
     raise AssertionError("unreachable")

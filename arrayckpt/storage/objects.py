@@ -76,9 +76,7 @@ def _upload(store: Any, key: str, parts: Iterable[memoryview]) -> tuple[int, int
             size += part.nbytes
             yield part
 
-    obstore.put(
-        store, key, counted(), chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT
-    )
+    obstore.put(store, key, counted(), chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT)
     return size, crc
 
 
@@ -119,8 +117,7 @@ def save_files(
         kind = type(exc).__name__
         if kind == "AlreadyExistsError":
             raise CheckpointWriteError(
-                f"saving {url} failed: another writer committed it first; its checkpoint "
-                "stands"
+                f"saving {url} failed: another writer committed it first; its checkpoint stands"
             ) from exc
         raise CheckpointWriteError(
             f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
@@ -202,9 +199,7 @@ def _download(store: Any, url: StorageURL, name: str, entry: dict[str, Any], des
 
 
 @contextlib.contextmanager
-def local_copy(
-    location: str, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[Path]:
+def local_copy(location: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """Download the committed checkpoint at ``location`` into a private temporary directory
     (on ``/dev/shm`` when it has room: memory, not disk) and yield it; removed afterwards.
 

@@ -38,8 +38,9 @@ with ac.AsyncCheckpointer() as ckpt:
         optim["attn.wq.exp_avg"].mul_(0.9).add_(grad, alpha=0.1)
         # Returns once this rank's tensors are copied; torch.distributed is initialised,
         # so the save is coordinated: committed once all ranks wrote, or not at all.
-        ckpt.save_distributed(root / f"step_{step}", rank, world, model, optim,
-                              ac.TrainingState(step), sharding)
+        ckpt.save_distributed(
+            root / f"step_{step}", rank, world, model, optim, ac.TrainingState(step), sharding
+        )
 
 dist.barrier()
 if rank == 0:

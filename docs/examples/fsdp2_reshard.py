@@ -56,20 +56,30 @@ def create_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -
 
 
 def run(rank: int, world: int, port: int, ckpt: str, mode: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     model, opt = build()
     if mode == "save":
         for _ in range(3):
             train_step(model, opt)
-        ac.save_distributed_checkpoint(ckpt, rank, world, model.state_dict(), opt.state_dict(),
-                                       ac.TrainingState(3))
+        ac.save_distributed_checkpoint(
+            ckpt, rank, world, model.state_dict(), opt.state_dict(), ac.TrainingState(3)
+        )
     else:
         create_optimizer_state(model, opt)
         stats = ac.ReadStats()
         ckpt_state = ac.load_distributed_checkpoint(
-            ckpt, rank, world_size=world, into=model.state_dict(),
-            optimizer_into=opt.state_dict(), stats=stats,
+            ckpt,
+            rank,
+            world_size=world,
+            into=model.state_dict(),
+            optimizer_into=opt.state_dict(),
+            stats=stats,
         )
         # The trained weights and AdamW moments, now sharded 3 ways (FSDP2's uneven rows).
         whole = ac.load_distributed_checkpoint(ckpt, 0, world_size=1)
@@ -79,11 +89,15 @@ def run(rank: int, world: int, port: int, ckpt: str, mode: str) -> None:
             saved = whole.optimizer["state"][index]
             assert float(state["step"]) == float(saved["step"]) == 3.0
             for moment in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(state[moment].full_tensor(),
-                                   torch.from_numpy(saved[moment])), (index, moment)
+                assert torch.equal(state[moment].full_tensor(), torch.from_numpy(saved[moment])), (
+                    index,
+                    moment,
+                )
         train_step(model, opt)  # training goes on from step 3
-        print(f"rank {rank}: step {ckpt_state.training_state.step}, "
-              f"read {stats.bytes_read} bytes of its shards")
+        print(
+            f"rank {rank}: step {ckpt_state.training_state.step}, "
+            f"read {stats.bytes_read} bytes of its shards"
+        )
     dist.destroy_process_group()
     os._exit(0)  # gloo threads freeing tensors at interpreter exit can abort
 

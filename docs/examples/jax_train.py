@@ -1,7 +1,7 @@
 """A JAX training loop: parameters and optimizer state are pytrees, checkpointed as they are.
 
-    python jax_train.py ROOT --crash-at 60   # trains, saves every 20 steps, "crashes"
-    python jax_train.py ROOT                 # resumes from the latest complete step
+python jax_train.py ROOT --crash-at 60   # trains, saves every 20 steps, "crashes"
+python jax_train.py ROOT                 # resumes from the latest complete step
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ import arrayckpt as ac
 
 def init() -> tuple[dict, dict]:
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    params = {"dense": [{"w": jax.random.normal(k1, (8, 32)) / 3, "b": jnp.zeros(32)},
-                        {"w": jax.random.normal(k2, (32, 1)) / 6, "b": jnp.zeros(1)}]}
+    params = {
+        "dense": [
+            {"w": jax.random.normal(k1, (8, 32)) / 3, "b": jnp.zeros(32)},
+            {"w": jax.random.normal(k2, (32, 1)) / 6, "b": jnp.zeros(1)},
+        ]
+    }
     opt_state = {"momentum": jax.tree_util.tree_map(jnp.zeros_like, params), "beta": 0.9}
     return params, opt_state
 

@@ -1,7 +1,7 @@
 """A NumPy training loop that checkpoints with CheckpointManager and resumes after a crash.
 
-    python numpy_train.py ROOT --crash-at 60   # trains, saves every 20 steps, "crashes"
-    python numpy_train.py ROOT                 # resumes from the latest complete step
+python numpy_train.py ROOT --crash-at 60   # trains, saves every 20 steps, "crashes"
+python numpy_train.py ROOT                 # resumes from the latest complete step
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ def main() -> None:
         for step in range(start, args.steps + 1):
             loss = train_step(state, step, lr)
             if step % 20 == 0:
-                mgr.save(step, state["params"], state["momentum"],
-                         ac.TrainingState(step=step, learning_rate=lr,
-                                          metadata={"loss": f"{loss:.6f}"}))
+                mgr.save(
+                    step,
+                    state["params"],
+                    state["momentum"],
+                    ac.TrainingState(step=step, learning_rate=lr, metadata={"loss": f"{loss:.6f}"}),
+                )
                 print(f"step {step}: loss {loss:.4f}, saved")
             if step == args.crash_at:
                 os._exit(3)  # a crash: no cleanup, and the last save may be cut short

@@ -26,8 +26,13 @@ TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def run(rank: int, root: str, steps: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=TIMEOUT)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=TIMEOUT,
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -41,8 +46,9 @@ def run(rank: int, root: str, steps: int, port: int) -> None:
     resume_step = int(chosen.item())
     start = 1
     if resume_step >= 0:
-        ckpt = ac.load_checkpoint(f"{root}/step_{resume_step:08d}", xp=torch,
-                                  into=model.state_dict())
+        ckpt = ac.load_checkpoint(
+            f"{root}/step_{resume_step:08d}", xp=torch, into=model.state_dict()
+        )
         optimizer.load_state_dict(ckpt.optimizer)
         start = resume_step + 1
         print(f"rank {rank}: resumed from step {resume_step}", flush=True)

@@ -1,7 +1,7 @@
 """A PyTorch training loop that checkpoints with CheckpointManager and resumes after a crash.
 
-    python torch_train.py ROOT --crash-at 60   # trains, saves every 25 steps, "crashes"
-    python torch_train.py ROOT                 # resumes from the latest complete step
+python torch_train.py ROOT --crash-at 60   # trains, saves every 25 steps, "crashes"
+python torch_train.py ROOT                 # resumes from the latest complete step
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ def main() -> None:
             optimizer.step()
             if step % 25 == 0:
                 # Returns once the tensors are copied; the write runs in the background.
-                mgr.save(step, model.state_dict(), optimizer.state_dict(),
-                         ac.TrainingState(step=step, learning_rate=1e-2,
-                                          metadata={"loss": f"{loss.item():.6f}"}))
+                mgr.save(
+                    step,
+                    model.state_dict(),
+                    optimizer.state_dict(),
+                    ac.TrainingState(
+                        step=step, learning_rate=1e-2, metadata={"loss": f"{loss.item():.6f}"}
+                    ),
+                )
                 print(f"step {step}: loss {loss.item():.4f}, saved")
             if step == args.crash_at:
                 os._exit(3)  # a crash: no cleanup, and the last save may be cut short
