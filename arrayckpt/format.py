@@ -58,6 +58,13 @@ def checksum(data: memoryview | bytes, start: int = 0) -> int:
     return int(crc32c.crc32c(data, start))
 
 
+def json_checksum(text: str | bytes) -> str:
+    """The CRC32C recorded for a JSON document arrayckpt covers (a nested-state tree,
+    ``training_state.json``, ``sharding_meta.json``), as 8 hex digits."""
+    data = text.encode() if isinstance(text, str) else text
+    return f"{checksum(data):08x}"
+
+
 def tensor_checksum(code: str, shape: tuple[int, ...], data: memoryview | bytes) -> int:
     """CRC32C of a tensor's dtype code, shape and bytes.
 

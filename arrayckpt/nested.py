@@ -74,10 +74,10 @@ def _is_tree_scalar(x: Any) -> bool:
 
 
 def checksum_of(tree: str) -> str:
-    """The CRC32C recorded for a tree (or any JSON text arrayckpt covers), as 8 hex digits."""
-    from .format import checksum  # format imports the safetensors bindings: only on use
+    """The CRC32C recorded for a tree."""
+    from .format import json_checksum  # format imports the safetensors bindings: only on use
 
-    return f"{checksum(tree.encode()):08x}"
+    return json_checksum(tree)
 
 
 def tree_metadata(tree: str | None) -> dict[str, str] | None:

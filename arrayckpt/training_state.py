@@ -127,10 +127,10 @@ class TrainingState:
 
 
 def state_checksum(data: bytes) -> str:
-    """The CRC32C recorded for ``training_state.json``'s bytes, as 8 hex digits."""
-    from .format import checksum  # the safetensors bindings load only when used
+    """The CRC32C recorded for ``training_state.json``'s bytes."""
+    from .format import json_checksum  # the safetensors bindings load only when used
 
-    return f"{checksum(data):08x}"
+    return json_checksum(data)
 
 
 def serde_f64(x: float) -> str:

@@ -12,7 +12,7 @@ from .. import fsops
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidInputError
 from ..limits import MAX_SHARDING_META_BYTES
 from ..strict_json import is_uint, load_object
-from ..training_state import CHECKPOINT_VERSION, state_checksum
+from ..training_state import CHECKPOINT_VERSION
 
 #: The key under which arrayckpt records what boostr's meta leaves out; serde ignores it.
 EXTRA_KEY = "arrayckpt"
@@ -90,7 +90,9 @@ def doc_checksum(doc: Mapping[str, Any]) -> str:
         else:
             del body[EXTRA_KEY]
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return state_checksum(canonical.encode())
+    from ..format import json_checksum  # the safetensors bindings load only when used
+
+    return json_checksum(canonical)
 
 
 def _check_checksum(doc: Mapping[str, Any], fail: Callable[[str], NoReturn]) -> None:
