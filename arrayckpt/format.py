@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import crc32c
 import numpy as np
-import safetensors
 
 from . import dtypes, fsops, limits, pool
 from .dtypes import BY_CODE, DType
@@ -52,10 +50,18 @@ _OWN_PREFIX = "arrayckpt."
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
+def _crc32c() -> Callable[..., int]:
+    """The CRC32C function, imported on first use: importing ``crc32c`` loads
+    ``importlib.metadata`` (20-40 ms), which ``import arrayckpt`` should not pay."""
+    import crc32c
+
+    return crc32c.crc32c
+
+
 def checksum(data: memoryview | bytes, start: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``start`` (hardware-accelerated; releases the GIL
     on large buffers)."""
-    return int(crc32c.crc32c(data, start))
+    return int(_crc32c()(data, start))
 
 
 def json_checksum(text: str | bytes) -> str:
@@ -97,7 +103,7 @@ _Checksummable = tuple[str, tuple[int, ...], Any]
 
 
 def _checksum_all(items: list[_Checksummable]) -> list[int]:
-    crc: Any = crc32c.crc32c  # typed for bytes; any C-contiguous buffer works
+    crc: Any = _crc32c()  # typed for bytes; any C-contiguous buffer works
     return [crc(data, checksum_seed(code, shape)) for code, shape, data in items]
 
 
@@ -261,6 +267,8 @@ def write_file(
 def _write(
     path: Path, tensors: Mapping[str, HostTensor], meta: dict[str, str], crcs: dict[str, int]
 ) -> None:
+    import safetensors  # its Rust bindings load on the first write, not on import arrayckpt
+
     meta[CHECKSUMS_KEY] = _checksums_json(crcs)
     specs = {
         name: safetensors.TensorSpec(
@@ -858,7 +866,7 @@ def write_file_streaming(
             view: Any = None
             for chunk in produce(name):
                 view = _byte_view(chunk)
-                crc = crc32c.crc32c(view, crc)
+                crc = _crc32c()(view, crc)
                 written += view.nbytes
                 yield view
             chunk = view = None  # drop this tensor before the next one is produced

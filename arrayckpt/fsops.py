@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import safetensors
-
 from . import libc
 from .errors import (
     CheckpointError,
@@ -65,6 +63,8 @@ class FileSystem:
     ) -> None:
         # The Rust writer releases the GIL and writes straight from our host buffers; the
         # flusher has the disk write its pages meanwhile, so the fsync after is short.
+        import safetensors  # its Rust bindings load on the first write, not on import arrayckpt
+
         nbytes = sum(spec.data_len for spec in specs.values())
         try:
             with early_writeback(path.parent, nbytes):

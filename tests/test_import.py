@@ -12,7 +12,19 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-HEAVY = ("ml_dtypes", "torch", "jax", "cupy", "obstore", "mpi4py", "lightning")
+# safetensors' bindings and crc32c (which loads importlib.metadata) are needed only by a
+# save or a load, so neither is imported by `import arrayckpt` or `--help`.
+HEAVY = (
+    "ml_dtypes",
+    "torch",
+    "jax",
+    "cupy",
+    "obstore",
+    "mpi4py",
+    "lightning",
+    "safetensors",
+    "crc32c",
+)
 
 
 def loaded_after(code: str) -> set[str]:
