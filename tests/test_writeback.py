@@ -106,14 +106,16 @@ def test_a_save_flushes_its_files_while_writing_and_round_trips(
     tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(writeback, "MIN_BYTES", 1 << 20)
-    real_serialize = ac.fsops.safetensors.serialize_file
+    import safetensors
+
+    real_serialize = safetensors.serialize_file
 
     def slow_serialize(*args: Any, **kw: Any) -> None:
         # A write this small can end before the flusher's first turn; wait for it.
         real_serialize(*args, **kw)
         recorder.called.wait(10)
 
-    monkeypatch.setattr(ac.fsops.safetensors, "serialize_file", slow_serialize)
+    monkeypatch.setattr(safetensors, "serialize_file", slow_serialize)
     state = {f"w{i}": np.full(1 << 18, i, np.float32) for i in range(8)}  # 8 MiB
     ac.save_checkpoint(tmp_path / "ckpt", state)
     loaded = ac.load_checkpoint(tmp_path / "ckpt").model
