@@ -58,6 +58,19 @@ def _crc32c() -> Callable[..., int]:
     return crc32c.crc32c
 
 
+def import_writer_modules() -> None:
+    """Import the native modules a write needs, in the calling (training) thread.
+
+    Every save calls this before it is queued. Imported first on the writer thread while
+    the interpreter exits (the drain of a pending save after Ctrl-C), an import resets
+    CPython's record of the unhandled KeyboardInterrupt, and the process would exit with
+    status 1 instead of by SIGINT.
+    """
+    import safetensors  # noqa: F401
+
+    _crc32c()
+
+
 def checksum(data: memoryview | bytes, start: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``start`` (hardware-accelerated; releases the GIL
     on large buffers)."""

@@ -207,6 +207,7 @@ def take_snapshot(
             f"training_state must be a TrainingState, not {type(training_state).__name__}"
         )
     training_state.to_json()  # validates; raises before anything is copied
+    format.import_writer_modules()
     flat_model, model_tree, model_aliases = _flatten(model_state, what="model_state")
     flat_optimizer, optimizer_tree, optimizer_aliases = _flatten(
         optimizer_state, what="optimizer_state"

@@ -626,6 +626,8 @@ def test_every_safetensors_08_dtype_reads(tmp_path: Path) -> None:
     packed ones as raw bytes in torch's float4_e2m1fn_x2 layout (last axis in bytes)."""
     import safetensors
 
+    # safetensors' own check of the file opens it as torch tensors
+    pytest.importorskip("torch", reason="PyTorch is not installed")
     data = bytes(range(1, 25))
     header = {
         "f4": entry("F4", [2, 4], [0, 4]),
