@@ -59,7 +59,10 @@ def kind_of(path: Path) -> str:
         return "checkpoint"
     if any(e.step is not None for e in settled_scan(path)):
         return "root"
-    misnamed = sorted(p.name for p in path.iterdir() if misnamed_step_dir(p.name))
+    try:
+        misnamed = sorted(p.name for p in path.iterdir() if misnamed_step_dir(p.name))
+    except OSError:  # removed since the checks above (retention): nothing to hint at
+        misnamed = []
     hint = (
         f"; {', '.join(misnamed[:3])} are not step names the manager reads "
         f"(`arrayckpt ls {path}` shows how to rename them)"
