@@ -83,6 +83,32 @@ def run_torch(out: Path, world: int) -> list[dict[str, Any]]:
     return results(out, world, logs)
 
 
+def run_scenario(
+    worker: Path, scenario: str, ckpt: Path, out: Path, world: int
+) -> list[dict[str, Any]]:
+    """Start ``world`` gloo ranks of ``worker`` on one scenario; every rank must succeed."""
+    out.mkdir()
+    env = {**base_env(), "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    procs, logs = [], []
+    for r in range(world):
+        logs.append(out / f"log_{r}.txt")
+        with open(logs[-1], "wb") as f:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(worker), scenario, str(ckpt), str(out)],
+                    env={**env, "RANK": str(r)},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    wait_all(procs, logs)
+    res = results(out, world, logs)
+    for r in res:
+        assert r["ok"], r.get("error", "") + read_logs(logs)
+    return res
+
+
 def mpirun_command(n: int) -> list[str]:
     cmd = ["mpirun", "-n", str(n), "--oversubscribe"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:

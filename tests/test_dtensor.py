@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _dist_launch import base_env, free_port, read_logs, results, wait_all
+from _dist_launch import base_env, run_scenario
 
 import arrayckpt as ac
 from arrayckpt.distributed.types import doc_checksum
@@ -20,26 +20,7 @@ WORKER = Path(__file__).resolve().parent / "_dtensor_worker.py"
 
 
 def run(scenario: str, ckpt: Path, out: Path, world: int) -> list[dict[str, Any]]:
-    out.mkdir()
-    env = {**base_env(), "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
-    procs, logs = [], []
-    for r in range(world):
-        logs.append(out / f"log_{r}.txt")
-        with open(logs[-1], "wb") as f:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), scenario, str(ckpt), str(out)],
-                    env={**env, "RANK": str(r)},
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    wait_all(procs, logs)
-    res = results(out, world, logs)
-    for r in res:
-        assert r["ok"], r.get("error", "") + read_logs(logs)
-    return res
+    return run_scenario(WORKER, scenario, ckpt, out, world)
 
 
 @pytest.fixture(scope="module")
