@@ -56,10 +56,13 @@ def main() -> None:
     try:
         model, opt = sharded(mesh)
         if SCENARIO == "save":
-            ac.save_distributed_checkpoint(CKPT, rank, world, model, opt, ac.TrainingState(7))
+            extra = {"rank": rank, "buf": torch.arange(2) + rank}  # each rank's own
+            ac.save_distributed_checkpoint(
+                CKPT, rank, world, model, opt, ac.TrainingState(7, metadata={"k": "v"}), extra=extra
+            )
             with ac.AsyncCheckpointer() as ckpt:  # the same save, from the writer thread
                 ckpt.save_distributed(
-                    CKPT.parent / "async", rank, world, model, opt, ac.TrainingState(7)
+                    CKPT.parent / "async", rank, world, model, opt, ac.TrainingState(7), extra=extra
                 ).result(timeout=60)
             result["ok"] = True
         else:
@@ -81,6 +84,9 @@ def main() -> None:
             }
             result["filled_in_place"] = ckpt.model["w"] is model["w"]
             result["step"] = ckpt.training_state.step
+            result["metadata"] = ckpt.training_state.metadata
+            extra = ckpt.extra
+            result["extra"] = None if extra is None else [extra["rank"], extra["buf"].tolist()]
             result["bytes_read"] = stats.bytes_read
             bigger = {"w": distribute_tensor(torch.zeros(6, 3), mesh, [Shard(0)])}
             try:

@@ -72,6 +72,8 @@ def test_one_process_gets_whole_tensors(saved: Path, how: str) -> None:
         np.testing.assert_array_equal(ckpt.model[name], want)
     np.testing.assert_array_equal(ckpt.optimizer["w.exp_avg"], opt["w.exp_avg"])
     assert ckpt.training_state.step == 7
+    assert ckpt.extra is not None and ckpt.extra["rank"] == 0  # rank 0's, as resharded
+    np.testing.assert_array_equal(ckpt.extra["buf"], [0, 1])
     total = sum(a.nbytes for a in [*model.values(), *opt.values()])
     assert stats.bytes_read == total  # every byte once, none twice
 
@@ -81,7 +83,8 @@ def test_reshard_into_dtensors_on_three_ranks(saved: Path, tmp_path: Path) -> No
     total = 0
     for r in res:
         assert all(r["equal"].values()), r["equal"]
-        assert r["filled_in_place"] and r["step"] == 7
+        assert r["filled_in_place"] and r["step"] == 7 and r["metadata"] == {"k": "v"}
+        assert r["extra"] == [0, [0, 1]]  # every new rank resumes from rank 0's extra state
         assert r["bigger"].startswith("TopologyError") and "'w'" in r["bigger"]
         assert "larger than the saved [5, 3]" in r["bigger"] and "ranks [0, 1]" in r["bigger"]
         total += r["bytes_read"]
@@ -163,7 +166,23 @@ def test_consolidate_assembles_whole_tensors(saved: Path, tmp_path: Path) -> Non
     for name, want in model.items():
         np.testing.assert_array_equal(merged.model[name], want)
     np.testing.assert_array_equal(merged.optimizer["w.exp_avg"], opt["w.exp_avg"])
-    assert merged.training_state.step == 7
+    assert merged.training_state.step == 7 and merged.training_state.metadata == {"k": "v"}
+    assert merged.extra is not None and merged.extra["rank"] == 0
+    np.testing.assert_array_equal(merged.extra["buf"], [0, 1])
+
+
+def test_edited_training_state_fails_its_checksum(saved: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    path = broken / "rank_0" / "training_state.json"
+    text = path.read_text()
+    edited = text.replace('"step":7', '"step":8').replace('"step": 7', '"step": 8')
+    assert edited != text  # still valid JSON: only the checksum can tell
+    path.write_text(edited)
+    with pytest.raises(ac.CorruptCheckpointError, match=r"training_state\.json fails the CRC32C"):
+        ac.load_distributed_checkpoint(broken, 0, world_size=1)
 
 
 def test_changed_dtype_or_larger_target_names_the_tensor(saved: Path) -> None:

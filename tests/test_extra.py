@@ -161,3 +161,55 @@ def test_tied_arrays_in_extra_come_back_tied(tmp_path: Path) -> None:
     extra = ac.load_checkpoint(tmp_path / "c").extra
     assert extra["b"]["again"] is extra["a"]
     np.testing.assert_array_equal(extra["a"], w)
+
+
+def _save_zero_with_extra(root: Path) -> None:
+    zero = ac.ShardingConfig(ac.ZeroPartitioned(3))
+    for rank in range(2):
+        ac.save_distributed_checkpoint(
+            root,
+            rank,
+            2,
+            {f"w{rank}": np.full(3, rank, np.float32)},
+            None,
+            ac.TrainingState(4),
+            zero,
+            coordinator=None,
+            extra={"rank": rank, "sched": {"last_epoch": 4}, "buf": np.arange(3) + rank},
+        )
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_resharded_load_returns_rank_0s_extra(tmp_path: Path, world_size: int) -> None:
+    _save_zero_with_extra(tmp_path)
+    for rank in range(world_size):
+        extra = ac.load_distributed_checkpoint(tmp_path, rank, world_size=world_size).extra
+        assert extra["rank"] == 0 and extra["sched"] == {"last_epoch": 4}
+        np.testing.assert_array_equal(extra["buf"], np.arange(3))
+
+
+def test_partial_load_at_the_saved_world_size_returns_the_ranks_own_extra(
+    tmp_path: Path,
+) -> None:
+    _save_zero_with_extra(tmp_path)
+    ckpt = ac.load_distributed_checkpoint(tmp_path, 1, keys=["w1"])
+    assert list(ckpt.model) == ["w1"] and ckpt.extra["rank"] == 1
+
+
+def test_consolidate_keeps_rank_0s_extra(tmp_path: Path) -> None:
+    _save_zero_with_extra(tmp_path / "sharded")
+    ac.consolidate_checkpoint(tmp_path / "sharded", tmp_path / "merged")
+    extra = ac.load_checkpoint(tmp_path / "merged").extra
+    assert extra["rank"] == 0 and extra["sched"] == {"last_epoch": 4}
+    np.testing.assert_array_equal(extra["buf"], np.arange(3))
+
+
+def test_consolidate_checks_the_extra_file(tmp_path: Path) -> None:
+    _save_zero_with_extra(tmp_path / "sharded")
+    path = tmp_path / "sharded" / "rank_0" / EXTRA_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ac.CorruptCheckpointError, match="buf"):
+        ac.consolidate_checkpoint(tmp_path / "sharded", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

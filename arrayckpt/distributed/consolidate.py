@@ -13,7 +13,14 @@ from .. import format, fsops, storage
 from ..commit import commit_directory
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError, InvalidInputError
-from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
+from ..layout import (
+    EXTRA_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SHARDING_META_FILE,
+    TRAINING_STATE_FILE,
+    PathLike,
+)
 from ..nested import tree_metadata
 from ..training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
 from .global_shards import GlobalTensor, ReadStats, is_global, read_box
@@ -64,7 +71,8 @@ def consolidate_checkpoint(
     (a key several ranks hold is taken from the lowest; they must agree in dtype and
     shape). TensorParallel: tensors in ``split_dims`` are concatenated along their dim
     in rank order, for model and optimizer state; the rest are rank 0's. DTensor state:
-    each tensor assembled from its saved boxes. Nested state
+    each tensor assembled from its saved boxes. The training state and the ``extra=``
+    state are rank 0's. Nested state
     (state dicts, pytrees) keeps its structure: rank 0's for Replicated, else the ranks'
     structures merged (see `arrayckpt.distributed.trees`; flat when they disagree).
 
@@ -120,6 +128,7 @@ def consolidate_checkpoint(
         ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
     )
     state_bytes = state.to_json().encode()
+    extra = _extra_file(ranks[0])
     meter = _Meter(sum(_nbytes(p) for plan in plans.values() if plan for p in plan), progress)
 
     def fill(tmp: Path) -> None:
@@ -138,6 +147,8 @@ def consolidate_checkpoint(
             if part == "model":
                 metadata[STATE_CHECKSUM_KEY] = state_checksum(state_bytes)
             format.write_file_streaming(tmp / file, layout, produce, metadata)
+        if extra is not None:
+            _copy_file(extra, tmp / EXTRA_FILE, verify)
         fs = fsops.fs()
         fs.write_bytes(tmp / TRAINING_STATE_FILE, state_bytes)
         fs.fsync_file(tmp / TRAINING_STATE_FILE)
@@ -145,6 +156,22 @@ def consolidate_checkpoint(
     target = commit_directory(output_dir, fill)
     meter.finish(target)
     return target
+
+
+def _extra_file(rank: SavedRank) -> ShardFile | None:
+    """Rank 0's ``extra=`` state file, when it saved one."""
+    path = rank.path / EXTRA_FILE
+    return ShardFile(path) if path.exists() else None
+
+
+def _copy_file(source: ShardFile, path: Path, verify: bool) -> None:
+    """Write ``source``'s tensors and ``__metadata__`` (its tree, aliases) to ``path``,
+    one tensor at a time, checking each against its CRC32C as it is read."""
+    metadata = {k: v for k, v in source.header.metadata.items() if k != format.CHECKSUMS_KEY}
+    layout = [(n, e.dtype, e.shape) for n, e in source.entries.items()]
+    format.write_file_streaming(
+        path, layout, lambda name: [source.read(name, verify=verify)], metadata
+    )
 
 
 def _tree(

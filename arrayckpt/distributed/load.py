@@ -11,8 +11,14 @@ import numpy as np
 
 from .. import backends, nested, storage
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
-from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
-from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
+from ..layout import EXTRA_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
+from ..load import (
+    Checkpoint,
+    interrupted_save_hint,
+    load_checkpoint,
+    load_state_file,
+    read_consistently,
+)
 from ..training_state import TrainingState
 from .global_shards import ReadStats, is_global, load_boxes
 from .reshard import load_share, zero_share
@@ -63,12 +69,14 @@ def load_distributed_checkpoint(
             shard cannot be checked against that shard's checksum.
 
     Returns:
-        ``Checkpoint(model, optimizer, training_state)``; when resharding, the training
-        state is rank 0's. Nested state comes back in its saved structure when the rank
-        loads all of it (Replicated, TensorParallel, ZeroPartitioned into one rank); a
-        partial share (ZeroPartitioned into several ranks, or ``keys=``) is flat, with
-        dotted names, except a ZeroPartitioned torch optimizer state_dict saved over each
-        rank's own parameters: its share is a state_dict for exactly this rank's parameters.
+        ``Checkpoint(model, optimizer, training_state)`` and ``.extra``; when resharding
+        (another ``world_size``), the training state and the ``extra=`` state are rank
+        0's, else this rank's own extra state. Nested state comes back in its saved
+        structure when the rank loads all of it (Replicated, TensorParallel,
+        ZeroPartitioned into one rank); a partial share (ZeroPartitioned into several
+        ranks, or ``keys=``) is flat, with dotted names, except a ZeroPartitioned torch
+        optimizer state_dict saved over each rank's own parameters: its share is a
+        state_dict for exactly this rank's parameters.
 
     Raises:
         TopologyError: ``rank`` is out of range (for the saved world size unless
@@ -141,8 +149,11 @@ def _load_once(
             f"(the checkpoint was saved by {saved} ranks); {fix}"
         )
     ranks = check_ranks_present(root, saved)
+    # Each rank saved its own extra state; a new topology resumes from rank 0's, as it does
+    # the training state (the saved ranks' data positions do not map onto new ranks).
+    extra_dir = ranks[rank if target == saved else 0].path
     if meta.ranks is not None and is_global(meta.ranks):
-        return _load_boxes(
+        ckpt = _load_boxes(
             root,
             ranks,
             meta.ranks,
@@ -154,6 +165,7 @@ def _load_once(
             verify,
             ReadStats() if stats is None else stats,
         )
+        return ckpt._replace(extra=_extra(extra_dir, xp, device, verify, mmap))
     same = target == saved and keys is None
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for r in [rank] if same else range(saved):
@@ -165,6 +177,7 @@ def _load_once(
     state = TrainingState.read(
         ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
     )
+    extra = _extra(extra_dir, xp, device, verify, mmap)
     if isinstance(meta.sharding.strategy, ZeroPartitioned) and keys is None:
         # A parameter travels with its optimizer state, as a state_dict its optimizer loads.
         share = zero_share(ranks, rank, target, verify=verify)
@@ -174,6 +187,7 @@ def _load_once(
                 {n: backend.from_host(a, device) for n, a in params.items()},
                 _map_arrays(opt, lambda a: backend.from_host(a, device)),
                 state,
+                extra,
             )
     model, optimizer = load_share(ranks, meta, rank, target, keys=keys, verify=verify)
 
@@ -185,6 +199,7 @@ def _load_once(
         convert(model, "model"),
         None if optimizer is None else convert(optimizer, "optimizer"),
         state,
+        extra,
     )
 
 
@@ -219,8 +234,20 @@ def _load_boxes(
     return Checkpoint(
         {} if model is None else model,
         parts["optimizer"],
-        TrainingState.read(ranks[0].path / TRAINING_STATE_FILE),
+        TrainingState.read(
+            ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
+        ),
     )
+
+
+def _extra(
+    rank_dir: Path, xp: ModuleType | str | None, device: Any, verify: bool, mmap: bool
+) -> Any:
+    """The ``extra=`` state saved in ``rank_dir`` (``None`` when it saved none)."""
+    path = rank_dir / EXTRA_FILE
+    if not path.exists():
+        return None
+    return load_state_file(path, xp=xp, device=device, verify=verify, mmap=mmap)
 
 
 def _structured(
