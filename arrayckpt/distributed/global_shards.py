@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import nested
+from .. import backends, nested
 from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
 from .shards import SavedRank, ShardFile
@@ -185,10 +185,18 @@ def plan(
 
 
 def read_box(
-    t: GlobalTensor, lo: Sequence[int], shape: Sequence[int], stats: ReadStats, verify: bool
+    t: GlobalTensor,
+    lo: Sequence[int],
+    shape: Sequence[int],
+    stats: ReadStats,
+    verify: bool,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The box of ``t`` at ``lo`` with ``shape``, reading only overlapping byte ranges."""
-    out = np.empty(tuple(shape), t.dtype.numpy)
+    """The box of ``t`` at ``lo`` with ``shape``, reading only overlapping byte ranges,
+    into ``out`` when given (an array of that shape and ``t``'s dtype, e.g. a view of the
+    target's memory: the bytes then land there with no copy and no fresh pages)."""
+    if out is None:
+        out = np.empty(tuple(shape), t.dtype.numpy)
     for p in t.pieces:
         a = [max(x, o) for x, o in zip(lo, p.offset, strict=True)]
         b = [min(x + n, o + m) for x, n, o, m in zip(lo, shape, p.offset, p.shape, strict=True)]
@@ -196,19 +204,29 @@ def read_box(
             continue
         src = tuple(slice(i - o, j - o) for i, j, o in zip(a, b, p.offset, strict=True))
         dst = tuple(slice(i - x, j - x) for i, j, x in zip(a, b, lo, strict=True))
-        out[dst] = _read_sub(p, t, src, stats, verify)
+        region = out[(*dst, ...)]  # a view, also of a 0-d array (``out[()]`` is a scalar)
+        if region.flags.c_contiguous:  # the runs land in file order, back to back
+            _read_sub(p, t, src, stats, verify, region)
+        else:
+            region[...] = _read_sub(p, t, src, stats, verify, None)
     return out
 
 
 def _read_sub(
-    p: Piece, t: GlobalTensor, box: tuple[slice, ...], stats: ReadStats, verify: bool
+    p: Piece,
+    t: GlobalTensor,
+    box: tuple[slice, ...],
+    stats: ReadStats,
+    verify: bool,
+    out: np.ndarray | None,
 ) -> np.ndarray:
-    """``box`` of piece ``p``'s saved tensor: the whole tensor (verified) or its rows."""
+    """``box`` of piece ``p``'s saved tensor: the whole tensor (verified) or its rows, into
+    ``out`` (C-contiguous, of the box's shape) when given."""
     sub = tuple(s.stop - s.start for s in box)
     if sub == p.shape:
         stats.bytes_read += math.prod(sub) * t.dtype.itemsize
         stats.ranges += 1
-        return p.file.read(t.name, verify=verify)
+        return p.file.read(t.name, verify=verify, out=out)
     # Runs are contiguous over the trailing dimensions the box spans whole.
     k = len(sub) - 1
     while k > 0 and sub[k] == p.shape[k]:
@@ -222,11 +240,13 @@ def _read_sub(
         starts = [s + (box[d].start + i) * strides[d] for i in range(sub[d]) for s in starts]
         # ``starts`` is built innermost-last so the runs come out in file order
     starts.sort()
-    buf = np.empty(len(starts) * run, np.uint8)
+    if out is None:
+        out = np.empty(sub, t.dtype.numpy)
+    buf = out.reshape(-1).view(np.uint8)  # a view: ``out`` is C-contiguous
     p.file._fill([(s, run) for s in starts], buf.data)
     stats.bytes_read += len(buf)
     stats.ranges += len(starts)
-    return buf.view(t.dtype.numpy).reshape(sub)
+    return out
 
 
 def target_box(
@@ -319,8 +339,10 @@ def load_boxes(
             )
         for name, dst in leaves.items():
             offset, shape = target_box(dst, name, saved[name], rank, what)
-            data = read_box(saved[name], offset, shape, stats, verify)
-            _copy_local(dst, data)
+            view = _local_view(dst, saved[name].dtype, shape, name)
+            data = read_box(saved[name], offset, shape, stats, verify, out=view)
+            if view is None:
+                _copy_local(dst, data)
         out[part] = dict(target)
     return out
 
@@ -333,6 +355,25 @@ def _structured(
     if tree is None:
         return whole
     return nested.unflatten(tree, whole.__getitem__, set(whole), source=f"{source} ({part})")
+
+
+def _local_view(dst: Any, dtype: DType, shape: Sequence[int], name: str) -> np.ndarray | None:
+    """``dst``'s local data as a NumPy array over its own memory, to read straight into;
+    ``None`` when there is none to write through (another device, not contiguous)."""
+    dt = _dtensor_type()
+    local = dst.to_local() if dt is not None and isinstance(dst, dt) else dst
+    backend = backends.for_array(local, name)
+    if (
+        backend.name != "torch"
+        or local.device.type != "cpu"
+        or not local.is_contiguous()
+        or tuple(local.shape) != tuple(shape)
+        or local.numel() == 0
+    ):
+        return None
+    view = backend.to_host(local, name, dtype, None)  # zero-copy for contiguous CPU tensors
+    shares = view.flags.writeable and view.ctypes.data == local.data_ptr()
+    return view if shares else None
 
 
 def _copy_local(dst: Any, data: np.ndarray) -> None:

@@ -50,14 +50,19 @@ class ShardFile:
         except (OSError, EOFError) as exc:  # e.g. truncated after its header was validated
             raise CorruptCheckpointError(f"{self.path}: reading failed: {exc}") from exc
 
-    def read(self, name: str, *, verify: bool = True) -> np.ndarray:
-        """The whole tensor ``name`` (checked against its CRC32C when ``verify``)."""
+    def read(self, name: str, *, verify: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole tensor ``name`` (checked against its CRC32C when ``verify``), read
+        straight into ``out`` when given (C-contiguous, of the tensor's shape and dtype)."""
         e = self.entries[name]
-        buf = np.empty(e.end - e.start, np.uint8)
+        if out is None:
+            buf = np.empty(e.end - e.start, np.uint8)
+        else:
+            assert out.flags.c_contiguous and out.nbytes == e.end - e.start
+            buf = out.reshape(-1).view(np.uint8)  # a view: ``out`` is contiguous
         self._fill([(e.start, e.end - e.start)], buf.data)
         if verify:
             format.verify_bytes(self.path, self.header, name, buf.data)
-        return buf.view(e.dtype.numpy).reshape(e.shape)
+        return buf.view(e.dtype.numpy).reshape(e.shape) if out is None else out
 
     def read_slab(
         self, name: str, dim: int, lo: int, hi: int, *, verify: bool = True
