@@ -204,7 +204,8 @@ def read_box(
             continue
         src = tuple(slice(i - o, j - o) for i, j, o in zip(a, b, p.offset, strict=True))
         dst = tuple(slice(i - x, j - x) for i, j, x in zip(a, b, lo, strict=True))
-        region = out[(*dst, ...)]  # a view, also of a 0-d array (``out[()]`` is a scalar)
+        index: tuple[Any, ...] = (*dst, ...)  # a view, even of a 0-d array (not a scalar)
+        region = out[index]
         if region.flags.c_contiguous:  # the runs land in file order, back to back
             _read_sub(p, t, src, stats, verify, region)
         else:
