@@ -6,7 +6,9 @@
 
 A real FSDP2 (``fully_shard``) MLP and its AdamW state are saved on 2 gloo ranks
 (127.0.0.1) by both engines, synchronously and asynchronously, and loaded at world size 2,
-1 (one process, no process group, whole tensors) and 3 and 4 (into FSDP2 targets). Per
+3 and 4 into FSDP2 targets, and in one process without a process group as whole tensors:
+into the same plain tensors for both, and allocated by the load (arrayckpt without
+targets; DCP, which needs targets, into tensors allocated inside the timed region). Per
 load and rank it records the seconds, the tensor bytes arrayckpt's `ReadStats` counts,
 and two engine-independent counters of /proc/self/io: ``rchar`` (bytes the process's
 read calls returned: data, headers, metadata and coordination sockets alike) and
@@ -42,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: A rank still running after this is killed (its faulthandler dumps its stack first).
 RANK_LIMIT_S = 600
-LOAD_WORLDS = (2, 1, 3, 4)
+#: (world size, how): into the target's tensors, or (one process) allocating whole tensors.
+LOADS = ((2, "load"), (1, "load"), (1, "alloc"), (3, "load"), (4, "load"))
 #: "reads no unneeded byte": rchar may exceed the ideal by the checkpoint's non-tensor bytes
 #: (headers, JSON) and this much more (the reads of /proc/self/io themselves).
 SLACK_BYTES = 4096
@@ -131,6 +134,17 @@ def _nbytes(*trees: Any) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for tr in trees for t in _leaves(tr))
 
 
+def _empty_like(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by a new, uninitialised one like it."""
+    import torch
+
+    if isinstance(tree, dict):
+        return {k: _empty_like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_empty_like(v) for v in tree]
+    return torch.empty_like(tree) if isinstance(tree, torch.Tensor) else tree
+
+
 def _zero(*trees: Any) -> None:
     import torch
 
@@ -183,7 +197,7 @@ def _timed_load(
     roots: tuple[Path, ...],
     cold: bool,
     barrier: Any,
-) -> None:
+) -> Any:
     import arrayckpt as ac
 
     if cold:
@@ -191,7 +205,7 @@ def _timed_load(
     barrier()
     stats = ac.ReadStats()
     before, t = _io(), time.perf_counter()
-    load(stats)
+    trees = load(stats)
     elapsed = time.perf_counter() - t
     after = _io()
     barrier()
@@ -204,6 +218,7 @@ def _timed_load(
             "readstats": stats.bytes_read,
         },
     )
+    return trees
 
 
 def _saves(
@@ -291,35 +306,47 @@ def worker(args: argparse.Namespace) -> None:
         _saves(args, rec, rank, world, msd, osd, barrier)
     # Loads: into this world's targets (DTensors on 2..4 ranks, plain tensors on one).
     rec.facts["ideal"] = _nbytes(msd, osd)
-    loaded: dict[str, Any] = {}
 
-    def ac_load(stats: Any) -> None:
-        if world == 1:  # no targets: arrayckpt allocates the whole tensors itself
-            got = ac.load_distributed_checkpoint(ac_dir, 0, world_size=1, xp="torch", stats=stats)
-            loaded["arrayckpt"] = got
-        else:
-            ac.load_distributed_checkpoint(
-                ac_dir, rank, world_size=world, into=msd, optimizer_into=osd, stats=stats
-            )
+    def ac_load(stats: Any) -> tuple[Any, ...]:
+        ac.load_distributed_checkpoint(
+            ac_dir, rank, world_size=world, into=msd, optimizer_into=osd, stats=stats
+        )
+        return msd, osd
 
-    def dcp_load(stats: Any) -> None:  # DCP always needs targets; at world 1, plain tensors
+    def dcp_load(stats: Any) -> tuple[Any, ...]:
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(dcp_dir))
+        return msd, osd
 
+    def ac_alloc(stats: Any) -> tuple[Any, ...]:  # no targets: the load allocates
+        got = ac.load_distributed_checkpoint(ac_dir, 0, world_size=1, xp="torch", stats=stats)
+        return got.model, got.optimizer
+
+    def dcp_alloc(stats: Any) -> tuple[Any, ...]:  # DCP needs targets: allocated here
+        trees = _empty_like(msd), _empty_like(osd)
+        dcp.load({"model": trees[0], "optim": trees[1]}, checkpoint_id=str(dcp_dir))
+        return trees
+
+    # Into this world's targets (DTensors on 2..4 ranks, plain tensors on one); on one
+    # process also with the load allocating the whole tensors.
+    pairs = [("load", ac_load, dcp_load)]
+    if world == 1:
+        pairs.append(("alloc", ac_alloc, dcp_alloc))
     agree = []
     for i in range(args.repeats + 1):  # the first is a warm-up (imports, first touches)
-        got: dict[str, dict[str, Any]] = {}
-        for engine, load in (("arrayckpt", ac_load), ("dcp", dcp_load)):
-            _zero(msd, osd)
-            if i == 0:
-                load(ac.ReadStats())
-                barrier()
-            else:
-                _timed_load(rec, f"load/{engine}", load, (ac_dir, dcp_dir), args.cold, barrier)
-            c = loaded.pop(engine, None)
-            got[engine] = _flat(msd, osd) if c is None else _flat(c.model, c.optimizer)
-        agree.append(_same(got["arrayckpt"], got["dcp"]))
-        if original is not None:
-            agree.append(_same(got["dcp"], original))
+        for kind, *loads in pairs:
+            got = []
+            for engine, load in zip(("arrayckpt", "dcp"), loads, strict=True):
+                _zero(msd, osd)
+                key = f"{kind}/{engine}"
+                if i == 0:
+                    trees = load(ac.ReadStats())
+                    barrier()
+                else:
+                    trees = _timed_load(rec, key, load, (ac_dir, dcp_dir), args.cold, barrier)
+                got.append(_flat(*trees))
+            agree.append(_same(*got))
+            if original is not None:
+                agree.append(_same(got[1], original))
     rec.facts["loads_agree"] = all(agree)
     out = Path(args.out) / f"rank{rank}.json"
     out.write_text(json.dumps({"rank": rank, "samples": rec.samples, "facts": rec.facts}))
@@ -440,18 +467,19 @@ def summarize(
             row["arrayckpt_stall_s"] = _median_over_repeats(saves, "async/arrayckpt", "stall")
             row["dcp_stall_s"] = _median_over_repeats(saves, "async/dcp", "stall")
         rows.append(row)
-    for world in LOAD_WORLDS:
+    for world, kind in LOADS:
         ranks = results[world]
         row = {
-            "what": f"load on {world} rank{'s' if world > 1 else ''}",
-            "arrayckpt_s": _median_over_repeats(ranks, "load/arrayckpt", "s"),
-            "dcp_s": _median_over_repeats(ranks, "load/dcp", "s"),
+            "what": f"load on {world} rank{'s' if world > 1 else ''}"
+            + (", allocating" if kind == "alloc" else ""),
+            "arrayckpt_s": _median_over_repeats(ranks, f"{kind}/arrayckpt", "s"),
+            "dcp_s": _median_over_repeats(ranks, f"{kind}/dcp", "s"),
             "ideal": [r["facts"]["ideal"] for r in ranks],
             "agree": all(r["facts"]["loads_agree"] for r in ranks),
         }
         for engine in ("arrayckpt", "dcp"):
             for field in ("rchar", "read_bytes", "readstats"):
-                row[f"{engine}_{field}"] = _per_rank(ranks, f"load/{engine}", field)
+                row[f"{engine}_{field}"] = _per_rank(ranks, f"{kind}/{engine}", field)
         rows.append(row)
     for row in rows:
         row["ratio"] = row["arrayckpt_s"] / row["dcp_s"]
@@ -473,20 +501,20 @@ def _mib(x: float) -> str:
 def report(summary: dict[str, Any], header: str) -> list[str]:
     lines = [header, ""]
     lines.append(
-        f"{'':18s} {'arrayckpt s':>11s} {'DCP s':>8s} {'ratio':>6s}  no slower  "
+        f"{'':28s} {'arrayckpt s':>11s} {'DCP s':>8s} {'ratio':>6s}  no slower  "
         "no unneeded byte  agree"
     )
     for row in summary["rows"]:
         lean = row.get("no_unneeded_byte")
         lines.append(
-            f"{row['what']:18s} {row['arrayckpt_s']:11.3f} {row['dcp_s']:8.3f} "
+            f"{row['what']:28s} {row['arrayckpt_s']:11.3f} {row['dcp_s']:8.3f} "
             f"{row['ratio']:6.2f}  {'pass' if row['no_slower'] else 'FAIL':9s}  "
             f"{'' if lean is None else 'pass' if lean else 'FAIL':16s}  "
             f"{'' if 'agree' not in row else 'yes' if row['agree'] else 'NO'}"
         )
         if "arrayckpt_stall_s" in row:
             lines.append(
-                f"{'  stall':18s} {row['arrayckpt_stall_s']:11.3f} {row['dcp_stall_s']:8.3f} "
+                f"{'  stall':28s} {row['arrayckpt_stall_s']:11.3f} {row['dcp_stall_s']:8.3f} "
                 f"{row['arrayckpt_stall_s'] / row['dcp_stall_s']:6.2f}"
             )
     sizes = summary["sizes"]
@@ -499,7 +527,7 @@ def report(summary: dict[str, Any], header: str) -> list[str]:
         "disk = read_bytes (ranks share the page cache: compare sums)",
     ]
     lines.append(
-        f"{'':18s} {'rank':>4s} {'ideal':>8s} {'ac ReadStats':>12s} {'ac rchar':>9s} "
+        f"{'':28s} {'rank':>4s} {'ideal':>8s} {'ac ReadStats':>12s} {'ac rchar':>9s} "
         f"{'DCP rchar':>9s} {'ac disk':>8s} {'DCP disk':>8s}"
     )
     for row in summary["rows"]:
@@ -507,14 +535,14 @@ def report(summary: dict[str, Any], header: str) -> list[str]:
             continue
         for r, ideal in enumerate(row["ideal"]):
             lines.append(
-                f"{row['what'] if r == 0 else '':18s} {r:4d} {_mib(ideal):>8s} "
+                f"{row['what'] if r == 0 else '':28s} {r:4d} {_mib(ideal):>8s} "
                 f"{_mib(row['arrayckpt_readstats'][r]):>12s} {_mib(row['arrayckpt_rchar'][r]):>9s} "
                 f"{_mib(row['dcp_rchar'][r]):>9s} {_mib(row['arrayckpt_read_bytes'][r]):>8s} "
                 f"{_mib(row['dcp_read_bytes'][r]):>8s}"
             )
         if len(row["ideal"]) > 1:
             lines.append(
-                f"{'':18s} {'sum':>4s} {_mib(sum(row['ideal'])):>8s} "
+                f"{'':28s} {'sum':>4s} {_mib(sum(row['ideal'])):>8s} "
                 + " ".join(
                     f"{_mib(sum(row[k])):>{w}s}"
                     for k, w in (
