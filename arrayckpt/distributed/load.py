@@ -82,7 +82,8 @@ def load_distributed_checkpoint(
         TopologyError: ``rank`` is out of range (for the saved world size unless
             ``world_size`` is given).
         CheckpointNotFoundError: ``sharding_meta.json`` or a rank's files are missing.
-        CorruptCheckpointError: a file is malformed, or shards do not fit together.
+        CorruptCheckpointError: a file is malformed, or shards do not fit together, or
+            a tensor fails its checksum; targets (read into in place) may be partly filled.
 
     Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
