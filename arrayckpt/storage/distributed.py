@@ -215,7 +215,8 @@ def _upload_rank(
             size, crc = objects._upload(store, url.key(name), parts)
         except Exception as exc:
             raise CheckpointWriteError(
-                f"rank {rank}: uploading {url}/{name} failed: {objects._describe(exc)}"
+                f"rank {rank}: uploading {url}/{name} failed: {objects._describe(exc)}; "
+                "nothing was committed (the previous steps are intact)"
             ) from exc
         listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
     return listing, rank_manifest(rank, headers, dict(facts))
@@ -240,7 +241,9 @@ def _commit(
             str(url), {SHARDING_META_FILE: [memoryview(text)]}, options, listed=listed
         )
     except CheckpointError as exc:
-        return type(exc)(f"saving {url} failed: {exc}; nothing was committed")
+        told = "nothing was committed" in str(exc)  # a rank's own report says so already
+        tail = "" if told else "; nothing was committed"
+        return type(exc)(f"saving {url} failed: {exc}{tail}")
     return None
 
 
@@ -312,8 +315,8 @@ class RemoteStep:
             ) from exc
         if len(memoryview(got)) != end - start:
             raise CorruptCheckpointError(
-                f"{self.url}/{name} is shorter than its commit object says: it was changed "
-                "after the commit; restore another step"
+                f"{self.url}/{name} does not match its commit object (it is shorter): it was "
+                "changed after the commit; restore another step"
             )
         return got
 
@@ -386,6 +389,11 @@ class RemoteStep:
             self.data_gets += len(pieces)
 
     def meta(self) -> ShardingMeta:
+        if SHARDING_META_FILE not in self.files:
+            raise CheckpointNotFoundError(
+                f"{self.url} is not a distributed checkpoint: its {objects.COMMIT_OBJECT} lists "
+                f"no {SHARDING_META_FILE}; load it with load_checkpoint"
+            )
         data = self.read_small(SHARDING_META_FILE, MAX_SHARDING_META_BYTES)
         return ShardingMeta.from_json(data, source=f"{self.url}/{SHARDING_META_FILE}")
 
