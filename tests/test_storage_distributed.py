@@ -270,6 +270,23 @@ def test_changed_sharding_meta_is_detected(s3_env: S3Server) -> None:
         ac.load_distributed_checkpoint(url, 0)
 
 
+@pytest.mark.parametrize("world_size", [None, 2])  # its own files whole, or resharded
+def test_a_flipped_bit_in_a_rank_object_is_detected(
+    s3_env: S3Server, world_size: int | None
+) -> None:
+    import obstore
+
+    url = s3_env.url(f"flipped{world_size}/step_1")
+    ac.save_distributed_checkpoint(url, 0, 1, {"x": np.arange(64, dtype=np.float32)})
+    store = objects.open_store(parse_url(url))
+    key = parse_url(url).key("rank_0/model.safetensors")
+    data = bytearray(obstore.get(store, key).bytes())
+    data[-1] ^= 1  # the last byte of tensor data
+    obstore.put(store, key, bytes(data))
+    with pytest.raises(ac.CorruptCheckpointError):
+        ac.load_distributed_checkpoint(url, 0, world_size=world_size)
+
+
 def test_file_url_is_a_local_distributed_checkpoint(tmp_path: Path) -> None:
     ac.save_distributed_checkpoint(f"file://{tmp_path}/step_1", 0, 1, {"x": np.arange(3)})
     assert (tmp_path / "step_1" / "rank_0" / "model.safetensors").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -431,17 +432,29 @@ class RemoteStep:
                 base = "/dev/shm"
         with tempfile.TemporaryDirectory(prefix="arrayckpt-get-", dir=base) as tmp:
             for name, entry in names.items():
-                size = int(entry["size"])
-                buf = bytearray(size)
-                self.read_ranges(name, [(0, size)], memoryview(buf))
-                if f"{format.checksum(memoryview(buf)):08x}" != entry["crc32c"]:
-                    raise CorruptCheckpointError(
-                        f"{self.url}/{name} does not match its commit object (CRC32C): it was "
-                        "changed after the commit; restore another step"
-                    )
-                Path(tmp, name.rpartition("/")[2]).write_bytes(buf)
-                del buf
+                self._fetch_file(name, entry, Path(tmp, name.rpartition("/")[2]))
             yield Path(tmp)
+
+    def _fetch_file(self, name: str, entry: Mapping[str, Any], dest: Path) -> None:
+        """Ranged gets straight into a mapping of ``dest``: no second copy in memory."""
+        size = int(entry["size"])
+        with open(dest, "xb+") as f:
+            if size:
+                f.truncate(size)
+                with mmap.mmap(f.fileno(), size) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        self.read_ranges(name, [(0, size)], view)
+                        crc = format.checksum(view)
+                    finally:
+                        view.release()
+            else:
+                crc = format.checksum(b"")
+        if f"{crc:08x}" != entry["crc32c"]:
+            raise CorruptCheckpointError(
+                f"{self.url}/{name} does not match its commit object (CRC32C): it was changed "
+                "after the commit; restore another step"
+            )
 
 
 class RemoteShardFile(ShardFile):
