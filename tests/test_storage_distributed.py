@@ -292,3 +292,42 @@ def test_file_url_is_a_local_distributed_checkpoint(tmp_path: Path) -> None:
     assert (tmp_path / "step_1" / "rank_0" / "model.safetensors").exists()
     got = ac.load_distributed_checkpoint(f"file://{tmp_path}/step_1", 0)
     np.testing.assert_array_equal(got.model["x"], np.arange(3))
+
+
+# The protocol's failure paths, ranks as threads (tests/dist_threads.py) on the real server.
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_an_invalid_state_on_one_rank_fails_every_rank(s3_env: S3Server, bad: int) -> None:
+    from dist_threads import run_ranks
+
+    url = s3_env.url(f"invalid{bad}/step_1")
+
+    def save(rank: int, coord: Any) -> Any:
+        state = {"x": object() if rank == bad else np.arange(3)}  # not an array: refused
+        return ac.save_distributed_checkpoint(url, rank, 3, state, coordinator=coord)
+
+    out = run_ranks(3, save, timeout=20)
+    assert isinstance(out[bad], ac.UnsupportedArrayError), out
+    for rank, got in enumerate(out):
+        if rank != bad:
+            assert isinstance(got, ac.CheckpointWriteError), got
+            assert url in str(got) and "nothing was committed" in str(got)
+    assert objects.COMMIT_OBJECT not in _listing(url)
+
+
+def test_ranks_disagreeing_on_the_sharding_commit_nothing(s3_env: S3Server) -> None:
+    from dist_threads import run_ranks
+
+    url = s3_env.url("disagree/step_1")
+    configs = [ac.ShardingConfig(ac.Replicated()), ac.ShardingConfig(ac.ZeroPartitioned(3))]
+
+    def save(rank: int, coord: Any) -> Any:
+        return ac.save_distributed_checkpoint(
+            url, rank, 2, {"x": np.arange(3)}, sharding=configs[rank], coordinator=coord
+        )
+
+    out = run_ranks(2, save, timeout=20)
+    assert isinstance(out[0], ac.TopologyError) and "ranks [1]" in str(out[0]), out
+    assert isinstance(out[1], ac.CheckpointWriteError) and url in str(out[1]), out
+    assert objects.COMMIT_OBJECT not in _listing(url)
