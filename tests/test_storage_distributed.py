@@ -69,7 +69,8 @@ def test_fsdp2_save_commits_one_step_with_every_rank(trained: tuple[str, list[An
             "sharding_meta.json",
             *(f"rank_{r}/{f}" for r in (0, 1) for f in rank_files),
         }
-        files = objects.read_commit(objects.open_store(parse_url(step)), parse_url(step))
+        store = objects.open_store(parse_url(step))
+        files = objects.read_commit(store, parse_url(step), ranks=True)
         assert set(files) == listing - {objects.COMMIT_OBJECT}  # one commit lists every rank
 
 
@@ -255,6 +256,13 @@ def test_a_plain_checkpoint_is_not_a_distributed_one(s3_env: S3Server) -> None:
     ac.save_checkpoint(url, {"x": np.arange(3)})
     with pytest.raises(CheckpointNotFoundError, match="is not a distributed checkpoint"):
         ac.load_distributed_checkpoint(url, 0)
+
+
+def test_a_distributed_step_is_not_a_plain_checkpoint(s3_env: S3Server) -> None:
+    url = s3_env.url("notplain/step_1")
+    ac.save_distributed_checkpoint(url, 0, 1, {"x": np.arange(3)})
+    with pytest.raises(InvalidInputError, match="is a distributed checkpoint; use load_distrib"):
+        ac.load_checkpoint(url)
 
 
 def test_changed_sharding_meta_is_detected(s3_env: S3Server) -> None:

@@ -287,7 +287,7 @@ class RemoteStep:
         self.path = ObjectPath(self.url)
         self.options = options
         self.store = objects.open_store(self.url, options)
-        self.files = objects.read_commit(self.store, self.url)
+        self.files = objects.read_commit(self.store, self.url, ranks=True)
         self._lock = threading.Lock()
         #: Bytes and gets of tensor data, and of everything else (commit, headers, JSON).
         self.data_bytes = self.data_gets = self.other_bytes = self.other_gets = 0

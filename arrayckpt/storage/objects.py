@@ -142,8 +142,11 @@ def _committed(store: Any, url: StorageURL) -> bool:
     return True
 
 
-def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
-    """The files the commit object of ``url`` lists; a step without one does not exist."""
+def read_commit(store: Any, url: StorageURL, *, ranks: bool = False) -> dict[str, dict[str, Any]]:
+    """The files the commit object of ``url`` lists; a step without one does not exist.
+
+    A distributed step also lists ``rank_N/`` files; they are refused unless ``ranks``.
+    """
     import obstore
 
     try:
@@ -165,6 +168,10 @@ def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
             int(entry["crc32c"], 16)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise CorruptCheckpointError(f"{url}/{COMMIT_OBJECT} is malformed: {exc!r}") from exc
+    if not ranks and any("/" in name for name in files):
+        raise InvalidInputError(
+            f"{url} is a distributed checkpoint; use load_distributed_checkpoint(url, rank)"
+        )
     return files
 
 
