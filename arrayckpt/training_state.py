@@ -116,13 +116,13 @@ class TrainingState:
             raise CorruptCheckpointError(f"{path} is a directory, not a file") from exc
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
-        return cls.from_bytes(data, source=str(path), metadata=metadata)
+        return cls.checked(data, source=str(path), metadata=metadata)
 
     @classmethod
-    def from_bytes(
+    def checked(
         cls, data: bytes, *, source: str, metadata: Mapping[str, str] | None = None
     ) -> TrainingState:
-        """Parse the bytes of ``source`` (a file or object) as `read` does, checksum included."""
+        """`read` for the bytes of ``source`` already read (from a file or an object)."""
         state = cls.from_json(data, source=source)  # a malformed file says what is wrong
         recorded = None if metadata is None else metadata.get(STATE_CHECKSUM_KEY)
         if recorded is not None and recorded != state_checksum(data):

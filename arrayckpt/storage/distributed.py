@@ -495,7 +495,7 @@ class RemoteRank(SavedRank):
     def training_state(self, metadata: Mapping[str, str] | None = None) -> TrainingState:
         name = f"{self.prefix}/{TRAINING_STATE_FILE}"
         data = self.step.read_small(name, MAX_STATE_BYTES)
-        return TrainingState.from_bytes(data, source=f"{self.step.url}/{name}", metadata=metadata)
+        return TrainingState.checked(data, source=f"{self.step.url}/{name}", metadata=metadata)
 
     def load(self, **options: Any) -> Any:
         """The rank's own files are all needed: fetched whole, then loaded as a local
