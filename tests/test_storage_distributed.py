@@ -236,6 +236,28 @@ def test_one_rank_saves_and_loads_without_an_engine(s3_env: S3Server) -> None:
     np.testing.assert_array_equal(half.model["w"], w[2:])
 
 
+def test_storage_options_reach_every_distributed_entry_point(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key in s3_server.env:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    options = {
+        "endpoint": s3_server.endpoint,
+        "access_key_id": "arrayckpt-test",
+        "secret_access_key": "arrayckpt-test-secret",
+        "region": "us-east-1",
+    }
+    url = s3_server.url("options/step_1")
+    with ac.AsyncCheckpointer() as ckpt:
+        future = ckpt.save_distributed(url, 0, 1, {"x": np.arange(4)}, storage_options=options)
+        assert future.result(timeout=60) == url
+    got = ac.load_distributed_checkpoint(url, 0, world_size=2, storage_options=options)
+    np.testing.assert_array_equal(got.model["x"], np.arange(4))  # Replicated: rank 0's
+    ac.consolidate_checkpoint(url, tmp_path / "merged", storage_options=options)
+    np.testing.assert_array_equal(ac.load_checkpoint(tmp_path / "merged").model["x"], np.arange(4))
+
+
 def test_several_ranks_without_a_coordinator_are_refused(s3_env: S3Server) -> None:
     url = s3_env.url("uncoordinated/step_1")
     with pytest.raises(InvalidInputError, match="needs a coordinated save"):
