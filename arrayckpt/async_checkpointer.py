@@ -175,10 +175,12 @@ class AsyncCheckpointer(ClosesOnExit):
         coordinator: Any = "auto",
         timeout: float | None = None,
         extra: Any = None,
-    ) -> WriteFuture[Path]:
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> WriteFuture[Path | str]:
         """Snapshot this rank's state now and write it in the background; see
         `save_distributed_checkpoint` for the arguments (``coordinator``, ``timeout``,
-        ``extra``).
+        ``extra``, ``storage_options``; ``directory`` may be an object-store URL, and then
+        only the writer thread talks to the store).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
         channel (a gloo group of their own, a duplicated MPI communicator), never the
@@ -204,6 +206,7 @@ class AsyncCheckpointer(ClosesOnExit):
                 coordinator=coordinator,
                 timeout=timeout,
                 extra=extra,
+                storage_options=storage_options,
             )
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
