@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -84,12 +84,15 @@ def save_files(
     location: str,
     files: Mapping[str, Iterable[memoryview]],
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    before_commit: Callable[[], None] | None = None,
 ) -> str:
     """Commit ``files`` (name -> its bytes as buffers) as the checkpoint at ``location``.
 
     Every data object is uploaded first; then the commit object listing each file's size
     and CRC32C is put with ``If-None-Match`` semantics, so two writers of one step cannot
-    both commit and a committed step is never replaced.
+    both commit and a committed step is never replaced. ``before_commit`` runs between
+    the two (the manager checks its lease there); its error leaves the step uncommitted.
 
     Raises:
         InvalidInputError: ``location`` already holds a committed checkpoint.
@@ -109,6 +112,8 @@ def save_files(
         for name, parts in files.items():
             size, crc = _upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
+        if before_commit is not None:
+            before_commit()
         doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
         obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
