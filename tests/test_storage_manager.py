@@ -194,7 +194,8 @@ def test_a_live_writer_is_never_cleaned_up_by_another_manager(s3_env: S3Server) 
         "import sys, numpy as np, arrayckpt as ac\n"
         "mgr = ac.CheckpointManager(sys.argv[1], async_save=False, lease_ttl_s=2)\n"
         "print('saving', flush=True)\n"
-        "mgr.save(1, {'w': np.ones(16 << 20, np.float32)}, {'m': np.full(32 << 20, 2.0, np.float32)})\n"
+        "big = {'m': np.full(32 << 20, 2.0, np.float32)}\n"
+        "mgr.save(1, {'w': np.ones(16 << 20, np.float32)}, big)\n"
         "print('saved', flush=True)\n"
     )
     child = subprocess.Popen(
@@ -238,7 +239,7 @@ def test_sigkill_at_random_moments_then_resume(s3_env: S3Server, mode: str) -> N
     env = {**os.environ, **s3_env.env, "PYTHONPATH": str(REPO)}
     child_script = str(Path(__file__).with_name("storage_manager_child.py"))
     rng = random.Random(f"kill-{mode}")
-    newest_committed = 0
+    newest_committed, killed_mid_upload = 0, 0
     for _ in range(4):
         expected_resume = max(_checked_steps(url), default=0)
         assert expected_resume >= newest_committed, "a committed step was lost"
@@ -250,7 +251,7 @@ def test_sigkill_at_random_moments_then_resume(s3_env: S3Server, mode: str) -> N
             assert child.stdout is not None
             first = child.stdout.readline()
             assert first == f"resumed {expected_resume}\n", first
-            reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+            reader = threading.Thread(target=lines.extend, args=(child.stdout,), daemon=True)
             reader.start()
             time.sleep(rng.uniform(0.2, 2.0))
             child.send_signal(signal.SIGKILL)
@@ -261,9 +262,14 @@ def test_sigkill_at_random_moments_then_resume(s3_env: S3Server, mode: str) -> N
                 child.kill()
         committed = [int(x.split()[1]) for x in lines if x.startswith("committed")]
         newest_committed = max(committed, default=newest_committed)
+        keys = " ".join(_keys(url))  # before the next manager cleans up
+        listed = set(re.findall(r"step_([0-9]{8})/", keys))
+        committed = set(re.findall(rf"step_([0-9]{{8}})/{objects.COMMIT_OBJECT}", keys))
+        killed_mid_upload += bool(listed - committed)
     steps = _checked_steps(url)
     assert steps and steps[-1] >= newest_committed
     assert len(steps) <= 3  # keep_last=3
+    assert killed_mid_upload, "no kill landed in an upload: the test proved nothing"
 
 
 def test_server_killed_mid_save_then_restarted(tmp_path) -> None:
@@ -381,6 +387,7 @@ def test_two_managers_saving_the_same_steps_lose_and_mix_nothing(s3_env: S3Serve
     for t in threads:
         t.join(timeout=CHILD_TIMEOUT_S)
     assert not errors, errors
+    assert any(len(o) == 2 and any("refused" in x for x in o) for o in outcomes.values())
     mgr = ac.CheckpointManager(url)
     assert mgr.steps() == list(range(1, 9))
     for step in range(1, 9):
@@ -451,3 +458,34 @@ def test_the_docs_example_runs_with_env_only(s3_env: S3Server, monkeypatch, tmp_
     monkeypatch.setenv("ARRAYCKPT_EXAMPLE_URL", s3_env.url(_run("docs")))
     monkeypatch.chdir(tmp_path)
     exec(compile(m["code"], "docs/storage.md", "exec"), {"__name__": "__docs__"})
+
+
+def test_a_step_held_by_a_live_writer_elsewhere_is_refused_an_expired_one_taken_over(
+    s3_env: S3Server,
+) -> None:
+    url = s3_env.url(_run("held"))
+    other = {"host": "elsewhere", "boot_id": "x", "pid_ns": "y", "pid": 1, "pid_start": "1"}
+    lease = leases.lease_name(1)
+    _put(f"{url}/step_00000001/model.safetensors", b"theirs")
+    _put(f"{url}/step_00000001/{lease}", _lease_doc(**other, expires_at=time.time() + 3600))
+    mgr = ac.CheckpointManager(url, async_save=False, lease_ttl_s=0.5)
+    with pytest.raises(ac.CheckpointWriteError, match="another live writer holds its lease"):
+        mgr.save(1, _state(1))
+    assert f"{parse_url(url).prefix}/step_00000001/model.safetensors" in _keys(url)
+    _put(f"{url}/step_00000001/{lease}", _lease_doc(**other, expires_at=time.time() - 1))
+    mgr.save(1, _state(1))  # the holder is gone: its lease is taken over
+    np.testing.assert_array_equal(mgr.restore(1).model["w"], _state(1)["w"])
+    assert not [k for k in _keys(url) if "arrayckpt-lease" in k]
+
+
+def test_a_writer_whose_lease_was_taken_over_does_not_commit(s3_env: S3Server) -> None:
+    url = parse_url(s3_env.url(_run("fenced")) + "/step_00000001")
+    store = objects.open_store(url)
+    held, _ = leases.acquire(store, url, ttl_s=60, wait_s=0)
+    assert held is not None
+    held.check()  # still the newest
+    taker = _lease_doc(expires_at=time.time() + 60)
+    _put(f"{s3_env.url(url.prefix)}/{leases.lease_name(2)}", taker)
+    with pytest.raises(leases.LeaseLost, match="another writer took over"):
+        held.check()
+    held.release(delete=False)

@@ -195,14 +195,16 @@ class Lease:
         """Put the lease only if absent; ``False`` when another writer made it first."""
         import obstore
 
+        # live before it is visible: a reader in this process must never judge it dead
+        _LIVE_OWNERS.add(self.owner)
         try:
             obstore.put(self.store, self.key, self._doc(), mode="create")
         except Exception as exc:
+            _LIVE_OWNERS.discard(self.owner)
             if type(exc).__name__ == "AlreadyExistsError":
                 return False
             raise
         self.expires_at = self.pending_expiry
-        _LIVE_OWNERS.add(self.owner)
         self._thread = threading.Thread(target=self._renew, name="arrayckpt-lease", daemon=True)
         self._thread.start()
         return True

@@ -39,8 +39,9 @@ def clear_step(store: Any, step: StorageURL) -> None:
     import obstore
 
     names = [m["path"] for m in obstore.list(store, step.prefix).collect()]
-    stale = [k for k in names if lease_number(k.rsplit("/", 1)[-1]) is None]
-    _delete_all(store, [k for k in stale if not k.endswith("/" + COMMIT_OBJECT)])
+    if step.key(COMMIT_OBJECT) in names:  # committed after all: retention's to delete
+        return
+    _delete_all(store, [k for k in names if lease_number(k.rsplit("/", 1)[-1]) is None])
 
 
 def clean_abandoned(store: Any, root: StorageURL, ttl_s: float) -> list[str]:

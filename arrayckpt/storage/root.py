@@ -11,7 +11,7 @@ from ..errors import CheckpointWriteError, InvalidInputError
 from ..layout import step_dir_name
 from ..snapshot import Snapshot
 from . import objects
-from .leases import LeaseLost, acquire
+from .leases import Lease, LeaseLost, acquire
 from .objects import _describe
 from .retention import clean_abandoned, clear_step, delete_committed
 from .steps import CommitCache, StoredStep, complete_steps, list_steps
@@ -97,14 +97,22 @@ class ObjectRoot:
             lease.release(delete=False)  # the step and its objects are the new owner's now
             raise
         except BaseException:
-            try:
-                clear_step(self.store, target)
-            except Exception as exc:  # the server is gone: the lease expires, cleanup follows
-                log.warning("could not remove the uncommitted %s: %s", target, exc)
-            lease.release()
+            self._abandon(lease, target)
             raise
         lease.release()
         return done
+
+    def _abandon(self, lease: Lease, target: StorageURL) -> None:
+        """After a failed save: remove what it uploaded, only while the lease is still ours."""
+        try:
+            lease.check()
+            clear_step(self.store, target)
+        except LeaseLost:
+            lease.release(delete=False)
+            return
+        except Exception as exc:  # the server is gone: the lease expires, cleanup follows
+            log.warning("could not remove the uncommitted %s: %s", target, exc)
+        lease.release()
 
 
 def _unreachable(url: StorageURL, exc: Exception) -> Exception:
