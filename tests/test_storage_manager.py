@@ -455,9 +455,14 @@ def test_the_docs_example_runs_with_env_only(s3_env: S3Server, monkeypatch, tmp_
     text = (REPO / "docs" / "storage.md").read_text()
     m = re.search(r"<!-- s3-example -->\n```py\n(?P<code>.*?)^```", text, re.S | re.M)
     assert m is not None, "docs/storage.md lost its object-store manager example"
-    monkeypatch.setenv("ARRAYCKPT_EXAMPLE_URL", s3_env.url(_run("docs")))
+    url = s3_env.url(_run("docs"))
+    code = m["code"].replace("s3://my-bucket/run", url)
     monkeypatch.chdir(tmp_path)
-    exec(compile(m["code"], "docs/storage.md", "exec"), {"__name__": "__docs__"})
+    for _ in range(2):  # a second run resumes the first
+        exec(compile(code, "docs/storage.md", "exec"), {"__name__": "__docs__"})
+    mgr = ac.CheckpointManager(url)
+    assert mgr.steps() == [5, 6]
+    np.testing.assert_array_equal(mgr.restore().model["w"], np.full(4, 6, np.float32))
 
 
 def test_a_step_held_by_a_live_writer_elsewhere_is_refused_an_expired_one_taken_over(
