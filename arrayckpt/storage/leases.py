@@ -30,8 +30,6 @@ LEASE_VERSION = 1
 _LEASE_OBJECT = re.compile(r"arrayckpt-lease-([0-9]{8})\.json")
 #: Largest lease object read back (a few hundred bytes are written).
 _MAX_LEASE_BYTES = 64 * 1024
-#: Default lifetime of a lease without renewal; renewed every quarter of it.
-DEFAULT_LEASE_TTL_S = 60.0
 
 
 def lease_name(number: int) -> str:

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from .leases import acquire, lease_number
-from .objects import COMMIT_OBJECT
+from .objects import COMMIT_OBJECT, _describe
 from .steps import StoredStep, list_steps
 from .url import StorageURL
 
@@ -56,15 +56,19 @@ def clean_abandoned(store: Any, root: StorageURL, ttl_s: float) -> list[str]:
     for step in list_steps(store, root):
         if step.has_commit:
             continue
-        lease, holder = acquire(store, step.url, ttl_s, wait_s=0.0)
-        if lease is None:
-            if holder is not None:
-                log.debug("%s is being written: %s", step.url, holder.describe())
-            continue
         try:
-            clear_step(store, step.url)
-        finally:
-            lease.release()
+            lease, holder = acquire(store, step.url, ttl_s, wait_s=0.0)
+            if lease is None:
+                if holder is not None:
+                    log.debug("%s is being written: %s", step.url, holder.describe())
+                continue
+            try:
+                clear_step(store, step.url)
+            finally:
+                lease.release()
+        except Exception as exc:  # the next manager tries again; saves are unaffected
+            log.warning("could not clean up %s: %s", step.url, _describe(exc))
+            continue
         removed.append(str(step.url))
         log.info("removed the abandoned upload %s (no commit object, writer gone)", step.url)
     return removed

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import CheckpointWriteError, InvalidInputError
+from ..errors import CheckpointError, CheckpointWriteError, InvalidInputError
 from ..layout import step_dir_name
 from ..snapshot import Snapshot
 from . import objects
@@ -52,10 +52,18 @@ class ObjectRoot:
         return step in self.steps()
 
     def delete(self, step: int) -> None:
-        """Delete committed ``step``: commit object first, then its data and leases."""
-        for stored in list_steps(self.store, self.url):
-            if stored.step == step:
-                delete_committed(self.store, stored)
+        """Delete committed ``step``: commit object first, then its data and leases.
+
+        Raises:
+            CheckpointError: a request failed (the step may be left uncommitted: readers
+                no longer see it, and the next cleanup removes the rest).
+        """
+        try:
+            for stored in list_steps(self.store, self.url):
+                if stored.step == step:
+                    delete_committed(self.store, stored)
+        except Exception as exc:
+            raise _unreachable(self.url.child(step_dir_name(step)), exc) from exc
 
     def cleanup(self) -> list[str]:
         """Remove the abandoned uploads under the root (see `clean_abandoned`)."""
@@ -116,8 +124,6 @@ class ObjectRoot:
 
 
 def _unreachable(url: StorageURL, exc: Exception) -> Exception:
-    from ..errors import CheckpointError
-
     if isinstance(exc, CheckpointError):
         return exc
-    return CheckpointError(f"listing {url} failed: {_describe(exc)}")
+    return CheckpointError(f"a request to {url} failed: {_describe(exc)}")
