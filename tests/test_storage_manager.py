@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faults import STRESS
 from s3server import S3Server
 
 import arrayckpt as ac
@@ -28,6 +29,8 @@ from arrayckpt.storage import leases, objects, parse_url
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 120
+#: Kill-and-resume rounds per save mode (`nox -s stress` runs more).
+KILL_ROUNDS = 12 if STRESS else 4
 
 
 def _run(name: str) -> str:
@@ -240,7 +243,7 @@ def test_sigkill_at_random_moments_then_resume(s3_env: S3Server, mode: str) -> N
     child_script = str(Path(__file__).with_name("storage_manager_child.py"))
     rng = random.Random(f"kill-{mode}")
     newest_committed, killed_mid_upload = 0, 0
-    for _ in range(4):
+    for _ in range(KILL_ROUNDS):
         expected_resume = max(_checked_steps(url), default=0)
         assert expected_resume >= newest_committed, "a committed step was lost"
         child = subprocess.Popen(
@@ -436,6 +439,10 @@ def test_cli_ls_inspect_verify_on_urls(s3_env: S3Server, capsys) -> None:
         (2, "complete"),
         (3, "incomplete"),
     ]
+    assert cli.main(["ls", url]) == 0
+    assert "incomplete (writer gone)" in capsys.readouterr().out
+    assert cli.main(["inspect", url]) == cli.EXIT_USAGE
+    assert "holds steps, not one checkpoint" in capsys.readouterr().err
     assert cli.main(["verify", url]) == 0
     out = capsys.readouterr().out
     assert f"ok       {url}/step_00000002/model.safetensors" in out and "all good" in out
