@@ -501,3 +501,20 @@ def test_a_writer_whose_lease_was_taken_over_does_not_commit(s3_env: S3Server) -
     with pytest.raises(leases.LeaseLost, match="another writer took over"):
         held.check()
     held.release(delete=False)
+
+
+def test_a_forked_child_gets_an_error_not_a_hang(s3_env: S3Server) -> None:
+    """obstore's threads stay in the parent: a child's call would hang, so it is refused."""
+    mgr = ac.CheckpointManager(s3_env.url(_run("fork")), async_save=False)
+    mgr.save(1, _state(1))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 7 on the expected error, whatever else otherwise
+        signal.alarm(30)  # a hang ends by SIGALRM, failing the test below
+        try:
+            mgr.steps()
+        except ac.CheckpointError as exc:
+            os._exit(7 if "forked child" in str(exc) else 2)
+        os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert mgr.steps() == [1]  # the parent is unaffected

@@ -34,9 +34,27 @@ RANGE_BYTES = 32 << 20
 RANGES_IN_FLIGHT = 8
 
 
+#: The process that first opened a store: obstore's client threads do not survive fork.
+_opened_in: int | None = None
+
+
+def check_same_process(url: StorageURL) -> None:
+    """Refuse object-store calls in a child forked after a store was opened: every call
+    there would hang (obstore's runtime threads stayed in the parent)."""
+    if _opened_in is not None and _opened_in != os.getpid():
+        raise CheckpointError(
+            f"cannot reach {url} from a forked child: the object-store client was started "
+            "in the parent and does not survive fork; use the 'spawn' start method or "
+            "make the child's first object-store call before any in the parent"
+        )
+
+
 def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
     """An obstore store for ``url``'s bucket; configuration from the environment
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) overridden by ``storage_options``."""
+    global _opened_in
+    check_same_process(url)
+    _opened_in = os.getpid()
     from obstore.store import from_url as _from_url
 
     from_url: Any = _from_url  # typed per scheme; options are checked by obstore itself

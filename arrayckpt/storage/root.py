@@ -39,6 +39,7 @@ class ObjectRoot:
         return str(self.url.child(step_dir_name(step)))
 
     def complete(self) -> list[StoredStep]:
+        objects.check_same_process(self.url)
         try:
             return complete_steps(self.store, self.url, self._commits)
         except Exception as exc:
@@ -58,6 +59,7 @@ class ObjectRoot:
             CheckpointError: a request failed (the step may be left uncommitted: readers
                 no longer see it, and the next cleanup removes the rest).
         """
+        objects.check_same_process(self.url)
         try:
             for stored in list_steps(self.store, self.url):
                 if stored.step == step:
@@ -67,6 +69,7 @@ class ObjectRoot:
 
     def cleanup(self) -> list[str]:
         """Remove the abandoned uploads under the root (see `clean_abandoned`)."""
+        objects.check_same_process(self.url)
         try:
             return clean_abandoned(self.store, self.url, self.lease_ttl_s)
         except Exception as exc:
@@ -86,6 +89,7 @@ class ObjectRoot:
         from ..save import object_files
 
         target = self.url.child(step_dir_name(step))
+        objects.check_same_process(target)
         lease, holder = acquire(self.store, target, self.lease_ttl_s, wait_s=2 * self.lease_ttl_s)
         if lease is None:
             if holder is None:
