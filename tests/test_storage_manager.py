@@ -518,3 +518,13 @@ def test_a_forked_child_gets_an_error_not_a_hang(s3_env: S3Server) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 7
     assert mgr.steps() == [1]  # the parent is unaffected
+
+
+def test_owner_dead_only_when_provably_gone_on_this_machine() -> None:
+    parent = os.getppid()  # alive, on this machine
+    here = {**leases.owner_identity(), "pid": parent, "pid_start": leases._pid_start(parent)}
+    assert not leases.owner_dead(here)
+    assert leases.owner_dead({**here, "pid_start": "0"})  # the pid was reused
+    assert leases.owner_dead({**here, "pid": _dead_pid()})
+    assert not leases.owner_dead({**here, "pid": _dead_pid(), "host": "elsewhere"})
+    assert not leases.owner_dead({**here, "pid": _dead_pid(), "pid_ns": "pid:[1]"})
