@@ -125,27 +125,25 @@ class LeaseInfo:
         return f"{self.key} ({who}, expires in {left})"
 
 
-def read_lease(store: Any, key: str, last_modified: Any = None) -> LeaseInfo | None:
-    """The lease at ``key``; ``None`` when it is gone."""
+def read_lease(store: Any, key: str) -> LeaseInfo | None:
+    """The lease at ``key``; ``None`` when it is gone. One too large to be ours, or not
+    a JSON object, is read as malformed (``doc`` ``None``) without fetching its body."""
     import obstore
 
     try:
         result = obstore.get(store, key)
-        raw = bytes(result.bytes())
         modified = result.meta["last_modified"]
+        raw = bytes(result.bytes()) if result.meta["size"] <= _MAX_LEASE_BYTES else b""
     except FileNotFoundError:
         return None
-    age = time.time() - modified.timestamp()
-    number = lease_number(key.rsplit("/", 1)[-1])
-    assert number is not None
     doc: dict[str, Any] | None = None
-    if len(raw) <= _MAX_LEASE_BYTES:
-        try:
-            parsed = json.loads(raw)
-            doc = parsed if isinstance(parsed, dict) else None
-        except ValueError:
-            doc = None
-    return LeaseInfo(key, number, doc, age)
+    try:
+        parsed = json.loads(raw)
+        doc = parsed if isinstance(parsed, dict) else None
+    except ValueError:
+        doc = None
+    age = time.time() - modified.timestamp()
+    return LeaseInfo(key, lease_number(key.rsplit("/", 1)[-1]) or 0, doc, age)
 
 
 def step_leases(store: Any, step: StorageURL) -> tuple[bool, list[str]]:
