@@ -236,6 +236,26 @@ def test_one_rank_saves_and_loads_without_an_engine(s3_env: S3Server) -> None:
     np.testing.assert_array_equal(half.model["w"], w[2:])
 
 
+def test_extra_state_comes_back_from_s3_resharded_and_consolidated(
+    s3_env: S3Server, tmp_path: Path
+) -> None:
+    url = s3_env.url("solo-extra/step_1")
+    tp = ac.ShardingConfig(ac.TensorParallel(), {"w": 0})
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    extra = {"sched": {"last_epoch": 3}, "buf": np.arange(4)}
+    ac.save_distributed_checkpoint(url, 0, 1, {"w": w}, None, ac.TrainingState(5), tp, extra=extra)
+    for got in (
+        ac.load_distributed_checkpoint(url, 0).extra,
+        ac.load_distributed_checkpoint(url, 1, world_size=2).extra,  # resharded: rank 0's
+    ):
+        assert got["sched"] == {"last_epoch": 3}
+        np.testing.assert_array_equal(got["buf"], np.arange(4))
+    ac.consolidate_checkpoint(url, tmp_path / "merged")
+    merged = ac.load_checkpoint(tmp_path / "merged").extra
+    assert merged["sched"] == {"last_epoch": 3}
+    np.testing.assert_array_equal(merged["buf"], np.arange(4))
+
+
 def test_storage_options_reach_every_distributed_entry_point(
     s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
