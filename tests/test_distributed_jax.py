@@ -169,3 +169,31 @@ def test_process_killed_mid_save_commits_nothing_and_the_previous_step_restores(
     expect = np.concatenate([np.full((2, 8), r + 10, np.float32) for r in range(WORLD)])
     np.testing.assert_array_equal(got, expect)
     assert "second" not in result(tmp_path, killed, logs)  # it died inside the save
+
+
+def test_docs_example_saves_resumes_and_reshards(tmp_path: Path) -> None:
+    """docs/examples/distributed_jax.py, as docs/distributed.md says to run it."""
+    script = Path(__file__).resolve().parent.parent / "docs" / "examples" / "distributed_jax.py"
+    env = {**base_env(), "JAX_PLATFORMS": "cpu"}
+    outputs = []
+    for steps in (2, 3):
+        log = tmp_path / f"run_{steps}.txt"
+        with open(log, "wb") as f:  # its own session: a timeout kills it and its processes
+            proc = subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / "run"), "--steps", str(steps)],
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_all([proc], [log])
+        outputs.append(log.read_text())
+        assert proc.returncode == 0, outputs[-1][-4000:]
+    assert "step 2 for one process: w (8, 8)" in outputs[0]
+    assert "process 0: resumed from step 2" in outputs[1]
+    assert "process 1: resumed from step 2" in outputs[1]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+        "step_00000003",
+    ]
