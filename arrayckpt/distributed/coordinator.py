@@ -263,10 +263,10 @@ class JaxCoordinator(Coordinator):
     defaults to a per-process count of coordinators, so every process must construct
     its coordinators in the same order (arrayckpt builds one per client and reuses it).
 
-    A process that dies takes jax's own failure handling with it: unless the job enabled
+    When a process dies, jax's own failure handling comes first: unless the job enabled
     ``jax_enable_recoverability``, the coordination service terminates every process
-    when one stops sending heartbeats. With it, the others raise `TopologyError` naming
-    the dead process once their wait times out.
+    once it sees one stop sending heartbeats. With it, the others raise `TopologyError`
+    naming the dead process once their wait times out.
 
     Examples:
         >>> # coordinator = JaxCoordinator()  # after jax.distributed.initialize(...)
