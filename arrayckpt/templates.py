@@ -143,18 +143,15 @@ def _leaf(t: Any, s: Any, path: Any, jax: Any, fail: Any) -> Any:
     if not (saved or isinstance(s, (jax.Array, np.ndarray, np.generic))):
         fail(path, f"the template has an array, the checkpoint {s!r:.60}")
     shape = tuple(s.shape) if saved else tuple(np.shape(s))
+    larger = math.prod(t.shape) > math.prod(shape)
+    named = f" ({'larger than ' if larger else ''}the saved tensor {s.name!r})" if saved else ""
     if tuple(t.shape) != shape:
-        larger = math.prod(t.shape) > math.prod(shape)
-        fail(
-            path,
-            f"the checkpoint has shape {list(shape)}, the template {list(t.shape)}"
-            + (f" (larger than the saved tensor {s.name!r})" if saved and larger else ""),
-        )
+        fail(path, f"the checkpoint has shape {list(shape)}, the template {list(t.shape)}{named}")
     if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
         if not isinstance(s, jax.Array) or s.dtype != t.dtype:
             fail(path, f"the template has a {t.dtype} PRNG key, the checkpoint {_dtype(s)}")
     elif np.dtype(_dtype(s)) != np.dtype(t.dtype):
-        fail(path, f"the checkpoint has dtype {_dtype(s)}, the template {t.dtype}")
+        fail(path, f"the checkpoint has dtype {_dtype(s)}, the template {t.dtype}{named}")
     if saved:
         return s.place(t)  # each device reads only its box
     sharding = getattr(t, "sharding", None)
