@@ -107,6 +107,11 @@ def read_state(
     path = reader.path
     if into is not None and not templates.is_jax_template(into):
         return fill.fill(into, reader, verify=verify)
+    if into is not None:
+        from .distributed import jax_restore
+
+        # each device of the template's shardings reads only its box of each tensor
+        return jax_restore.restore_file(path, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 
@@ -320,6 +325,10 @@ def _load_once(
             f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
         )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
+        if templates.is_jax_template(into) or templates.is_jax_template(optimizer_into):
+            from .distributed.load import load_into_jax
+
+            return load_into_jax(root, into, optimizer_into if optimizer else None, **options)
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )

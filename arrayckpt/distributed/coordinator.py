@@ -71,6 +71,21 @@ class Coordinator(ABC):
         """
 
 
+class SoloCoordinator(Coordinator):
+    """A world of one process: nothing to wait for. A coordinated save of sharded arrays
+    (the global offsets go into sharding_meta.json) needs no engine when one process
+    holds every shard, as one process driving several JAX devices does."""
+
+    rank, world_size, timeout = 0, 1, 0.0
+
+    def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
+        return [payload]
+
+    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+        assert payload is not None  # rank 0 is the only rank: it always sends
+        return payload
+
+
 class TorchCoordinator(Coordinator):
     """torch.distributed: a dedicated gloo group beside ``group`` (default: the world).
 

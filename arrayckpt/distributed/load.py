@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends, nested, storage
+from .. import backends, nested, storage, templates
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
 from ..training_state import TrainingState
+from . import jax_restore
 from .global_shards import ReadStats, is_global, load_boxes
 from .reshard import load_share, zero_share
 from .shards import SavedRank, check_manifest, check_ranks_present
@@ -159,7 +160,15 @@ def _load_once(
         for r in [rank] if same else range(saved):
             check_manifest(ranks[r], meta.ranks[r])
     if same:
-        return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
+        return load_checkpoint(
+            ranks[rank].path,
+            xp=xp,
+            device=device,
+            verify=verify,
+            mmap=mmap,
+            into=_jax_only(targets["model"]),
+            optimizer_into=_jax_only(targets["optimizer"]),
+        )
     backend = backends.for_namespace(xp)
     backend.check_device(device)
     state = TrainingState.read(
@@ -181,10 +190,56 @@ def _load_once(
         out = {name: backend.from_host(a, device) for name, a in arrays.items()}
         return out if keys is not None else _structured(out, ranks, meta, part, root)
 
-    return Checkpoint(
+    loaded = Checkpoint(
         convert(model, "model"),
         None if optimizer is None else convert(optimizer, "optimizer"),
         state,
+    )
+    return _restore_jax(loaded, targets, root)
+
+
+def _jax_only(target: Any) -> Any:
+    """A JAX template, else ``None``: other targets are for sharded-array checkpoints."""
+    return target if templates.is_jax_template(target) else None
+
+
+def _restore_jax(
+    loaded: Checkpoint, targets: dict[str, Mapping[str, Any] | None], root: Path
+) -> Checkpoint:
+    """``loaded`` rebuilt in the structure and shardings of its JAX templates, if any."""
+    model, optimizer = loaded.model, loaded.optimizer
+    if _jax_only(targets["model"]) is not None:
+        model = templates.restore(targets["model"], model, source=f"{root} (model)")
+    if _jax_only(targets["optimizer"]) is not None and optimizer is not None:
+        optimizer = templates.restore(targets["optimizer"], optimizer, source=f"{root} (optimizer)")
+    return loaded._replace(model=model, optimizer=optimizer)
+
+
+def load_into_jax(
+    root: Path,
+    into: Any,
+    optimizer_into: Any,
+    *,
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    mmap: bool,
+) -> Checkpoint:
+    """`load_checkpoint` of a distributed checkpoint into JAX templates: this process
+    (``jax.process_index()`` of ``jax.process_count()``) gets its devices' boxes."""
+    import jax  # the templates hold JAX objects: already imported
+
+    return _load_once(
+        root,
+        jax.process_index(),
+        jax.process_count(),
+        None,
+        xp,
+        device,
+        verify,
+        mmap,
+        {"model": into, "optimizer": optimizer_into},
+        None,
     )
 
 
@@ -204,17 +259,13 @@ def _load_boxes(
         check_manifest(saved, manifest)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    parts = load_boxes(
-        ranks,
-        manifests,
-        rank,
-        world_size,
-        targets,
-        lambda a: backend.from_host(a, device),
-        stats,
-        verify,
-        str(root),
-    )
+    convert = lambda a: backend.from_host(a, device)  # noqa: E731
+    if any(templates.is_jax_template(t) for t in targets.values()):
+        parts = jax_restore.load_parts(ranks, manifests, targets, convert, stats, verify, str(root))
+    else:
+        parts = load_boxes(
+            ranks, manifests, rank, world_size, targets, convert, stats, verify, str(root)
+        )
     model = parts["model"]
     return Checkpoint(
         {} if model is None else model,

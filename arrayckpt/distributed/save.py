@@ -26,7 +26,7 @@ from ..save import write_files, write_snapshot
 from ..snapshot import Snapshot, take_snapshot
 from ..staging import StagingPool
 from ..training_state import TrainingState
-from .coordinator import Coordinator, resolve
+from .coordinator import Coordinator, SoloCoordinator, resolve
 from .global_shards import has_sharded, localize
 from .shards import ShardFile, plan_split
 from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
@@ -174,9 +174,11 @@ def prepare_save(
         snap = exc
     target = Path(directory).absolute()
     meta = ShardingMeta(world_size, sharding)
+    if coord is None and facts and world_size == 1:
+        coord = SoloCoordinator()  # one process holds every shard: no engine to ask
     if coord is None and facts:
         raise InvalidInputError(
-            f"saving DTensor state to {target} needs a coordinated save (the global offsets "
+            f"saving sharded arrays to {target} needs a coordinated save (the global offsets "
             "are gathered on rank 0): initialise torch.distributed or pass coordinator="
         )
     if coord is None:
