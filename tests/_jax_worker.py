@@ -1,12 +1,14 @@
 """One process of a jax.distributed test job; its results go to OUT/result_{id}.json.
 
-Usage: python tests/_jax_worker.py {main|kill|sharded} PROCESS_ID PORT OUT_DIR
+Usage: python tests/_jax_worker.py {main|kill|sharded|load_sharded} PROCESS_ID PORT OUT_DIR
 
 The job is two processes on 127.0.0.1:PORT (the coordination service binds loopback
 only). From the environment, ``main`` takes TORCH_PORT (a free port for the scenario
 that runs torch.distributed beside jax); ``kill`` takes KILLED (the process id that
 SIGKILLs itself mid-save) and RECOVERABLE=1 (jax_enable_recoverability). Every wait has
 a deadline; the parent test kills the process group if the process outlives its limit.
+``sharded`` runs with 4 CPU devices per process (XLA_FLAGS from the parent);
+``load_sharded`` is one process alone, with 8, reading what ``sharded`` saved in OUT_DIR.
 """
 
 from __future__ import annotations
@@ -266,9 +268,113 @@ def kill_job(root: Path) -> Scenarios:
     return s
 
 
+def global_values() -> dict[str, np.ndarray]:
+    """The global arrays the sharded scenario saves (known to every process and the test)."""
+    return {
+        "w": np.arange(8 * 12, dtype=np.float32).reshape(8, 12) / 7,
+        "e": np.arange(4 * 8 * 2, dtype=np.int32).reshape(4, 8, 2) * 3,
+        "cols": np.arange(8 * 6, dtype=np.float32).reshape(8, 6) - 5,
+        "rep": np.arange(4, dtype=np.float32),
+        "flat": np.arange(16, dtype=np.float32) / 3,
+    }
+
+
+def mesh_sharding(spec: tuple[Any, ...]) -> Any:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    # (4, 2) over the 8 global devices: process 0 holds mesh rows 0-1, process 1 rows 2-3.
+    return NamedSharding(jax.make_mesh((4, 2), ("data", "model")), PartitionSpec(*spec))
+
+
+#: How the sharded scenario lays each array out over the global mesh.
+SAVED_AS: dict[str, tuple[Any, ...]] = {
+    "w": ("data", "model"),
+    "e": (None, "data"),  # split across the processes along dimension 1
+    "cols": (None, "model"),  # replicated over "data": process 0 writes all of it
+    "rep": (),  # on every device: written once
+    "flat": (("data", "model"),),
+}
+
+
+def sharded_job(root: Path) -> Scenarios:
+    s = Scenarios()
+    rank = jax.process_index()
+    values = global_values()
+
+    def build(name: str) -> Any:
+        v = values[name]
+        return jax.make_array_from_callback(v.shape, mesh_sharding(SAVED_AS[name]), lambda i: v[i])
+
+    def save() -> dict[str, Any]:
+        assert jax.device_count() == 8 and jax.local_device_count() == 4
+        model = {k: build(k) for k in ("w", "e", "cols", "rep")}
+        optim = {"flat": build("flat")}
+        assert not model["w"].is_fully_addressable  # each process holds only its shards
+        ac.save_distributed_checkpoint(
+            root / "sharded", rank, WORLD, model, optim, ac.TrainingState(7)
+        )
+        with ac.AsyncCheckpointer() as ckpt:
+            ckpt.save_distributed(root / "sharded_async", rank, WORLD, model, optim)
+        meta = json.loads((root / "sharded" / "sharding_meta.json").read_text())
+        mine = meta["arrayckpt"]["ranks"][rank]
+        return {"manifest": {part: mine.get(part, {}) for part in ("model", "optimizer")}}
+
+    def load_here() -> dict[str, Any]:
+        # Back onto both processes' devices in other layouts: each device its own slice.
+        other = {"w": ("model", "data"), "e": ("data",), "cols": ("data", "model"), "rep": ()}
+        template = {
+            k: jax.ShapeDtypeStruct(values[k].shape, values[k].dtype, sharding=mesh_sharding(spec))
+            for k, spec in other.items()
+        }
+        got = ac.load_distributed_checkpoint(root / "sharded", rank, into=template).model
+        for k in other:
+            assert got[k].sharding == template[k].sharding, k
+            for shard in got[k].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), values[k][shard.index])
+        return {}
+
+    s.run("save", save)
+    s.run("load_here", load_here)
+    return s
+
+
+def load_on_one_process(root: Path) -> dict[str, Any]:
+    """The two processes' checkpoints, restored by one process driving 8 devices."""
+    values = global_values()
+    assert jax.process_count() == 1 and jax.device_count() == 8
+    specs = {"w": ("model", None), "e": (None, None, "model"), "cols": ("data",), "rep": ("data",)}
+    model = {
+        k: jax.ShapeDtypeStruct(values[k].shape, values[k].dtype, sharding=mesh_sharding(spec))
+        for k, spec in specs.items()
+    }
+    optim = {"flat": jax.ShapeDtypeStruct((16,), np.float32, sharding=mesh_sharding(()))}
+    report: dict[str, Any] = {}
+    for name in ("sharded", "sharded_async"):
+        got = ac.load_checkpoint(root / name, xp="jax.numpy", into=model, optimizer_into=optim)
+        exact = {}
+        for k, x in {**got.model, **got.optimizer}.items():
+            want = values[k]
+            exact[k] = (
+                x.sharding == {**model, **optim}[k].sharding
+                and np.array_equal(np.asarray(x), want)
+                and all(
+                    np.array_equal(np.asarray(sh.data), want[sh.index])
+                    for sh in x.addressable_shards
+                )
+            )
+        report[name] = exact
+    whole = ac.load_distributed_checkpoint(root / "sharded", 0, world_size=1)
+    report["numpy"] = {k: bool(np.array_equal(v, values[k])) for k, v in whole.model.items()}
+    report["step"] = whole.training_state.step
+    return report
+
+
 def main() -> None:
     # A hung process prints every thread's stack and exits, so the parent sees why.
     faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT", "60")), exit=True)
+    if MODE == "load_sharded":  # one process on its own: no jax.distributed job
+        (OUT / "result_0.json").write_text(json.dumps(load_on_one_process(OUT / "ckpts")))
+        return
     if os.environ.get("RECOVERABLE") == "1":
         jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(
@@ -286,6 +392,8 @@ def main() -> None:
         kill_job(root)
         sys.stdout.flush()
         os._exit(0)  # the peer is dead: skip jax's shutdown barrier
+    elif MODE == "sharded":
+        sharded_job(root)
     else:
         raise SystemExit(f"unknown mode {MODE}")
     jax.distributed.shutdown()

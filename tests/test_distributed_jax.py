@@ -22,13 +22,15 @@ WORKER = Path(__file__).resolve().parent / "_jax_worker.py"
 WORLD = 2
 
 
-def start_job(mode: str, out: Path, env: dict[str, str] | None = None) -> list[Path]:
-    """Run both processes of one jax.distributed job to the end; return their logs."""
+def start_job(
+    mode: str, out: Path, env: dict[str, str] | None = None, processes: int = WORLD
+) -> list[Path]:
+    """Run the processes of one jax.distributed job to the end; return their logs."""
     out.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     full = {**base_env(), "JAX_PLATFORMS": "cpu", **(env or {})}
     procs, logs = [], []
-    for pid in range(WORLD):
+    for pid in range(processes):
         logs.append(out / f"log_{pid}.txt")
         with open(logs[-1], "wb") as f:
             procs.append(
@@ -197,3 +199,29 @@ def test_docs_example_saves_resumes_and_reshards(tmp_path: Path) -> None:
         "step_00000002",
         "step_00000003",
     ]
+
+
+def test_sharded_arrays_saved_by_two_processes_restore_on_one_with_8_devices(
+    tmp_path: Path,
+) -> None:
+    """2 processes x 4 CPU devices, NamedSharding arrays over the global 8-device mesh:
+    each process writes its own shards; one process with 8 devices reads them back."""
+    devices = "--xla_force_host_platform_device_count={}"
+    logs = start_job("sharded", tmp_path, {"XLA_FLAGS": devices.format(4)})
+    res = [result(tmp_path, pid, logs) for pid in range(WORLD)]
+    ok(res, "save")
+    ok(res, "load_here")
+    # Each process wrote only what it owns: its halves of w, e and flat; cols (replicated
+    # over "data") and rep (everywhere) once, by process 0.
+    first, second = (r["save"]["manifest"] for r in res)
+    assert sorted(first["model"]) == ["cols", "e", "rep", "w"]
+    assert sorted(second["model"]) == ["e", "w"]
+    assert first["model"]["w"]["global_offset"] == [0, 0]
+    assert second["model"]["w"]["global_offset"] == [4, 0]
+    assert second["model"]["e"]["global_offset"] == [0, 4, 0]
+    assert second["optimizer"]["flat"]["global_offset"] == [8]
+    logs += start_job("load_sharded", tmp_path, {"XLA_FLAGS": devices.format(8)}, processes=1)
+    one = result(tmp_path, 0, logs)
+    for name in ("sharded", "sharded_async"):
+        assert one[name] == dict.fromkeys(["w", "e", "cols", "rep", "flat"], True), one[name]
+    assert one["numpy"] == dict.fromkeys(["w", "e", "cols", "rep"], True) and one["step"] == 7
