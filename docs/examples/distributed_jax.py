@@ -1,29 +1,46 @@
-"""Coordinated checkpoints over jax.distributed: two CPU processes on this machine.
+"""Coordinated checkpoints of sharded jax.Arrays over jax.distributed: two CPU processes
+with two devices each, one global mesh of four.
 
     python distributed_jax.py ROOT --steps 3   # starts both processes; saves steps 1..3
     python distributed_jax.py ROOT --steps 5   # resumes from step 3
 
-Each process holds half of a tensor-parallel layer (its rows of ``w``). Once
-jax.distributed is initialised (and torch.distributed is not), the default
+Once jax.distributed is initialised (and torch.distributed is not), the default
 ``coordinator="auto"`` commits every save through jax.distributed's own service: a step
-appears whole, for every process, or not at all.
+appears whole, for every process, or not at all. Each process writes only the shards
+its devices hold; the shardings come from the arrays.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
 
+# Before jax is imported: this example runs on CPU, two devices per process.
+os.environ["JAX_PLATFORMS"] = "cpu"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import arrayckpt as ac
 
 WORLD = 2
-TP = ac.ShardingConfig(ac.TensorParallel(), {"w": 0, "w.momentum": 0})
+
+
+@jax.jit
+def train_step(params: dict, momentum: dict, step: jax.Array) -> tuple[dict, dict]:
+    grads = jax.tree.map(lambda p: jnp.sin(p + step), params)  # stands in for a gradient
+    momentum = jax.tree.map(lambda m, g: 0.9 * m + g, momentum, grads)
+    params = jax.tree.map(lambda p, m: p - 0.01 * m, params, momentum)
+    return params, momentum
 
 
 def run(process_id: int, port: int, root: str, steps: int) -> None:
@@ -35,34 +52,37 @@ def run(process_id: int, port: int, root: str, steps: int) -> None:
         initialization_timeout=60,
     )
     rank = jax.process_index()
-    mgr = ac.CheckpointManager(root)  # every process: lists the complete steps
-    latest = mgr.latest_step()  # every process sees the same committed steps
-    w, momentum, start = jnp.full((4, 8), float(rank)), jnp.zeros((4, 8)), 1
+    mesh = jax.make_mesh((2, 2), ("data", "model"))  # process 0 holds mesh row 0
+    layout = {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P())}
+    init = {"w": np.arange(64, dtype=np.float32).reshape(8, 8) / 64, "b": np.zeros(8, np.float32)}
+    params = {k: jax.device_put(v, layout[k]) for k, v in init.items()}
+    momentum = jax.tree.map(jnp.zeros_like, params)
+    mgr = ac.CheckpointManager(root)  # on every process: lists the complete steps
+    latest, start = mgr.latest_step(), 1
     if latest is not None:
-        ckpt = ac.load_distributed_checkpoint(mgr.directory(latest), rank, xp="jax.numpy")
-        w, momentum, start = ckpt.model["w"], ckpt.optimizer["w.momentum"], latest + 1
+        # The arrays are templates: each device reads only its own slice of each tensor.
+        ckpt = ac.load_distributed_checkpoint(
+            mgr.directory(latest), rank, into=params, optimizer_into=momentum
+        )
+        params, momentum, start = ckpt.model, ckpt.optimizer, latest + 1
         print(f"process {rank}: resumed from step {latest}", flush=True)
 
     with ac.AsyncCheckpointer() as ckpt:
         for step in range(start, steps + 1):
-            grad = jnp.sin(w + step)  # stands in for this process's gradient
-            momentum = 0.9 * momentum + grad
-            w = w - 0.01 * momentum
-            # Returns once the arrays are copied; the commit runs on the writer thread.
+            params, momentum = train_step(params, momentum, jnp.float32(step))
+            # Returns once this process's shards are copied; the commit runs on the writer
+            # thread. sharding=None: the layout comes from the arrays.
             ckpt.save_distributed(
-                mgr.directory(step),
-                rank,
-                WORLD,
-                {"w": w},
-                {"w.momentum": momentum},
-                ac.TrainingState(step),
-                TP,
+                mgr.directory(step), rank, WORLD, params, momentum, ac.TrainingState(step)
             )
     # The checkpointer is closed: the last step is committed on every process.
     if rank == 0:
         one = ac.load_distributed_checkpoint(mgr.directory(steps), 0, world_size=1)
-        print(f"step {steps} for one process: w {one.model['w'].shape}", flush=True)
-        np.testing.assert_array_equal(one.model["w"][:4], np.asarray(w))
+        w = params["w"]
+        same = all(np.array_equal(s.data, one.model["w"][s.index]) for s in w.addressable_shards)
+        print(
+            f"step {steps} for one process: w {one.model['w'].shape}, matches: {same}", flush=True
+        )
     jax.distributed.shutdown()
 
 
@@ -83,22 +103,9 @@ def main() -> None:
         run(args.process_id, args.port, args.root, args.steps)
         return
     # jax.distributed wants one process per participant: start this script twice.
-    port = free_port()
+    port, me = free_port(), [sys.executable, __file__, args.root, "--steps", str(args.steps)]
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                args.root,
-                "--steps",
-                str(args.steps),
-                "--process-id",
-                str(i),
-                "--port",
-                str(port),
-            ]
-        )
-        for i in range(WORLD)
+        subprocess.Popen([*me, "--process-id", str(i), "--port", str(port)]) for i in range(WORLD)
     ]
     try:
         codes = [p.wait(timeout=300) for p in procs]
