@@ -179,7 +179,8 @@ def prepare_save(
     if coord is None and facts:
         raise InvalidInputError(
             f"saving sharded arrays to {target} needs a coordinated save (the global offsets "
-            "are gathered on rank 0): initialise torch.distributed or pass coordinator="
+            "are gathered on rank 0): initialise torch.distributed or jax.distributed, or pass "
+            "coordinator="
         )
     if coord is None:
         assert isinstance(snap, Snapshot)  # errors were raised above
