@@ -283,6 +283,18 @@ class JaxCoordinator(Coordinator):
     once it sees one stop sending heartbeats. With it, the others raise `TopologyError`
     naming the dead process once their wait times out.
 
+    Args:
+        client: a ``DistributedRuntimeClient``; default jax.distributed's own.
+        timeout: default seconds each wait may take (``ARRAYCKPT_DIST_TIMEOUT``, 300).
+        process_id: this process's rank; default jax.distributed's (needed for another
+            client).
+        num_processes: the number of ranks; as ``process_id``.
+        name: the key namespace, equal on every process; default the construction count.
+
+    Raises:
+        InvalidInputError: jax.distributed is not initialised (and no client given), or
+            another client came without ``process_id`` and ``num_processes``.
+
     Examples:
         >>> # coordinator = JaxCoordinator()  # after jax.distributed.initialize(...)
     """
