@@ -109,3 +109,19 @@ def test_fsdp2_to_jax_and_back(tmp_path: Path) -> None:
         assert r["step"] == 3
         all_true(r["equal"])
     assert resumed[0]["losses"] == trained[0]["losses"][3:]  # exact floats
+
+
+@pytest.mark.distributed
+def test_the_docs_fsdp2_to_jax_example_runs(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.tensor", reason="needs torch with DTensor")
+    script = HERE.parent / "docs" / "examples" / "fsdp2_to_jax.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=2 * LIMIT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "JAX: 0.weight (16, 8) over 8 devices, shard (4, 4) on each; step 3" in proc.stdout
+    assert "3 torch ranks: weights and AdamW state equal what 2 ranks saved" in proc.stdout
