@@ -57,7 +57,7 @@ def test_distributed_save_records_the_global_boxes(formats: dict[str, Any]) -> N
     assert manifest["step"]["global_shape"] == []  # a one-device array beside them
 
 
-@pytest.mark.parametrize("source", ["plain", "dist"])
+@pytest.mark.parametrize("source", ["plain", "dist", "async_plain", "async_dist"])
 def test_restores_into_other_shardings(formats: dict[str, Any], source: str) -> None:
     # the template's exact shardings, values and dtypes; every device holds its own slice
     all_true(formats[f"{source}_restored"])
