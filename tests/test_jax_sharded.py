@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from _dist_launch import LIMIT_S, base_env, run_scenario
+from _dist_launch import LIMIT_S, base_env, free_port, run_scenario
+
+import arrayckpt as ac
 
 pytest.importorskip("jax", reason="sharded jax.Arrays need jax (nox -s tests installs it)")
 HERE = Path(__file__).resolve().parent
@@ -125,3 +128,22 @@ def test_the_docs_fsdp2_to_jax_example_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "JAX: 0.weight (16, 8) over 8 devices, shard (4, 4) on each; step 3" in proc.stdout
     assert "3 torch ranks: weights and AdamW state equal what 2 ranks saved" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_save_their_shards_and_read_only_their_boxes(tmp_path: Path) -> None:
+    """jax.distributed with 2 processes of 4 CPU devices (gloo coordinates the commit):
+    each process writes its own rows; loaded back in another sharding, each reads only
+    the byte ranges of its devices' boxes (half of each tensor)."""
+    pytest.importorskip("torch.distributed", reason="the commit is coordinated over gloo")
+    worker = HERE / "_jax_multiproc_worker.py"
+    res = run_scenario(worker, str(free_port()), tmp_path / "ckpt", tmp_path / "out", 2)
+    for r in res:
+        assert r["shards_equal"] and r["shardings"]
+        assert r["bytes_read"] == (16 * 8 * 4 + 8 * 4) // 2  # w's columns, b's elements
+    meta = json.loads((tmp_path / "ckpt" / "sharding_meta.json").read_text())
+    boxes = [m["model"] for m in meta["arrayckpt"]["ranks"]]
+    assert boxes[0]["w"]["global_offset"] == [0, 0] and boxes[0]["w"]["shape"] == [8, 8]
+    assert boxes[1]["w"]["global_offset"] == [8, 0] and "b" not in boxes[1]  # b: once
+    whole = ac.load_distributed_checkpoint(tmp_path / "ckpt", 0, world_size=1).model
+    assert np.array_equal(whole["w"], np.arange(128, dtype=np.float32).reshape(16, 8) / 3)
