@@ -221,7 +221,11 @@ def load_checkpoint(
             their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
             then unused. A JAX template (JAX arrays or ``jax.ShapeDtypeStruct`` leaves,
             in any pytree: dataclasses, namedtuples, Flax structs) gets new arrays
-            instead, in its structure, dtypes and shardings.
+            instead, in its structure, dtypes and shardings, each device reading only its
+            box of each tensor; it also loads a distributed checkpoint saved from sharded
+            arrays (DTensor, jax.Array) at any world size, this process
+            (``jax.process_index()``) getting its devices' boxes. A template leaf that is
+            not an array (``...``) takes what the checkpoint holds there.
         optimizer_into: the same for the optimizer state (e.g. ``tx.init(params)``, so an
             optax state comes back with its ``.mu`` and ``.nu``).
         storage_options: object-store settings over those from the environment.
@@ -328,7 +332,7 @@ def _load_once(
         if templates.is_jax_template(into) or templates.is_jax_template(optimizer_into):
             from .distributed.load import load_into_jax
 
-            return load_into_jax(root, into, optimizer_into if optimizer else None, **options)
+            return load_into_jax(root, into, optimizer_into, optimizer=optimizer, **options)
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )

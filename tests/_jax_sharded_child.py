@@ -95,6 +95,9 @@ def formats(root: Path) -> dict[str, Any]:
     # the whole tensor came from the shards: JAX never assembled (and cached) a host copy
     report["no_host_value_cached"] = state["params"]["w"]._npy_value is None
     ac.save_distributed_checkpoint(root / "dist", 0, 1, state, None, ac.TrainingState(5))
+    with ac.AsyncCheckpointer() as ckpt:  # staging buffers, and the writer thread
+        ckpt.save(root / "async_plain", state).result(timeout=60)
+        ckpt.save_distributed(root / "async_dist", 0, 1, state).result(timeout=60)
     meta = json.loads((root / "dist" / "sharding_meta.json").read_text())
     report["manifest"] = meta["arrayckpt"]["ranks"][0]["model"]
     report["plain_whole"] = {
@@ -110,7 +113,7 @@ def formats(root: Path) -> dict[str, Any]:
         "rep": sds((4,), jnp.float32, ns("data")),
         "step": sds((), jnp.int32),
     }
-    for src in ("plain", "dist"):
+    for src in ("plain", "dist", "async_plain", "async_dist"):
         got = ac.load_checkpoint(root / src, xp="jax.numpy", into=template)
         report[f"{src}_restored"] = check(got.model, template, values)
     for verify in (True, False):

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from _dist_launch import LIMIT_S, base_env, run_scenario
+from _dist_launch import LIMIT_S, base_env, free_port, run_scenario
+
+import arrayckpt as ac
 
 pytest.importorskip("jax", reason="sharded jax.Arrays need jax (nox -s tests installs it)")
 HERE = Path(__file__).resolve().parent
@@ -57,7 +60,7 @@ def test_distributed_save_records_the_global_boxes(formats: dict[str, Any]) -> N
     assert manifest["step"]["global_shape"] == []  # a one-device array beside them
 
 
-@pytest.mark.parametrize("source", ["plain", "dist"])
+@pytest.mark.parametrize("source", ["plain", "dist", "async_plain", "async_dist"])
 def test_restores_into_other_shardings(formats: dict[str, Any], source: str) -> None:
     # the template's exact shardings, values and dtypes; every device holds its own slice
     all_true(formats[f"{source}_restored"])
@@ -109,3 +112,38 @@ def test_fsdp2_to_jax_and_back(tmp_path: Path) -> None:
         assert r["step"] == 3
         all_true(r["equal"])
     assert resumed[0]["losses"] == trained[0]["losses"][3:]  # exact floats
+
+
+@pytest.mark.distributed
+def test_the_docs_fsdp2_to_jax_example_runs(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.tensor", reason="needs torch with DTensor")
+    script = HERE.parent / "docs" / "examples" / "fsdp2_to_jax.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=2 * LIMIT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "JAX: 0.weight (16, 8) over 8 devices, shard (4, 4) on each; step 3" in proc.stdout
+    assert "3 torch ranks: weights and AdamW state equal what 2 ranks saved" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_save_their_shards_and_read_only_their_boxes(tmp_path: Path) -> None:
+    """jax.distributed with 2 processes of 4 CPU devices (gloo coordinates the commit):
+    each process writes its own rows; loaded back in another sharding, each reads only
+    the byte ranges of its devices' boxes (half of each tensor)."""
+    pytest.importorskip("torch.distributed", reason="the commit is coordinated over gloo")
+    worker = HERE / "_jax_multiproc_worker.py"
+    res = run_scenario(worker, str(free_port()), tmp_path / "ckpt", tmp_path / "out", 2)
+    for r in res:
+        assert r["shards_equal"] and r["shardings"]
+        assert r["bytes_read"] == (16 * 8 * 4 + 8 * 4) // 2  # w's columns, b's elements
+    meta = json.loads((tmp_path / "ckpt" / "sharding_meta.json").read_text())
+    boxes = [m["model"] for m in meta["arrayckpt"]["ranks"]]
+    assert boxes[0]["w"]["global_offset"] == [0, 0] and boxes[0]["w"]["shape"] == [8, 8]
+    assert boxes[1]["w"]["global_offset"] == [8, 0] and "b" not in boxes[1]  # b: once
+    whole = ac.load_distributed_checkpoint(tmp_path / "ckpt", 0, world_size=1).model
+    assert np.array_equal(whole["w"], np.arange(128, dtype=np.float32).reshape(16, 8) / 3)

@@ -137,11 +137,12 @@ def load_parts(
     verify: bool,
     source: str,
 ) -> dict[str, Any]:
-    """Each part of a global-shard checkpoint restored into its JAX template, or, with no
-    template, whole (through ``convert``), in the structure the ranks saved."""
+    """Each part of a global-shard checkpoint restored into its JAX template, or, with a
+    ``None`` template, whole (through ``convert``), in the structure the ranks saved. A part
+    ``targets`` does not name is not read (``None``)."""
     out: dict[str, Any] = {}
     for part in PARTS:
-        saved = plan(ranks, manifests, part, source)
+        saved = plan(ranks, manifests, part, source) if part in targets else None
         if saved is None:
             out[part] = None
             continue

@@ -55,6 +55,9 @@ def load_distributed_checkpoint(
             model's ``state_dict()``) of any placement, mesh and world size, filled in
             place with the saved values; each rank reads only the byte ranges overlapping
             its local shards. Without it, one rank (``world_size=1``) gets whole tensors.
+            A JAX template (``jax.ShapeDtypeStruct`` leaves with shardings, or
+            ``jax.Array`` leaves; pass ``rank=jax.process_index()``) gets new arrays with
+            its shardings instead, each device's box read once from the saved boxes.
         optimizer_into: as ``into``, for the optimizer state.
         stats: a `ReadStats` to which the tensor bytes and byte ranges read are added.
         xp: as for `load_checkpoint`.
@@ -166,8 +169,8 @@ def _load_once(
             device=device,
             verify=verify,
             mmap=mmap,
-            into=_jax_only(targets["model"]),
-            optimizer_into=_jax_only(targets["optimizer"]),
+            into=_jax_only(targets.get("model")),
+            optimizer_into=_jax_only(targets.get("optimizer")),
         )
     backend = backends.for_namespace(xp)
     backend.check_device(device)
@@ -208,9 +211,9 @@ def _restore_jax(
 ) -> Checkpoint:
     """``loaded`` rebuilt in the structure and shardings of its JAX templates, if any."""
     model, optimizer = loaded.model, loaded.optimizer
-    if _jax_only(targets["model"]) is not None:
+    if _jax_only(targets.get("model")) is not None:
         model = templates.restore(targets["model"], model, source=f"{root} (model)")
-    if _jax_only(targets["optimizer"]) is not None and optimizer is not None:
+    if _jax_only(targets.get("optimizer")) is not None and optimizer is not None:
         optimizer = templates.restore(targets["optimizer"], optimizer, source=f"{root} (optimizer)")
     return loaded._replace(model=model, optimizer=optimizer)
 
@@ -220,27 +223,21 @@ def load_into_jax(
     into: Any,
     optimizer_into: Any,
     *,
+    optimizer: bool,
     xp: ModuleType | str | None,
     device: Any,
     verify: bool,
     mmap: bool,
 ) -> Checkpoint:
     """`load_checkpoint` of a distributed checkpoint into JAX templates: this process
-    (``jax.process_index()`` of ``jax.process_count()``) gets its devices' boxes."""
+    (``jax.process_index()`` of ``jax.process_count()``) gets its devices' boxes; a part
+    without a template comes whole, the optimizer not at all without ``optimizer``."""
     import jax  # the templates hold JAX objects: already imported
 
-    return _load_once(
-        root,
-        jax.process_index(),
-        jax.process_count(),
-        None,
-        xp,
-        device,
-        verify,
-        mmap,
-        {"model": into, "optimizer": optimizer_into},
-        None,
-    )
+    targets = {"model": into, **({"optimizer": optimizer_into} if optimizer else {})}
+    rank, world = jax.process_index(), jax.process_count()
+    loaded = _load_once(root, rank, world, None, xp, device, verify, mmap, targets, None)
+    return loaded if optimizer else loaded._replace(optimizer=None)
 
 
 def _load_boxes(

@@ -75,7 +75,10 @@ def save_distributed_checkpoint(
         sharding: how the state is sharded; default ``ShardingConfig(Replicated())``, or,
             when the state holds torch DTensors, their own placements: each rank writes
             the shards it owns (replicas once) with their global shape and offsets
-            (coordinated saves only; plain tensors beside them are rank 0's copy).
+            (coordinated saves only; plain tensors beside them are rank 0's copy); for
+            ``jax.Array`` values over several devices, their shardings: each process writes
+            its addressable shards of replica 0, copied from the devices as one box per
+            tensor. With ``world_size=1`` no engine is needed.
         coordinator: see the modes above.
         timeout: seconds each cross-rank wait may take (default: the coordinator's).
         extra: this rank's extra state (as in `save_checkpoint`), in ``rank_{rank}/``.
