@@ -188,6 +188,10 @@ def main_job(root: Path) -> Scenarios:
 
         return run
 
+    def leftover_keys() -> dict[str, Any]:
+        # After six saves (two failed) through "jax": only the last decision is kept.
+        return {"keys": sorted(k for k, _ in client().key_value_dir_get("arrayckpt/"))}
+
     def absent(missing: int) -> Any:
         def run() -> dict[str, Any]:
             # A coordinator of its own: the absent process leaves it out of step, not "jax".
@@ -230,6 +234,7 @@ def main_job(root: Path) -> Scenarios:
     s.run("manager", manager)
     s.run("fault", fault("fault", False))
     s.run("fault_async", fault("fault_async", True))
+    s.run("leftover_keys", leftover_keys)
     s.run("absent1", absent(1))
     s.run("absent0", absent(0))
     s.run("precedence", precedence)

@@ -128,6 +128,13 @@ def test_one_process_failing_fails_all_and_commits_nothing(
     assert not [n for n in listing if ".arrayckpt-" in n], listing
 
 
+def test_the_key_value_store_keeps_only_the_last_decision(job: list[dict[str, Any]]) -> None:
+    ok(job, "leftover_keys")
+    for r in job:
+        keys = r["leftover_keys"]["keys"]
+        assert len(keys) == 1 and keys[0].endswith("/root"), keys
+
+
 def test_absent_process_is_named_within_the_timeout(job: list[dict[str, Any]]) -> None:
     got = job[0]["absent1"]
     assert got["type"] == "TopologyError" and "jax processes [1]" in got["error"], got
