@@ -77,11 +77,13 @@ def test_auto_prefers_torch_distributed_when_both_are_initialised(
 
 
 def test_auto_is_caller_coordinated_until_jax_distributed_is_initialised() -> None:
-    import jax  # noqa: F401  (imported, but jax.distributed.initialize never called)
+    import jax  # imported, but jax.distributed.initialize never called
 
     from arrayckpt.distributed.coordinator import resolve
 
     assert resolve("auto", 0, 1) is None
+    with pytest.raises(ac.InvalidInputError, match="client"):
+        resolve(jax.numpy.zeros(2), 0, 1)  # a jax object, but not the client
     with pytest.raises(ac.InvalidInputError, match="is not initialised"):
         resolve("jax", 0, 1)
     with pytest.raises(ac.InvalidInputError, match="is not initialised"):

@@ -500,7 +500,7 @@ def _kind(engine: Any) -> str:
         return "torch"
     if module.startswith("mpi4py"):
         return "mpi"
-    if module.startswith(("jaxlib", "jax")):
+    if module.startswith("jax") and type(engine).__name__ == "DistributedRuntimeClient":
         return "jax"
     raise InvalidInputError(
         f"coordinator={engine!r} is not a torch.distributed ProcessGroup, an mpi4py "
