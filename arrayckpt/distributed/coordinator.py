@@ -280,8 +280,8 @@ class JaxCoordinator(Coordinator):
 
     When a process dies, jax's own failure handling comes first: unless the job enabled
     ``jax_enable_recoverability``, the coordination service terminates every process
-    once it sees one stop sending heartbeats. With it, the others raise `TopologyError`
-    naming the dead process once their wait times out.
+    once it sees one stop sending heartbeats. Until then (and always with it) the
+    others raise `TopologyError` naming the dead process once their wait times out.
 
     Args:
         client: a ``DistributedRuntimeClient``; default jax.distributed's own.
