@@ -267,9 +267,6 @@ def _listing_with(url: str, options: dict) -> set[str]:  # type: ignore[type-arg
     [
         lambda u: ac.CheckpointManager(u),
         lambda u: ac.open_checkpoint(u),
-        lambda u: ac.load_distributed_checkpoint(u, 0),
-        lambda u: ac.consolidate_checkpoint(u, "/tmp/never-written"),
-        lambda u: ac.save_distributed_checkpoint(u, 0, 1, {"x": np.arange(2)}),
     ],
 )
 def test_entry_points_without_object_stores_refuse_urls(call, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

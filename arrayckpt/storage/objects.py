@@ -21,6 +21,7 @@ from ..errors import (
     CorruptCheckpointError,
     InvalidInputError,
 )
+from ..layout import is_rank_dir_name
 from .url import StorageURL, parse_url
 
 #: The commit object: written last; a step without it does not exist for any reader.
@@ -84,12 +85,15 @@ def save_files(
     location: str,
     files: Mapping[str, Iterable[memoryview]],
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    listed: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Commit ``files`` (name -> its bytes as buffers) as the checkpoint at ``location``.
 
     Every data object is uploaded first; then the commit object listing each file's size
     and CRC32C is put with ``If-None-Match`` semantics, so two writers of one step cannot
-    both commit and a committed step is never replaced.
+    both commit and a committed step is never replaced. ``listed`` adds objects other
+    processes already uploaded (``rank_N/...`` of a distributed save: name -> size, CRC32C).
 
     Raises:
         InvalidInputError: ``location`` already holds a committed checkpoint.
@@ -104,7 +108,7 @@ def save_files(
             f"{url} already holds a committed checkpoint; an object store cannot replace it "
             "atomically: save to a new step, or delete it first"
         )
-    listing: dict[str, dict[str, Any]] = {}
+    listing: dict[str, dict[str, Any]] = {n: dict(e) for n, e in (listed or {}).items()}
     try:
         for name, parts in files.items():
             size, crc = _upload(store, url.key(name), parts)
@@ -138,8 +142,11 @@ def _committed(store: Any, url: StorageURL) -> bool:
     return True
 
 
-def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
-    """The files the commit object of ``url`` lists; a step without one does not exist."""
+def read_commit(store: Any, url: StorageURL, *, ranks: bool = False) -> dict[str, dict[str, Any]]:
+    """The files the commit object of ``url`` lists; a step without one does not exist.
+
+    A distributed step also lists ``rank_N/`` files; they are refused unless ``ranks``.
+    """
     import obstore
 
     try:
@@ -156,12 +163,23 @@ def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
         files = doc["files"]
         assert isinstance(files, dict)
         for name, entry in files.items():
-            if "/" in name or name in (".", "..") or not isinstance(entry["size"], int):
+            if not _listable(name) or not isinstance(entry["size"], int):
                 raise ValueError(name)
             int(entry["crc32c"], 16)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise CorruptCheckpointError(f"{url}/{COMMIT_OBJECT} is malformed: {exc!r}") from exc
+    if not ranks and any("/" in name for name in files):
+        raise InvalidInputError(
+            f"{url} is a distributed checkpoint; use load_distributed_checkpoint(url, rank)"
+        )
     return files
+
+
+def _listable(name: str) -> bool:
+    """A file of a step (``model.safetensors``) or of one of its ranks
+    (``rank_0/model.safetensors``): nothing that could climb out of the step."""
+    rank, _, file = name.rpartition("/")
+    return file not in ("", ".", "..") and (not rank or is_rank_dir_name(rank))
 
 
 def _download(store: Any, url: StorageURL, name: str, entry: dict[str, Any], dest: Path) -> None:
