@@ -111,7 +111,7 @@ def read_state(
         from .distributed import jax_restore
 
         # each device of the template's shardings reads only its box of each tensor
-        return jax_restore.restore_file(path, into, verify=verify, stats=None)
+        return jax_restore.restore_file(reader, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 

@@ -92,8 +92,6 @@ def formats(root: Path) -> dict[str, Any]:
     )
     report: dict[str, Any] = {}
     ac.save_checkpoint(root / "plain", state)
-    # the whole tensor came from the shards: JAX never assembled (and cached) a host copy
-    report["no_host_value_cached"] = state["params"]["w"]._npy_value is None
     ac.save_distributed_checkpoint(root / "dist", 0, 1, state, None, ac.TrainingState(5))
     with ac.AsyncCheckpointer() as ckpt:  # staging buffers, and the writer thread
         ckpt.save(root / "async_plain", state).result(timeout=60)
@@ -183,6 +181,12 @@ def from_torch(root: Path, out: Path) -> dict[str, Any]:
     )
     back = ac.load_checkpoint(out, xp="jax.numpy", into=model_t, optimizer_into=opt_t)
     report["round_trip"] = check(back.model, model_t, whole.model)
+    # without an optimizer template it comes whole, in its structure; optimizer=False: none
+    plain_opt = ac.load_checkpoint(root, into=model_t).optimizer
+    report["whole_optimizer"] = bool(
+        np.array_equal(plain_opt["state"][1]["exp_avg"], whole.optimizer["state"][1]["exp_avg"])
+    )
+    report["no_optimizer"] = ac.load_checkpoint(root, into=model_t, optimizer=False).optimizer
     return report
 
 

@@ -49,7 +49,7 @@ class GenericBackend(Backend):
         from ..distributed import jax_arrays
 
         if jax_arrays.is_sharded(x):
-            # np.asarray would assemble (and cache, on the array) a second whole copy
+            # each shard straight into the buffer: np.asarray would assemble a whole copy first
             return jax_arrays.to_host(x, key, dtype, alloc)
         return _NUMPY.to_host(_as_numpy(x, key), key, dtype, alloc)
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import aliases, nested, templates
+from .. import aliases, format, nested, templates
 from ..errors import UnsupportedArrayError
 from ..layout import OPTIMIZER_FILE
 from .global_shards import PARTS, GlobalTensor, Piece, ReadStats, plan, read_box, target_box
+from .global_shards import _read_sub as read_sub
 from .jax_arrays import Box, index_box
 from .shards import SavedRank, ShardFile
 from .trees import merged_tree
@@ -28,8 +28,16 @@ class SavedTensor:
     """A saved tensor not yet read: `place` builds it on a template's sharding box by box;
     anything else that asks for its data (``np.asarray``) reads it whole."""
 
-    def __init__(self, t: GlobalTensor, what: str, stats: ReadStats, verify: bool) -> None:
+    def __init__(
+        self,
+        t: GlobalTensor,
+        what: str,
+        stats: ReadStats,
+        verify: bool,
+        read_whole: Callable[[], np.ndarray] | None = None,
+    ) -> None:
         self.t, self.what, self.stats, self.verify = t, what, stats, verify
+        self._read_whole = read_whole  # an open file's own (mapped) read of the tensor
 
     @property
     def name(self) -> str:
@@ -47,7 +55,16 @@ class SavedTensor:
         return f"<saved tensor {self.t.name!r} {self.t.dtype.code}{list(self.t.shape)}>"
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = read_box(self.t, (0,) * len(self.t.shape), self.t.shape, self.stats, self.verify)
+        t = self.t
+        if self._read_whole is not None:
+            self.stats.bytes_read += math.prod(t.shape) * t.dtype.itemsize
+            self.stats.ranges += 1
+            whole = self._read_whole()
+        elif len(t.pieces) == 1:  # one saved box is the whole tensor: no copy to assemble
+            every = tuple(slice(0, n) for n in t.shape)
+            whole = read_sub(t.pieces[0], t, every, self.stats, self.verify)
+        else:
+            whole = read_box(t, (0,) * len(t.shape), t.shape, self.stats, self.verify)
         return whole if dtype is None else whole.astype(dtype)
 
     def place(self, target: Any) -> Any:
@@ -70,26 +87,26 @@ class SavedTensor:
             for d, i in sharding.addressable_devices_indices_map(t.shape).items()
         }
         distinct = set(where.values())
-        boxes: dict[Box, np.ndarray] = {}
         if self.verify and sum(math.prod(b[1]) for b in distinct) == math.prod(t.shape):
             # This process holds all of it (one process driving every device): read each
-            # saved box whole, checked against its CRC32C, and slice the devices' boxes.
-            full = np.asarray(self)
-            for lo, size in distinct:
-                at = tuple(slice(o, o + n) for o, n in zip(lo, size, strict=True))
-                boxes[lo, size] = full[at]
+            # saved box whole, checked against its CRC32C; JAX cuts the devices' boxes.
+            return self._checked(jax.device_put(np.asarray(self), sharding))
+        boxes: dict[Box, np.ndarray] = {}
         arrays = []
         for device, box in where.items():
             if box not in boxes:
                 boxes[box] = read_box(t, box[0], box[1], self.stats, self.verify)
             arrays.append(jax.device_put(boxes[box], device))
-        if arrays and arrays[0].dtype != t.dtype.numpy:
+        return self._checked(jax.make_array_from_single_device_arrays(t.shape, sharding, arrays))
+
+    def _checked(self, x: Any) -> Any:
+        if x.dtype != self.t.dtype.numpy:
             # JAX without x64 turns int64/float64 into 32-bit types without a word.
             raise UnsupportedArrayError(
-                f"{self.what}[{t.name!r}]: JAX turned the saved {t.dtype.code} into "
-                f"{arrays[0].dtype}; enable 64-bit types (jax_enable_x64)"
+                f"{self.what}[{self.t.name!r}]: JAX turned the saved {self.t.dtype.code} "
+                f"into {x.dtype}; enable 64-bit types (jax_enable_x64)"
             )
-        return jax.make_array_from_single_device_arrays(t.shape, sharding, arrays)
+        return x
 
 
 def whole(tree: Any, convert: Callable[[np.ndarray], Any] = lambda a: a) -> Any:
@@ -103,8 +120,13 @@ def whole(tree: Any, convert: Callable[[np.ndarray], Any] = lambda a: a) -> Any:
     return tree
 
 
-def restore_file(path: Path, template: Any, *, verify: bool, stats: ReadStats | None) -> Any:
-    """One ordinary checkpoint file restored into the JAX ``template``, box by box."""
+def restore_file(
+    reader: format.SafetensorsReader, template: Any, *, verify: bool, stats: ReadStats | None
+) -> Any:
+    """One ordinary checkpoint file restored into the JAX ``template``, box by box; a
+    tensor a process needs whole is read through ``reader`` (mapped, unless it was opened
+    with ``mmap=False``)."""
+    path = reader.path
     file = ShardFile(path)  # its header only: the tensors' bytes are read by box
     what = "optimizer_into" if path.name == OPTIMIZER_FILE else "into"
     stats = ReadStats() if stats is None else stats
@@ -114,7 +136,7 @@ def restore_file(path: Path, template: Any, *, verify: bool, stats: ReadStats | 
         e = entries[name]
         piece = Piece(0, file, (0,) * len(e.shape), tuple(e.shape))
         t = GlobalTensor(name, e.dtype, tuple(e.shape), [piece])
-        return SavedTensor(t, what, stats, verify)
+        return SavedTensor(t, what, stats, verify, lambda: reader.array(name, verify=verify))
 
     tied = aliases.read(file.header.metadata, entries, source=str(path))
     lookup = aliases.resolver(get, tied)
