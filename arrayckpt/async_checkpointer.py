@@ -80,6 +80,7 @@ class AsyncCheckpointer(ClosesOnExit):
         extra: Any = None,
         on_commit: Callable[[Path | str], None] | None = None,
         background_staging: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> WriteFuture[Path | str]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
@@ -97,6 +98,8 @@ class AsyncCheckpointer(ClosesOnExit):
                 ``optimizer.step()``, so the copy overlaps the forward and backward
                 passes). Device arrays' copies are issued before `save` returns
                 (asynchronous on a side stream); JAX arrays in host memory need no copy.
+            storage_options: settings of the object store when ``directory`` is a URL
+                (see `save_checkpoint`).
 
         Returns:
             A future resolving to the committed directory once it is durable; its
@@ -122,7 +125,7 @@ class AsyncCheckpointer(ClosesOnExit):
                 snapshot.set_result(pending.finish())
 
             def write() -> Path | str:
-                path = write_snapshot(target, snapshot.result())
+                path = write_snapshot(target, snapshot.result(), storage_options)
                 if on_commit is not None:
                     on_commit(path)
                 return path

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -35,9 +35,27 @@ RANGE_BYTES = 32 << 20
 RANGES_IN_FLIGHT = 8
 
 
+#: The process that first opened a store: obstore's client threads do not survive fork.
+_opened_in: int | None = None
+
+
+def check_same_process(url: StorageURL) -> None:
+    """Refuse object-store calls in a child forked after a store was opened: every call
+    there would hang (obstore's runtime threads stayed in the parent)."""
+    if _opened_in is not None and _opened_in != os.getpid():
+        raise CheckpointError(
+            f"cannot reach {url} from a forked child: the object-store client was started "
+            "in the parent and does not survive fork; use the 'spawn' start method or "
+            "make the child's first object-store call before any in the parent"
+        )
+
+
 def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
     """An obstore store for ``url``'s bucket; configuration from the environment
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) overridden by ``storage_options``."""
+    global _opened_in
+    check_same_process(url)
+    _opened_in = os.getpid()
     from obstore.store import from_url as _from_url
 
     from_url: Any = _from_url  # typed per scheme; options are checked by obstore itself
@@ -87,6 +105,7 @@ def save_files(
     storage_options: Mapping[str, Any] | None = None,
     *,
     listed: Mapping[str, Mapping[str, Any]] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> str:
     """Commit ``files`` (name -> its bytes as buffers) as the checkpoint at ``location``.
 
@@ -94,6 +113,8 @@ def save_files(
     and CRC32C is put with ``If-None-Match`` semantics, so two writers of one step cannot
     both commit and a committed step is never replaced. ``listed`` adds objects other
     processes already uploaded (``rank_N/...`` of a distributed save: name -> size, CRC32C).
+    ``before_commit`` runs between the two (the manager checks its lease there); its error
+    leaves the step uncommitted.
 
     Raises:
         InvalidInputError: ``location`` already holds a committed checkpoint.
@@ -113,6 +134,8 @@ def save_files(
         for name, parts in files.items():
             size, crc = _upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
+        if before_commit is not None:
+            before_commit()
         doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
         obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
