@@ -72,9 +72,9 @@ class Coordinator(ABC):
 
 
 class SoloCoordinator(Coordinator):
-    """A world of one process: nothing to wait for. A coordinated save of sharded arrays
-    (the global offsets go into sharding_meta.json) needs no engine when one process
-    holds every shard, as one process driving several JAX devices does."""
+    """A world of one process: nothing to wait for. A coordinated save needs no engine
+    then: one process holding every shard of sharded arrays (driving several JAX devices)
+    records their global offsets, and a single process commits an object-store step."""
 
     rank, world_size, timeout = 0, 1, 0.0
 
@@ -82,8 +82,7 @@ class SoloCoordinator(Coordinator):
         return [payload]
 
     def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
-        assert payload is not None  # rank 0 is the only rank: it always sends
-        return payload
+        return payload or b""
 
 
 class TorchCoordinator(Coordinator):

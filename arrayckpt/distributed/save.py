@@ -185,13 +185,13 @@ def prepare_save(
             raise
         snap = exc
     meta = ShardingMeta(world_size, sharding)
-    if coord is None and facts and world_size == 1:
-        coord = SoloCoordinator()  # one process holds every shard: no engine to ask
     if storage.is_url(directory):
         from ..storage import distributed as remote  # the object-store client only here
 
         return remote.save_job(str(directory), snap, meta, coord, timeout, facts, storage_options)
     target = Path(directory).absolute()
+    if coord is None and facts and world_size == 1:
+        coord = SoloCoordinator()  # one process holds every shard: no engine to ask
     if coord is None and facts:
         raise InvalidInputError(
             f"saving sharded arrays to {target} needs a coordinated save (the global offsets "
