@@ -217,7 +217,7 @@ def read_box(
         if region.flags.c_contiguous:  # the runs land in file order, back to back
             _read_sub(p, t, src, stats, verify, region)
         else:
-            region[...] = _read_sub(p, t, src, stats, verify, None)
+            region[...] = _read_sub(p, t, src, stats, verify)
     return out
 
 
@@ -227,7 +227,7 @@ def _read_sub(
     box: tuple[slice, ...],
     stats: ReadStats,
     verify: bool,
-    out: np.ndarray | None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``box`` of piece ``p``'s saved tensor: the whole tensor (verified) or its rows, into
     ``out`` (C-contiguous, of the box's shape) when given."""
