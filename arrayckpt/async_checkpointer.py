@@ -194,8 +194,9 @@ class AsyncCheckpointer(ClosesOnExit):
         only the writer thread talks to the store).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
-        channel (a gloo group of their own, a duplicated MPI communicator), never the
-        training loop's; the channel is built here, on the caller's thread.
+        channel (a gloo group of their own, a duplicated MPI communicator, keys of their
+        own in jax.distributed's store), never the training loop's; the channel is built
+        here, on the caller's thread.
         """
         from .distributed.save import prepare_save
 

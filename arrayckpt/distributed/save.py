@@ -58,8 +58,9 @@ def save_distributed_checkpoint(
       boostr's behaviour): this rank commits ``rank_{rank}/`` atomically on its own and
       rank 0 writes ``sharding_meta.json``. The caller must make every rank finish
       (a barrier) before the checkpoint is used; loading checks every rank is there.
-    - **Coordinated** (``"auto"`` when torch.distributed is initialised, a torch
-      ``ProcessGroup``, an mpi4py communicator, ``"torch"``/``"mpi"``): all ranks write
+    - **Coordinated** (``"auto"`` when torch.distributed, else jax.distributed, is
+      initialised; a torch ``ProcessGroup``, an mpi4py communicator, jax.distributed's
+      client, ``"torch"``/``"mpi"``/``"jax"``): all ranks write
       into one temporary directory, rank 0 gathers every rank's manifest, writes
       ``sharding_meta.json`` last and renames the whole directory into place. Every rank
       returns only after the commit; if any rank fails, every rank raises and nothing
@@ -194,7 +195,8 @@ def prepare_save(
     if coord is None and facts:
         raise InvalidInputError(
             f"saving sharded arrays to {target} needs a coordinated save (the global offsets "
-            "are gathered on rank 0): initialise torch.distributed or pass coordinator="
+            "are gathered on rank 0): initialise torch.distributed or jax.distributed, or pass "
+            "coordinator="
         )
     if coord is None:
         assert isinstance(snap, Snapshot)  # errors were raised above
