@@ -1,37 +1,32 @@
 """Checkpoints on an object store through obstore: data objects first, one commit object
-last (written only if absent), parallel multipart uploads and parallel ranged reads."""
+last (written only if absent); loads read only the committed objects' bytes they need."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from .. import format, fsops
+from .. import format
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     InvalidInputError,
 )
+from . import transfer
+from .transfer import describe as _describe
 from .url import StorageURL, parse_url
 
 #: The commit object: written last; a step without it does not exist for any reader.
 COMMIT_OBJECT = "arrayckpt-commit.json"
 COMMIT_VERSION = 1
-#: Multipart part size and parts in flight: memory held by one upload is their product.
-PART_BYTES = 16 << 20
-PARTS_IN_FLIGHT = 8
-#: Ranged reads of a download, and how many run at once.
-RANGE_BYTES = 32 << 20
-RANGES_IN_FLIGHT = 8
 
 
 def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
@@ -56,28 +51,6 @@ def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None
         )
     except Exception as exc:  # obstore raises its own types; the message names no secret
         raise InvalidInputError(f"cannot open {url}: {_describe(exc)}") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    """obstore's message, first line only (its later lines can echo request details)."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def _upload(store: Any, key: str, parts: Iterable[memoryview]) -> tuple[int, int]:
-    """Stream ``parts`` to ``key`` as a parallel multipart upload; return size and CRC32C."""
-    import obstore
-
-    size, crc = 0, 0
-
-    def counted() -> Iterator[memoryview]:
-        nonlocal size, crc
-        for part in parts:
-            crc = format.checksum(part, crc)
-            size += part.nbytes
-            yield part
-
-    obstore.put(store, key, counted(), chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT)
-    return size, crc
 
 
 def save_files(
@@ -107,14 +80,20 @@ def save_files(
     listing: dict[str, dict[str, Any]] = {}
     try:
         for name, parts in files.items():
-            size, crc = _upload(store, url.key(name), parts)
+            size, crc = transfer.upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
-        doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
+        # the random save id tells this save's commit from another writer's of equal bytes
+        doc = json.dumps(
+            {"version": COMMIT_VERSION, "save_id": uuid.uuid4().hex, "files": listing},
+            sort_keys=True,
+        )
         obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
         raise
     except Exception as exc:
         kind = type(exc).__name__
+        if kind == "AlreadyExistsError" and _own_commit(store, url, doc):
+            return str(url)  # our put went through; only its answer was lost (and retried)
         if kind == "AlreadyExistsError":
             raise CheckpointWriteError(
                 f"saving {url} failed: another writer committed it first; its checkpoint stands"
@@ -124,6 +103,16 @@ def save_files(
             "this step is left uncommitted (invisible to readers)"
         ) from exc
     return str(url)
+
+
+def _own_commit(store: Any, url: StorageURL, doc: str) -> bool:
+    """Whether the commit object at ``url`` is ``doc``, this save's own (its save id)."""
+    import obstore
+
+    try:
+        return bytes(obstore.get(store, url.key(COMMIT_OBJECT)).bytes()) == doc.encode()
+    except Exception:
+        return False  # unreadable: reported as another writer's
 
 
 def _committed(store: Any, url: StorageURL) -> bool:
@@ -150,7 +139,7 @@ def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
             "or a save was interrupted)"
         ) from exc
     except Exception as exc:
-        raise CheckpointError(f"reading {url} failed: {_describe(exc)}") from exc
+        raise CheckpointReadError(f"reading {url} failed: {_describe(exc)}") from exc
     try:
         doc = json.loads(raw)
         files = doc["files"]
@@ -164,62 +153,74 @@ def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _download(store: Any, url: StorageURL, name: str, entry: dict[str, Any], dest: Path) -> None:
-    """Fetch one object with parallel ranged reads into ``dest``; check size and CRC32C."""
-    import obstore
+class Step:
+    """A committed step on an object store, its commit object read (`open_step`)."""
 
-    size = int(entry["size"])
-    starts = list(range(0, size, RANGE_BYTES))
+    def __init__(self, url: StorageURL, store: Any, files: dict[str, dict[str, Any]]) -> None:
+        self.url, self.store, self.files = url, store, files
 
-    def fetch(start: int) -> tuple[int, Any]:
-        end = min(start + RANGE_BYTES, size)
-        return start, obstore.get_range(store, url.key(name), start=start, end=end)
+    def fetch(
+        self,
+        safetensors: Mapping[str, Iterable[str] | None],
+        whole: Mapping[str, int],
+        *,
+        verify: bool,
+    ) -> tuple[dict[str, format.SafetensorsReader], dict[str, bytes]]:
+        """Read committed files: ``safetensors`` (name -> the tensors to read, ``None`` for
+        all) with parallel ranged reads straight into the buffers their arrays view, each
+        tensor checksummed as its bytes arrive (``verify``); ``whole`` (name -> the most
+        bytes it may hold) in full, checked against the commit object's CRC32C.
 
-    crc = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with ThreadPoolExecutor(RANGES_IN_FLIGHT, "arrayckpt-get") as pool:
-            for start, chunk in pool.map(fetch, starts):  # in order: the CRC runs on
-                view = memoryview(chunk)
-                crc = format.checksum(view, crc)
-                os.pwrite(fd, view, start)
-    except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(
-            f"{url}/{name} disappeared while it was read (deleted by retention?)"
-        ) from exc
-    except Exception as exc:
-        raise CheckpointError(f"reading {url}/{name} failed: {_describe(exc)}") from exc
-    finally:
-        os.close(fd)
-    if os.path.getsize(dest) != size or f"{crc:08x}" != entry["crc32c"]:
-        raise CorruptCheckpointError(
-            f"{url}/{name} does not match its commit object (size or CRC32C): it was changed "
-            "after the commit; restore another step"
-        )
+        One ranged get reads each file's header (all of a small file); then every range of
+        every file shares `transfer.RANGES_IN_FLIGHT` reads at once.
+
+        Raises:
+            CheckpointNotFoundError: the commit object lists no such file, or it vanished.
+            CorruptCheckpointError: a file differs from what its commit object lists.
+            CheckpointReadError: the store failed (after retries); names the URL.
+        """
+        names = [*safetensors, *whole]
+        for name in names:
+            if name not in self.files:
+                raise CheckpointNotFoundError(
+                    f"no complete checkpoint at {self.url}: its {COMMIT_OBJECT} lists no {name}"
+                )
+        for name, most in whole.items():
+            if int(self.files[name]["size"]) > most:
+                raise CorruptCheckpointError(
+                    f"{self.url.child(name)}: {COMMIT_OBJECT} lists {self.files[name]['size']} "
+                    f"bytes, over the {most}-byte limit of such a file"
+                )
+        fetch = transfer.Fetch(self.store, self.url)
+
+        def first_get(name: str) -> Any:
+            return fetch.open(name, int(self.files[name]["size"]), safetensors=name in safetensors)
+
+        with ThreadPoolExecutor(len(names), "arrayckpt-head") as pool:
+            objs = dict(zip(names, pool.map(first_get, names), strict=True))
+        for name, keys in safetensors.items():
+            fetch.plan(objs[name], keys, verify=verify)
+        for name in whole:
+            fetch.plan_whole(objs[name])
+        fetch.run(objs)
+        blobs = {}
+        for name in whole:
+            data = fetch.whole(objs[name])
+            if f"{format.checksum(data):08x}" != self.files[name]["crc32c"]:
+                raise CorruptCheckpointError(
+                    f"{self.url.child(name)} does not match its commit object (CRC32C): it was "
+                    "changed after the commit; restore another step"
+                )
+            blobs[name] = data
+        return {name: fetch.reader(objs[name]) for name in safetensors}, blobs
 
 
-@contextlib.contextmanager
-def local_copy(location: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Path]:
-    """Download the committed checkpoint at ``location`` into a private temporary directory
-    (on ``/dev/shm`` when it has room: memory, not disk) and yield it; removed afterwards.
+def open_step(location: str, storage_options: Mapping[str, Any] | None = None) -> Step:
+    """The committed step at ``location``; a step without a commit object does not exist.
 
-    Files are fetched with parallel ranged reads and checked against the commit object.
+    Raises:
+        CheckpointNotFoundError: no commit object (never saved, or the save was interrupted).
     """
     url = parse_url(location)
     store = open_store(url, storage_options)
-    files = read_commit(store, url)
-    need = sum(int(e["size"]) for e in files.values())
-    base = None
-    with contextlib.suppress(OSError):
-        shm = os.statvfs("/dev/shm")
-        if shm.f_bavail * shm.f_frsize > 2 * need:
-            base = "/dev/shm"
-    tmp = Path(tempfile.mkdtemp(prefix="arrayckpt-get-", dir=base))
-    try:
-        with ThreadPoolExecutor(max(1, len(files)), "arrayckpt-file") as pool:
-            for f in [pool.submit(_download, store, url, n, e, tmp / n) for n, e in files.items()]:
-                f.result()
-        yield tmp
-    finally:
-        with contextlib.suppress(OSError):  # a private copy: nothing is lost if it lingers
-            fsops.fs().remove_tree(tmp)
+    return Step(url, store, read_commit(store, url))
