@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from .url import StorageURL, parse_url
 #: The commit object: written last; a step without it does not exist for any reader.
 COMMIT_OBJECT = "arrayckpt-commit.json"
 COMMIT_VERSION = 1
+#: Puts of the commit object, each after obstore's own retries of that request.
+COMMIT_ATTEMPTS = 3
 
 
 def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
@@ -68,7 +71,6 @@ def save_files(
         InvalidInputError: ``location`` already holds a committed checkpoint.
         CheckpointWriteError: an upload failed after obstore's retries; names the URL.
     """
-    import obstore
 
     url = parse_url(location)
     store = open_store(url, storage_options)
@@ -82,27 +84,49 @@ def save_files(
         for name, parts in files.items():
             size, crc = transfer.upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
-        # the random save id tells this save's commit from another writer's of equal bytes
-        doc = json.dumps(
-            {"version": COMMIT_VERSION, "save_id": uuid.uuid4().hex, "files": listing},
-            sort_keys=True,
-        )
-        obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
         raise
     except Exception as exc:
-        kind = type(exc).__name__
-        if kind == "AlreadyExistsError" and _own_commit(store, url, doc):
-            return str(url)  # our put went through; only its answer was lost (and retried)
-        if kind == "AlreadyExistsError":
-            raise CheckpointWriteError(
-                f"saving {url} failed: another writer committed it first; its checkpoint stands"
-            ) from exc
-        raise CheckpointWriteError(
-            f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
-            "this step is left uncommitted (invisible to readers)"
-        ) from exc
+        raise _uncommitted(url, exc) from exc
+    # the random save id tells this save's commit from another writer's of equal bytes
+    doc = json.dumps(
+        {"version": COMMIT_VERSION, "save_id": uuid.uuid4().hex, "files": listing},
+        sort_keys=True,
+    )
+    _commit(store, url, doc)
     return str(url)
+
+
+def _uncommitted(url: StorageURL, exc: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
+        "this step is left uncommitted (invisible to readers)"
+    )
+
+
+def _commit(store: Any, url: StorageURL, doc: str) -> None:
+    """Put the commit object ``doc`` only if none exists.
+
+    A put whose answer was lost may have gone through: after any failure the commit object
+    is read back, and one carrying this save's id is this save's. Otherwise a failed put
+    is tried again (a create of an absent object is safe to repeat).
+    """
+    import obstore
+
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
+            return
+        except Exception as exc:
+            if _own_commit(store, url, doc):
+                return
+            if type(exc).__name__ == "AlreadyExistsError":
+                raise CheckpointWriteError(
+                    f"saving {url} failed: another writer committed it first; its checkpoint stands"
+                ) from exc
+            if attempt == COMMIT_ATTEMPTS - 1 or transfer.permanent(exc):
+                raise _uncommitted(url, exc) from exc
+            time.sleep(transfer.BACKOFF_S * 2**attempt)
 
 
 def _own_commit(store: Any, url: StorageURL, doc: str) -> bool:

@@ -27,8 +27,9 @@ from .url import StorageURL
 PART_BYTES = 16 << 20
 PARTS_IN_FLIGHT = 8
 #: Ranged reads of a load, and how many run at once: their product bounds the bytes in
-#: flight (fetched but not yet copied into the arrays), whatever the step's size.
-RANGE_BYTES = 16 << 20
+#: flight (fetched but not yet copied into the arrays), whatever the step's size. One
+#: range is one part of the upload (SeaweedFS read 2-3x slower across part boundaries).
+RANGE_BYTES = PART_BYTES
 RANGES_IN_FLIGHT = 8
 #: The first get of a file: its header (one request for all usual headers), and all of a
 #: small file.
@@ -36,7 +37,7 @@ HEAD_BYTES = 1 << 20
 #: Attempts of one ranged read. obstore retries failed requests; this also covers a
 #: response cut off mid-body. Safe: a committed object never changes (its ETag is pinned).
 READ_ATTEMPTS = 4
-_BACKOFF_S = 0.2
+BACKOFF_S = 0.2
 
 
 class ObjectPath(PosixPath):
@@ -63,7 +64,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def _permanent(exc: BaseException) -> bool:
+def permanent(exc: BaseException) -> bool:
     """Whether retrying ``exc`` cannot help: the object is gone or changed, or access is
     refused (obstore's retries already covered throttling and server errors)."""
     if isinstance(exc, FileNotFoundError | CheckpointError):
@@ -119,9 +120,9 @@ class Fetch:
                 got = obstore.get(self.store, key, options=options)
                 return got.bytes(), got.meta
             except Exception as exc:
-                if _permanent(exc) or attempt == READ_ATTEMPTS - 1:
+                if permanent(exc) or attempt == READ_ATTEMPTS - 1:
                     raise
-                time.sleep(_BACKOFF_S * 2**attempt)
+                time.sleep(BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
 
     def _failed(self, name: str, exc: Exception) -> CheckpointError:
@@ -245,9 +246,13 @@ class Fetch:
         jobs = []
         for name, obj in objs.items():
             for start, buf in obj.spans:
-                for lo in range(0, buf.nbytes, RANGE_BYTES):
-                    hi = min(lo + RANGE_BYTES, buf.nbytes)
-                    jobs.append((name, obj, start + lo, start + hi, buf[lo:hi]))
+                # cut at multiples of RANGE_BYTES in the object (= PART_BYTES): each read
+                # is one part of the upload, which stores serve from one piece
+                lo, end = start, start + buf.nbytes
+                while lo < end:
+                    hi = min(end, (lo // RANGE_BYTES + 1) * RANGE_BYTES)
+                    jobs.append((name, obj, lo, hi, buf[lo - start : hi - start]))
+                    lo = hi
         if not jobs:
             return
 
