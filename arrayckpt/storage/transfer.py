@@ -37,6 +37,10 @@ HEAD_BYTES = 1 << 20
 #: Attempts of one ranged read. obstore retries failed requests; this also covers a
 #: response cut off mid-body. Safe: a committed object never changes (its ETag is pinned).
 READ_ATTEMPTS = 4
+#: Pieces a response is copied in as it arrives. Measured on 256 MiB loads: 256 KiB
+#: matched a plain parallel get; 64 KiB paid per-piece overhead, and whole ranges
+#: collected first (fresh memory, copied again) took 1.7x as long.
+STREAM_PIECE_BYTES = 256 << 10
 BACKOFF_S = 0.2
 
 
@@ -124,6 +128,41 @@ class Fetch:
                     raise
                 time.sleep(BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _read_into(self, obj: _Remote, start: int, dest: np.ndarray) -> None:
+        """Fill ``dest`` with the object's bytes from ``start``, copying each piece of the
+        response as it arrives: small pieces, which the client recycles while they are in
+        cache, rather than a whole range collected in fresh memory and copied again.
+        A failed attempt resumes where it stopped (retried where safe)."""
+        import obstore
+
+        done, attempt = 0, 0
+        while done < dest.nbytes:
+            options: Any = {"range": (start + done, start + dest.nbytes)}  # GetOptions
+            if obj.etag:
+                options["if_match"] = obj.etag  # a replaced object fails instead of mixing
+            try:
+                got = obstore.get(self.store, obj.key, options=options)
+                for piece in got.stream(min_chunk_size=STREAM_PIECE_BYTES):
+                    n = len(piece)
+                    if done + n > dest.nbytes:
+                        raise CorruptCheckpointError(
+                            f"{obj.path}: bytes {start}-{start + dest.nbytes} came back longer: "
+                            "the object differs from its commit object; restore another step"
+                        )
+                    dest[done : done + n] = np.frombuffer(piece, np.uint8)
+                    done += n
+            except Exception as exc:
+                attempt += 1
+                if permanent(exc) or attempt >= READ_ATTEMPTS:
+                    raise
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            if done < dest.nbytes:  # ended early without an error: the object is shorter
+                raise CorruptCheckpointError(
+                    f"{obj.path}: bytes {start}-{start + dest.nbytes} came back as {done}: the "
+                    "object is shorter than its commit object lists; restore another step"
+                )
 
     def _failed(self, name: str, exc: Exception) -> CheckpointError:
         where = self.url.child(name)
@@ -214,14 +253,7 @@ class Fetch:
         if done:
             dest[:done] = np.frombuffer(obj.prefix, np.uint8, done, start)
         if start + done < end:
-            got, _ = self._get(obj, obj.key, start + done, end)
-            if len(got) != end - start - done:
-                raise CorruptCheckpointError(
-                    f"{obj.path}: a read of bytes {start + done}-{end} returned {len(got)}: "
-                    "the object is shorter than its commit object lists; restore another step"
-                )
-            dest[done:] = np.frombuffer(got, np.uint8)  # numpy copies without the GIL
-            del got
+            self._read_into(obj, start + done, dest[done:])
         if not obj._entries:
             return
         complete = []
