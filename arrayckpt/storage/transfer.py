@@ -26,9 +26,8 @@ from .url import StorageURL
 #: Multipart part size and parts in flight: memory held by one upload is their product.
 PART_BYTES = 16 << 20
 PARTS_IN_FLIGHT = 8
-#: Ranged reads of a load, and how many run at once: their product bounds the bytes in
-#: flight (fetched but not yet copied into the arrays), whatever the step's size. One
-#: range is one part of the upload (SeaweedFS read 2-3x slower across part boundaries).
+#: Ranged reads of a load, and how many run at once. A range is one part of the upload:
+#: SeaweedFS served ranges that straddle two parts about 1.5x slower.
 RANGE_BYTES = PART_BYTES
 RANGES_IN_FLIGHT = 8
 #: The first get of a file: its header (one request for all usual headers), and all of a
@@ -37,7 +36,8 @@ HEAD_BYTES = 1 << 20
 #: Attempts of one ranged read. obstore retries failed requests; this also covers a
 #: response cut off mid-body. Safe: a committed object never changes (its ETag is pinned).
 READ_ATTEMPTS = 4
-#: Pieces a response is copied in as it arrives. Measured on 256 MiB loads: 256 KiB
+#: Pieces a response is copied in as it arrives (with the reads in flight, all a load holds
+#: beyond its arrays). Measured on 256 MiB loads: 256 KiB
 #: matched a plain parallel get; 64 KiB paid per-piece overhead, and whole ranges
 #: collected first (fresh memory, copied again) took 1.7x as long.
 STREAM_PIECE_BYTES = 256 << 10
