@@ -101,7 +101,6 @@ def save_files(
         InvalidInputError: ``location`` already holds a committed checkpoint.
         CheckpointWriteError: an upload failed after obstore's retries; names the URL.
     """
-
     url = parse_url(location)
     store = open_store(url, storage_options)
     if _committed(store, url):
