@@ -103,33 +103,21 @@ def checksum_seed(code: str, shape: tuple[int, ...]) -> int:
     return checksum(f"{code}:{','.join(map(str, shape))}".encode())
 
 
-def _checksums_json(crcs: Mapping[str, int]) -> str:
-    return json.dumps(
-        {name: f"{crc:08x}" for name, crc in crcs.items()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-
-
-#: One tensor to checksum: its dtype code, shape and bytes (any C-contiguous buffer).
-_Checksummable = tuple[str, tuple[int, ...], Any]
-
-
-def _checksum_all(items: list[_Checksummable]) -> list[int]:
+def _checksum_all(items: list[tuple[Any, int]]) -> list[int]:
     crc: Any = _crc32c()  # typed for bytes; any C-contiguous buffer works
-    return [crc(data, checksum_seed(code, shape)) for code, shape, data in items]
+    return [crc(data, seed) for data, seed in items]
 
 
-def _checksums_parallel(items: list[_Checksummable], sizes: list[int]) -> list[int]:
-    """Checksums of ``items`` (``sizes``: their byte sizes), spread across the helper
-    threads and this one.
+def _checksums_parallel(items: list[tuple[Any, int]], sizes: list[int]) -> list[int]:
+    """CRC32Cs of ``items`` (each a buffer and the CRC it continues from; ``sizes``: their
+    byte sizes), spread across the helper threads and this one.
 
     crc32c releases the GIL; items go in one batch per thread of about equal bytes,
     since a hand-off per tensor would cost more than the checksum of a small one.
     """
     workers = pool.threads()
     share = sum(sizes) / workers
-    batches: list[list[_Checksummable]] = [[]]
+    batches: list[list[tuple[Any, int]]] = [[]]
     filled = 0.0
     for item, size in zip(items, sizes, strict=True):
         if filled >= share * len(batches) and len(batches) < workers:
@@ -143,15 +131,6 @@ def _checksums_parallel(items: list[_Checksummable], sizes: list[int]) -> list[i
     finally:
         rest = [c for f in futures for c in f.result()]
     return first + rest
-
-
-def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
-    """Every tensor's CRC32C, computed in parallel."""
-    # `t.data` itself, not `t.bytes()`: a C-contiguous array exports its bytes as a buffer,
-    # and skipping the flat uint8 view saves a microsecond per tensor.
-    items = [(t.dtype.code, t.data.shape, t.data) for t in tensors.values()]
-    sizes = [t.data.nbytes for t in tensors.values()]
-    return dict(zip(tensors, _checksums_parallel(items, sizes), strict=True))
 
 
 # A header entry's text beside its name and numbers:
@@ -220,19 +199,166 @@ def _stamped(metadata: Mapping[str, str] | None) -> dict[str, str]:
 def _header_bytes(
     layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
 ) -> int:
-    """The header's size as `write_file` will write it, to within a few bytes (above)."""
-    full = _stamped(meta)
-    full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
-    size = len(
-        json.dumps({"__metadata__": full}, separators=(",", ":"), ensure_ascii=False).encode()
+    """The exact size of the header `write_file` writes for ``layout`` and ``meta``."""
+    key = tuple(
+        (name, d.code, tuple(shape), d.nbytes(tuple(shape)) or 0) for name, d, shape in layout
     )
-    total = sum((d.nbytes(shape) or 0) for _, d, shape in layout)
-    offsets = 2 * len(str(total)) + 1
-    names = json.dumps([name for name, _, _ in layout], ensure_ascii=False).encode()
-    size += len(names)  # names, quoted, with a separator each (the list's ", ")
-    for _, d, shape in layout:
-        size += _ENTRY_TEXT + len(d.code) + len(",".join(map(str, shape))) + offsets
-    return size + 8  # padding to 8 bytes
+    return len(_header(_layout_text(key), _stamped(meta)).head) - 8
+
+
+class TensorSpec:
+    """One tensor of a file to write: its dtype, shape and bytes (a C-contiguous host
+    array, kept alive by the spec until the file is written)."""
+
+    __slots__ = ("address", "data", "dtype", "shape")
+
+    def __init__(
+        self, dtype: DType, shape: tuple[int, ...], data: np.ndarray, address: int | None = None
+    ) -> None:
+        self.dtype, self.shape, self.data, self.address = dtype, shape, data, address
+
+    @property
+    def data_ptr(self) -> int:
+        """The address of the first byte."""
+        if self.address is not None:
+            return self.address
+        return int(self.data.__array_interface__["data"][0])
+
+    @property
+    def data_len(self) -> int:
+        return int(self.data.nbytes)
+
+
+def specs_of(tensors: Mapping[str, HostTensor]) -> dict[str, TensorSpec]:
+    """The `TensorSpec` of each host tensor (what `FileSystem.write_safetensors` writes)."""
+    return {n: TensorSpec(t.dtype, t.data.shape, t.data, t.address) for n, t in tensors.items()}
+
+
+@dataclass(frozen=True)
+class _LayoutText:
+    """The parts of a header that depend only on the tensors' names, dtypes and shapes."""
+
+    #: The tensor entries, ``"name":{...},"name":{...}`` (empty for no tensors).
+    entries: str
+    #: The checksum table's text around each CRC, escaped as the JSON string it is in
+    #: the header: ``{\"a\":\"`` CRC ``\",\"b\":\"`` CRC ``\"}``.
+    table: tuple[str, ...]
+
+
+#: The placeholder each CRC has in the checksum table until the data is written: the
+#: width of the real value, so patching it moves nothing.
+_CRC_PLACEHOLDER = "00000000"
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_text(layout: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> _LayoutText:
+    """Header text for ``layout`` (name, dtype code, shape, byte size per tensor, in file
+    order), cached: saves of one model repeat the same layout, and building the text
+    costs microseconds per tensor."""
+    quote = json.encoder.encode_basestring
+    entries = []
+    table: list[str] = []
+    cursor = 0
+    for name, code, shape, nbytes in layout:
+        q = quote(name)
+        entries.append(
+            f'{q}:{{"dtype":"{code}","shape":[{",".join(map(str, shape))}],'
+            f'"data_offsets":[{cursor},{cursor + nbytes}]}}'
+        )
+        cursor += nbytes
+        table.append(("{" if not table else '",') + q + ':"')
+    table.append('"}' if table else "{}")
+    return _LayoutText(
+        ",".join(entries),
+        tuple(quote(t)[1:-1] for t in table),
+    )
+
+
+@dataclass(frozen=True)
+class HeaderImage:
+    """A file's first bytes, header length included, with placeholder checksums."""
+
+    head: bytes
+    #: Offset in the file of the checksum table's text (`checksum_table` fills it in).
+    table_at: int
+    layout: _LayoutText
+
+    def checksum_table(self, crcs: Sequence[int]) -> bytes:
+        """The checksum table's text with ``crcs`` (one per tensor, in file order): the
+        bytes to put at `table_at`, as long as the placeholders they replace."""
+        parts = self.layout.table
+        text = "".join(p + f"{c:08x}" for p, c in zip(parts, crcs, strict=False))
+        return (text + parts[-1]).encode()
+
+
+def _header(layout: _LayoutText, meta: Mapping[str, str]) -> HeaderImage:
+    """The header for ``layout`` and ``__metadata__`` ``meta`` (without the checksum table,
+    which goes last in it), padded so the data starts 8-byte aligned as safetensors does."""
+    own = {k: v for k, v in meta.items() if k != CHECKSUMS_KEY}
+    pairs = json.dumps(own, separators=(",", ":"), ensure_ascii=False)[1:-1]
+    before = (
+        '{"__metadata__":{' + (pairs + "," if pairs else "") + f'"{CHECKSUMS_KEY}":"'
+    ).encode()
+    parts = layout.table
+    table = ("".join(p + _CRC_PLACEHOLDER for p in parts[:-1]) + parts[-1]).encode()
+    after = ('"}' + ("," + layout.entries if layout.entries else "") + "}").encode()
+    size = len(before) + len(table) + len(after)
+    pad = -size % 8
+    head = b"".join((struct.pack("<Q", size + pad), before, table, after, b" " * pad))
+    return HeaderImage(head, 8 + len(before), layout)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """Everything needed to write one safetensors file, in file order: the header with
+    placeholder checksums, then each tensor's bytes and the seed of its CRC32C."""
+
+    header: HeaderImage
+    names: list[str]
+    buffers: list[Any]  # flat byte buffers (memoryview or uint8 array); len() is bytes
+    seeds: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header.head) + sum(len(b) for b in self.buffers)
+
+
+def _flat_bytes(data: Any) -> Any:
+    """A C-contiguous array's bytes as a flat buffer, without a copy."""
+    try:
+        return memoryview(data).cast("B")
+    except (TypeError, ValueError):  # ml_dtypes arrays export no buffer format; 0-d
+        return data.reshape(-1).view(np.uint8)
+
+
+def file_image(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> FileImage:
+    """The `FileImage` of ``specs`` with ``__metadata__`` ``metadata``.
+
+    Tensors go in the order given, stably sorted by item size, larger first (as
+    safetensors does), so every tensor stays aligned.
+    """
+    names = list(specs)
+    values = list(specs.values())
+    order = sorted(range(len(values)), key=lambda i: -values[i].dtype.itemsize)
+    if order != list(range(len(values))):
+        names = [names[i] for i in order]
+        values = [values[i] for i in order]
+    key = tuple(
+        (n, s.dtype.code, s.shape, s.data.nbytes) for n, s in zip(names, values, strict=True)
+    )
+    seed = checksum_seed
+    return FileImage(
+        _header(_layout_text(key), metadata),
+        names,
+        [_flat_bytes(s.data) for s in values],
+        [seed(s.dtype.code, s.shape) for s in values],
+    )
+
+
+def crc32c_function() -> Callable[[Any, int], int]:
+    """crc32c's ``crc32c(buffer, start)``: any C-contiguous buffer; releases the GIL on
+    large ones."""
+    return _crc32c()
 
 
 def write_file(
@@ -244,15 +370,15 @@ def write_file(
 ) -> None:
     """Write ``tensors`` to a safetensors file at ``path`` and fsync it.
 
-    Each tensor's CRC32C goes into ``__metadata__``; the bytes are written by safetensors'
-    Rust serializer straight from the host buffers, which ``tensors`` keeps alive. The
-    whole file is one `FileSystem.write_safetensors` step (the durability tests record
-    and replay those steps), so the checksums are computed first, in parallel.
+    The file is one `FileSystem.write_safetensors` step (the durability tests record and
+    replay those steps): the header goes first, then each tensor's bytes are streamed
+    from the host buffers, which ``tensors`` keeps alive, each chunk checksummed while it
+    is in cache; the CRC32Cs land in the header's placeholders last.
 
     Args:
         borrowed: the buffers are the caller's own arrays (a synchronous, zero-copy save),
             which another thread may change while they are checksummed and written. The
-            file is then read back and checksummed; if its bytes are not those the
+            file is then read back and checksummed; if its bytes are not those its
             checksums were taken of, it is written again from a private copy. Either way
             the checksums recorded are those of the bytes in the file.
     """
@@ -260,54 +386,36 @@ def write_file(
         str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
     )
     meta = _stamped(metadata)
-    crcs = checksums(tensors)
-    _write(path, tensors, meta, crcs)
-    if borrowed and _file_checksums(path, list(tensors)) != crcs:
+    fs = fsops.fs()
+    fs.write_safetensors(path, specs_of(tensors), meta)
+    if borrowed and not _file_consistent(path):
         log.warning(
             "%s: tensors changed while they were being saved; writing a copy instead "
             "(synchronous saves read the arrays in place: stop changing them during the "
             "save, or use AsyncCheckpointer, which snapshots them first)",
             path,
         )
-        fsops.fs().remove_file(path)
+        fs.remove_file(path)
         tensors = {
             name: HostTensor(np.array(t.data, copy=True), t.dtype) for name, t in tensors.items()
         }
-        _write(path, tensors, meta, checksums(tensors))
-    fsops.fs().fsync_file(path)
+        fs.write_safetensors(path, specs_of(tensors), meta)
+    fs.fsync_file(path)
 
 
-def _write(
-    path: Path, tensors: Mapping[str, HostTensor], meta: dict[str, str], crcs: dict[str, int]
-) -> None:
-    import safetensors  # its Rust bindings load on the first write, not on import arrayckpt
-
-    meta[CHECKSUMS_KEY] = _checksums_json(crcs)
-    specs = {
-        name: safetensors.TensorSpec(
-            dtype=t.dtype.name,
-            shape=list(t.data.shape),
-            data_ptr=t.data.__array_interface__["data"][0] if t.address is None else t.address,
-            data_len=t.data.nbytes,
-        )
-        for name, t in tensors.items()
-    }
-    fsops.fs().write_safetensors(path, specs, meta)
-
-
-def _file_checksums(path: Path, names: list[str]) -> dict[str, int]:
-    """The checksums of the tensors as the file at ``path`` holds them (read back from the
-    page cache, just written)."""
+def _file_consistent(path: Path) -> bool:
+    """Whether the tensors in the file at ``path`` match the checksums its header records
+    (read back from the page cache, just written)."""
     try:
         reader = SafetensorsReader(path)
     except CheckpointReadError as exc:
         if isinstance(exc.__cause__, OSError):  # an I/O error of the save, as when writing
             raise exc.__cause__ from None
         raise
-    entries = [reader.header.entries[name] for name in names]
-    items = [(e.dtype.code, e.shape, reader.raw(e.name)) for e in entries]
+    entries = list(reader.header.entries.values())
+    items = [(reader.raw(e.name), checksum_seed(e.dtype.code, e.shape)) for e in entries]
     sums = _checksums_parallel(items, [e.end - e.start for e in entries])
-    return dict(zip(names, sums, strict=True))
+    return dict(zip(reader.header.entries, sums, strict=True)) == reader.header.checksums
 
 
 @dataclass(slots=True)
@@ -614,8 +722,80 @@ def _unreadable(path: Path, name: str, problem: str) -> NoReturn:
     raise UnsupportedArrayError(f"{path}: tensor {name!r}: {problem}; {others}")
 
 
-#: Eager reads go in chunks of this size, so checksums of one overlap reading the next.
-_READ_CHUNK = 16 << 20
+#: Eager reads go in pieces of this size, spread across threads; each piece's checksums
+#: are computed right after it is read, while its bytes are still in cache.
+_READ_CHUNK = 4 << 20
+
+#: CRC32C's polynomial, bit-reflected (crc32c and this module's combination agree).
+_CRC32C_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo CRC32C's polynomial, reflected (zlib's ``multmodp``); ``a != 0``."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+
+
+@functools.cache
+def _x2n_table() -> tuple[int, ...]:
+    """``x^(2^k)`` modulo the polynomial for k = 0..31."""
+    table = [1 << 30]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return tuple(table)
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC32C of ``A + B`` from ``crc1`` (that of A, or of what A continues) and
+    ``crc2`` (that of B alone, from 0), ``len2`` being B's length in bytes.
+
+    Lets threads checksum pieces of one tensor at once (zlib's ``crc32_combine``).
+    """
+    table = _x2n_table()
+    p, k, n = 1 << 31, 3, len2  # x^0; the shift is x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _multmodp(table[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+#: One piece of an eager read: its file range, and the part of each tensor it holds
+#: (name, start, end, the CRC its checksum continues from, whether it is the whole tensor).
+_Piece = tuple[int, int, list[tuple[str, int, int, int, bool]]]
+
+
+def _plan_pieces(entries: Iterable[Entry], start: int, size: int, step: int) -> list[_Piece]:
+    """Cut the data bytes ``[start, size)`` into pieces of ``step`` bytes, and each tensor
+    (``entries`` in file order, covering the range) into its parts in those pieces."""
+    bounds = [*range(start, size, step), size] if size > start else [start, size]
+    pieces: list[_Piece] = [(lo, hi, []) for lo, hi in itertools.pairwise(bounds)]
+    last = len(pieces) - 1
+    k = 0
+    for e in entries:
+        seed = checksum_seed(e.dtype.code, e.shape)
+        at = e.start
+        while k < last and pieces[k][1] <= at:
+            k += 1
+        j = k
+        while True:
+            hi = pieces[j][1]
+            if e.end <= hi:
+                pieces[j][2].append(
+                    (e.name, at, e.end, seed if at == e.start else 0, at == e.start)
+                )
+                break
+            pieces[j][2].append((e.name, at, hi, seed if at == e.start else 0, False))
+            at = hi
+            j += 1
+    return pieces
 
 
 class SafetensorsReader:
@@ -672,9 +852,12 @@ class SafetensorsReader:
             weakref.finalize(self, os.close, fd)
 
     def _read_data(self, fd: int, checksum: bool) -> None:
-        """Read all tensor data into one buffer the arrays will view, in chunks; with
-        ``checksum``, the helper threads checksum each chunk's tensors while the next
-        chunk is read, so verification costs no second pass over cold memory."""
+        """Read all tensor data into one buffer the arrays will view: pieces of
+        `_READ_CHUNK` bytes read by the helper threads and this one at once (``preadv``
+        releases the GIL), each piece straight into its place. With ``checksum``, each
+        thread checksums a piece's tensors right after reading it, so verification costs
+        no second pass over cold memory; a tensor split across pieces gets its checksum
+        from those of its parts (`crc32c_combine`)."""
         start = self.header.data_start
         size = os.fstat(fd).st_size
         try:
@@ -687,30 +870,51 @@ class SafetensorsReader:
         self._base = start
         header = self.header
         checksum = checksum and header.checksums is not None and header.checksum_problem is None
-        ordered = sorted(header.entries.values(), key=lambda e: e.start) if checksum else []
-        batches: list[Any] = []
+        ordered: Iterable[Entry] = ()
+        if checksum:
+            ordered = sorted(header.entries.values(), key=lambda e: e.start)
+        pieces = _plan_pieces(ordered, start, size, _READ_CHUNK)
+        fs, view, path, crc = fsops.fs(), self._buf.data, self.path, _crc32c()
+        claim = iter(range(len(pieces)))  # each piece read once, by whichever thread is free
+        failed: list[bool] = []
+        split: list[tuple[str, int, int, int]] = []  # parts of tensors split across pieces
+
+        def read_pieces() -> None:
+            for i in claim:
+                if failed:
+                    return
+                lo, hi, parts = pieces[i]
+                try:
+                    fs.read_into(fd, path, [(lo, hi - lo)], view[lo - start : hi - start])
+                except BaseException:
+                    failed.append(True)
+                    raise
+                for name, a, b, seed, whole in parts:
+                    value = crc(view[a - start : b - start], seed)
+                    if whole:
+                        self._computed[name] = value
+                    else:
+                        split.append((name, a, b, value))
+
         helper = pool.executor()
-        fs, view, done, next_entry = fsops.fs(), self._buf.data, start, 0
+        workers = min(pool.threads(), len(pieces)) - 1
+        others = [helper.submit(read_pieces) for _ in range(workers)]
         try:
-            while done < size:
-                n = min(_READ_CHUNK, size - done)
-                fs.read_into(fd, self.path, [(done, n)], view[done - start : done - start + n])
-                done += n
-                first = next_entry
-                while next_entry < len(ordered) and ordered[next_entry].end <= done:
-                    next_entry += 1
-                if next_entry > first:
-                    batches.append(helper.submit(self._checksum_batch, ordered[first:next_entry]))
+            try:
+                read_pieces()
+            finally:
+                errors = [f.exception() for f in others]
+            for error in errors:
+                if error is not None:
+                    raise error
         except EOFError:
             _fail(self.path, "file shrank while it was being read")
         except OSError as exc:
             raise fsops.read_error(self.path, exc) from exc
-        finally:
-            for batch in batches:
-                self._computed.update(batch.result())
-
-    def _checksum_batch(self, entries: list[Entry]) -> dict[str, int]:
-        return {e.name: tensor_checksum(e.dtype.code, e.shape, self.raw(e.name)) for e in entries}
+        split.sort(key=lambda part: part[1])  # file order: each tensor's parts in turn
+        for name, a, b, value in split:
+            got = self._computed.get(name)
+            self._computed[name] = value if got is None else crc32c_combine(got, value, b - a)
 
     @property
     def names(self) -> list[str]:
@@ -811,31 +1015,22 @@ class SafetensorsReader:
 
 def file_parts(
     tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
-) -> list[memoryview]:
+) -> list[Any]:
     """The bytes of the safetensors file `write_file` would write, as buffers: the header,
     then views of each host buffer (no copy), for uploads that stream a file.
 
-    Larger items first, as safetensors orders them, so every tensor stays aligned.
+    The checksums go in the header, which comes first: they are computed first, in
+    parallel.
     """
-    meta = _stamped(metadata)
-    meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
-    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
-    doc: dict[str, Any] = {"__metadata__": meta}
-    cursor = 0
-    views = []
-    for name in order:
-        t = tensors[name]
-        view = t.bytes()
-        doc[name] = {
-            "dtype": t.dtype.code,
-            "shape": list(t.data.shape),
-            "data_offsets": [cursor, cursor + view.nbytes],
-        }
-        cursor += view.nbytes
-        views.append(view)
-    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
-    return [memoryview(struct.pack("<Q", len(raw)) + raw), *views]
+    image = file_image(specs_of(tensors), _stamped(metadata))
+    sums = _checksums_parallel(
+        list(zip(image.buffers, image.seeds, strict=True)), [len(b) for b in image.buffers]
+    )
+    head = bytearray(image.header.head)
+    table = image.header.checksum_table(sums)
+    at = image.header.table_at
+    head[at : at + len(table)] = table
+    return [memoryview(bytes(head)), *image.buffers]
 
 
 def write_file_streaming(
@@ -856,26 +1051,16 @@ def write_file_streaming(
     """
     check_writable(str(path), layout, metadata)
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
-    crcs = {name: 0 for name in sizes}
-    seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}
-
-    def header() -> bytes:
-        meta = _stamped(metadata)
-        meta[CHECKSUMS_KEY] = _checksums_json(crcs)
-        doc: dict[str, Any] = {"__metadata__": meta}
-        cursor = 0
-        for name, dtype, shape in layout:
-            end = cursor + sizes[name]
-            doc[name] = {"dtype": dtype.code, "shape": list(shape), "data_offsets": [cursor, end]}
-            cursor = end
-        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
-        return struct.pack("<Q", len(raw)) + raw
+    header = _header(
+        _layout_text(tuple((n, d.code, tuple(s), sizes[n]) for n, d, s in layout)),
+        _stamped(metadata),
+    )
+    crcs: list[int] = []
 
     def chunks() -> Iterator[Any]:
-        yield header()
-        for name in sizes:
-            written, crc = 0, seeds[name]
+        yield header.head
+        for name, dtype, shape in layout:
+            written, crc = 0, checksum_seed(dtype.code, tuple(shape))
             view: Any = None
             for chunk in produce(name):
                 view = _byte_view(chunk)
@@ -887,11 +1072,11 @@ def write_file_streaming(
                 raise ValueError(
                     f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}"
                 )
-            crcs[name] = crc
+            crcs.append(crc)
 
     fs = fsops.fs()
     fs.write_chunks(path, chunks())
-    fs.write_at(path, 0, header())
+    fs.write_at(path, header.table_at, header.checksum_table(crcs))
     fs.fsync_file(path)
 
 
