@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import mmap as mmap_module
+import operator
 import os
+import re
 import struct
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -50,6 +52,7 @@ _OWN_PREFIX = "arrayckpt."
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
+@functools.cache
 def _crc32c() -> Callable[..., int]:
     """The CRC32C function, imported on first use: importing ``crc32c`` loads
     ``importlib.metadata`` (20-40 ms), which ``import arrayckpt`` should not pay."""
@@ -108,7 +111,7 @@ def _checksum_all(items: list[tuple[Any, int]]) -> list[int]:
     return [crc(data, seed) for data, seed in items]
 
 
-def _checksums_parallel(items: list[tuple[Any, int]], sizes: list[int]) -> list[int]:
+def _checksums_parallel(items: list[tuple[Any, int]], sizes: Sequence[int]) -> list[int]:
     """CRC32Cs of ``items`` (each a buffer and the CRC it continues from; ``sizes``: their
     byte sizes), spread across the helper threads and this one.
 
@@ -200,8 +203,12 @@ def _header_bytes(
     layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
 ) -> int:
     """The exact size of the header `write_file` writes for ``layout`` and ``meta``."""
-    key = tuple(
-        (name, d.code, tuple(shape), d.nbytes(tuple(shape)) or 0) for name, d, shape in layout
+    shapes = tuple(tuple(shape) for _, _, shape in layout)
+    key = (
+        tuple(name for name, _, _ in layout),
+        tuple(d.code for _, d, _ in layout),
+        shapes,
+        tuple(d.nbytes(shape) or 0 for (_, d, _), shape in zip(layout, shapes, strict=True)),
     )
     return len(_header(_layout_text(key), _stamped(meta)).head) - 8
 
@@ -238,40 +245,40 @@ def specs_of(tensors: Mapping[str, HostTensor]) -> dict[str, TensorSpec]:
 class _LayoutText:
     """The parts of a header that depend only on the tensors' names, dtypes and shapes."""
 
-    #: The tensor entries, ``"name":{...},"name":{...}`` (empty for no tensors).
-    entries: str
-    #: The checksum table's text around each CRC, escaped as the JSON string it is in
-    #: the header: ``{\"a\":\"`` CRC ``\",\"b\":\"`` CRC ``\"}``.
-    table: tuple[str, ...]
+    #: The tensor entries, ``,"name":{...},"name":{...}`` (empty for no tensors).
+    entries: bytes
+    #: The checksum table's text as a %-format of one ``%08x`` per CRC, escaped as the
+    #: JSON string it is in the header: ``{\"a\":\"%08x\",\"b\":\"%08x\"}``.
+    table: str
+    #: ``table`` with placeholders: zeros, the width of the real values, so that
+    #: patching them in moves nothing.
+    placeholder: bytes
 
 
-#: The placeholder each CRC has in the checksum table until the data is written: the
-#: width of the real value, so patching it moves nothing.
-_CRC_PLACEHOLDER = "00000000"
+#: A layout: the tensors' names, dtype codes, shapes and byte sizes, in file order.
+_Layout = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, ...], ...], tuple[int, ...]]
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_text(layout: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> _LayoutText:
-    """Header text for ``layout`` (name, dtype code, shape, byte size per tensor, in file
-    order), cached: saves of one model repeat the same layout, and building the text
-    costs microseconds per tensor."""
+def _layout_text(layout: _Layout) -> _LayoutText:
+    """Header text for ``layout``, cached: saves of one model repeat the same layout, and
+    building the text costs microseconds per tensor."""
     quote = json.encoder.encode_basestring
     entries = []
     table: list[str] = []
     cursor = 0
-    for name, code, shape, nbytes in layout:
+    for name, code, shape, nbytes in zip(*layout, strict=True):
         q = quote(name)
         entries.append(
-            f'{q}:{{"dtype":"{code}","shape":[{",".join(map(str, shape))}],'
+            f',{q}:{{"dtype":"{code}","shape":[{",".join(map(str, shape))}],'
             f'"data_offsets":[{cursor},{cursor + nbytes}]}}'
         )
         cursor += nbytes
         table.append(("{" if not table else '",') + q + ':"')
     table.append('"}' if table else "{}")
-    return _LayoutText(
-        ",".join(entries),
-        tuple(quote(t)[1:-1] for t in table),
-    )
+    escaped = [quote(t)[1:-1].replace("%", "%%") for t in table]
+    text = "%08x".join(escaped)
+    return _LayoutText("".join(entries).encode(), text, (text % ((0,) * (len(table) - 1))).encode())
 
 
 @dataclass(frozen=True)
@@ -286,9 +293,7 @@ class HeaderImage:
     def checksum_table(self, crcs: Sequence[int]) -> bytes:
         """The checksum table's text with ``crcs`` (one per tensor, in file order): the
         bytes to put at `table_at`, as long as the placeholders they replace."""
-        parts = self.layout.table
-        text = "".join(p + f"{c:08x}" for p, c in zip(parts, crcs, strict=False))
-        return (text + parts[-1]).encode()
+        return (self.layout.table % tuple(crcs)).encode()
 
 
 def _header(layout: _LayoutText, meta: Mapping[str, str]) -> HeaderImage:
@@ -299,13 +304,12 @@ def _header(layout: _LayoutText, meta: Mapping[str, str]) -> HeaderImage:
     before = (
         '{"__metadata__":{' + (pairs + "," if pairs else "") + f'"{CHECKSUMS_KEY}":"'
     ).encode()
-    parts = layout.table
-    table = ("".join(p + _CRC_PLACEHOLDER for p in parts[:-1]) + parts[-1]).encode()
-    after = ('"}' + ("," + layout.entries if layout.entries else "") + "}").encode()
-    size = len(before) + len(table) + len(after)
+    size = len(before) + len(layout.placeholder) + 2 + len(layout.entries) + 1
     pad = -size % 8
-    head = b"".join((struct.pack("<Q", size + pad), before, table, after, b" " * pad))
-    return HeaderImage(head, 8 + len(before), layout)
+    head = b"".join(
+        (struct.pack("<Q", size + pad), before, layout.placeholder, b'"}', layout.entries, b"}")
+    )
+    return HeaderImage(head + b" " * pad, 8 + len(before), layout)
 
 
 @dataclass(frozen=True)
@@ -314,44 +318,53 @@ class FileImage:
     placeholder checksums, then each tensor's bytes and the seed of its CRC32C."""
 
     header: HeaderImage
-    names: list[str]
-    buffers: list[Any]  # flat byte buffers (memoryview or uint8 array); len() is bytes
+    names: tuple[str, ...]
+    #: Each tensor's C-contiguous host array (any buffer: crc32c and writev take them as
+    #: they are), its byte size, and the CRC its checksum starts from.
+    buffers: list[Any]
+    sizes: tuple[int, ...]
     seeds: list[int]
 
     @property
     def nbytes(self) -> int:
-        return len(self.header.head) + sum(len(b) for b in self.buffers)
+        return len(self.header.head) + sum(self.sizes)
 
 
-def _flat_bytes(data: Any) -> Any:
-    """A C-contiguous array's bytes as a flat buffer, without a copy."""
+def flat_bytes(data: Any) -> Any:
+    """A C-contiguous array's bytes as a flat buffer (``len`` is its size), without a copy."""
     try:
         return memoryview(data).cast("B")
-    except (TypeError, ValueError):  # ml_dtypes arrays export no buffer format; 0-d
+    except (TypeError, ValueError):  # ml_dtypes arrays export no buffer format
         return data.reshape(-1).view(np.uint8)
+
+
+_CODE = operator.attrgetter("dtype.code")
+_SHAPE = operator.attrgetter("shape")
+_DATA = operator.attrgetter("data")
+_NBYTES = operator.attrgetter("data.nbytes")
 
 
 def file_image(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> FileImage:
     """The `FileImage` of ``specs`` with ``__metadata__`` ``metadata``.
 
     Tensors go in the order given, stably sorted by item size, larger first (as
-    safetensors does), so every tensor stays aligned.
+    safetensors does), so every tensor stays aligned. Per tensor this is a few C-level
+    attribute reads: the header text comes from `_layout_text`'s cache.
     """
-    names = list(specs)
+    names = tuple(specs)
     values = list(specs.values())
     order = sorted(range(len(values)), key=lambda i: -values[i].dtype.itemsize)
     if order != list(range(len(values))):
-        names = [names[i] for i in order]
+        names = tuple(names[i] for i in order)
         values = [values[i] for i in order]
-    key = tuple(
-        (n, s.dtype.code, s.shape, s.data.nbytes) for n, s in zip(names, values, strict=True)
-    )
-    seed = checksum_seed
+    codes, shapes = tuple(map(_CODE, values)), tuple(map(_SHAPE, values))
+    sizes = tuple(map(_NBYTES, values))
     return FileImage(
-        _header(_layout_text(key), metadata),
+        _header(_layout_text((names, codes, shapes, sizes)), metadata),
         names,
-        [_flat_bytes(s.data) for s in values],
-        [seed(s.dtype.code, s.shape) for s in values],
+        list(map(_DATA, values)),
+        sizes,
+        list(map(checksum_seed, codes, shapes)),
     )
 
 
@@ -472,30 +485,51 @@ def _entries_hook(data_start: int) -> Callable[[list[tuple[str, Any]]], Any]:
 
     def hook(pairs: list[tuple[str, Any]]) -> Any:
         if len(pairs) == 3:
-            fields = dict(pairs)
-            if fields.keys() == _ENTRY_FIELDS:
-                entry = _fast_entry(fields, data_start)
-                if entry is not None:
-                    return entry
+            (k0, v0), (k1, v1), (k2, v2) = pairs
+            entry = None
+            if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":  # as writers order them
+                entry = _fast_entry(v0, v1, v2, data_start)
+            elif {k0, k1, k2} == _ENTRY_FIELDS:
+                fields = dict(pairs)
+                entry = _fast_entry(
+                    fields["dtype"], fields["shape"], fields["data_offsets"], data_start
+                )
+            if entry is not None:
+                return entry
         return unique_keys(pairs)
 
     return hook
 
 
-def _fast_entry(fields: dict[str, Any], data_start: int) -> Entry | None:
-    code, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
-    if not isinstance(code, str) or not isinstance(shape, list) or not isinstance(offsets, list):
-        return None
-    if len(offsets) != 2 or not all(_is_count(d) for d in shape):
-        return None
-    start, end = offsets
-    if not (_is_count(start) and _is_count(end)) or start > end:
-        return None
+@functools.lru_cache(maxsize=4096)
+def _entry_layout(code: str, shape: tuple[int, ...]) -> tuple[DType, int | None]:
+    """A tensor's dtype and byte size, cached: headers repeat a few shapes many times."""
     dtype = BY_CODE.get(code) or dtypes.unknown(code)
-    nbytes = dtype.nbytes(tuple(shape))
+    return dtype, dtype.nbytes(shape)
+
+
+def _fast_entry(code: Any, shape: Any, offsets: Any, data_start: int) -> Entry | None:
+    # `type() is`, not isinstance: a bool is an int, and `true` is no dimension
+    if type(code) is not str or type(shape) is not list or type(offsets) is not list:
+        return None
+    if len(offsets) != 2:
+        return None
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+    start, end = offsets
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        return None
+    dims = tuple(shape)
+    dtype, nbytes = _entry_layout(code, dims)
     if dtype.known and nbytes != end - start:
         return None
-    return Entry("", dtype, tuple(shape), start + data_start, end + data_start)
+    return Entry("", dtype, dims, start + data_start, end + data_start)
+
+
+#: A minus sign where a JSON number may start: without one, no number in the header can be
+#: negative, and the parser need not check each integer (`_strict_int`) itself.
+_MAYBE_NEGATIVE = re.compile(rb"[\[,:]\s*-")
 
 
 def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Header:
@@ -515,6 +549,9 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
     if prefix.count(b'"data_offsets"', 8, 8 + n) > limits.MAX_TENSORS:
         _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
     data_start = 8 + n
+    hooks: dict[str, Any] = {}
+    if _MAYBE_NEGATIVE.search(prefix, 8, data_start):  # maybe only inside a name: check all
+        hooks["parse_int"] = _strict_int
     try:
         text = str(memoryview(prefix)[8:data_start], "utf-8")  # decoded without a copy
         top = json.loads(
@@ -522,7 +559,7 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
             object_pairs_hook=_entries_hook(data_start),
             parse_constant=reject_constant,
             parse_float=_reject_float,
-            parse_int=_strict_int,
+            **hooks,
         )
     except UnicodeDecodeError as exc:
         _fail(path, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
@@ -537,9 +574,11 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
     if len(top) > limits.MAX_TENSORS:  # the byte count above misses keys spelled with escapes
         _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
     # `top` becomes the entries map in place: no second map of a million entries.
+    names_ok = _names_valid(top)
     for name, raw_entry in top.items():
-        if isinstance(raw_entry, Entry):
-            _check_name(path, name)
+        if type(raw_entry) is Entry:
+            if not names_ok:
+                _check_name(path, name)
             raw_entry.name = name
         else:
             top[name] = _parse_entry(path, name, raw_entry, data_start)
@@ -593,6 +632,21 @@ def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
     if len(meta) > limits.MAX_METADATA_ENTRIES:
         _fail(path, f"__metadata__ has more than {limits.MAX_METADATA_ENTRIES} entries")
     return meta
+
+
+def _names_valid(names: Mapping[str, Any]) -> bool:
+    """Whether every key of ``names`` passes `_check_name`, checked over all at once (the
+    per-name check then runs only to find and name a bad one)."""
+    if "" in names:
+        return False
+    joined = "".join(names)
+    if "\x00" in joined:
+        return False
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(path: Path, name: str) -> None:
@@ -826,6 +880,8 @@ class SafetensorsReader:
         self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
         self._buf: Any = None  # the whole-file map, or the eager data buffer
         self._base = 0  # file offset of self._buf's first byte
+        self._address: int | None = None  # self._buf's address in memory, once asked
+        self._memview: memoryview | None = None
         self._fd: int | None = None  # kept only for per-tensor maps
         fd = fsops.fs().open_regular(self.path)
         try:
@@ -956,15 +1012,39 @@ class SafetensorsReader:
             ) from exc
         return np.frombuffer(m, np.uint8, count=e.end - e.start, offset=e.start - lo)
 
+    def _view(self) -> memoryview:
+        """``self._buf`` as bytes (slices of it cost less than arrays)."""
+        if self._memview is None:
+            self._memview = memoryview(self._buf).cast("B")
+        return self._memview
+
+    def _buf_address(self) -> int:
+        if self._address is None:
+            self._address = np.frombuffer(self._buf, np.uint8).__array_interface__["data"][0]
+        return self._address
+
     def raw(self, name: str) -> memoryview:
         return self._bytes(name).data
 
     def verify(self, name: str) -> None:
         """Check ``name`` against its recorded CRC32C (a no-op for files without them)."""
-        if self.header.checksums is None and self.header.checksum_problem is None:
+        header = self.header
+        sums = header.checksums
+        if sums is None and header.checksum_problem is None:
             return
         crc = self._computed.get(name)
-        verify_bytes(self.path, self.header, name, self.raw(name) if crc is None else None, crc)
+        if sums is not None and header.checksum_problem is None:
+            if crc is None:
+                e = header.entries[name]
+                data = (
+                    self._bytes(name)
+                    if self._buf is None
+                    else self._view()[e.start - self._base : e.end - self._base]
+                )
+                crc = _crc32c()(data, checksum_seed(e.dtype.code, e.shape))
+            if sums[name] == crc:
+                return
+        verify_bytes(self.path, header, name, self.raw(name) if crc is None else None, crc)
 
     def array(self, name: str, *, verify: bool = True) -> np.ndarray:
         """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping.
@@ -994,9 +1074,14 @@ class SafetensorsReader:
         if verify:
             self.verify(name)
         dtype = e.dtype.numpy
-        shape = e.dtype.raw_shape(e.shape)
+        shape = e.shape if e.dtype.name else e.dtype.raw_shape(e.shape)
         if e.end == e.start:
             return np.empty(shape, dtype)
+        if self._buf is not None:  # a view of the whole file's map or data, if aligned
+            offset = e.start - self._base
+            if (self._buf_address() + offset) % dtype.itemsize == 0:
+                count = (e.end - e.start) // dtype.itemsize
+                return np.frombuffer(self._buf, dtype, count, offset).reshape(shape)
         arr = self._bytes(name)
         self._pending.pop(name, None)  # the array owns its buffer now; the reader lets go
         if arr.ctypes.data % dtype.itemsize:
@@ -1023,14 +1108,12 @@ def file_parts(
     parallel.
     """
     image = file_image(specs_of(tensors), _stamped(metadata))
-    sums = _checksums_parallel(
-        list(zip(image.buffers, image.seeds, strict=True)), [len(b) for b in image.buffers]
-    )
+    sums = _checksums_parallel(list(zip(image.buffers, image.seeds, strict=True)), image.sizes)
     head = bytearray(image.header.head)
     table = image.header.checksum_table(sums)
     at = image.header.table_at
     head[at : at + len(table)] = table
-    return [memoryview(bytes(head)), *image.buffers]
+    return [memoryview(bytes(head)), *map(flat_bytes, image.buffers)]
 
 
 def write_file_streaming(
@@ -1051,9 +1134,11 @@ def write_file_streaming(
     """
     check_writable(str(path), layout, metadata)
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
+    names = tuple(name for name, _, _ in layout)
+    codes = tuple(d.code for _, d, _ in layout)
+    shapes = tuple(tuple(shape) for _, _, shape in layout)
     header = _header(
-        _layout_text(tuple((n, d.code, tuple(s), sizes[n]) for n, d, s in layout)),
-        _stamped(metadata),
+        _layout_text((names, codes, shapes, tuple(sizes.values()))), _stamped(metadata)
     )
     crcs: list[int] = []
 

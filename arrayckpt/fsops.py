@@ -12,7 +12,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -275,13 +275,12 @@ def _stream(fd: int, image: Any) -> list[int]:
     from . import format
 
     crc = format.crc32c_function()
-    out = _Appender(fd, Writeback(fd, image.nbytes))
+    out = _Appender(fd, Writeback(fd, image.nbytes), format.flat_bytes)
     out.write([image.header.head], len(image.header.head))
     crcs: list[int] = []
     batch: list[Any] = []
     size = 0
-    for data, seed in zip(image.buffers, image.seeds, strict=True):
-        n = len(data)
+    for data, n, seed in zip(image.buffers, image.sizes, image.seeds, strict=True):
         if n <= CHUNK_BYTES:
             crcs.append(crc(data, seed))
             batch.append(data)
@@ -293,6 +292,7 @@ def _stream(fd: int, image: Any) -> list[int]:
         if batch:
             out.write(batch, size)
             batch, size = [], 0
+        data = format.flat_bytes(data)
         for at in range(0, n, CHUNK_BYTES):
             piece = data[at : at + CHUNK_BYTES]
             seed = crc(piece, seed)
@@ -306,8 +306,8 @@ def _stream(fd: int, image: Any) -> list[int]:
 class _Appender:
     """Appends buffers to a file with ``writev``, finishing short writes."""
 
-    def __init__(self, fd: int, early: Writeback) -> None:
-        self.fd, self.early, self.end = fd, early, 0
+    def __init__(self, fd: int, early: Writeback, flat: Callable[[Any], Any]) -> None:
+        self.fd, self.early, self.flat, self.end = fd, early, flat, 0
 
     def write(self, buffers: list[Any], nbytes: int) -> None:
         left = nbytes
@@ -316,6 +316,7 @@ class _Appender:
             if done == 0:
                 raise OSError(errno.EIO, "write made no progress")
             left -= done
+            buffers = [self.flat(b) for b in buffers]
             while done >= len(buffers[0]):
                 done -= len(buffers[0])
                 buffers = buffers[1:]

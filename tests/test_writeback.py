@@ -3,6 +3,7 @@ as soon as it is written, and a small file is left to the fsync."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def test_a_large_save_starts_writeback_stretch_by_stretch_and_round_trips(
     ranges = [(offset, n) for _, offset, n in recorder.calls]
     assert len(ranges) >= 7
     assert ranges[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
     assert all(n >= 1 << 20 for _, n in ranges)
 
 
