@@ -216,34 +216,6 @@ def _header_bytes(
     return len(_header(_layout_text(key), _stamped(meta)).head) - 8
 
 
-class TensorSpec:
-    """One tensor of a file to write: its dtype, shape and bytes (a C-contiguous host
-    array, kept alive by the spec until the file is written)."""
-
-    __slots__ = ("address", "data", "dtype", "shape")
-
-    def __init__(
-        self, dtype: DType, shape: tuple[int, ...], data: np.ndarray, address: int | None = None
-    ) -> None:
-        self.dtype, self.shape, self.data, self.address = dtype, shape, data, address
-
-    @property
-    def data_ptr(self) -> int:
-        """The address of the first byte."""
-        if self.address is not None:
-            return self.address
-        return int(self.data.__array_interface__["data"][0])
-
-    @property
-    def data_len(self) -> int:
-        return int(self.data.nbytes)
-
-
-def specs_of(tensors: Mapping[str, HostTensor]) -> dict[str, TensorSpec]:
-    """The `TensorSpec` of each host tensor (what `FileSystem.write_safetensors` writes)."""
-    return {n: TensorSpec(t.dtype, t.data.shape, t.data, t.address) for n, t in tensors.items()}
-
-
 @dataclass(frozen=True)
 class _LayoutText:
     """The parts of a header that depend only on the tensors' names, dtypes and shapes."""
@@ -342,13 +314,13 @@ def flat_bytes(data: Any) -> Any:
 
 
 _CODE = operator.attrgetter("dtype.code")
-_SHAPE = operator.attrgetter("shape")
+_SHAPE = operator.attrgetter("data.shape")
 _DATA = operator.attrgetter("data")
 _NBYTES = operator.attrgetter("data.nbytes")
 
 
-def file_image(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> FileImage:
-    """The `FileImage` of ``specs`` with ``__metadata__`` ``metadata``.
+def file_image(specs: Mapping[str, HostTensor], metadata: Mapping[str, str]) -> FileImage:
+    """The `FileImage` of the host tensors ``specs`` with ``__metadata__`` ``metadata``.
 
     Tensors go in the order given, stably sorted by item size, larger first (as
     safetensors does), so every tensor stays aligned. Per tensor this is a few C-level
@@ -403,7 +375,7 @@ def write_file(
     )
     meta = _stamped(metadata)
     fs = fsops.fs()
-    fs.write_safetensors(path, specs_of(tensors), meta)
+    fs.write_safetensors(path, tensors, meta)
     if borrowed and not _file_consistent(path):
         log.warning(
             "%s: tensors changed while they were being saved; writing a copy instead "
@@ -415,7 +387,7 @@ def write_file(
         tensors = {
             name: HostTensor(np.array(t.data, copy=True), t.dtype) for name, t in tensors.items()
         }
-        fs.write_safetensors(path, specs_of(tensors), meta)
+        fs.write_safetensors(path, tensors, meta)
     fs.fsync_file(path)
 
 
@@ -1107,7 +1079,7 @@ def file_parts(
     The checksums go in the header, which comes first: they are computed first, in
     parallel.
     """
-    image = file_image(specs_of(tensors), _stamped(metadata))
+    image = file_image(tensors, _stamped(metadata))
     sums = _checksums_parallel(list(zip(image.buffers, image.seeds, strict=True)), image.sizes)
     head = bytearray(image.header.head)
     table = image.header.checksum_table(sums)

@@ -45,8 +45,8 @@ class FileSystem:
     def write_safetensors(
         self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
     ) -> None:
-        """Create the safetensors file ``path`` holding ``specs`` (`format.TensorSpec` by
-        name) and ``metadata``, streamed from the specs' host buffers (see `write_image`)."""
+        """Create the safetensors file ``path`` holding ``specs`` (`staging.HostTensor` by
+        name) and ``metadata``, streamed from their host buffers (see `write_image`)."""
         from . import format  # format imports this module: imported on the first write
 
         write_image(path, format.file_image(specs, metadata))
