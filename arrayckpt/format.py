@@ -61,15 +61,14 @@ def _crc32c() -> Callable[..., int]:
 
 
 def import_writer_modules() -> None:
-    """Import the native modules a write needs, in the calling (training) thread.
+    """Import the native module a write needs (crc32c; the writer is arrayckpt's own, so
+    safetensors' bindings are not needed), in the calling (training) thread.
 
     Every save calls this before it is queued. Imported first on the writer thread while
     the interpreter exits (the drain of a pending save after Ctrl-C), an import resets
     CPython's record of the unhandled KeyboardInterrupt, and the process would exit with
     status 1 instead of by SIGINT.
     """
-    import safetensors  # noqa: F401
-
     _crc32c()
 
 
