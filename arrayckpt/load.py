@@ -107,6 +107,11 @@ def read_state(
     path = reader.path
     if into is not None and not templates.is_jax_template(into):
         return fill.fill(into, reader, verify=verify)
+    if into is not None:
+        from .distributed import jax_restore
+
+        # each device of the template's shardings reads only its box of each tensor
+        return jax_restore.restore_file(reader, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 
@@ -146,15 +151,18 @@ def load_file(
     device: Any = None,
     keys: Iterable[str] | None = None,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load one safetensors file, of any name, written by any tool, as arrays of ``xp``.
 
     Args:
-        path: the file (a Hugging Face ``model.safetensors``, a shard, an arrayckpt file).
+        path: the file (a Hugging Face ``model.safetensors``, a shard, an arrayckpt file),
+            or its ``s3://``, ``gs://`` or ``az://`` URL (``file://`` is a local path).
         xp: as in `load_checkpoint`.
         device: as in `load_checkpoint`.
         keys: only these tensors, as a flat dict; the others are never read.
         verify: check the CRC32C arrayckpt recorded (files from other tools have none).
+        storage_options: object-store settings over those from the environment.
 
     Returns:
         ``{name: array}``; a file arrayckpt wrote from nested state comes back nested.
@@ -171,7 +179,12 @@ def load_file(
         >>> ac.load_file(f)
         {'w': array([0, 1, 2], dtype=int32)}
     """
-    file = Path(path)
+    if storage.is_url(path):
+        from .storage import fetch  # the object-store client is imported only here
+
+        with fetch.local_file(str(path), storage_options) as copy:  # mapped: outlives it
+            return load_file(copy, xp=xp, device=device, keys=keys, verify=verify)
+    file = Path(storage.local_path(path))
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file}: no such file")
     return load_state_file(file, xp=xp, device=device, keys=keys, verify=verify)
@@ -216,7 +229,11 @@ def load_checkpoint(
             their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
             then unused. A JAX template (JAX arrays or ``jax.ShapeDtypeStruct`` leaves,
             in any pytree: dataclasses, namedtuples, Flax structs) gets new arrays
-            instead, in its structure, dtypes and shardings.
+            instead, in its structure, dtypes and shardings, each device reading only its
+            box of each tensor; it also loads a distributed checkpoint saved from sharded
+            arrays (DTensor, jax.Array) at any world size, this process
+            (``jax.process_index()``) getting its devices' boxes. A template leaf that is
+            not an array (``...``) takes what the checkpoint holds there.
         optimizer_into: the same for the optimizer state (e.g. ``tx.init(params)``, so an
             optax state comes back with its ``.mu`` and ``.nu``).
         storage_options: object-store settings over those from the environment.
@@ -320,6 +337,10 @@ def _load_once(
             f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
         )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
+        if templates.is_jax_template(into) or templates.is_jax_template(optimizer_into):
+            from .distributed.load import load_into_jax
+
+            return load_into_jax(root, into, optimizer_into, optimizer=optimizer, **options)
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )

@@ -1,4 +1,4 @@
-"""Sharded arrays (torch DTensor) saved as boxes of one global tensor, and read back by box.
+"""Sharded arrays (torch DTensor, jax.Array) saved as boxes of one global tensor, read by box.
 
 Each saved rank writes, under the tensor's own name, the one box of the global tensor it
 owns (replicas once: the rank at coordinate 0 of every replicated mesh dimension), and
@@ -19,6 +19,7 @@ import numpy as np
 from .. import nested
 from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
+from . import jax_arrays
 from .shards import SavedRank, ShardFile
 from .trees import merged_tree
 
@@ -34,15 +35,16 @@ def _dtensor_type() -> Any:
 
 
 def has_sharded(*states: Any) -> bool:
-    """True when a state (a flat mapping or a nested one) holds a torch DTensor."""
+    """True when a state (a flat mapping or a nested one) holds a torch DTensor or a
+    ``jax.Array`` over several devices."""
     dt = _dtensor_type()
-    if dt is None:
+    if dt is None and "jax" not in sys.modules:
         return False
     found = False
 
     def look(name: str, v: Any) -> Any:
         nonlocal found
-        found = found or isinstance(v, dt)
+        found = found or (dt is not None and isinstance(v, dt)) or jax_arrays.is_sharded(v)
         return v
 
     for s in states:
@@ -56,8 +58,9 @@ def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str,
 
     ``state`` may be nested (an FSDP2 ``optimizer.state_dict()``): it keeps its
     structure, each DTensor replaced by its local tensor when this rank is its box's
-    writer and left out otherwise; facts are keyed by the tensor names `nested.flatten`
-    gives. A plain array is taken as replicated (rank 0 writes it); scalars stay on
+    writer and left out otherwise (a sharded ``jax.Array`` by this process's shards of
+    replica 0, see `jax_arrays.owned_box`); facts are keyed by the tensor names
+    `nested.flatten` gives. A plain array is taken as replicated (rank 0 writes it); scalars stay on
     every rank.
 
     Raises:
@@ -71,6 +74,11 @@ def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str,
     def own(name: str, v: Any) -> Any:
         if dt is not None and isinstance(v, dt):
             box = _dtensor_box(v, name, what)
+            if box is None:
+                return nested.DROP
+            local, offset = box
+        elif jax_arrays.is_sharded(v):
+            box = jax_arrays.owned_box(v, name, what)
             if box is None:
                 return nested.DROP
             local, offset = box
