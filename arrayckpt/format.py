@@ -304,12 +304,12 @@ class FileImage:
         return len(self.header.head) + sum(self.sizes)
 
 
-def flat_bytes(data: Any) -> Any:
-    """A C-contiguous array's bytes as a flat buffer (``len`` is its size), without a copy."""
+def flat_bytes(data: Any) -> memoryview:
+    """A C-contiguous array's bytes as a flat memoryview (``len`` is its size), no copy."""
     try:
         return memoryview(data).cast("B")
     except (TypeError, ValueError):  # ml_dtypes arrays export no buffer format
-        return data.reshape(-1).view(np.uint8)
+        return data.reshape(-1).view(np.uint8).data
 
 
 _CODE = operator.attrgetter("dtype.code")
@@ -1080,7 +1080,7 @@ class SafetensorsReader:
 
 def file_parts(
     tensors: Mapping[str, HostTensor], metadata: Mapping[str, str] | None = None
-) -> list[Any]:
+) -> list[memoryview]:
     """The bytes of the safetensors file `write_file` would write, as buffers: the header,
     then views of each host buffer (no copy), for uploads that stream a file.
 
