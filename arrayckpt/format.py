@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import mmap as mmap_module
+import operator
 import os
 import struct
 import weakref
@@ -50,6 +51,7 @@ _OWN_PREFIX = "arrayckpt."
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
+@functools.cache
 def _crc32c() -> Callable[..., int]:
     """The CRC32C function, imported on first use: importing ``crc32c`` loads
     ``importlib.metadata`` (20-40 ms), which ``import arrayckpt`` should not pay."""
@@ -59,15 +61,14 @@ def _crc32c() -> Callable[..., int]:
 
 
 def import_writer_modules() -> None:
-    """Import the native modules a write needs, in the calling (training) thread.
+    """Import the native module a write needs (crc32c; the writer is arrayckpt's own, so
+    safetensors' bindings are not needed), in the calling (training) thread.
 
     Every save calls this before it is queued. Imported first on the writer thread while
     the interpreter exits (the drain of a pending save after Ctrl-C), an import resets
     CPython's record of the unhandled KeyboardInterrupt, and the process would exit with
     status 1 instead of by SIGINT.
     """
-    import safetensors  # noqa: F401
-
     _crc32c()
 
 
@@ -103,33 +104,21 @@ def checksum_seed(code: str, shape: tuple[int, ...]) -> int:
     return checksum(f"{code}:{','.join(map(str, shape))}".encode())
 
 
-def _checksums_json(crcs: Mapping[str, int]) -> str:
-    return json.dumps(
-        {name: f"{crc:08x}" for name, crc in crcs.items()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-
-
-#: One tensor to checksum: its dtype code, shape and bytes (any C-contiguous buffer).
-_Checksummable = tuple[str, tuple[int, ...], Any]
-
-
-def _checksum_all(items: list[_Checksummable]) -> list[int]:
+def _checksum_all(items: list[tuple[Any, int]]) -> list[int]:
     crc: Any = _crc32c()  # typed for bytes; any C-contiguous buffer works
-    return [crc(data, checksum_seed(code, shape)) for code, shape, data in items]
+    return [crc(data, seed) for data, seed in items]
 
 
-def _checksums_parallel(items: list[_Checksummable], sizes: list[int]) -> list[int]:
-    """Checksums of ``items`` (``sizes``: their byte sizes), spread across the helper
-    threads and this one.
+def _checksums_parallel(items: list[tuple[Any, int]], sizes: Sequence[int]) -> list[int]:
+    """CRC32Cs of ``items`` (each a buffer and the CRC it continues from; ``sizes``: their
+    byte sizes), spread across the helper threads and this one.
 
     crc32c releases the GIL; items go in one batch per thread of about equal bytes,
     since a hand-off per tensor would cost more than the checksum of a small one.
     """
     workers = pool.threads()
     share = sum(sizes) / workers
-    batches: list[list[_Checksummable]] = [[]]
+    batches: list[list[tuple[Any, int]]] = [[]]
     filled = 0.0
     for item, size in zip(items, sizes, strict=True):
         if filled >= share * len(batches) and len(batches) < workers:
@@ -143,15 +132,6 @@ def _checksums_parallel(items: list[_Checksummable], sizes: list[int]) -> list[i
     finally:
         rest = [c for f in futures for c in f.result()]
     return first + rest
-
-
-def checksums(tensors: Mapping[str, HostTensor]) -> dict[str, int]:
-    """Every tensor's CRC32C, computed in parallel."""
-    # `t.data` itself, not `t.bytes()`: a C-contiguous array exports its bytes as a buffer,
-    # and skipping the flat uint8 view saves a microsecond per tensor.
-    items = [(t.dtype.code, t.data.shape, t.data) for t in tensors.values()]
-    sizes = [t.data.nbytes for t in tensors.values()]
-    return dict(zip(tensors, _checksums_parallel(items, sizes), strict=True))
 
 
 # A header entry's text beside its name and numbers:
@@ -186,14 +166,18 @@ def check_writable(
         raise InvalidInputError(
             f"{what}: {len(meta)} __metadata__ entries, more than {limits.MAX_METADATA_ENTRIES}"
         )
-    for name, _, shape in layout:
-        if len(shape) > limits.MAX_NDIM:
-            raise InvalidInputError(
-                f"{what}: tensor {name!r} has {len(shape)} dimensions, more than the "
-                f"{limits.MAX_NDIM} a reader accepts; reshape it"
-            )
-    chars = sum(len(name) for name, _, _ in layout)
-    ndims = sum(len(shape) for _, _, shape in layout)
+    # C-level passes over the columns: this runs in the caller's thread, on every save
+    names, _, shapes = zip(*layout, strict=True) if layout else ((), (), ())
+    dims = list(map(len, shapes))
+    if dims and max(dims) > limits.MAX_NDIM:
+        for name, shape in zip(names, shapes, strict=True):
+            if len(shape) > limits.MAX_NDIM:
+                raise InvalidInputError(
+                    f"{what}: tensor {name!r} has {len(shape)} dimensions, more than the "
+                    f"{limits.MAX_NDIM} a reader accepts; reshape it"
+                )
+    chars = sum(map(len, names))
+    ndims = sum(dims)
     per_tensor = _ENTRY_TEXT + _CODE_MAX + 2 * _DIGITS_MAX + _CRC_TEXT
     meta_chars = sum(len(k) + len(v) + 6 for k, v in meta.items())
     bound = 13 * chars + len(layout) * per_tensor + ndims * (_DIGITS_MAX + 1) + 6 * meta_chars
@@ -220,19 +204,157 @@ def _stamped(metadata: Mapping[str, str] | None) -> dict[str, str]:
 def _header_bytes(
     layout: Sequence[tuple[str, DType, tuple[int, ...]]], meta: Mapping[str, str]
 ) -> int:
-    """The header's size as `write_file` will write it, to within a few bytes (above)."""
-    full = _stamped(meta)
-    full[CHECKSUMS_KEY] = _checksums_json({name: 0 for name, _, _ in layout})
-    size = len(
-        json.dumps({"__metadata__": full}, separators=(",", ":"), ensure_ascii=False).encode()
+    """The exact size of the header `write_file` writes for ``layout`` and ``meta``."""
+    shapes = tuple(tuple(shape) for _, _, shape in layout)
+    key = (
+        tuple(name for name, _, _ in layout),
+        tuple(d.code for _, d, _ in layout),
+        shapes,
+        tuple(d.nbytes(shape) or 0 for (_, d, _), shape in zip(layout, shapes, strict=True)),
     )
-    total = sum((d.nbytes(shape) or 0) for _, d, shape in layout)
-    offsets = 2 * len(str(total)) + 1
-    names = json.dumps([name for name, _, _ in layout], ensure_ascii=False).encode()
-    size += len(names)  # names, quoted, with a separator each (the list's ", ")
-    for _, d, shape in layout:
-        size += _ENTRY_TEXT + len(d.code) + len(",".join(map(str, shape))) + offsets
-    return size + 8  # padding to 8 bytes
+    return len(_header(_layout_text(key), _stamped(meta)).head) - 8
+
+
+@dataclass(frozen=True)
+class _LayoutText:
+    """The parts of a header that depend only on the tensors' names, dtypes and shapes."""
+
+    #: The tensor entries, ``,"name":{...},"name":{...}`` (empty for no tensors).
+    entries: bytes
+    #: The checksum table's text as a %-format of one ``%08x`` per CRC, escaped as the
+    #: JSON string it is in the header: ``{\"a\":\"%08x\",\"b\":\"%08x\"}``.
+    table: str
+    #: ``table`` with placeholders: zeros, the width of the real values, so that
+    #: patching them in moves nothing.
+    placeholder: bytes
+
+
+#: A layout: the tensors' names, dtype codes, shapes and byte sizes, in file order.
+_Layout = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, ...], ...], tuple[int, ...]]
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_text(layout: _Layout) -> _LayoutText:
+    """Header text for ``layout``, cached: saves of one model repeat the same layout, and
+    building the text costs microseconds per tensor."""
+    quote = json.encoder.encode_basestring
+    entries = []
+    table: list[str] = []
+    cursor = 0
+    for name, code, shape, nbytes in zip(*layout, strict=True):
+        q = quote(name)
+        entries.append(
+            f',{q}:{{"dtype":"{code}","shape":[{",".join(map(str, shape))}],'
+            f'"data_offsets":[{cursor},{cursor + nbytes}]}}'
+        )
+        cursor += nbytes
+        table.append(("{" if not table else '",') + q + ':"')
+    table.append('"}' if table else "{}")
+    escaped = [quote(t)[1:-1].replace("%", "%%") for t in table]
+    text = "%08x".join(escaped)
+    return _LayoutText("".join(entries).encode(), text, (text % ((0,) * (len(table) - 1))).encode())
+
+
+@dataclass(frozen=True)
+class HeaderImage:
+    """A file's first bytes, header length included, with placeholder checksums."""
+
+    head: bytes
+    #: Offset in the file of the checksum table's text (`checksum_table` fills it in).
+    table_at: int
+    layout: _LayoutText
+
+    def checksum_table(self, crcs: Sequence[int]) -> bytes:
+        """The checksum table's text with ``crcs`` (one per tensor, in file order): the
+        bytes to put at `table_at`, as long as the placeholders they replace."""
+        return (self.layout.table % tuple(crcs)).encode()
+
+
+def _header(layout: _LayoutText, meta: Mapping[str, str]) -> HeaderImage:
+    """The header for ``layout`` and ``__metadata__`` ``meta`` (without the checksum table,
+    which goes last in it), padded so the data starts 8-byte aligned as safetensors does."""
+    own = {k: v for k, v in meta.items() if k != CHECKSUMS_KEY}
+    pairs = json.dumps(own, separators=(",", ":"), ensure_ascii=False)[1:-1]
+    before = (
+        '{"__metadata__":{' + (pairs + "," if pairs else "") + f'"{CHECKSUMS_KEY}":"'
+    ).encode()
+    size = len(before) + len(layout.placeholder) + 2 + len(layout.entries) + 1
+    pad = -size % 8
+    head = b"".join(
+        (struct.pack("<Q", size + pad), before, layout.placeholder, b'"}', layout.entries, b"}")
+    )
+    return HeaderImage(head + b" " * pad, 8 + len(before), layout)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """Everything needed to write one safetensors file, in file order: the header with
+    placeholder checksums, then each tensor's bytes and the seed of its CRC32C."""
+
+    header: HeaderImage
+    names: tuple[str, ...]
+    #: Each tensor's C-contiguous host array (any buffer: crc32c and writev take them as
+    #: they are), its byte size, and the CRC its checksum starts from.
+    buffers: list[Any]
+    sizes: tuple[int, ...]
+    seeds: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header.head) + sum(self.sizes)
+
+
+def flat_bytes(data: Any) -> memoryview:
+    """A C-contiguous array's bytes as a flat memoryview (``len`` is its size), no copy."""
+    try:
+        return memoryview(data).cast("B")
+    except (TypeError, ValueError):  # ml_dtypes arrays export no buffer format
+        return data.reshape(-1).view(np.uint8).data
+
+
+_CODE = operator.attrgetter("dtype.code")
+_ITEMSIZE = operator.attrgetter("dtype.itemsize")
+_SHAPE = operator.attrgetter("data.shape")
+_DATA = operator.attrgetter("data")
+_NBYTES = operator.attrgetter("data.nbytes")
+
+
+@functools.lru_cache(maxsize=32)
+def _file_order(names: tuple[str, ...], itemsizes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The tensors' order in the file, as safetensors orders them: by item size, larger
+    first (so every tensor stays aligned), then by name; None if that is the order given.
+    Cached with the layout text: sorting 20,000 names is the costliest step of a header."""
+    order = sorted(range(len(names)), key=lambda i: (-itemsizes[i], names[i]))
+    return None if order == list(range(len(names))) else tuple(order)
+
+
+def file_image(specs: Mapping[str, HostTensor], metadata: Mapping[str, str]) -> FileImage:
+    """The `FileImage` of the host tensors ``specs`` with ``__metadata__`` ``metadata``.
+
+    Per tensor this is a few C-level attribute reads: the order and the header text come
+    from caches (`_file_order`, `_layout_text`).
+    """
+    names = tuple(specs)
+    values = list(specs.values())
+    order = _file_order(names, tuple(map(_ITEMSIZE, values)))
+    if order is not None:
+        names = tuple(names[i] for i in order)
+        values = [values[i] for i in order]
+    codes, shapes = tuple(map(_CODE, values)), tuple(map(_SHAPE, values))
+    sizes = tuple(map(_NBYTES, values))
+    return FileImage(
+        _header(_layout_text((names, codes, shapes, sizes)), metadata),
+        names,
+        list(map(_DATA, values)),
+        sizes,
+        list(map(checksum_seed, codes, shapes)),
+    )
+
+
+def crc32c_function() -> Callable[[Any, int], int]:
+    """crc32c's ``crc32c(buffer, start)``: any C-contiguous buffer; releases the GIL on
+    large ones."""
+    return _crc32c()
 
 
 def write_file(
@@ -244,15 +366,15 @@ def write_file(
 ) -> None:
     """Write ``tensors`` to a safetensors file at ``path`` and fsync it.
 
-    Each tensor's CRC32C goes into ``__metadata__``; the bytes are written by safetensors'
-    Rust serializer straight from the host buffers, which ``tensors`` keeps alive. The
-    whole file is one `FileSystem.write_safetensors` step (the durability tests record
-    and replay those steps), so the checksums are computed first, in parallel.
+    The file is one `FileSystem.write_safetensors` step (the durability tests record and
+    replay those steps): the header goes first, then each tensor's bytes are streamed
+    from the host buffers, which ``tensors`` keeps alive, each chunk checksummed while it
+    is in cache; the CRC32Cs land in the header's placeholders last.
 
     Args:
         borrowed: the buffers are the caller's own arrays (a synchronous, zero-copy save),
             which another thread may change while they are checksummed and written. The
-            file is then read back and checksummed; if its bytes are not those the
+            file is then read back and checksummed; if its bytes are not those its
             checksums were taken of, it is written again from a private copy. Either way
             the checksums recorded are those of the bytes in the file.
     """
@@ -260,54 +382,36 @@ def write_file(
         str(path), [(name, t.dtype, t.data.shape) for name, t in tensors.items()], metadata
     )
     meta = _stamped(metadata)
-    crcs = checksums(tensors)
-    _write(path, tensors, meta, crcs)
-    if borrowed and _file_checksums(path, list(tensors)) != crcs:
+    fs = fsops.fs()
+    fs.write_safetensors(path, tensors, meta)
+    if borrowed and not _file_consistent(path):
         log.warning(
             "%s: tensors changed while they were being saved; writing a copy instead "
             "(synchronous saves read the arrays in place: stop changing them during the "
             "save, or use AsyncCheckpointer, which snapshots them first)",
             path,
         )
-        fsops.fs().remove_file(path)
+        fs.remove_file(path)
         tensors = {
             name: HostTensor(np.array(t.data, copy=True), t.dtype) for name, t in tensors.items()
         }
-        _write(path, tensors, meta, checksums(tensors))
-    fsops.fs().fsync_file(path)
+        fs.write_safetensors(path, tensors, meta)
+    fs.fsync_file(path)
 
 
-def _write(
-    path: Path, tensors: Mapping[str, HostTensor], meta: dict[str, str], crcs: dict[str, int]
-) -> None:
-    import safetensors  # its Rust bindings load on the first write, not on import arrayckpt
-
-    meta[CHECKSUMS_KEY] = _checksums_json(crcs)
-    specs = {
-        name: safetensors.TensorSpec(
-            dtype=t.dtype.name,
-            shape=list(t.data.shape),
-            data_ptr=t.data.__array_interface__["data"][0] if t.address is None else t.address,
-            data_len=t.data.nbytes,
-        )
-        for name, t in tensors.items()
-    }
-    fsops.fs().write_safetensors(path, specs, meta)
-
-
-def _file_checksums(path: Path, names: list[str]) -> dict[str, int]:
-    """The checksums of the tensors as the file at ``path`` holds them (read back from the
-    page cache, just written)."""
+def _file_consistent(path: Path) -> bool:
+    """Whether the tensors in the file at ``path`` match the checksums its header records
+    (read back from the page cache, just written)."""
     try:
         reader = SafetensorsReader(path)
     except CheckpointReadError as exc:
         if isinstance(exc.__cause__, OSError):  # an I/O error of the save, as when writing
             raise exc.__cause__ from None
         raise
-    entries = [reader.header.entries[name] for name in names]
-    items = [(e.dtype.code, e.shape, reader.raw(e.name)) for e in entries]
+    entries = list(reader.header.entries.values())
+    items = [(reader.raw(e.name), checksum_seed(e.dtype.code, e.shape)) for e in entries]
     sums = _checksums_parallel(items, [e.end - e.start for e in entries])
-    return dict(zip(names, sums, strict=True))
+    return dict(zip(reader.header.entries, sums, strict=True)) == reader.header.checksums
 
 
 @dataclass(slots=True)
@@ -364,30 +468,46 @@ def _entries_hook(data_start: int) -> Callable[[list[tuple[str, Any]]], Any]:
 
     def hook(pairs: list[tuple[str, Any]]) -> Any:
         if len(pairs) == 3:
-            fields = dict(pairs)
-            if fields.keys() == _ENTRY_FIELDS:
-                entry = _fast_entry(fields, data_start)
-                if entry is not None:
-                    return entry
+            (k0, v0), (k1, v1), (k2, v2) = pairs
+            entry = None
+            if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":  # as writers order them
+                entry = _fast_entry(v0, v1, v2, data_start)
+            elif {k0, k1, k2} == _ENTRY_FIELDS:
+                fields = dict(pairs)
+                entry = _fast_entry(
+                    fields["dtype"], fields["shape"], fields["data_offsets"], data_start
+                )
+            if entry is not None:
+                return entry
         return unique_keys(pairs)
 
     return hook
 
 
-def _fast_entry(fields: dict[str, Any], data_start: int) -> Entry | None:
-    code, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
-    if not isinstance(code, str) or not isinstance(shape, list) or not isinstance(offsets, list):
-        return None
-    if len(offsets) != 2 or not all(_is_count(d) for d in shape):
-        return None
-    start, end = offsets
-    if not (_is_count(start) and _is_count(end)) or start > end:
-        return None
+@functools.lru_cache(maxsize=4096)
+def _entry_layout(code: str, shape: tuple[int, ...]) -> tuple[DType, int | None]:
+    """A tensor's dtype and byte size, cached: headers repeat a few shapes many times."""
     dtype = BY_CODE.get(code) or dtypes.unknown(code)
-    nbytes = dtype.nbytes(tuple(shape))
+    return dtype, dtype.nbytes(shape)
+
+
+def _fast_entry(code: Any, shape: Any, offsets: Any, data_start: int) -> Entry | None:
+    # `type() is`, not isinstance: a bool is an int, and `true` is no dimension
+    if type(code) is not str or type(shape) is not list or type(offsets) is not list:
+        return None
+    if len(offsets) != 2:
+        return None
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+    start, end = offsets
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        return None
+    dims = tuple(shape)
+    dtype, nbytes = _entry_layout(code, dims)
     if dtype.known and nbytes != end - start:
         return None
-    return Entry("", dtype, tuple(shape), start + data_start, end + data_start)
+    return Entry("", dtype, dims, start + data_start, end + data_start)
 
 
 def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Header:
@@ -407,6 +527,11 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
     if prefix.count(b'"data_offsets"', 8, 8 + n) > limits.MAX_TENSORS:
         _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
     data_start = 8 + n
+    hooks: dict[str, Any] = {}
+    # Without a minus sign anywhere no number can be negative, and the parser need not hand
+    # each integer to `_strict_int` (W2's header: 60,000 of them).
+    if prefix.find(b"-", 8, data_start) != -1:
+        hooks["parse_int"] = _strict_int
     try:
         text = str(memoryview(prefix)[8:data_start], "utf-8")  # decoded without a copy
         top = json.loads(
@@ -414,7 +539,7 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
             object_pairs_hook=_entries_hook(data_start),
             parse_constant=reject_constant,
             parse_float=_reject_float,
-            parse_int=_strict_int,
+            **hooks,
         )
     except UnicodeDecodeError as exc:
         _fail(path, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
@@ -429,9 +554,11 @@ def parse_header(path: Path, prefix: bytes | bytearray, file_size: int) -> Heade
     if len(top) > limits.MAX_TENSORS:  # the byte count above misses keys spelled with escapes
         _fail(path, f"header declares more than {limits.MAX_TENSORS} tensors")
     # `top` becomes the entries map in place: no second map of a million entries.
+    names_ok = _names_valid(top)
     for name, raw_entry in top.items():
-        if isinstance(raw_entry, Entry):
-            _check_name(path, name)
+        if type(raw_entry) is Entry:
+            if not names_ok:
+                _check_name(path, name)
             raw_entry.name = name
         else:
             top[name] = _parse_entry(path, name, raw_entry, data_start)
@@ -485,6 +612,21 @@ def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
     if len(meta) > limits.MAX_METADATA_ENTRIES:
         _fail(path, f"__metadata__ has more than {limits.MAX_METADATA_ENTRIES} entries")
     return meta
+
+
+def _names_valid(names: Mapping[str, Any]) -> bool:
+    """Whether every key of ``names`` passes `_check_name`, checked over all at once (the
+    per-name check then runs only to find and name a bad one)."""
+    if "" in names:
+        return False
+    joined = "".join(names)
+    if "\x00" in joined:
+        return False
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(path: Path, name: str) -> None:
@@ -614,8 +756,80 @@ def _unreadable(path: Path, name: str, problem: str) -> NoReturn:
     raise UnsupportedArrayError(f"{path}: tensor {name!r}: {problem}; {others}")
 
 
-#: Eager reads go in chunks of this size, so checksums of one overlap reading the next.
-_READ_CHUNK = 16 << 20
+#: Eager reads go in pieces of this size, spread across threads; each piece's checksums
+#: are computed right after it is read, while its bytes are still in cache.
+_READ_CHUNK = 4 << 20
+
+#: CRC32C's polynomial, bit-reflected (crc32c and this module's combination agree).
+_CRC32C_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo CRC32C's polynomial, reflected (zlib's ``multmodp``); ``a != 0``."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+
+
+@functools.cache
+def _x2n_table() -> tuple[int, ...]:
+    """``x^(2^k)`` modulo the polynomial for k = 0..31."""
+    table = [1 << 30]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return tuple(table)
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC32C of ``A + B`` from ``crc1`` (that of A, or of what A continues) and
+    ``crc2`` (that of B alone, from 0), ``len2`` being B's length in bytes.
+
+    Lets threads checksum pieces of one tensor at once (zlib's ``crc32_combine``).
+    """
+    table = _x2n_table()
+    p, k, n = 1 << 31, 3, len2  # x^0; the shift is x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _multmodp(table[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+#: One piece of an eager read: its file range, and the part of each tensor it holds
+#: (name, start, end, the CRC its checksum continues from, whether it is the whole tensor).
+_Piece = tuple[int, int, list[tuple[str, int, int, int, bool]]]
+
+
+def _plan_pieces(entries: Iterable[Entry], start: int, size: int, step: int) -> list[_Piece]:
+    """Cut the data bytes ``[start, size)`` into pieces of ``step`` bytes, and each tensor
+    (``entries`` in file order, covering the range) into its parts in those pieces."""
+    bounds = [*range(start, size, step), size] if size > start else [start, size]
+    pieces: list[_Piece] = [(lo, hi, []) for lo, hi in itertools.pairwise(bounds)]
+    last = len(pieces) - 1
+    k = 0
+    for e in entries:
+        seed = checksum_seed(e.dtype.code, e.shape)
+        at = e.start
+        while k < last and pieces[k][1] <= at:
+            k += 1
+        j = k
+        while True:
+            hi = pieces[j][1]
+            if e.end <= hi:
+                pieces[j][2].append(
+                    (e.name, at, e.end, seed if at == e.start else 0, at == e.start)
+                )
+                break
+            pieces[j][2].append((e.name, at, hi, seed if at == e.start else 0, False))
+            at = hi
+            j += 1
+    return pieces
 
 
 class SafetensorsReader:
@@ -646,6 +860,8 @@ class SafetensorsReader:
         self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
         self._buf: Any = None  # the whole-file map, or the eager data buffer
         self._base = 0  # file offset of self._buf's first byte
+        self._address: int | None = None  # self._buf's address in memory, once asked
+        self._memview: memoryview | None = None
         self._fd: int | None = None  # kept only for per-tensor maps
         fd = fsops.fs().open_regular(self.path)
         try:
@@ -693,9 +909,12 @@ class SafetensorsReader:
             weakref.finalize(self, os.close, fd)
 
     def _read_data(self, fd: int, checksum: bool) -> None:
-        """Read all tensor data into one buffer the arrays will view, in chunks; with
-        ``checksum``, the helper threads checksum each chunk's tensors while the next
-        chunk is read, so verification costs no second pass over cold memory."""
+        """Read all tensor data into one buffer the arrays will view: pieces of
+        `_READ_CHUNK` bytes read by the helper threads and this one at once (``preadv``
+        releases the GIL), each piece straight into its place. With ``checksum``, each
+        thread checksums a piece's tensors right after reading it, so verification costs
+        no second pass over cold memory; a tensor split across pieces gets its checksum
+        from those of its parts (`crc32c_combine`)."""
         start = self.header.data_start
         size = os.fstat(fd).st_size
         try:
@@ -708,30 +927,51 @@ class SafetensorsReader:
         self._base = start
         header = self.header
         checksum = checksum and header.checksums is not None and header.checksum_problem is None
-        ordered = sorted(header.entries.values(), key=lambda e: e.start) if checksum else []
-        batches: list[Any] = []
+        ordered: Iterable[Entry] = ()
+        if checksum:
+            ordered = sorted(header.entries.values(), key=lambda e: e.start)
+        pieces = _plan_pieces(ordered, start, size, _READ_CHUNK)
+        fs, view, path, crc = fsops.fs(), self._buf.data, self.path, _crc32c()
+        claim = iter(range(len(pieces)))  # each piece read once, by whichever thread is free
+        failed: list[bool] = []
+        split: list[tuple[str, int, int, int]] = []  # parts of tensors split across pieces
+
+        def read_pieces() -> None:
+            for i in claim:
+                if failed:
+                    return
+                lo, hi, parts = pieces[i]
+                try:
+                    fs.read_into(fd, path, [(lo, hi - lo)], view[lo - start : hi - start])
+                except BaseException:
+                    failed.append(True)
+                    raise
+                for name, a, b, seed, whole in parts:
+                    value = crc(view[a - start : b - start], seed)
+                    if whole:
+                        self._computed[name] = value
+                    else:
+                        split.append((name, a, b, value))
+
         helper = pool.executor()
-        fs, view, done, next_entry = fsops.fs(), self._buf.data, start, 0
+        workers = min(pool.threads(), len(pieces)) - 1
+        others = [helper.submit(read_pieces) for _ in range(workers)]
         try:
-            while done < size:
-                n = min(_READ_CHUNK, size - done)
-                fs.read_into(fd, self.path, [(done, n)], view[done - start : done - start + n])
-                done += n
-                first = next_entry
-                while next_entry < len(ordered) and ordered[next_entry].end <= done:
-                    next_entry += 1
-                if next_entry > first:
-                    batches.append(helper.submit(self._checksum_batch, ordered[first:next_entry]))
+            try:
+                read_pieces()
+            finally:
+                errors = [f.exception() for f in others]
+            for error in errors:
+                if error is not None:
+                    raise error
         except EOFError:
             _fail(self.path, "file shrank while it was being read")
         except OSError as exc:
             raise fsops.read_error(self.path, exc) from exc
-        finally:
-            for batch in batches:
-                self._computed.update(batch.result())
-
-    def _checksum_batch(self, entries: list[Entry]) -> dict[str, int]:
-        return {e.name: tensor_checksum(e.dtype.code, e.shape, self.raw(e.name)) for e in entries}
+        split.sort(key=lambda part: part[1])  # file order: each tensor's parts in turn
+        for name, a, b, value in split:
+            got = self._computed.get(name)
+            self._computed[name] = value if got is None else crc32c_combine(got, value, b - a)
 
     @property
     def names(self) -> list[str]:
@@ -773,15 +1013,39 @@ class SafetensorsReader:
             ) from exc
         return np.frombuffer(m, np.uint8, count=e.end - e.start, offset=e.start - lo)
 
+    def _view(self) -> memoryview:
+        """``self._buf`` as bytes (slices of it cost less than arrays)."""
+        if self._memview is None:
+            self._memview = memoryview(self._buf).cast("B")
+        return self._memview
+
+    def _buf_address(self) -> int:
+        if self._address is None:
+            self._address = np.frombuffer(self._buf, np.uint8).__array_interface__["data"][0]
+        return self._address
+
     def raw(self, name: str) -> memoryview:
         return self._bytes(name).data
 
     def verify(self, name: str) -> None:
         """Check ``name`` against its recorded CRC32C (a no-op for files without them)."""
-        if self.header.checksums is None and self.header.checksum_problem is None:
+        header = self.header
+        sums = header.checksums
+        if sums is None and header.checksum_problem is None:
             return
         crc = self._computed.get(name)
-        verify_bytes(self.path, self.header, name, self.raw(name) if crc is None else None, crc)
+        if sums is not None and header.checksum_problem is None:
+            if crc is None:
+                e = header.entries[name]
+                data = (
+                    self._bytes(name)
+                    if self._buf is None
+                    else self._view()[e.start - self._base : e.end - self._base]
+                )
+                crc = _crc32c()(data, checksum_seed(e.dtype.code, e.shape))
+            if sums[name] == crc:
+                return
+        verify_bytes(self.path, header, name, self.raw(name) if crc is None else None, crc)
 
     def array(self, name: str, *, verify: bool = True) -> np.ndarray:
         """Tensor ``name`` as a NumPy array (ml_dtypes for BF16/F8), sharing the mapping.
@@ -811,9 +1075,14 @@ class SafetensorsReader:
         if verify:
             self.verify(name)
         dtype = e.dtype.numpy
-        shape = e.dtype.raw_shape(e.shape)
+        shape = e.shape if e.dtype.name else e.dtype.raw_shape(e.shape)
         if e.end == e.start:
             return np.empty(shape, dtype)
+        if self._buf is not None:  # a view of the whole file's map or data, if aligned
+            offset = e.start - self._base
+            if (self._buf_address() + offset) % dtype.itemsize == 0:
+                count = (e.end - e.start) // dtype.itemsize
+                return np.frombuffer(self._buf, dtype, count, offset).reshape(shape)
         arr = self._bytes(name)
         self._pending.pop(name, None)  # the array owns its buffer now; the reader lets go
         if arr.ctypes.data % dtype.itemsize:
@@ -836,27 +1105,16 @@ def file_parts(
     """The bytes of the safetensors file `write_file` would write, as buffers: the header,
     then views of each host buffer (no copy), for uploads that stream a file.
 
-    Larger items first, as safetensors orders them, so every tensor stays aligned.
+    The checksums go in the header, which comes first: they are computed first, in
+    parallel.
     """
-    meta = _stamped(metadata)
-    meta[CHECKSUMS_KEY] = _checksums_json(checksums(tensors))
-    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
-    doc: dict[str, Any] = {"__metadata__": meta}
-    cursor = 0
-    views = []
-    for name in order:
-        t = tensors[name]
-        view = t.bytes()
-        doc[name] = {
-            "dtype": t.dtype.code,
-            "shape": list(t.data.shape),
-            "data_offsets": [cursor, cursor + view.nbytes],
-        }
-        cursor += view.nbytes
-        views.append(view)
-    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
-    return [memoryview(struct.pack("<Q", len(raw)) + raw), *views]
+    image = file_image(tensors, _stamped(metadata))
+    sums = _checksums_parallel(list(zip(image.buffers, image.seeds, strict=True)), image.sizes)
+    head = bytearray(image.header.head)
+    table = image.header.checksum_table(sums)
+    at = image.header.table_at
+    head[at : at + len(table)] = table
+    return [memoryview(bytes(head)), *map(flat_bytes, image.buffers)]
 
 
 def write_file_streaming(
@@ -877,26 +1135,18 @@ def write_file_streaming(
     """
     check_writable(str(path), layout, metadata)
     sizes = {name: math.prod(shape) * dtype.itemsize for name, dtype, shape in layout}
-    crcs = {name: 0 for name in sizes}
-    seeds = {name: checksum_seed(dtype.code, shape) for name, dtype, shape in layout}
-
-    def header() -> bytes:
-        meta = _stamped(metadata)
-        meta[CHECKSUMS_KEY] = _checksums_json(crcs)
-        doc: dict[str, Any] = {"__metadata__": meta}
-        cursor = 0
-        for name, dtype, shape in layout:
-            end = cursor + sizes[name]
-            doc[name] = {"dtype": dtype.code, "shape": list(shape), "data_offsets": [cursor, end]}
-            cursor = end
-        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors does
-        return struct.pack("<Q", len(raw)) + raw
+    names = tuple(name for name, _, _ in layout)
+    codes = tuple(d.code for _, d, _ in layout)
+    shapes = tuple(tuple(shape) for _, _, shape in layout)
+    header = _header(
+        _layout_text((names, codes, shapes, tuple(sizes.values()))), _stamped(metadata)
+    )
+    crcs: list[int] = []
 
     def chunks() -> Iterator[Any]:
-        yield header()
-        for name in sizes:
-            written, crc = 0, seeds[name]
+        yield header.head
+        for name, dtype, shape in layout:
+            written, crc = 0, checksum_seed(dtype.code, tuple(shape))
             view: Any = None
             for chunk in produce(name):
                 view = _byte_view(chunk)
@@ -908,11 +1158,11 @@ def write_file_streaming(
                 raise ValueError(
                     f"tensor {name!r}: produced {written} bytes, expected {sizes[name]}"
                 )
-            crcs[name] = crc
+            crcs.append(crc)
 
     fs = fsops.fs()
     fs.write_chunks(path, chunks())
-    fs.write_at(path, 0, header())
+    fs.write_at(path, header.table_at, header.checksum_table(crcs))
     fs.fsync_file(path)
 
 

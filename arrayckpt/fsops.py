@@ -6,13 +6,13 @@ without monkeypatching the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
-import re
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,29 +24,13 @@ from .errors import (
     CheckpointReadError,
     CorruptCheckpointError,
 )
-from .writeback import early_writeback
+from .writeback import Writeback
 
 _AT_FDCWD = -100
-_OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
 _RENAME_EXCHANGE = 2
 _renameat2 = libc.function(
     "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 )
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (``os.umask`` alone must set one)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    # Not Linux: set and restore. Another thread creating a file in between would get 077.
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 class FileSystem:
@@ -61,24 +45,11 @@ class FileSystem:
     def write_safetensors(
         self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
     ) -> None:
-        # The Rust writer releases the GIL and writes straight from our host buffers; the
-        # flusher has the disk write its pages meanwhile, so the fsync after is short.
-        import safetensors  # its Rust bindings load on the first write, not on import arrayckpt
+        """Create the safetensors file ``path`` holding ``specs`` (`staging.HostTensor` by
+        name) and ``metadata``, streamed from their host buffers (see `write_image`)."""
+        from . import format  # format imports this module: imported on the first write
 
-        nbytes = sum(spec.data_len for spec in specs.values())
-        try:
-            with early_writeback(path.parent, nbytes):
-                safetensors.serialize_file(dict(specs), str(path), metadata=dict(metadata))
-        except safetensors.SafetensorError as exc:
-            # Its I/O errors arrive as text ("... (os error 28)"): give callers the errno.
-            found = _OS_ERROR.search(str(exc))
-            if found is None:
-                raise
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code), str(path)) from exc
-        # safetensors writes through a 0600 temporary file; give the file the mode every
-        # other file we create gets (0644 under umask 022), so teammates can read weights.
-        os.chmod(path, 0o666 & ~current_umask())
+        write_image(path, format.file_image(specs, metadata))
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         with open(path, "xb") as f:
@@ -188,9 +159,11 @@ class FileSystem:
 
     def write_chunks(self, path: Path, chunks: Iterable[Any]) -> None:
         """Create ``path`` and write the buffers ``chunks`` yields, in order (streaming)."""
-        with early_writeback(path.parent), open(path, "xb") as f:
+        with open(path, "xb") as f:
+            early = Writeback(f.fileno())
             for chunk in chunks:
                 f.write(chunk)
+                early.written(f.tell())
                 del chunk  # let the producer free it before making the next one
 
     def write_at(self, path: Path, offset: int, data: bytes) -> None:
@@ -264,6 +237,93 @@ def read_error(path: Path, exc: OSError) -> CheckpointError:
     error = CheckpointReadError(f"{path}: {problem}")
     error.errno = code
     return error
+
+
+#: Bytes checksummed and then written at a time: small enough that the write finds them
+#: still in the core's cache after the checksum read them.
+CHUNK_BYTES = 1 << 20
+#: Buffers one ``writev`` takes (Linux's ``IOV_MAX``).
+_IOV_MAX = 1024
+
+
+def write_image(path: Path, image: Any) -> None:
+    """Create ``path`` and write a `format.FileImage` into it, in one pass.
+
+    The header goes first, with placeholder checksums; then the tensors, in chunks of
+    `CHUNK_BYTES` (many small tensors share one ``writev``), each chunk's CRC32C computed
+    just before it is written; then the checksums over their placeholders. Both the
+    checksum and the write release the GIL, and the disk starts on the data as it is
+    written (`writeback.Writeback`), so the ``fsync`` after finds little left to do. A
+    failed write removes the partial file.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        crcs = _stream(fd, image)
+        table = image.header.checksum_table(crcs)
+        if os.pwrite(fd, table, image.header.table_at) != len(table):
+            raise OSError(errno.EIO, "short write of the checksum table", str(path))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _stream(fd: int, image: Any) -> list[int]:
+    """Write ``image``'s header and tensors to ``fd``; return the tensors' CRC32Cs."""
+    from . import format
+
+    crc = format.crc32c_function()
+    out = _Appender(fd, Writeback(fd, image.nbytes), format.flat_bytes)
+    out.write([image.header.head], len(image.header.head))
+    crcs: list[int] = []
+    batch: list[Any] = []
+    size = 0
+    for data, n, seed in zip(image.buffers, image.sizes, image.seeds, strict=True):
+        if n <= CHUNK_BYTES:
+            crcs.append(crc(data, seed))
+            batch.append(data)
+            size += n
+            if size >= CHUNK_BYTES or len(batch) == _IOV_MAX:
+                out.write(batch, size)
+                batch, size = [], 0
+            continue
+        if batch:
+            out.write(batch, size)
+            batch, size = [], 0
+        data = format.flat_bytes(data)
+        for at in range(0, n, CHUNK_BYTES):
+            piece = data[at : at + CHUNK_BYTES]
+            seed = crc(piece, seed)
+            out.write([piece], len(piece))
+        crcs.append(seed)
+    if batch:
+        out.write(batch, size)
+    return crcs
+
+
+class _Appender:
+    """Appends buffers to a file with ``writev``, finishing short writes."""
+
+    def __init__(self, fd: int, early: Writeback, flat: Callable[[Any], Any]) -> None:
+        self.fd, self.early, self.flat, self.end = fd, early, flat, 0
+
+    def write(self, buffers: list[Any], nbytes: int) -> None:
+        left = nbytes
+        done = os.writev(self.fd, buffers)
+        while done < left:  # a short write (a signal, a nearly full disk): go on from there
+            if done == 0:
+                raise OSError(errno.EIO, "write made no progress")
+            left -= done
+            buffers = [self.flat(b) for b in buffers]
+            while done >= len(buffers[0]):
+                done -= len(buffers[0])
+                buffers = buffers[1:]
+            buffers = [buffers[0][done:], *buffers[1:]]
+            done = os.writev(self.fd, buffers)
+        self.end += nbytes
+        self.early.written(self.end)
 
 
 _current = FileSystem()

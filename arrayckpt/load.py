@@ -404,7 +404,10 @@ def _load_once(
         )
     mmap = options["mmap"]
     reader = format.SafetensorsReader(
-        root / MODEL_FILE, mmap=mmap, ranges=keys is not None and not mmap
+        root / MODEL_FILE,
+        mmap=mmap,
+        ranges=keys is not None and not mmap,
+        verify_while_reading=options["verify"],
     )
     model = read_state(
         reader,

@@ -37,6 +37,13 @@ class HostTensor:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
+    @property
+    def data_ptr(self) -> int:
+        """The address of the first byte (what the writer streams from)."""
+        if self.address is not None:
+            return self.address
+        return int(self.data.__array_interface__["data"][0])
+
     def bytes(self) -> memoryview:
         """The raw bytes, without a copy."""
         return self.data.reshape(-1).view(np.uint8).data

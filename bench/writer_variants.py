@@ -5,14 +5,12 @@ disk hit them alike), median of the rounds:
 
 - ``crc_first``: CRC32C of every tensor, then safetensors' serializer, then fsync; files
   one after the other (what arrayckpt did first);
-- ``crc_threads``: the CRC32Cs split across threads before writing;
-- ``two_files``: ``crc_threads``, with model and optimizer files written by two threads
-  at once;
+- ``crc_threads``: the CRC32Cs split across threads, then safetensors' serializer (what
+  arrayckpt did before its own streaming writer);
+- ``two_files``: arrayckpt's streaming writer (`format.write_file`: placeholder CRCs in
+  the header, each chunk checksummed as it is written, CRCs patched in last), model and
+  optimizer files written by two threads at once;
 - ``library``: `arrayckpt.save.write_files` as it is now (``two_files``).
-
-(A variant that wrote placeholder CRCs and patched the header after the write measured
-no better than ``crc_threads`` here and needs a second file-system step per file; it was
-dropped.)
 
 Run: ``python bench/writer_variants.py [--runs 7] [--mib 512]``.
 """

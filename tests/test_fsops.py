@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import arrayckpt as ac
-from arrayckpt import fsops
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077], ids=lambda m: f"umask{m:03o}")
@@ -32,11 +31,6 @@ def modes(root: Path) -> dict[str, int]:
 
 def expected(root: Path, mask: int) -> dict[str, int]:
     return {name: (0o777 if (root / name).is_dir() else 0o666) & ~mask for name in modes(root)}
-
-
-def test_current_umask_reads_without_changing(umask: int) -> None:
-    assert fsops.current_umask() == umask
-    assert fsops.current_umask() == umask
 
 
 def test_save_checkpoint_follows_the_umask(tmp_path: Path, umask: int) -> None:
