@@ -1,13 +1,17 @@
 """Sharded arrays (torch DTensor) saved as boxes of one global tensor, and read back by box.
 
-Each saved rank writes, under the tensor's own name, the one box of the global tensor it
+Each saved rank writes, under the tensor's own name, the part of the global tensor it
 owns (replicas once: the rank at coordinate 0 of every replicated mesh dimension), and
 its manifest in ``sharding_meta.json`` records ``global_shape`` and ``global_offset``.
+A part is usually one box; a strided shard (``_StridedShard`` of FSDP x TP, unevenly
+split) can hold several runs of indices along a dimension, which ``global_runs`` lists.
 A load reads, for each target box, only the byte ranges of the saved boxes that overlap it.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,12 +23,20 @@ import numpy as np
 from .. import nested
 from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
+from ..limits import MAX_TILING_CELLS
 from .shards import SavedRank, ShardFile
 from .trees import merged_tree
 
 PARTS = ("model", "optimizer")
 #: Manifest fields a sharded-array save adds to each tensor (boostr's fields are untouched).
 GLOBAL_SHAPE, GLOBAL_OFFSET = "global_shape", "global_offset"
+#: Present only when a saved part is not one box: per dimension, the ``[global_start,
+#: length]`` runs its indices form, in the order the saved tensor holds them.
+GLOBAL_RUNS = "global_runs"
+#: Per dimension, the runs of global indices a local shard holds: ``(start, length)``.
+Runs = list[list[tuple[int, int]]]
+#: A box of a local shard: its global offset, its shape, and its offset in the local shard.
+Box = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 def _dtensor_type() -> Any:
@@ -51,64 +63,154 @@ def has_sharded(*states: Any) -> bool:
     return found
 
 
-def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str, list[int]]]]:
-    """This rank's boxes of ``state`` to write, and each written box's global facts.
+def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """This rank's parts of ``state`` to write, and each written part's global facts.
 
     ``state`` may be nested (an FSDP2 ``optimizer.state_dict()``): it keeps its
-    structure, each DTensor replaced by its local tensor when this rank is its box's
+    structure, each DTensor replaced by its local tensor when this rank is its part's
     writer and left out otherwise; facts are keyed by the tensor names `nested.flatten`
     gives. A plain array is taken as replicated (rank 0 writes it); scalars stay on
     every rank.
 
     Raises:
-        InvalidInputError: a ``Partial`` placement (not yet reduced).
+        InvalidInputError: a ``Partial`` or unknown placement, or a local tensor whose
+            shape is not the one its placements give (names the tensor and the rank).
     """
     if state is None:
         return None, {}
     dt = _dtensor_type()
-    facts: dict[str, dict[str, list[int]]] = {}
+    facts: dict[str, dict[str, Any]] = {}
 
     def own(name: str, v: Any) -> Any:
+        fact: dict[str, Any] = {GLOBAL_SHAPE: [int(d) for d in v.shape]}
         if dt is not None and isinstance(v, dt):
-            box = _dtensor_box(v, name, what)
-            if box is None:
+            runs = _own_runs(v, name, rank, what)
+            if runs is None:
                 return nested.DROP
-            local, offset = box
+            fact[GLOBAL_OFFSET] = [r[0][0] for r in runs]
+            if any(len(r) > 1 for r in runs):
+                fact[GLOBAL_RUNS] = [[list(run) for run in r] for r in runs]
+            local = v.to_local()
         elif rank == 0:
-            local, offset = v, [0] * len(getattr(v, "shape", ()))
+            local = v
+            fact[GLOBAL_OFFSET] = [0] * len(getattr(v, "shape", ()))
         else:
             return nested.DROP
-        facts[name] = {GLOBAL_SHAPE: [int(d) for d in v.shape], GLOBAL_OFFSET: offset}
+        facts[name] = fact
         return local
 
     return nested.map_arrays(state, own), facts
 
 
-def _dtensor_box(v: Any, name: str, what: str) -> tuple[Any, list[int]] | None:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
+def _own_runs(v: Any, name: str, rank: int, what: str) -> Runs | None:
+    """The runs of ``v``'s local shard when this rank writes it; ``None`` when another
+    rank writes this replica, or this rank holds none of it."""
     placements = tuple(v.placements)
     if any(p.is_partial() for p in placements):
         raise InvalidInputError(
             f"{what}[{name!r}] is a DTensor with a Partial placement {placements}: reduce it "
             "(redistribute to Shard or Replicate) before saving"
         )
-    mesh = v.device_mesh
-    coord = mesh.get_coordinate()
+    coord = v.device_mesh.get_coordinate()
     if coord is None:
         return None  # this rank is not in the tensor's mesh
     if any(p.is_replicate() and c != 0 for p, c in zip(placements, coord, strict=True)):
         return None  # another rank writes this replica
-    shape, offset = compute_local_shape_and_global_offset(v.shape, mesh, placements)
-    local = v.to_local()
-    if math.prod(shape) == 0:
+    runs = _checked_runs(v, name, rank, what)
+    if any(not r for r in runs):
         return None  # an uneven split left this rank nothing
-    if tuple(local.shape) != tuple(shape):
+    return runs
+
+
+def _checked_runs(v: Any, name: str, rank: int, what: str) -> Runs:
+    """``v``'s local runs, checked against the shape of the local tensor it holds."""
+    runs = dtensor_runs(tuple(v.shape), v.device_mesh, tuple(v.placements), f"{what}[{name!r}]")
+    shape = tuple(sum(n for _, n in r) for r in runs)
+    local = tuple(v.to_local().shape)
+    if local != shape:
         raise InvalidInputError(
-            f"{what}[{name!r}]: local shard {tuple(local.shape)} is not the {tuple(shape)} its "
-            f"placements {placements} give; strided shards are not supported"
+            f"{what}[{name!r}] on rank {rank}: the DTensor's local tensor is {list(local)}, but "
+            f"its placements {tuple(v.placements)} on a {tuple(v.device_mesh.shape)} mesh give "
+            f"this rank {list(shape)} of the global {list(v.shape)}; the placements are "
+            "inconsistent (a DTensor.from_local(..., run_check=False) with the wrong shape?)"
         )
-    return local, [int(o) for o in offset]
+    return runs
+
+
+def dtensor_runs(
+    global_shape: Sequence[int], mesh: Any, placements: Sequence[Any], what: str
+) -> Runs:
+    """Per dimension, the runs of global indices this rank's local shard of a DTensor holds.
+
+    Placements apply left to right over the mesh dimensions, as torch's
+    ``compute_local_shape_and_global_offset`` applies them (whose first offsets these
+    runs' starts equal), but all indices are kept: ``Shard(d)`` takes this coordinate's
+    ``torch.chunk`` of the indices left along ``d``; ``_StridedShard(d, split_factor=f)``
+    chunks them into ``f`` pieces first and takes this coordinate's chunk of each, which
+    is not one run when the split is uneven. ``Replicate`` takes them all.
+
+    Raises:
+        InvalidInputError: a placement that is none of these.
+    """
+    coord = mesh.get_coordinate()
+    index: list[np.ndarray | None] = [None] * len(global_shape)
+    for mesh_dim, p in enumerate(placements):
+        if p.is_replicate():
+            continue
+        split = getattr(p, "split_factor", None)
+        if not (p.is_shard() or split is not None):
+            raise InvalidInputError(
+                f"{what}: a DTensor placement {p!r} arrayckpt cannot place; use Shard, "
+                "Replicate or FSDP x TP's _StridedShard"
+            )
+        d = p.dim
+        have = index[d]
+        current = np.arange(global_shape[d]) if have is None else have
+        k, r = int(mesh.size(mesh_dim)), int(coord[mesh_dim])
+        if split is None:
+            lo, hi = _chunk(len(current), k, r)
+            index[d] = current[lo:hi]
+        else:
+            pieces = [_chunk(len(current), int(split), j) for j in range(int(split))]
+            index[d] = np.concatenate(
+                [current[a + lo : a + hi] for a, b in pieces for lo, hi in [_chunk(b - a, k, r)]]
+            )
+    return [
+        _runs_of(np.arange(n) if idx is None else idx)
+        for n, idx in zip(global_shape, index, strict=True)
+    ]
+
+
+def _chunk(n: int, k: int, r: int) -> tuple[int, int]:
+    """Chunk ``r`` of ``torch.chunk(range(n), k)``; empty past the last chunk."""
+    size = -(-n // k)
+    lo = min(r * size, n)
+    return lo, min(lo + size, n)
+
+
+def _runs_of(index: np.ndarray) -> list[tuple[int, int]]:
+    if not len(index):
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(index)]))
+    return [(int(index[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+def runs_boxes(runs: Runs) -> list[Box]:
+    """The boxes a local shard with these runs is made of (one per combination of runs)."""
+    per_dim = []
+    for r in runs:
+        at = 0
+        dim = []
+        for start, n in r:
+            dim.append((start, n, at))
+            at += n
+        per_dim.append(dim)
+    return [
+        (tuple(c[0] for c in combo), tuple(c[1] for c in combo), tuple(c[2] for c in combo))
+        for combo in itertools.product(*per_dim)
+    ]
 
 
 @dataclass
@@ -121,10 +223,19 @@ class ReadStats:
 
 @dataclass(frozen=True)
 class Piece:
+    """A box of the global tensor that one rank saved: all of its saved tensor, or (a
+    strided shard) the part at ``at`` in a saved tensor of shape ``stored``."""
+
     rank: int
     file: ShardFile
     offset: tuple[int, ...]
     shape: tuple[int, ...]
+    at: tuple[int, ...] = ()
+    stored: tuple[int, ...] = ()
+
+    @property
+    def whole(self) -> bool:
+        return not self.stored or self.stored == self.shape
 
 
 @dataclass
@@ -150,6 +261,154 @@ def is_global(manifests: Sequence[Any] | None) -> bool:
     )
 
 
+#: A tensor as the manifests describe it: dtype, global shape, and each rank's boxes.
+_Described = tuple[DType, tuple[int, ...], list[tuple[int, tuple[int, ...], Box]]]
+
+
+def _described(
+    manifests: Sequence[Any], part: str, source: str, error: type[Exception]
+) -> dict[str, _Described]:
+    """Every tensor of ``part`` in the manifests, its boxes checked to tile it exactly.
+
+    Raises:
+        ``error``: naming the tensor and the ranks, when the ranks disagree in dtype or
+            global shape, a box lies outside the tensor, or the boxes leave part of it
+            uncovered or cover part of it twice.
+    """
+    out: dict[str, _Described] = {}
+    for rank, m in enumerate(manifests):
+        for name, f in (m.get(part) or {}).items():
+            shape = f.get(GLOBAL_SHAPE)
+            if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+                raise error(
+                    f"{source}: {part} tensor {name!r} of rank_{rank}: {GLOBAL_SHAPE} "
+                    f"{shape!r} is not a shape; the manifest is damaged"
+                )
+            dtype, gshape = BY_CODE[f["dtype"]], tuple(shape)
+            seen = out.setdefault(name, (dtype, gshape, []))
+            if seen[:2] != (dtype, gshape):
+                first = seen[2][0][0]
+                raise error(
+                    f"{source}: {part} tensor {name!r}: rank_{rank} saved a box of "
+                    f"{dtype.code}{list(gshape)}, rank_{first} of "
+                    f"{seen[0].code}{list(seen[1])}; the ranks did not save one tensor"
+                )
+            stored = tuple(f["shape"])
+            where = f"{source}: {part} tensor {name!r} of rank_{rank}"
+            found = _boxes_of(f, gshape, stored, where, error)
+            seen[2].extend((rank, stored, box) for box in found)
+    for name, (_, gshape, boxes) in out.items():
+        problem = _tiling_problem(gshape, [(r, b[0], b[1]) for r, _, b in boxes])
+        if problem is not None:
+            raise error(f"{source}: {part} tensor {name!r} {list(gshape)}: {problem}")
+    return out
+
+
+def _boxes_of(
+    f: Mapping[str, Any],
+    gshape: tuple[int, ...],
+    stored: tuple[int, ...],
+    what: str,
+    error: type[Exception],
+) -> list[Box]:
+    """The boxes one manifest entry says its saved tensor holds, checked to lie inside
+    the global tensor and to make up exactly the saved tensor."""
+    offset: Any = f.get(GLOBAL_OFFSET)
+    runs: Any = f.get(GLOBAL_RUNS)
+    if runs is None and isinstance(offset, list) and len(offset) == len(stored):
+        runs = [[[o, n]] for o, n in zip(offset, stored, strict=True)]
+    if not (
+        isinstance(offset, list)
+        and isinstance(runs, list)
+        and len(offset) == len(runs) == len(stored) == len(gshape)
+        and all(
+            _fits(r, o, n, total)
+            for r, o, n, total in zip(runs, offset, stored, gshape, strict=True)
+        )
+    ):
+        raise error(
+            f"{what}: its {GLOBAL_OFFSET} {offset!r} / {GLOBAL_RUNS} {runs!r} do not place a "
+            f"{list(stored)} box inside the global {list(gshape)}; the manifest is damaged"
+        )
+    return runs_boxes([[(a, n) for a, n in r] for r in runs])
+
+
+def _fits(runs: Any, offset: Any, n: int, total: int) -> bool:
+    """``runs`` are ``[start, length]`` runs within ``0..total``, ``n`` long, first at
+    ``offset``."""
+    if n == 0:  # an empty tensor (a plain one: DTensor ranks holding nothing write none)
+        return type(offset) is int and 0 <= offset <= total and runs == [[offset, 0]]
+    return (
+        isinstance(runs, list)
+        and bool(runs)
+        and all(
+            isinstance(run, list)
+            and len(run) == 2
+            and all(type(x) is int for x in run)
+            and run[0] >= 0
+            and run[1] > 0
+            and run[0] + run[1] <= total
+            for run in runs
+        )
+        and sum(run[1] for run in runs) == n
+        and runs[0][0] == offset
+    )
+
+
+def _tiling_problem(
+    shape: tuple[int, ...], boxes: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]
+) -> str | None:
+    """What is wrong with ``boxes`` (rank, offset, shape) as a tiling of ``shape``, or None.
+
+    The boxes' edges cut the tensor into a grid of cells; each cell must be covered once.
+    A grid over `MAX_TILING_CELLS` (no DTensor layout makes one) is checked by count only.
+    """
+    covered = sum(math.prod(s) for _, _, s in boxes)
+    cuts = [
+        sorted({0, n, *(o[d] for _, o, _ in boxes), *(o[d] + s[d] for _, o, s in boxes)})
+        for d, n in enumerate(shape)
+    ]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    ranks = sorted({r for r, _, _ in boxes})
+    if covered == 0 == math.prod(shape):
+        return None
+    if math.prod(shape) == 0 or cells > MAX_TILING_CELLS:
+        if covered == math.prod(shape):
+            return None
+        return (
+            f"the boxes saved by ranks {ranks} cover {covered} of {math.prod(shape)} "
+            "elements; a rank's shard is missing or duplicated"
+        )
+    counts = np.zeros([len(c) - 1 for c in cuts], np.int64)
+    where = []
+    for _, o, s in boxes:
+        index = tuple(
+            slice(bisect.bisect_left(c, a), bisect.bisect_left(c, a + n))
+            for c, a, n in zip(cuts, o, s, strict=True)
+        )
+        where.append(index)
+        counts[index] += 1
+    bad = np.argwhere(counts != 1)
+    if not len(bad):
+        return None
+    cell = tuple(int(i) for i in bad[0])
+    box = ", ".join(f"{cuts[d][i]}:{cuts[d][i + 1]}" for d, i in enumerate(cell))
+    holders = [
+        r
+        for (r, _, _), index in zip(boxes, where, strict=True)
+        if all(s.start <= i < s.stop for s, i in zip(index, cell, strict=True))
+    ]
+    if not holders:
+        return (
+            f"no saved rank holds [{box}] (ranks {ranks} saved boxes of it); a rank's shard "
+            "is missing, or the ranks' placements were inconsistent"
+        )
+    return (
+        f"ranks {holders} each saved [{box}]; the ranks' placements were inconsistent "
+        "(every rank must hold the DTensor with the same placements)"
+    )
+
+
 def plan(
     ranks: Sequence[SavedRank], manifests: Sequence[Any], part: str, source: str
 ) -> dict[str, GlobalTensor] | None:
@@ -157,46 +416,67 @@ def plan(
 
     Raises:
         CorruptCheckpointError: naming the tensor and the ranks, when boxes disagree in
-            dtype or global shape, or do not cover the tensor (a rank is missing).
+            dtype or global shape, lie outside the tensor, or do not tile it (a rank is
+            missing, or the saving ranks' placements were inconsistent).
     """
     out: dict[str, GlobalTensor] = {}
-    for saved, m in zip(ranks, manifests, strict=True):
-        for name, f in (m.get(part) or {}).items():
-            file = saved.part(part)
+    for name, (dtype, gshape, boxes) in _described(
+        manifests, part, source, CorruptCheckpointError
+    ).items():
+        t = out[name] = GlobalTensor(name, dtype, gshape)
+        for rank, stored, (offset, shape, at) in boxes:
+            file = ranks[rank].part(part)
             assert file is not None  # check_manifest found the file the manifest lists
-            dtype, gshape = BY_CODE[f["dtype"]], tuple(f[GLOBAL_SHAPE])
-            t = out.setdefault(name, GlobalTensor(name, dtype, gshape))
-            if (t.dtype, t.shape) != (dtype, gshape):
-                raise CorruptCheckpointError(
-                    f"{source}: {part} tensor {name!r}: rank_{saved.rank} saved a box of "
-                    f"{dtype.code}{list(gshape)}, rank_{t.pieces[0].rank} of "
-                    f"{t.dtype.code}{list(t.shape)}; the ranks did not save one tensor"
-                )
-            t.pieces.append(Piece(saved.rank, file, tuple(f[GLOBAL_OFFSET]), tuple(f["shape"])))
-    for t in out.values():
-        covered = sum(math.prod(p.shape) for p in t.pieces)
-        if covered != math.prod(t.shape):
-            raise CorruptCheckpointError(
-                f"{source}: {part} tensor {t.name!r} {list(t.shape)}: the boxes saved by ranks "
-                f"{[p.rank for p in t.pieces]} cover {covered} of {math.prod(t.shape)} elements; "
-                "a rank's shard is missing or duplicated"
-            )
+            t.pieces.append(Piece(rank, file, offset, shape, at, stored))
     return out or None
+
+
+def check_saved_boxes(manifests: Sequence[Any], source: str) -> None:
+    """At a save's commit: every sharded-array tensor's boxes tile it exactly.
+
+    Raises:
+        TopologyError: naming the tensor and the ranks (e.g. the ranks held a DTensor
+            with different placements, shapes or dtypes).
+    """
+    for part in PARTS:
+        _described(manifests, part, source, TopologyError)
 
 
 def read_box(
     t: GlobalTensor, lo: Sequence[int], shape: Sequence[int], stats: ReadStats, verify: bool
 ) -> np.ndarray:
-    """The box of ``t`` at ``lo`` with ``shape``, reading only overlapping byte ranges."""
+    """The box of ``t`` at ``lo`` with ``shape``, reading only overlapping byte ranges.
+
+    A saved tensor the box holds all of is read whole, once, and checked against its
+    CRC32C when ``verify`` (also when it is a strided shard, made of several boxes).
+    """
     out = np.empty(tuple(shape), t.dtype.numpy)
+    hi = [x + n for x, n in zip(lo, shape, strict=True)]
+    inside: dict[int, bool] = {}
+    for p in t.pieces:
+        if not p.whole:
+            inside[p.rank] = inside.get(p.rank, True) and all(
+                x <= o and o + m <= y for x, y, o, m in zip(lo, hi, p.offset, p.shape, strict=True)
+            )
+    wholes: dict[int, np.ndarray] = {}
     for p in t.pieces:
         a = [max(x, o) for x, o in zip(lo, p.offset, strict=True)]
-        b = [min(x + n, o + m) for x, n, o, m in zip(lo, shape, p.offset, p.shape, strict=True)]
+        b = [min(y, o + m) for y, o, m in zip(hi, p.offset, p.shape, strict=True)]
         if any(i >= j for i, j in zip(a, b, strict=True)) and t.shape:
             continue
-        src = tuple(slice(i - o, j - o) for i, j, o in zip(a, b, p.offset, strict=True))
         dst = tuple(slice(i - x, j - x) for i, j, x in zip(a, b, lo, strict=True))
-        out[dst] = _read_sub(p, t, src, stats, verify)
+        at = p.at or (0,) * len(p.shape)
+        src = tuple(
+            slice(i - o + s, j - o + s) for i, j, o, s in zip(a, b, p.offset, at, strict=True)
+        )
+        if inside.get(p.rank):
+            if p.rank not in wholes:
+                wholes[p.rank] = p.file.read(t.name, verify=verify)
+                stats.bytes_read += wholes[p.rank].nbytes
+                stats.ranges += 1
+            out[dst] = wholes[p.rank][src]
+        else:
+            out[dst] = _read_sub(p, t, src, stats, verify)
     return out
 
 
@@ -204,17 +484,18 @@ def _read_sub(
     p: Piece, t: GlobalTensor, box: tuple[slice, ...], stats: ReadStats, verify: bool
 ) -> np.ndarray:
     """``box`` of piece ``p``'s saved tensor: the whole tensor (verified) or its rows."""
+    stored = p.stored or p.shape
     sub = tuple(s.stop - s.start for s in box)
-    if sub == p.shape:
+    if sub == stored:
         stats.bytes_read += math.prod(sub) * t.dtype.itemsize
         stats.ranges += 1
         return p.file.read(t.name, verify=verify)
     # Runs are contiguous over the trailing dimensions the box spans whole.
     k = len(sub) - 1
-    while k > 0 and sub[k] == p.shape[k]:
+    while k > 0 and sub[k] == stored[k]:
         k -= 1
     item = t.dtype.itemsize
-    strides = [math.prod(p.shape[d + 1 :]) * item for d in range(len(sub))]
+    strides = [math.prod(stored[d + 1 :]) * item for d in range(len(sub))]
     run = sub[k] * strides[k]
     e = p.file.entries[t.name]
     starts = [e.start + box[k].start * strides[k]]
@@ -229,10 +510,8 @@ def _read_sub(
     return buf.view(t.dtype.numpy).reshape(sub)
 
 
-def target_box(
-    target: Any, name: str, t: GlobalTensor, rank: int, what: str
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The global offset and shape of ``target``'s local data, after checking it fits ``t``.
+def check_target(target: Any, name: str, t: GlobalTensor, rank: int, what: str) -> None:
+    """Check that ``target`` (any framework's array) has ``t``'s global shape and dtype.
 
     Raises:
         TopologyError: the target's global shape differs from the saved one.
@@ -253,15 +532,30 @@ def target_box(
             f"{what}[{name!r}] on rank {rank}: the target is {code}, the checkpoint holds "
             f"{t.dtype.code}; cast after loading or build the target with the saved dtype"
         )
-    dt = _dtensor_type()
-    if dt is not None and isinstance(target, dt):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        shape, offset = compute_local_shape_and_global_offset(
-            target.shape, target.device_mesh, tuple(target.placements)
+
+def target_boxes(target: Any, name: str, t: GlobalTensor, rank: int, what: str) -> list[Box]:
+    """The boxes of ``target``'s local data (global offset, shape, offset in the local
+    data), after checking it fits ``t``: a plain tensor is one box, the whole tensor.
+
+    Raises:
+        TopologyError: the target's global shape differs from the saved one.
+        InvalidInputError: the dtype differs, or a DTensor target's placements are
+            Partial or do not give the shape of its local tensor.
+    """
+    check_target(target, name, t, rank, what)
+    dt = _dtensor_type()
+    if dt is None or not isinstance(target, dt):
+        return [((0,) * len(t.shape), t.shape, (0,) * len(t.shape))]
+    if any(p.is_partial() for p in target.placements):
+        raise InvalidInputError(
+            f"{what}[{name!r}] on rank {rank}: a Partial target {tuple(target.placements)} "
+            "cannot be filled; load into Shard or Replicate placements"
         )
-        return tuple(offset), tuple(shape)
-    return (0,) * len(gshape), gshape
+    if target.device_mesh.get_coordinate() is None:
+        return []  # this rank holds none of it
+    runs = _checked_runs(target, name, rank, what)
+    return runs_boxes(runs)  # none when an uneven split left this rank nothing
 
 
 def _dtype_code(x: Any, name: str) -> str | None:
@@ -318,9 +612,8 @@ def load_boxes(
                 f"hold (it holds {sorted(saved)[:5]}...)"
             )
         for name, dst in leaves.items():
-            offset, shape = target_box(dst, name, saved[name], rank, what)
-            data = read_box(saved[name], offset, shape, stats, verify)
-            _copy_local(dst, data)
+            for offset, shape, at in target_boxes(dst, name, saved[name], rank, what):
+                _copy_local(dst, at, read_box(saved[name], offset, shape, stats, verify))
         out[part] = dict(target)
     return out
 
@@ -335,11 +628,13 @@ def _structured(
     return nested.unflatten(tree, whole.__getitem__, set(whole), source=f"{source} ({part})")
 
 
-def _copy_local(dst: Any, data: np.ndarray) -> None:
+def _copy_local(dst: Any, at: Sequence[int], data: np.ndarray) -> None:
+    """Copy ``data`` into ``dst``'s local data at offset ``at``."""
     import torch
 
     dt = _dtensor_type()
     local = dst.to_local() if dt is not None and isinstance(dst, dt) else dst
+    index = tuple(slice(a, a + n) for a, n in zip(at, data.shape, strict=True))
     with torch.no_grad():
         # ascontiguousarray makes a 0-d array (AdamW's step) 1-d: keep the shape.
-        local.copy_(torch.from_numpy(np.ascontiguousarray(data).reshape(data.shape)))
+        local[index].copy_(torch.from_numpy(np.ascontiguousarray(data).reshape(data.shape)))
