@@ -185,6 +185,22 @@ class CheckpointManager(ClosesOnExit):
                 self._roll_back_to(step)
             else:
                 self._check_moves_forward(step)
+            from .distributed import global_shards, steps
+
+            if global_shards.has_sharded(model_state, optimizer_state):
+                # DTensor state: every rank calls save; the step is one coordinated save.
+                future = steps.save_step(
+                    target,
+                    self._checkpointer,
+                    model_state,
+                    optimizer_state,
+                    training_state,
+                    extra,
+                    self._retain,
+                )
+                if self._checkpointer is not None:
+                    self._queued = (step, future)
+                return future
             if self._checkpointer is None:
                 snap = take_snapshot(
                     model_state, optimizer_state, training_state, staging=None, extra=extra
@@ -301,6 +317,18 @@ class CheckpointManager(ClosesOnExit):
             keys = list(keys)  # read again if a step vanishes
 
         def load(path: Path) -> Checkpoint:
+            from .distributed import steps
+
+            if steps.is_sharded_step(path):  # each rank's share, at any world size
+                return steps.load_step(
+                    path,
+                    into=into,
+                    optimizer_into=optimizer_into if optimizer else None,
+                    xp=xp,
+                    device=device,
+                    verify=verify,
+                    mmap=mmap,
+                )
             return load_checkpoint(
                 path,
                 xp=xp,
