@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from _dist_launch import run_scenario
+from _dist_launch import base_env, run_scenario
 
 import arrayckpt as ac
 from arrayckpt.distributed.types import doc_checksum
@@ -275,3 +277,22 @@ def test_a_box_outside_the_tensor_is_refused(
         r"global \[7, 6\]",
     ):
         ac.load_distributed_checkpoint(broken, 0, world_size=1)
+
+
+def test_tp_fsdp_example_restores_exactly_on_fsdp_alone(tmp_path: Path) -> None:
+    """docs/examples/tp_fsdp.py: TP x FSDP + AdamW on 4 ranks, restored by FSDP on 2."""
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "tp_fsdp.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0.weight is (_StridedShard(dim=0, sf=2), Shard(dim=0))" in proc.stdout
+    assert "restored by FSDP on 2: weights and AdamW state exact" in proc.stdout
+    # 51 float32 parameters and as many of each AdamW moment, FSDP's rows of each (rank 0:
+    # 29 of them, rank 1: 22), plus the 4 float32 step counters on each rank.
+    assert "rank 0: read 364 bytes" in proc.stdout and "rank 1: read 280 bytes" in proc.stdout
