@@ -238,18 +238,25 @@ def test_missing_rank_directory_is_named(
         ac.load_distributed_checkpoint(broken, 0, world_size=1)
 
 
+@pytest.mark.parametrize(
+    ("offset", "region"),
+    [
+        ([0, 0], "0:2, 0:6"),  # rank 0's rows, not 2:4
+        ([1, 0], "1:2, 0:6"),  # boxes no longer on one grid: one spans two cells
+    ],
+)
 def test_overlapping_boxes_name_the_tensor_and_ranks(
-    trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+    trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path, offset: list[int], region: str
 ) -> None:
     ckpt, _ = trained
 
     def overlap(ranks: list[dict[str, Any]]) -> None:
-        ranks[1]["model"]["s0_s0"]["global_offset"] = [0, 0]  # rank 0's rows, not 2:4
+        ranks[1]["model"]["s0_s0"]["global_offset"] = offset
 
     broken = tampered(ckpt.parent / "zoo", tmp_path, overlap)
     with pytest.raises(
         ac.CorruptCheckpointError,
-        match=r"model tensor 's0_s0' \[7, 6\]: ranks \[0, 1\] each saved \[0:2, 0:6\]",
+        match=rf"model tensor 's0_s0' \[7, 6\]: ranks \[0, 1\] each saved \[{region}\]",
     ):
         ac.load_distributed_checkpoint(broken, 0, world_size=1)
 

@@ -10,7 +10,6 @@ A load reads, for each target box, only the byte ranges of the saved boxes that 
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import sys
@@ -82,29 +81,30 @@ def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str,
     facts: dict[str, dict[str, Any]] = {}
 
     def own(name: str, v: Any) -> Any:
-        fact: dict[str, Any] = {GLOBAL_SHAPE: [int(d) for d in v.shape]}
+        runs = None
         if dt is not None and isinstance(v, dt):
-            runs = _own_runs(v, name, rank, what)
-            if runs is None:
+            box = _dtensor_box(v, name, rank, what)
+            if box is None:
                 return nested.DROP
-            fact[GLOBAL_OFFSET] = [r[0][0] for r in runs]
-            if any(len(r) > 1 for r in runs):
-                fact[GLOBAL_RUNS] = [[list(run) for run in r] for r in runs]
-            local = v.to_local()
+            local, offset, runs = box
         elif rank == 0:
-            local = v
-            fact[GLOBAL_OFFSET] = [0] * len(getattr(v, "shape", ()))
+            local, offset = v, [0] * len(getattr(v, "shape", ()))
         else:
             return nested.DROP
-        facts[name] = fact
+        facts[name] = {GLOBAL_SHAPE: [int(d) for d in v.shape], GLOBAL_OFFSET: offset}
+        if runs is not None:
+            facts[name][GLOBAL_RUNS] = runs
         return local
 
     return nested.map_arrays(state, own), facts
 
 
-def _own_runs(v: Any, name: str, rank: int, what: str) -> Runs | None:
-    """The runs of ``v``'s local shard when this rank writes it; ``None`` when another
-    rank writes this replica, or this rank holds none of it."""
+def _dtensor_box(
+    v: Any, name: str, rank: int, what: str
+) -> tuple[Any, list[int], list[list[list[int]]] | None] | None:
+    """This rank's local tensor of ``v``, its global offset, and its runs when they are
+    not one box; ``None`` when another rank writes this replica, or this rank holds none
+    of it."""
     placements = tuple(v.placements)
     if any(p.is_partial() for p in placements):
         raise InvalidInputError(
@@ -119,7 +119,10 @@ def _own_runs(v: Any, name: str, rank: int, what: str) -> Runs | None:
     runs = _checked_runs(v, name, rank, what)
     if any(not r for r in runs):
         return None  # an uneven split left this rank nothing
-    return runs
+    offset = [r[0][0] for r in runs]
+    if all(len(r) == 1 for r in runs):
+        return v.to_local(), offset, None
+    return v.to_local(), offset, [[list(run) for run in r] for r in runs]
 
 
 def _checked_runs(v: Any, name: str, rank: int, what: str) -> Runs:
@@ -315,8 +318,16 @@ def _boxes_of(
     the global tensor and to make up exactly the saved tensor."""
     offset: Any = f.get(GLOBAL_OFFSET)
     runs: Any = f.get(GLOBAL_RUNS)
-    if runs is None and isinstance(offset, list) and len(offset) == len(stored):
-        runs = [[[o, n]] for o, n in zip(offset, stored, strict=True)]
+    if (
+        runs is None
+        and isinstance(offset, list)
+        and len(offset) == len(stored) == len(gshape)
+        and all(
+            type(o) is int and o >= 0 and o + n <= total
+            for o, n, total in zip(offset, stored, gshape, strict=True)
+        )
+    ):
+        return [(tuple(offset), stored, (0,) * len(stored))]  # one box: the common case
     if not (
         isinstance(offset, list)
         and isinstance(runs, list)
@@ -336,8 +347,6 @@ def _boxes_of(
 def _fits(runs: Any, offset: Any, n: int, total: int) -> bool:
     """``runs`` are ``[start, length]`` runs within ``0..total``, ``n`` long, first at
     ``offset``."""
-    if n == 0:  # an empty tensor (a plain one: DTensor ranks holding nothing write none)
-        return type(offset) is int and 0 <= offset <= total and runs == [[offset, 0]]
     return (
         isinstance(runs, list)
         and bool(runs)
@@ -363,41 +372,45 @@ def _tiling_problem(
     The boxes' edges cut the tensor into a grid of cells; each cell must be covered once.
     A grid over `MAX_TILING_CELLS` (no DTensor layout makes one) is checked by count only.
     """
-    covered = sum(math.prod(s) for _, _, s in boxes)
-    cuts = [
-        sorted({0, n, *(o[d] for _, o, _ in boxes), *(o[d] + s[d] for _, o, s in boxes)})
-        for d, n in enumerate(shape)
-    ]
-    cells = math.prod(len(c) - 1 for c in cuts)
     ranks = sorted({r for r, _, _ in boxes})
-    if covered == 0 == math.prod(shape):
-        return None
-    if math.prod(shape) == 0 or cells > MAX_TILING_CELLS:
-        if covered == math.prod(shape):
-            return None
-        return (
-            f"the boxes saved by ranks {ranks} cover {covered} of {math.prod(shape)} "
-            "elements; a rank's shard is missing or duplicated"
-        )
-    counts = np.zeros([len(c) - 1 for c in cuts], np.int64)
-    where = []
-    for _, o, s in boxes:
-        index = tuple(
-            slice(bisect.bisect_left(c, a), bisect.bisect_left(c, a + n))
-            for c, a, n in zip(cuts, o, s, strict=True)
-        )
-        where.append(index)
-        counts[index] += 1
+    boxes = [b for b in boxes if math.prod(b[2])]  # an empty box covers nothing
+    owners = np.array([r for r, _, _ in boxes], np.int64)
+    if not shape:  # a 0-d tensor: one cell
+        counts = np.array(len(boxes))
+        a = b = np.zeros((len(boxes), 0), np.int64)
+        cuts: list[np.ndarray] = []
+    else:
+        lo = np.array([o for _, o, _ in boxes], np.int64).reshape(len(boxes), len(shape))
+        hi = lo + np.array([s for _, _, s in boxes], np.int64).reshape(lo.shape)
+        cuts = [
+            np.unique(np.concatenate(([0, n], lo[:, d], hi[:, d]))) for d, n in enumerate(shape)
+        ]
+        grid = [len(c) - 1 for c in cuts]
+        if math.prod(shape) == 0:
+            return None if not boxes else f"ranks {ranks} saved elements of an empty tensor"
+        if math.prod(grid) > MAX_TILING_CELLS:
+            covered = int(np.prod(hi - lo, axis=1).sum())
+            if covered == math.prod(shape):
+                return None
+            return (
+                f"the boxes saved by ranks {ranks} cover {covered} of {math.prod(shape)} "
+                "elements; a rank's shard is missing or duplicated"
+            )
+        a = np.stack([np.searchsorted(c, lo[:, d]) for d, c in enumerate(cuts)], axis=1)
+        b = np.stack([np.searchsorted(c, hi[:, d]) for d, c in enumerate(cuts)], axis=1)
+        if (b - a == 1).all():  # each box one cell: every DTensor layout
+            cell_of = np.ravel_multi_index(tuple(a.T), grid)
+            counts = np.bincount(cell_of, minlength=math.prod(grid)).reshape(grid)
+        else:
+            counts = np.zeros(grid, np.int64)
+            for i in range(len(boxes)):
+                counts[tuple(slice(x, y) for x, y in zip(a[i], b[i], strict=True))] += 1
     bad = np.argwhere(counts != 1)
     if not len(bad):
         return None
-    cell = tuple(int(i) for i in bad[0])
+    cell = bad[0]
     box = ", ".join(f"{cuts[d][i]}:{cuts[d][i + 1]}" for d, i in enumerate(cell))
-    holders = [
-        r
-        for (r, _, _), index in zip(boxes, where, strict=True)
-        if all(s.start <= i < s.stop for s, i in zip(index, cell, strict=True))
-    ]
+    holders = sorted(set(owners[((a <= cell) & (cell < b)).all(axis=1)].tolist()))
     if not holders:
         return (
             f"no saved rank holds [{box}] (ranks {ranks} saved boxes of it); a rank's shard "
