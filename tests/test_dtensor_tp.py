@@ -81,6 +81,22 @@ def test_one_process_gets_the_unsharded_values(
     assert stats.bytes_read == total  # every byte once, none twice
 
 
+def test_load_checkpoint_in_one_process_gives_whole_tensors(
+    trained: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    ckpt, _ = trained
+    want = ac.load_checkpoint(ckpt.parent / "whole")
+    got = ac.load_checkpoint(ckpt)
+    assert got.model.keys() == want.model.keys() and got.training_state.step == 3
+    for name, value in want.model.items():
+        np.testing.assert_array_equal(got.model[name], value, err_msg=name)
+    assert want.optimizer is not None and got.optimizer is not None
+    assert flat_optimizer(got.optimizer).keys() == want.optimizer.keys()
+    assert ac.load_checkpoint(ckpt, optimizer=False).optimizer is None
+    zoo = ac.load_checkpoint(ckpt.parent / "zoo", xp="torch").model
+    assert all(bool((zoo[name].numpy() == G).all()) for name in PLACEMENTS)
+
+
 def test_every_placement_pair_assembles_whole(trained: tuple[Path, list[dict[str, Any]]]) -> None:
     ckpt, _ = trained
     stats = ac.ReadStats()

@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,11 @@ import numpy as np
 from .. import nested
 from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
+from ..layout import SHARDING_META_FILE
 from ..limits import MAX_TILING_CELLS
 from .shards import SavedRank, ShardFile
 from .trees import merged_tree
+from .types import ShardingMeta
 
 PARTS = ("model", "optimizer")
 #: Manifest fields a sharded-array save adds to each tensor (boostr's fields are untouched).
@@ -262,6 +265,12 @@ def is_global(manifests: Sequence[Any] | None) -> bool:
         )
         for m in manifests or ()
     )
+
+
+def is_global_checkpoint(root: Path) -> bool:
+    """True when the distributed checkpoint at ``root`` was saved from sharded arrays."""
+    meta = ShardingMeta.read(root / SHARDING_META_FILE)
+    return meta.ranks is not None and is_global(meta.ranks)
 
 
 #: A tensor as the manifests describe it: dtype, global shape, and each rank's boxes.
