@@ -124,9 +124,8 @@ def _print_sharding(meta: Any, indent: str) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from .inspection import total_tensor_bytes, verify
 
-    path = Path(args.path)
-    with Progress("verify", total_tensor_bytes(path)) as bar:
-        report = verify(path, bar.advance)
+    with Progress("verify", total_tensor_bytes(args.path)) as bar:
+        report = verify(args.path, bar.advance)
     if args.json:
         _print_json(report)
     else:
@@ -156,10 +155,47 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
+def _ls_remote(location: str) -> list[dict[str, Any]]:
+    """`_ls`'s entries for a root on an object store: each step prefix, committed or not,
+    and for an uncommitted one whether its writer's lease is live."""
+    from .manager import DEFAULT_LEASE_TTL_S
+    from .storage.leases import read_lease
+    from .storage.root import ObjectRoot
+    from .storage.steps import CommitCache, list_steps
+
+    root = ObjectRoot(location, None, DEFAULT_LEASE_TTL_S)
+    commits = CommitCache()
+    entries: list[dict[str, Any]] = []
+    for step in list_steps(root.store, root.url):
+        complete = step.has_commit and commits.complete(root.store, step)
+        keys = step.lease_keys()
+        holder = None if complete or not keys else read_lease(root.store, keys[-1])
+        live = holder is not None and not holder.expired(DEFAULT_LEASE_TTL_S)
+        modified = step.modified.astimezone() if step.modified else None
+        entries.append(
+            {
+                "name": step.name,
+                "path": str(step.url),
+                "step": step.step,
+                "status": "complete" if complete else "incomplete",
+                "writer": None if complete else ("live" if live else "gone"),
+                "nbytes": step.nbytes,
+                "pid": (holder.doc or {}).get("pid") if holder else None,
+                "modified": ""
+                if modified is None
+                else modified.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
+    return entries
+
+
 def _ls(args: argparse.Namespace) -> int:
+    from . import storage
     from .layout import misnamed_step_dir, settled_scan, temporary_owner
 
-    root = Path(args.root)
+    if storage.is_url(args.root):
+        return _print_ls(args, args.root, _ls_remote(args.root))
+    root = Path(storage.local_path(args.root))
     if not root.is_dir():
         raise CheckpointNotFoundError(f"{root} is not a directory")
     if (root / MODEL_FILE).is_file() or (root / SHARDING_META_FILE).is_file():
@@ -201,6 +237,10 @@ def _ls(args: argparse.Namespace) -> int:
                     ),
                 }
             )
+    return _print_ls(args, str(root), entries)
+
+
+def _print_ls(args: argparse.Namespace, root: str, entries: list[dict[str, Any]]) -> int:
     if args.json:
         _print_json(entries)
         return EXIT_OK
@@ -210,7 +250,7 @@ def _ls(args: argparse.Namespace) -> int:
     rows = [
         [
             "-" if e["step"] is None else str(e["step"]),
-            e["status"],
+            e["status"] + (f" (writer {e['writer']})" if e.get("writer") else ""),
             human_bytes(e["nbytes"]),
             e["modified"],
             e["name"],
@@ -251,9 +291,16 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
+    from . import storage
     from .hf import export_hf
 
-    out = export_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, config=args.config)
+    if storage.is_url(args.ckpt):
+        from .storage import objects
+
+        with objects.local_copy(args.ckpt) as copy:
+            out = export_hf(copy, args.out, max_shard_size=args.max_shard_size, config=args.config)
+    else:
+        out = export_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, config=args.config)
     files = sorted(p.name for p in out.iterdir())
     print(f"exported {args.ckpt} to {out}: {', '.join(files)}")
     return EXIT_OK

@@ -85,7 +85,7 @@ def _save(
     )
     stall = time.perf_counter() - started
     print(
-        f"  step {step:4d}  loss {loss:.5f}  saved {mgr.directory(step).name} "
+        f"  step {step:4d}  loss {loss:.5f}  saved {Path(mgr.directory(step)).name} "
         f"asynchronously, training stalled {stall * 1e3:.2f} ms"
     )
 
@@ -152,7 +152,7 @@ def _train(root: Path, steps: int, every: int, crash_at: int, lr: float, *, kept
             raise AssertionError(f"no checkpoint was written to {root}")
         state = ckpt.training_state
         print(
-            f"resumed from {mgr.directory(state.step).name} (step {state.step}, saved loss "
+            f"resumed from {Path(mgr.directory(state.step)).name} (step {state.step}, saved loss "
             f"{state.metadata['loss']}) in {(time.perf_counter() - started) * 1e3:.2f} ms; "
             "CRC32C of every tensor verified"
         )
@@ -172,7 +172,7 @@ def _train(root: Path, steps: int, every: int, crash_at: int, lr: float, *, kept
                 _save(mgr, step, model, opt, loss, state.learning_rate, shuffle)
             elif step == state.step + 1:
                 print(f"  step {step:4d}  loss {loss:.5f}{again}")
-    latest = mgr.directory(mgr.latest_step() or 0)
+    latest = Path(mgr.directory(mgr.latest_step() or 0))
     sizes = ", ".join(f"{f.name} ({f.stat().st_size} B)" for f in sorted(latest.iterdir()))
     print(f"kept steps {mgr.steps()}; newest on disk: {sizes}")
     if kept:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aliases, fsops, nested
+from . import aliases, fsops, nested, storage
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -107,13 +107,16 @@ def describe_file(path: Path) -> dict[str, Any]:
 
 
 def describe(path: PathLike) -> dict[str, Any]:
-    """Everything `arrayckpt inspect` shows about a file, checkpoint or sharded checkpoint.
+    """Everything `arrayckpt inspect` shows about a file, checkpoint or sharded checkpoint
+    (``path`` may be an object-store URL of a file or a committed step).
 
     Raises:
         CheckpointNotFoundError: nothing to inspect at ``path``.
         CorruptCheckpointError: a header or training state is malformed.
     """
-    path = Path(path)
+    if storage.is_url(path):
+        return _remote(str(path), describe)
+    path = Path(storage.local_path(path))
     kind = kind_of(path)
     out: dict[str, Any] = {"path": str(path), "kind": kind}
     if kind == "file":
@@ -143,6 +146,67 @@ def describe(path: PathLike) -> dict[str, Any]:
             "one step (`arrayckpt verify` takes the whole root)"
         )
     return out
+
+
+def _remote(location: str, report: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``report`` of a local copy of the file or committed step at ``location``, naming
+    URLs; a root of steps is refused as `kind_of` refuses a local one."""
+    from .storage import fetch, objects
+    from .storage.steps import list_steps
+
+    if location.endswith(".safetensors"):
+        with fetch.local_file(location) as copy:
+            return fetch.as_urls(report(copy), copy, location)
+    try:
+        with objects.local_copy(location) as step:
+            return fetch.as_urls(report(step), step, location)
+    except CheckpointNotFoundError:
+        url = storage.parse_url(location)
+        if not any(list_steps(objects.open_store(url), url)):
+            raise
+    raise CheckpointNotFoundError(
+        f"{location} holds steps, not one checkpoint: run `arrayckpt ls {location}` and "
+        "inspect one step (`arrayckpt verify` takes the whole root)"
+    )
+
+
+def _verify_remote(location: str, advance: Callable[[int], None]) -> dict[str, Any]:
+    """`verify` of an object-store URL: a file, a committed step, or a root's complete
+    steps (a step retention deletes meanwhile is skipped, not reported corrupt)."""
+    from .storage import objects
+    from .storage.steps import CommitCache, complete_steps
+
+    def one(path: Path) -> dict[str, Any]:
+        return verify(path, advance)
+
+    def step_report(step: str) -> list[dict[str, Any]]:
+        try:
+            return list(_remote(step, one)["files"])
+        except CorruptCheckpointError as exc:  # an object differs from its commit object
+            return [
+                {"path": step, "tensors": 0, "nbytes": 0, "checksums": None, "errors": [str(exc)]}
+            ]
+
+    url = storage.parse_url(location)
+    store = objects.open_store(url)
+    if location.endswith(".safetensors"):
+        files = step_report(location)
+    else:
+        try:
+            objects.read_commit(store, url)
+            files = step_report(location)
+        except CheckpointNotFoundError:
+            files = []
+            for step in complete_steps(store, url, CommitCache()):
+                try:
+                    files += step_report(str(step.url))
+                except CheckpointNotFoundError:  # deleted by retention since the listing
+                    continue
+            if not files:
+                raise CheckpointNotFoundError(
+                    f"{location}: no complete step to verify (see `arrayckpt ls`)"
+                ) from None
+    return {"path": location, "ok": not any(e["errors"] for e in files), "files": files}
 
 
 def _check_distributed(meta: Path) -> None:
@@ -188,7 +252,9 @@ def verify(path: PathLike, advance: Callable[[int], None] = lambda n: None) -> d
         CheckpointNotFoundError: nothing to verify at ``path`` (e.g. a root of only
             incomplete steps).
     """
-    path = Path(path)
+    if storage.is_url(path):
+        return _verify_remote(str(path), advance)
+    path = Path(storage.local_path(path))
     report: list[dict[str, Any]] = []
     if kind_of(path) != "root":
         report = _verify_files(files_to_verify(path), advance)
@@ -271,8 +337,12 @@ def _model_metadata(checkpoint: Path) -> dict[str, str] | None:
         return None
 
 
-def total_tensor_bytes(path: Path) -> int:
-    """Bytes of tensor data a verification will checksum (headers only are read)."""
+def total_tensor_bytes(path: PathLike) -> int | None:
+    """Bytes of tensor data a verification will checksum (headers only are read);
+    ``None`` for an object-store URL (known only once each step is fetched)."""
+    if storage.is_url(path):
+        return None
+    path = Path(storage.local_path(path))
     total = 0
     for f in files_to_verify(path):
         if f.suffix == ".safetensors":

@@ -89,6 +89,7 @@ def open_checkpoint(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LazyCheckpoint:
     """Open a checkpoint without reading its tensors: each is read when accessed.
 
@@ -96,11 +97,14 @@ def open_checkpoint(
     ``mmap`` (the default) looking up one tensor touches only that tensor's pages.
 
     Args:
-        directory: a checkpoint written by arrayckpt or boostr.
+        directory: a checkpoint written by arrayckpt or boostr; an ``s3://``, ``gs://``
+            or ``az://`` URL opens its committed step, downloaded once (into memory on
+            ``/dev/shm`` when it has room) and checked against its commit object.
         xp: the framework of the arrays returned on access, as in `load_checkpoint`.
         device: where they go, as in `load_checkpoint`.
         verify: check each tensor's CRC32C when it is accessed.
         mmap: map the files (``True``) or read each whole once (``False``).
+        storage_options: object-store settings over those from the environment.
 
     Returns:
         ``LazyCheckpoint(model, optimizer, training_state)``; ``optimizer`` is ``None``
@@ -120,8 +124,13 @@ def open_checkpoint(
         >>> ckpt.model["w"]
         array([1., 1.], dtype=float32)
     """
-    directory = storage.local_only(directory, "open_checkpoint")
-    root = Path(directory)
+    if storage.is_url(directory):
+        from .storage import objects  # the object-store client is imported only here
+
+        # the copy is mapped: its pages outlive its removal when the block ends
+        with objects.local_copy(str(directory), storage_options) as copy:
+            return open_checkpoint(copy, xp=xp, device=device, verify=verify, mmap=True)
+    root = Path(storage.local_path(directory))
     if not root.is_dir():
         raise CheckpointNotFoundError(f"no checkpoint at {root}: not a directory")
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():

@@ -146,15 +146,18 @@ def load_file(
     device: Any = None,
     keys: Iterable[str] | None = None,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load one safetensors file, of any name, written by any tool, as arrays of ``xp``.
 
     Args:
-        path: the file (a Hugging Face ``model.safetensors``, a shard, an arrayckpt file).
+        path: the file (a Hugging Face ``model.safetensors``, a shard, an arrayckpt file),
+            or its ``s3://``, ``gs://`` or ``az://`` URL (``file://`` is a local path).
         xp: as in `load_checkpoint`.
         device: as in `load_checkpoint`.
         keys: only these tensors, as a flat dict; the others are never read.
         verify: check the CRC32C arrayckpt recorded (files from other tools have none).
+        storage_options: object-store settings over those from the environment.
 
     Returns:
         ``{name: array}``; a file arrayckpt wrote from nested state comes back nested.
@@ -171,7 +174,12 @@ def load_file(
         >>> ac.load_file(f)
         {'w': array([0, 1, 2], dtype=int32)}
     """
-    file = Path(path)
+    if storage.is_url(path):
+        from .storage import fetch  # the object-store client is imported only here
+
+        with fetch.local_file(str(path), storage_options) as copy:  # mapped: outlives it
+            return load_file(copy, xp=xp, device=device, keys=keys, verify=verify)
+    file = Path(storage.local_path(path))
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file}: no such file")
     return load_state_file(file, xp=xp, device=device, keys=keys, verify=verify)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import forking, fsops, storage
 from .async_checkpointer import AsyncCheckpointer
@@ -41,10 +41,16 @@ from .save import write_snapshot
 from .snapshot import take_snapshot
 from .training_state import TrainingState
 
+if TYPE_CHECKING:  # the object-store root is imported only for URL roots
+    from .snapshot import Snapshot
+    from .storage.root import ObjectRoot
+
 log = logging.getLogger("arrayckpt")
 
 #: A temporary whose creating process is still alive is left alone until it is this old.
 DEFAULT_STALE_AFTER_S = 6 * 3600.0
+#: Lifetime of an object-store writer's lease without renewal (renewed every quarter).
+DEFAULT_LEASE_TTL_S = 60.0
 
 
 def _recovery_rank(entry: Path) -> tuple[bool, int]:
@@ -75,8 +81,14 @@ class CheckpointManager(ClosesOnExit):
     durably committed. Temporaries left by a crashed process are removed when the
     manager starts (those of live processes are left alone until ``stale_after_s`` old).
 
+    On an object store (``root="s3://bucket/run"``) a step is complete once its commit
+    object exists and parses; each save holds a lease on its step, renewed while it
+    uploads, and a new manager removes the uploads of writers whose lease expired (or
+    that died on this machine), never a live writer's (see docs/storage.md).
+
     Args:
-        root: the directory holding the steps (created if missing).
+        root: the directory holding the steps (created if missing), or an ``s3://``,
+            ``gs://`` or ``az://`` URL (``file://`` is a local path).
         keep_last: keep the newest ``keep_last`` complete steps and delete older ones;
             ``None`` keeps every step.
         keep_every: additionally keep every step divisible by ``keep_every``.
@@ -84,6 +96,10 @@ class CheckpointManager(ClosesOnExit):
             once the state is copied to host memory. ``False`` writes before returning.
         stale_after_s: age after which any temporary is removed, even one whose creating
             pid is alive on this host (pids are reused).
+        storage_options: object-store settings over those from the environment
+            (``AWS_*``, ...), as in `save_checkpoint`; unused for local roots.
+        lease_ttl_s: on an object store, how long a writer's lease outlives its last
+            renewal: the wait before another machine may clean up after a crashed writer.
 
     Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
@@ -106,31 +122,49 @@ class CheckpointManager(ClosesOnExit):
         keep_every: int | None = None,
         async_save: bool = True,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        storage_options: Mapping[str, Any] | None = None,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidInputError(f"{name} must be a positive int or None, not {value!r}")
-        self.root = Path(storage.local_only(root, "CheckpointManager")).absolute()
+        if not (isinstance(lease_ttl_s, (int, float)) and 0 < lease_ttl_s < float("inf")):
+            raise InvalidInputError(f"lease_ttl_s must be a positive number, not {lease_ttl_s!r}")
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.stale_after_s = stale_after_s
-        try:
-            fsops.fs().makedirs(self.root)
-        except OSError as exc:
-            raise InvalidInputError(
-                f"cannot create the checkpoint root {self.root}: {exc}"
-            ) from exc
+        self._remote: ObjectRoot | None = None
+        self.root: Path | str
+        if storage.is_url(root):
+            from .storage.root import ObjectRoot
+
+            self._remote = ObjectRoot(str(root), storage_options, float(lease_ttl_s))
+            self.root = str(self._remote)
+            self._path = Path()
+        else:
+            self.root = self._path = Path(storage.local_path(root)).absolute()
+            try:
+                fsops.fs().makedirs(self._path)
+            except OSError as exc:
+                raise InvalidInputError(
+                    f"cannot create the checkpoint root {self._path}: {exc}"
+                ) from exc
         self._checkpointer = AsyncCheckpointer() if async_save else None
         self._closed = False
         self._lock = threading.RLock()
         #: The step and future of the last asynchronous save; see `_in_flight_step`.
-        self._queued: tuple[int, Future[Path]] | None = None
+        self._queued: tuple[int, Future[Path | str]] | None = None
         forking.reset_in_child(self)
         self.cleanup()
 
-    def directory(self, step: int) -> Path:
-        """Where step ``step`` is (or would be) saved."""
-        return self.root / step_dir_name(step)
+    def directory(self, step: int) -> Path | str:
+        """Where step ``step`` is (or would be) saved: a path, or a URL for a store."""
+        if self._remote is not None:
+            return self._remote.location(step)
+        return self._path / step_dir_name(step)
+
+    def _step_path(self, step: int) -> Path:
+        return self._path / step_dir_name(step)
 
     def save(
         self,
@@ -141,7 +175,7 @@ class CheckpointManager(ClosesOnExit):
         *,
         extra: Any = None,
         rollback: bool = False,
-    ) -> Future[Path]:
+    ) -> Future[Path | str]:
         """Save step ``step``, then apply retention once it is committed.
 
         Steps only move forward: a step at or below the newest one on disk (or already
@@ -159,11 +193,12 @@ class CheckpointManager(ClosesOnExit):
                 root): every step newer than ``step`` is deleted first, newest first,
                 and ``step`` itself is replaced atomically. Readers see the newest complete
                 step at every instant (briefly an older one while the new step is
-                written); `restore` then returns what this call saved.
+                written; on an object store also ``step`` itself while it is
+                saved again); `restore` then returns what this call saved.
 
         Returns:
-            A future resolving to the committed directory (already resolved when
-            ``async_save=False``).
+            A future resolving to the committed directory, or URL on an object store
+            (already resolved when ``async_save=False``).
 
         Raises:
             InvalidInputError: bad step or input, a step at or below the newest without
@@ -189,7 +224,13 @@ class CheckpointManager(ClosesOnExit):
 
             if global_shards.has_sharded(model_state, optimizer_state):
                 # DTensor state: every rank calls save; the step is one coordinated save.
-                future = steps.save_step(
+                if not isinstance(target, Path):
+                    raise InvalidInputError(
+                        f"{self.root}: a manager on an object store cannot save DTensor state "
+                        "yet (its steps' leases are one writer's); use a local root, or "
+                        "save_distributed_checkpoint to the URL"
+                    )
+                future: Future[Path | str] = steps.save_step(
                     target,
                     self._checkpointer,
                     model_state,
@@ -205,13 +246,34 @@ class CheckpointManager(ClosesOnExit):
                 snap = take_snapshot(
                     model_state, optimizer_state, training_state, staging=None, extra=extra
                 )
-                done: Future[Path] = Future()
-                done.set_result(Path(write_snapshot(target, snap)))  # a local root
+                done: Future[Path | str] = Future()
+                done.set_result(self._write(step, snap))
                 self._retain()
                 return done
-            # the root is local (URLs are refused above), so the write returns a Path
+            if self._remote is not None:
+                # the write takes the step's lease on the writer thread, so the
+                # checkpointer's own save (which writes without one) is not used
+                self._checkpointer.wait()
+                snap = take_snapshot(
+                    model_state,
+                    optimizer_state,
+                    training_state,
+                    staging=self._checkpointer.staging,
+                    extra=extra,
+                )
+
+                def write_and_retain() -> Path | str:
+                    written = self._write(step, snap)
+                    self._retain()
+                    return written
+
+                queued: Future[Path | str] = self._checkpointer.submit_job(
+                    write_and_retain, f"save {target}"
+                )
+                self._queued = (step, queued)
+                return queued
             future = cast(
-                "Future[Path]",
+                "Future[Path | str]",
                 self._checkpointer.save(
                     target,
                     model_state,
@@ -223,6 +285,11 @@ class CheckpointManager(ClosesOnExit):
             )
             self._queued = (step, future)
             return future
+
+    def _write(self, step: int, snap: Snapshot) -> Path | str:
+        if self._remote is not None:
+            return self._remote.write(step, snap)
+        return Path(write_snapshot(self._step_path(step), snap))
 
     def _check_moves_forward(self, step: int) -> None:
         newer = [s for s in self._all_steps() if s >= step]
@@ -241,8 +308,9 @@ class CheckpointManager(ClosesOnExit):
     def _roll_back_to(self, step: int) -> None:
         self.wait()  # the save in flight may be one of the steps going away
         for newer in reversed(self._all_steps()):
-            if newer > step:
-                self._delete(self.directory(newer))
+            # an object store cannot replace a committed step: it goes too
+            if newer > step or (newer == step and self._remote is not None):
+                self._delete(newer)
         self._queued = None
 
     def _in_flight_step(self) -> int | None:
@@ -258,12 +326,17 @@ class CheckpointManager(ClosesOnExit):
         return step
 
     def _all_steps(self) -> list[int]:
-        """Every step directory, complete or not: an incomplete one still holds the name."""
-        return [e.step for e in scan(self.root) if e.step is not None]
+        """Every step directory, complete or not: an incomplete one still holds the name.
+        On an object store, only committed steps: an upload is under its writer's lease."""
+        if self._remote is not None:
+            return self._remote.steps()
+        return [e.step for e in scan(self._path) if e.step is not None]
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first (call `wait` to include one in flight)."""
-        entries = settled_scan(self.root)
+        if self._remote is not None:
+            return self._remote.steps()
+        entries = settled_scan(self._path)
         return [e.step for e in entries if e.status == "complete" and e.step is not None]
 
     def latest_step(self) -> int | None:
@@ -316,10 +389,13 @@ class CheckpointManager(ClosesOnExit):
         if keys is not None and not isinstance(keys, str):  # load_checkpoint refuses a str
             keys = list(keys)  # read again if a step vanishes
 
-        def load(path: Path) -> Checkpoint:
+        options = self._remote.options if self._remote is not None else None
+
+        def load(path: Path | str) -> Checkpoint:
             from .distributed import steps
 
-            if steps.is_sharded_step(path):  # each rank's share, at any world size
+            if isinstance(path, Path) and steps.is_sharded_step(path):
+                # each rank's share, at any world size
                 return steps.load_step(
                     path,
                     into=into,
@@ -339,6 +415,7 @@ class CheckpointManager(ClosesOnExit):
                 mmap=mmap,
                 optimizer=optimizer,
                 optimizer_into=optimizer_into,
+                storage_options=options,
             )
 
         self.wait()
@@ -347,7 +424,7 @@ class CheckpointManager(ClosesOnExit):
             try:
                 return load(path)
             except CheckpointError as exc:
-                if is_complete(path):
+                if self._complete(step):
                     raise
                 raise CheckpointNotFoundError(
                     f"no complete checkpoint for step {step} at {path}; complete steps: "
@@ -367,7 +444,7 @@ class CheckpointManager(ClosesOnExit):
             try:
                 return load(path)
             except CheckpointError as exc:
-                if not is_complete(path):
+                if not self._complete(candidate):
                     log.debug("step %d vanished while being read; rescanning", candidate)
                     continue
                 if not isinstance(exc, CorruptCheckpointError):
@@ -377,6 +454,11 @@ class CheckpointManager(ClosesOnExit):
         if first_error is not None:
             raise first_error
         return None
+
+    def _complete(self, step: int) -> bool:
+        if self._remote is not None:
+            return self._remote.is_complete(step)
+        return is_complete(self._step_path(step))
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error, once."""
@@ -415,15 +497,18 @@ class CheckpointManager(ClosesOnExit):
         for step in complete:
             if step not in keep:
                 try:
-                    self._delete(self.directory(step))
-                except OSError as exc:  # the new step is safe; an old one lingers
+                    self._delete(step)
+                except (OSError, CheckpointError) as exc:  # the new step is safe; an old lingers
                     log.warning("retention could not delete step %d: %s", step, exc)
 
-    def _delete(self, path: Path) -> None:
-        remove_directory(path)
-        log.info("retention deleted %s", path)
+    def _delete(self, step: int) -> None:
+        if self._remote is not None:
+            self._remote.delete(step)
+        else:
+            remove_directory(self._step_path(step))
+        log.info("retention deleted %s", self.directory(step))
 
-    def cleanup(self) -> list[Path]:
+    def cleanup(self) -> list[Path] | list[str]:
         """Remove temporaries left by crashed processes under the root (and its step dirs).
 
         A temporary is stale when the pid in its name is not alive on this host, or it is
@@ -432,11 +517,16 @@ class CheckpointManager(ClosesOnExit):
         renames), that copy is renamed back instead of removed — the one of the highest
         step, if a power cut left several.
 
+        On an object store, remove the uncommitted steps whose writer's lease expired (or
+        whose writer died on this machine) instead; steps live writers hold stay.
+
         Returns:
-            The temporaries removed or renamed back.
+            The temporaries removed or renamed back (the steps' URLs on an object store).
         """
+        if self._remote is not None:
+            return self._remote.cleanup()
         handled = []
-        places = [self.root] + [e.path for e in scan(self.root) if e.step is not None]
+        places = [self._path] + [e.path for e in scan(self._path) if e.step is not None]
         for place in places:
             try:
                 names = [e for e in place.iterdir() if is_temporary_name(e.name)]

@@ -30,7 +30,7 @@ def threads() -> int:
     return env.positive_int("ARRAYCKPT_THREADS", max(1, min(MAX_THREADS, _CPUS)))
 
 
-def _start(thread: threading.Thread) -> bool:
+def start(thread: threading.Thread) -> bool:
     """Start ``thread``; False where the interpreter refuses (Python 3.12 at exit)."""
     try:
         thread.start()
@@ -59,7 +59,7 @@ class HelperPool:
         self.size = 0
         for i in range(size):
             thread = threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True)
-            if not _start(thread):
+            if not start(thread):
                 break
             self.size += 1
 
@@ -108,6 +108,6 @@ def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
     """Run ``fn`` on a thread of its own (for work that itself uses the pool)."""
     future: Future[T] = Future()
     thread = threading.Thread(target=_run_into, args=(future, fn), name=name, daemon=True)
-    if not _start(thread):
+    if not start(thread):
         _run_into(future, fn)  # at exit on Python 3.12: here, one after the other
     return future

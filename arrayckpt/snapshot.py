@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import aliases, backends, format, hostcopy, nested
+from . import aliases, backends, format, hostcopy, nested, pool
 from .dtypes import DType
 from .errors import InvalidInputError
 from .staging import HostTensor, StagingPool
@@ -156,25 +158,86 @@ def _copy(
         }
 
 
-def _begin_staging(
-    staging: StagingPool, *plans: Plan
-) -> list[tuple[Plan, SlabLayout, np.ndarray] | None]:
-    """Tell ``staging`` the snapshot's buffer sizes; take one slab per plan for its small
-    NumPy arrays (`None` where a plan has fewer than two)."""
-    sizes: list[int] = []
+def _staging_layout(
+    *plans: Plan,
+) -> tuple[list[tuple[int, bool]], list[Plan], list[tuple[SlabLayout, int]]]:
+    """The staging buffers (byte size, pinned) a snapshot of ``plans`` takes, and each
+    plan's small NumPy arrays with their slab layout (none where a plan has fewer than two).
+
+    `take_snapshot` and `staging_buffers` (the warm-up) both use it, so a warmed pool holds
+    exactly the buffers the next snapshot asks for.
+    """
+    buffers: list[tuple[int, bool]] = []
     smalls: list[Plan] = []
     for plan in plans:
         small, rest = _split_small(plan)
         if len(small) <= 1:
             small, rest = [], plan  # a slab of one array saves nothing
         smalls.append(small)
-        sizes += [math.prod(backend.shape(x)) * dtype.itemsize for _, x, backend, dtype in rest]
+        buffers += [
+            (math.prod(backend.shape(x)) * dtype.itemsize, backend.stages_pinned(x))
+            for _, x, backend, dtype in rest
+        ]
     layouts = [_slab_layout(small) for small in smalls]
-    staging.begin(sizes + [n for small, (_, n) in zip(smalls, layouts, strict=True) if small])
+    buffers += [(n, False) for small, (_, n) in zip(smalls, layouts, strict=True) if small]
+    return buffers, smalls, layouts
+
+
+def _begin_staging(
+    staging: StagingPool, *plans: Plan
+) -> list[tuple[Plan, SlabLayout, np.ndarray] | None]:
+    """Tell ``staging`` the snapshot's buffer sizes; take one slab per plan for its small
+    NumPy arrays (`None` where a plan has fewer than two)."""
+    buffers, smalls, layouts = _staging_layout(*plans)
+    staging.begin(n for n, _ in buffers)
     return [
         (small, groups, staging.take(n)) if small else None
         for small, (groups, n) in zip(smalls, layouts, strict=True)
     ]
+
+
+def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
+    """Split off the arrays that cannot change after the save returns (JAX arrays in host
+    memory): the snapshot holds them as they are, with no copy and no staging memory."""
+    rest: Plan = []
+    shared: dict[str, HostTensor] = {}
+    for item in plan:
+        key, x, backend, dtype = item
+        view = backend.immutable_host_view(x, dtype)
+        if view is None:
+            rest.append(item)
+        else:
+            shared[key] = HostTensor(view, dtype)
+    return rest, shared
+
+
+def staging_buffers(
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+    *,
+    extra: Any = None,
+) -> list[tuple[int, bool]]:
+    """The staging buffers (byte size, pinned) an asynchronous save of this state takes;
+    validates the state like a save. Arrays may be the real state or any arrays of the
+    same shapes, dtypes and kinds."""
+    plans = []
+    for state, what in (
+        (model_state, "model_state"),
+        (optimizer_state, "optimizer_state"),
+        (extra, "extra"),
+    ):
+        flat, _, _ = _flatten(state, what=what)
+        plans.append(_share_immutable(_plan(flat, what=what))[0])
+    return _staging_layout(*plans)[0]
+
+
+def _in_order(
+    keys: list[str], ready: dict[str, HostTensor], copied: dict[str, HostTensor]
+) -> dict[str, HostTensor]:
+    """The snapshot's tensors in the caller's key order, wherever each was copied."""
+    if not ready:
+        return copied
+    return {key: ready[key] if key in ready else copied[key] for key in keys}
 
 
 def _synchronize(*plans: Plan) -> None:
@@ -183,23 +246,62 @@ def _synchronize(*plans: Plan) -> None:
         backend.synchronize()
 
 
-def take_snapshot(
+@dataclass
+class PendingSnapshot:
+    """A validated snapshot whose host copies have not run yet (see `start_snapshot`)."""
+
+    #: Per part (model, optimizer, extra): every key in the caller's order, the arrays
+    #: still to copy, their slab (small NumPy arrays), and what is already in host memory.
+    keys: tuple[list[str], ...]
+    host_plans: tuple[Plan, ...]
+    slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None]
+    ready: tuple[dict[str, HostTensor], ...]
+    device_plans: tuple[Plan, ...]
+    staging: StagingPool | None
+    #: The snapshot with every field but its tensors.
+    template: Snapshot
+
+    def finish(self) -> Snapshot:
+        """Run the host copies and wait for the device ones: the snapshot is complete."""
+        try:
+            with hostcopy.batched():  # one batch of copies for all states
+                copies = [
+                    _copy(plan, self.staging, slab)
+                    for plan, slab in zip(self.host_plans, self.slabs, strict=True)
+                ]
+        finally:
+            # One synchronisation per snapshot; also after a failed copy, so no device copy
+            # still writes into staging buffers the next snapshot will reuse.
+            _synchronize(*self.device_plans, *self.host_plans)
+        if self.staging is not None:
+            self.staging.end()
+        model, optimizer, extra = (
+            _in_order(keys, ready, copied)
+            for keys, ready, copied in zip(self.keys, self.ready, copies, strict=True)
+        )
+        return replace(
+            self.template,
+            model=model,
+            optimizer=optimizer,
+            extra=None if self.template.extra is None else extra,
+        )
+
+
+def start_snapshot(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None,
     training_state: TrainingState | None,
     *,
     staging: StagingPool | None,
     extra: Any = None,
-) -> Snapshot:
-    """Validate and copy one checkpoint's state to host memory.
+) -> PendingSnapshot:
+    """Validate the state, take its staging buffers and issue the device-to-host copies
+    (asynchronous on the device's side stream); `PendingSnapshot.finish` does the rest.
 
-    Every key and value is validated before the first byte is copied. With ``staging``
-    each array is copied into the pool's reusable buffers (so the caller may mutate its
-    arrays afterwards); without it, host arrays that are already contiguous are used in
-    place (zero copy, for synchronous saves).
-
-    With ``staging``, the pool's previous snapshot is overwritten: its write must be done.
-    ``extra`` is nested state like the optimizer's (see `nested.flatten`); ``None`` saves none.
+    Everything that can refuse the state runs here, in the caller's thread; `finish` may
+    run on another thread (background staging), as long as the caller leaves the arrays
+    alone until it is done. Device copies are issued here because they must be ordered
+    after the caller's own stream, which only the caller's thread knows.
     """
     training_state = TrainingState(step=0) if training_state is None else training_state
     if not isinstance(training_state, TrainingState):
@@ -219,32 +321,96 @@ def take_snapshot(
     _check_writable(model_plan, model_tree, what="model_state")
     _check_writable(optimizer_plan, optimizer_tree, what="optimizer_state")
     _check_writable(extra_plan, extra_tree, what="extra")
-    plans = (model_plan, optimizer_plan, extra_plan)
-    slabs = _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
-    try:
-        with hostcopy.batched():  # one batch of copies for all states
-            model, optimizer, extra_copy = (
-                _copy(plan, staging, slab) for plan, slab in zip(plans, slabs, strict=True)
-            )
-    finally:
-        # One synchronisation per snapshot; also after a failed copy, so no device copy
-        # still writes into staging buffers the next snapshot will reuse.
-        _synchronize(*plans)
+    full = (model_plan, optimizer_plan, extra_plan)
+    plans: tuple[Plan, ...] = full
+    shared: tuple[dict[str, HostTensor], ...] = ({}, {}, {})
     if staging is not None:
-        staging.end()
-    return Snapshot(
-        model,
-        optimizer,
+        split = [_share_immutable(plan) for plan in plans]
+        plans = tuple(rest for rest, _ in split)
+        shared = tuple(views for _, views in split)
+    slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None] = (
+        _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
+    )
+    device_plans = tuple(
+        [item for item in plan if item[2].stages_pinned(item[1])] for plan in plans
+    )
+    host_plans = tuple(
+        [item for item in plan if not item[2].stages_pinned(item[1])] for plan in plans
+    )
+    try:
+        issued = [_copy(plan, staging) for plan in device_plans]
+    except BaseException:
+        _synchronize(*device_plans)
+        raise
+    template = Snapshot(
+        {},
+        {},
         training_state,
         model_tree,
         optimizer_tree,
         model_aliases,
         optimizer_aliases,
         borrowed=staging is None,
-        extra=None if extra is None else extra_copy,
+        extra=None if extra is None else {},
         extra_tree=extra_tree,
         extra_aliases=extra_aliases,
     )
+    return PendingSnapshot(
+        keys=tuple([key for key, *_ in plan] for plan in full),
+        host_plans=host_plans,
+        slabs=slabs,
+        ready=tuple({**a, **b} for a, b in zip(shared, issued, strict=True)),
+        device_plans=device_plans,
+        staging=staging,
+        template=template,
+    )
+
+
+def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Future[None]]:
+    """Run ``pending.finish()`` on a thread of its own (not the writer's, which may be busy
+    with another checkpointer's write): the snapshot, and a future that only tells when
+    the copies are done (what the caller waits on before changing its arrays)."""
+    snapshot: Future[Snapshot] = Future()
+    staged: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            snap = pending.finish()
+        except BaseException as exc:
+            staged.set_exception(exc)
+            snapshot.set_exception(exc)
+        else:
+            staged.set_result(None)
+            snapshot.set_result(snap)
+
+    thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
+    if not pool.start(thread):  # the interpreter is exiting: copy on this thread
+        run()
+    return snapshot, staged
+
+
+def take_snapshot(
+    model_state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None,
+    training_state: TrainingState | None,
+    *,
+    staging: StagingPool | None,
+    extra: Any = None,
+) -> Snapshot:
+    """Validate and copy one checkpoint's state to host memory.
+
+    Every key and value is validated before the first byte is copied. With ``staging``
+    each array is copied into the pool's reusable buffers (so the caller may mutate its
+    arrays afterwards), except JAX arrays in host memory, which never change and are held
+    as they are; without it, host arrays that are already contiguous are used in place
+    (zero copy, for synchronous saves).
+
+    With ``staging``, the pool's previous snapshot is overwritten: its write must be done.
+    ``extra`` is nested state like the optimizer's (see `nested.flatten`); ``None`` saves none.
+    """
+    return start_snapshot(
+        model_state, optimizer_state, training_state, staging=staging, extra=extra
+    ).finish()
 
 
 def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:

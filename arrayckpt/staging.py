@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import mmap
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +62,54 @@ class StagingPool:
         self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
         self._used: dict[tuple[int, bool], list[np.ndarray]] = {}
         self.pinned_allocator = pinned_allocator
+        self._warming: threading.Thread | None = None
+
+    def warm(self, buffers: Iterable[tuple[int, bool]]) -> None:
+        """Allocate and fault in ``buffers`` (byte size, pinned) before a snapshot needs
+        them, so the next `begin` of that snapshot reuses warm memory and a first save
+        stalls like a later one. Buffers the pool holds already count."""
+        self._join_warming()
+        self._warm(list(buffers))
+
+    def warm_in_background(self, buffers: Iterable[tuple[int, bool]]) -> Future[None]:
+        """`warm` on a daemon thread; the next `begin`, `warm` or `release` waits for it.
+
+        Returns:
+            A future that resolves once the buffers are warm (or holds the allocation's
+            error; the next snapshot then allocates what it lacks itself).
+        """
+        self._join_warming()
+        done: Future[None] = Future()
+        wanted = list(buffers)
+
+        def run() -> None:
+            try:
+                self._warm(wanted)
+            except BaseException as exc:  # e.g. MemoryError: reported through the future
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        thread = threading.Thread(target=run, daemon=True, name="arrayckpt-warm")
+        self._warming = thread
+        thread.start()
+        return done
+
+    def _warm(self, buffers: list[tuple[int, bool]]) -> None:
+        wanted = Counter(buffers)
+        for key, bufs in self._used.items():
+            wanted[key] -= len(bufs)
+        for (nbytes, pinned), missing in wanted.items():
+            for _ in range(missing):
+                buf = self._allocate(nbytes, pinned)
+                prefault(buf)
+                # As if the previous snapshot had used it: `begin` hands it out again.
+                self._used.setdefault((nbytes, pinned), []).append(buf)
+
+    def _join_warming(self) -> None:
+        thread, self._warming = self._warming, None
+        if thread is not None:
+            thread.join()
 
     def begin(self, sizes: Iterable[int] | None = None) -> None:
         """Start a snapshot: the previous one's buffers may be overwritten from now on.
@@ -67,6 +118,7 @@ class StagingPool:
             sizes: the byte sizes the snapshot will `take`, when known; buffers of other
                 sizes are dropped now, so the pool never holds two snapshots at once.
         """
+        self._join_warming()
         self._free, self._used = self._used, {}
         for bufs in self._free.values():
             bufs.reverse()  # `take` pops from the end: each tensor gets back its own buffer
@@ -102,13 +154,17 @@ class StagingPool:
         return sum(b.nbytes for d in (self._free, self._used) for bs in d.values() for b in bs)
 
     def release(self) -> None:
+        self._join_warming()
         self._free.clear()
         self._used.clear()
 
 
-def fresh_allocator(nbytes: int, pinned: bool) -> np.ndarray:
-    """An allocator with no reuse (for one-off saves)."""
-    return np.empty(nbytes, np.uint8)
+_PAGE = mmap.PAGESIZE
+
+
+def prefault(buf: np.ndarray) -> None:
+    """Touch every page of ``buf`` so the first copy into it runs at memcpy speed."""
+    buf[::_PAGE] = 0
 
 
 def host_view(flat: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:

@@ -116,11 +116,18 @@ class TrainingState:
             raise CorruptCheckpointError(f"{path} is a directory, not a file") from exc
         except ValueError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}") from exc
-        state = cls.from_json(data, source=str(path))  # a malformed file says what is wrong
+        return cls.checked(data, source=str(path), metadata=metadata)
+
+    @classmethod
+    def checked(
+        cls, data: bytes, *, source: str, metadata: Mapping[str, str] | None = None
+    ) -> TrainingState:
+        """`read` for the bytes of ``source`` already read (from a file or an object)."""
+        state = cls.from_json(data, source=source)  # a malformed file says what is wrong
         recorded = None if metadata is None else metadata.get(STATE_CHECKSUM_KEY)
         if recorded is not None and recorded != state_checksum(data):
             raise CorruptCheckpointError(
-                f"{path} fails the CRC32C recorded in {MODEL_FILE}: the file is corrupt; "
+                f"{source} fails the CRC32C recorded in {MODEL_FILE}: the file is corrupt; "
                 "restore another checkpoint"
             )
         return state

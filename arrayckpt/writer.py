@@ -33,6 +33,12 @@ def exit_timeout() -> float:
     return env.positive_seconds(EXIT_TIMEOUT_VAR, DEFAULT_EXIT_TIMEOUT)
 
 
+def _resolved() -> Future[None]:
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
+
+
 class WriteFuture(Future[T]):
     """A `Future` that remembers whether anyone looked at its outcome.
 
@@ -41,6 +47,10 @@ class WriteFuture(Future[T]):
 
     description: str = ""
     observed: bool = False
+    #: Resolves once the snapshot is in host memory arrayckpt owns: from then on the
+    #: caller may change its arrays. Done when `save` returns, except for saves made with
+    #: ``background_staging=True``; holds the copy's error if the copy failed.
+    staged: Future[None] = _resolved()
 
     def result(self, timeout: float | None = None) -> T:
         try:

@@ -84,7 +84,7 @@ def run_torch(out: Path, world: int) -> list[dict[str, Any]]:
 
 
 def run_scenario(
-    worker: Path, scenario: str, ckpt: Path, out: Path, world: int
+    worker: Path, scenario: str, ckpt: Path | str, out: Path, world: int
 ) -> list[dict[str, Any]]:
     """Start ``world`` gloo ranks of ``worker`` on one scenario; every rank must succeed."""
     out.mkdir()

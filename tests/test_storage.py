@@ -60,6 +60,11 @@ def test_storage_options_override_env(s3_server: S3Server, monkeypatch: pytest.M
     ac.save_checkpoint(url, {"x": np.arange(4)}, storage_options=options)
     got = ac.load_checkpoint(url, storage_options=options)
     np.testing.assert_array_equal(got.model["x"], np.arange(4))
+    async_url = s3_server.url("opts/step_2")
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(async_url, {"x": np.arange(5)}, storage_options=options).result()
+    got = ac.load_checkpoint(async_url, storage_options=options)
+    np.testing.assert_array_equal(got.model["x"], np.arange(5))
 
 
 def test_step_without_commit_object_is_incomplete(s3_env: S3Server) -> None:
@@ -260,24 +265,6 @@ def _listing_with(url: str, options: dict) -> set[str]:  # type: ignore[type-arg
     parsed = parse_url(url)
     store = objects.open_store(parsed, options)
     return {m["path"].rsplit("/", 1)[1] for m in obstore.list(store, parsed.prefix).collect()}
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda u: ac.CheckpointManager(u),
-        lambda u: ac.open_checkpoint(u),
-        lambda u: ac.load_distributed_checkpoint(u, 0),
-        lambda u: ac.consolidate_checkpoint(u, "/tmp/never-written"),
-        lambda u: ac.save_distributed_checkpoint(u, 0, 1, {"x": np.arange(2)}),
-    ],
-)
-def test_entry_points_without_object_stores_refuse_urls(call, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Not yet wired to object stores: a URL is refused, never made a local `s3:` folder."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(InvalidInputError, match="does not support object-store URLs yet"):
-        call("s3://bucket/run")
-    assert not (tmp_path / "s3:").exists()
 
 
 def test_extra_state_on_an_object_store(s3_env: S3Server) -> None:

@@ -37,6 +37,15 @@ class Backend(ABC):
         `synchronize`.
         """
 
+    def stages_pinned(self, x: Any) -> bool:
+        """Whether `to_host` copies ``x`` into pinned (page-locked) staging memory."""
+        return False
+
+    def immutable_host_view(self, x: Any, dtype: DType) -> np.ndarray | None:
+        """``x``'s bytes in host memory without a copy, when ``x`` can never change (so a
+        snapshot may hold it instead of a copy); ``None`` otherwise (the default)."""
+        return None
+
     def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Wait for every copy `to_host` issued (a no-op for host frameworks)."""
 

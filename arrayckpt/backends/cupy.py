@@ -27,6 +27,9 @@ class CupyBackend(SideStreamBackend):
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(x.shape)
 
+    def stages_pinned(self, x: Any) -> bool:
+        return True
+
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
         with x.device:
             x = cupy.ascontiguousarray(x)  # a device-side copy only when `x` is strided

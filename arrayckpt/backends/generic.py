@@ -48,6 +48,24 @@ class GenericBackend(Backend):
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
         return _NUMPY.to_host(_as_numpy(x, key), key, dtype, alloc)
 
+    def immutable_host_view(self, x: Any, dtype: DType) -> np.ndarray | None:
+        # A jax.Array never changes after it is made, and while NumPy views its buffer
+        # JAX keeps it alive (donating or deleting the array does not free it), so a
+        # snapshot may hold the view: no copy, no staging. Only for one host-memory buffer:
+        # a sharded or device array needs assembling or a transfer, which is a copy anyway.
+        if type(x).__module__.partition(".")[0] not in ("jax", "jaxlib"):
+            return None
+        try:
+            devices = x.sharding.device_set
+            if len(devices) != 1 or next(iter(devices)).platform != "cpu" or x.is_deleted():
+                return None
+            view = np.asarray(x)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None
+        if view.dtype != dtype.numpy or not view.flags.c_contiguous:
+            return None
+        return view
+
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         xp = self.xp
         assert xp is not None, "a GenericBackend for loading needs its namespace"

@@ -40,6 +40,9 @@ class TorchBackend(SideStreamBackend):
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(x.shape)
 
+    def stages_pinned(self, x: Any) -> bool:
+        return bool(x.device.type != "cpu")
+
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
         x = x.detach().resolve_conj().resolve_neg()
         shape = tuple(x.shape)

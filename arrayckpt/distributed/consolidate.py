@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from ..dtypes import DType
 from ..errors import CorruptCheckpointError, InvalidInputError
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
 from ..nested import tree_metadata
-from ..training_state import STATE_CHECKSUM_KEY, TrainingState, state_checksum
+from ..training_state import STATE_CHECKSUM_KEY, state_checksum
 from .global_shards import GlobalTensor, ReadStats, is_global, read_box
 from .global_shards import plan as plan_boxes
 from .reshard import PARTS
@@ -56,7 +57,8 @@ def consolidate_checkpoint(
     *,
     verify: bool = True,
     progress: Progress | None = None,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Merge a distributed checkpoint into one ordinary checkpoint, atomically.
 
     Streams tensor by tensor: peak memory is about one merged tensor (plus one shard of
@@ -74,9 +76,13 @@ def consolidate_checkpoint(
         verify: check every shard against its CRC32C as it is read.
         progress: called as ``progress(bytes_done, bytes_total)`` after each tensor;
             jobs over 256 MiB also log progress at INFO.
+        storage_options: object-store settings (over the environment's) when either
+            side is an ``s3://``, ``gs://`` or ``az://`` URL: a source step committed by a
+            coordinated save is read by byte ranges; a URL output is merged into a local
+            temporary directory, then uploaded and committed like `save_checkpoint`'s.
 
     Returns:
-        ``output_dir``.
+        ``output_dir`` (an object-store output as its URL).
 
     Raises:
         CheckpointNotFoundError: ``sharding_meta.json`` or a rank's files are missing.
@@ -94,12 +100,34 @@ def consolidate_checkpoint(
         >>> ac.load_checkpoint(f"{d}/merged").model["w"].tolist()
         [[0, 1], [0, 1]]
     """
-    sharded_dir = storage.local_only(sharded_dir, "consolidate_checkpoint")
-    output_dir = storage.local_only(output_dir, "consolidate_checkpoint")
-    root = Path(sharded_dir)
-    _check_apart(root, Path(output_dir))
+    if storage.is_url(sharded_dir) or storage.is_url(output_dir):
+        from ..storage import distributed as remote  # the object-store client only here
+
+        return remote.consolidate(
+            sharded_dir, output_dir, storage_options, verify=verify, progress=progress
+        )
+    root = Path(storage.local_path(sharded_dir))
+    output = Path(storage.local_path(output_dir))
+    _check_apart(root, output)
+    meta, ranks = open_local(root)
+    return merge(meta, ranks, output, verify=verify, progress=progress)
+
+
+def open_local(root: Path) -> tuple[ShardingMeta, list[SavedRank]]:
+    """The sharding meta and every rank of the distributed checkpoint directory ``root``."""
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
-    ranks = check_ranks_present(root, meta.world_size)
+    return meta, check_ranks_present(root, meta.world_size)
+
+
+def merge(
+    meta: ShardingMeta,
+    ranks: Sequence[SavedRank],
+    output_dir: Path,
+    *,
+    verify: bool,
+    progress: Progress | None,
+) -> Path:
+    """`consolidate_checkpoint` once the source is open: commit the merge at ``output_dir``."""
     if meta.ranks is not None:  # a coordinated save recorded what each rank wrote
         for saved, manifest in zip(ranks, meta.ranks, strict=True):
             check_manifest(saved, manifest)
@@ -109,16 +137,15 @@ def consolidate_checkpoint(
         and not meta.sharding.split_dims
         and not boxes
     ):
+        where = ranks[0].path.parent / SHARDING_META_FILE
         raise CorruptCheckpointError(
-            f"{root / SHARDING_META_FILE}: TensorParallel with empty split_dims says nothing "
+            f"{where}: TensorParallel with empty split_dims says nothing "
             "about how to merge the shards; save with ShardingConfig(TensorParallel(), "
             "split_dims={...})"
         )
     plans = {part: _plan(ranks, meta, part) for part in PARTS}
     trees = {part: _tree(ranks, meta, part, plans[part]) for part in PARTS}
-    state = TrainingState.read(
-        ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
-    )
+    state = ranks[0].training_state(ranks[0].model.header.metadata)
     state_bytes = state.to_json().encode()
     meter = _Meter(sum(_nbytes(p) for plan in plans.values() if plan for p in plan), progress)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -11,9 +11,8 @@ import numpy as np
 
 from .. import backends, nested, storage
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
-from ..layout import SHARDING_META_FILE, TRAINING_STATE_FILE, PathLike
-from ..load import Checkpoint, interrupted_save_hint, load_checkpoint, read_consistently
-from ..training_state import TrainingState
+from ..layout import SHARDING_META_FILE, PathLike
+from ..load import Checkpoint, interrupted_save_hint, read_consistently
 from .global_shards import ReadStats, is_global, load_boxes
 from .reshard import load_share, zero_share
 from .shards import SavedRank, check_manifest, check_ranks_present
@@ -34,6 +33,7 @@ def load_distributed_checkpoint(
     device: Any = None,
     verify: bool = True,
     mmap: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load rank ``rank``'s state from a distributed checkpoint (arrayckpt's or boostr's).
 
@@ -61,6 +61,9 @@ def load_distributed_checkpoint(
         verify: as for `load_checkpoint`.
         mmap: as for `load_checkpoint`. A slice narrower than a saved
             shard cannot be checked against that shard's checksum.
+        storage_options: for an ``s3://``, ``gs://`` or ``az://`` URL (a step a coordinated
+            save committed there): object-store settings over those from the environment.
+            Only the headers and the byte ranges this rank needs are fetched (ranged gets).
 
     Returns:
         ``Checkpoint(model, optimizer, training_state)``; when resharding, the training
@@ -85,8 +88,27 @@ def load_distributed_checkpoint(
         >>> sorted(ac.load_distributed_checkpoint(d, 0, world_size=1).model)
         ['a', 'b']
     """
-    directory = storage.local_only(directory, "load_distributed_checkpoint")
-    root = Path(directory)
+    targets = {"model": into, "optimizer": optimizer_into}
+    if storage.is_url(directory):
+        from ..storage import distributed as remote  # the object-store client only here
+
+        # Committed objects never change: no consistency retries.
+        with remote.open_step(str(directory), storage_options) as step:
+            return load_saved(
+                step.path,
+                step.meta(),
+                step.ranks,
+                rank,
+                world_size,
+                keys,
+                xp,
+                device,
+                verify,
+                mmap,
+                targets,
+                stats,
+            )
+    root = Path(storage.local_path(directory))
     # A coordinated save swaps the whole directory while we read: the manifest of one
     # save would meet the files of the next.
     return read_consistently(
@@ -100,7 +122,7 @@ def load_distributed_checkpoint(
             device,
             verify,
             mmap,
-            {"model": into, "optimizer": optimizer_into},
+            targets,
             stats,
         ),
     )
@@ -123,6 +145,38 @@ def _load_once(
             f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
         )
     meta = ShardingMeta.read(root / SHARDING_META_FILE)
+    return load_saved(
+        root,
+        meta,
+        lambda n: check_ranks_present(root, n),
+        rank,
+        world_size,
+        keys,
+        xp,
+        device,
+        verify,
+        mmap,
+        targets,
+        stats,
+    )
+
+
+def load_saved(
+    root: Any,
+    meta: ShardingMeta,
+    open_ranks: Callable[[int], Sequence[SavedRank]],
+    rank: int,
+    world_size: int | None,
+    keys: Collection[str] | None,
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    mmap: bool,
+    targets: dict[str, Mapping[str, Any] | None],
+    stats: ReadStats | None,
+) -> Checkpoint:
+    """`_load_once` after ``sharding_meta.json`` is read, for any storage: ``root`` names the
+    checkpoint in messages; ``open_ranks(world_size)`` gives the saved ranks."""
     saved = meta.world_size
     if world_size is not None and (
         not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1
@@ -140,7 +194,7 @@ def _load_once(
             f"{root}: rank {rank} out of range for world_size={target} "
             f"(the checkpoint was saved by {saved} ranks); {fix}"
         )
-    ranks = check_ranks_present(root, saved)
+    ranks = open_ranks(saved)
     if meta.ranks is not None and is_global(meta.ranks):
         return _load_boxes(
             root,
@@ -159,12 +213,10 @@ def _load_once(
         for r in [rank] if same else range(saved):
             check_manifest(ranks[r], meta.ranks[r])
     if same:
-        return load_checkpoint(ranks[rank].path, xp=xp, device=device, verify=verify, mmap=mmap)
+        return ranks[rank].load(xp=xp, device=device, verify=verify, mmap=mmap)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    state = TrainingState.read(
-        ranks[0].path / TRAINING_STATE_FILE, metadata=ranks[0].model.header.metadata
-    )
+    state = ranks[0].training_state(ranks[0].model.header.metadata)
     if isinstance(meta.sharding.strategy, ZeroPartitioned) and keys is None:
         # A parameter travels with its optimizer state, as a state_dict its optimizer loads.
         share = zero_share(ranks, rank, target, verify=verify)
@@ -189,7 +241,7 @@ def _load_once(
 
 
 def _load_boxes(
-    root: Path,
+    root: Any,
     ranks: Sequence[SavedRank],
     manifests: list[dict[str, Any]],
     rank: int,
@@ -219,7 +271,7 @@ def _load_boxes(
     return Checkpoint(
         {} if model is None else model,
         parts["optimizer"],
-        TrainingState.read(ranks[0].path / TRAINING_STATE_FILE),
+        ranks[0].training_state(),
     )
 
 
@@ -228,7 +280,7 @@ def _structured(
     ranks: Sequence[SavedRank],
     meta: ShardingMeta,
     part: str,
-    root: Path,
+    root: Any,
 ) -> Any:
     """``arrays`` in the saved nested structure when this rank's share is the whole state
     (Replicated, TensorParallel, or everything of ZeroPartitioned); else flat."""

@@ -20,7 +20,7 @@ from ..errors import (
     InvalidInputError,
     TopologyError,
 )
-from ..format import Entry
+from ..format import Entry, Header
 from ..layout import MODEL_FILE, OPTIMIZER_FILE, SHARDING_META_FILE, PathLike, rank_dir_name
 from ..save import write_files, write_snapshot
 from ..snapshot import Snapshot, take_snapshot
@@ -48,7 +48,8 @@ def save_distributed_checkpoint(
     coordinator: Any = "auto",
     timeout: float | None = None,
     extra: Any = None,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Save this rank's part of a distributed checkpoint (boostr's layout).
 
     Two modes:
@@ -78,9 +79,15 @@ def save_distributed_checkpoint(
         coordinator: see the modes above.
         timeout: seconds each cross-rank wait may take (default: the coordinator's).
         extra: this rank's extra state (as in `save_checkpoint`), in ``rank_{rank}/``.
+        storage_options: object-store settings over the environment's, for a URL.
+
+    ``directory`` may be an ``s3://``, ``gs://`` or ``az://`` URL (coordinated saves, or one
+    rank): each rank uploads its own ``rank_{rank}/`` objects, then rank 0 commits the step
+    with one commit object, written only if every rank's upload succeeded (see
+    docs/storage.md).
 
     Returns:
-        The checkpoint directory.
+        The checkpoint directory (a URL as given, credentials never included).
 
     Raises:
         InvalidInputError: bad arguments or state; nothing is written.
@@ -98,7 +105,7 @@ def save_distributed_checkpoint(
         >>> ac.load_distributed_checkpoint(d, 0, world_size=1).model["w"]
         array([0., 0., 1., 1.], dtype=float32)
     """
-    directory = storage.local_only(directory, "save_distributed_checkpoint")
+    directory = storage.local_path(directory)
     job = prepare_save(
         directory,
         rank,
@@ -112,6 +119,7 @@ def save_distributed_checkpoint(
         timeout=timeout,
         join_on_error=True,
         extra=extra,
+        storage_options=storage_options,
     )
     return job()
 
@@ -131,7 +139,8 @@ def prepare_save(
     background: bool = False,
     join_on_error: bool = False,
     extra: Any = None,
-) -> Callable[[], Path]:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Callable[[], Path | str]:
     """Validate, pick the coordinator and snapshot on the calling thread; return the write.
 
     The returned job may run on the writer thread (``background=True``): everything that
@@ -177,8 +186,12 @@ def prepare_save(
         if coord is None or not join_on_error:
             raise
         snap = exc
-    target = Path(directory).absolute()
     meta = ShardingMeta(world_size, sharding)
+    if storage.is_url(directory):
+        from ..storage import distributed as remote  # the object-store client only here
+
+        return remote.save_job(str(directory), snap, meta, coord, timeout, facts, storage_options)
+    target = Path(directory).absolute()
     if coord is None and facts:
         raise InvalidInputError(
             f"saving DTensor state to {target} needs a coordinated save (the global offsets "
@@ -225,16 +238,24 @@ def _write_rank_into(
     fs.mkdir(rank_dir)
     write_files(rank_dir, snap)
     fs.fsync_dir(rank_dir)
-    manifest: dict[str, Any] = {"rank": rank}
+    headers: dict[str, Header] = {}
     for part, file in (("model", MODEL_FILE), ("optimizer", OPTIMIZER_FILE)):
         if part == "optimizer" and not snap.optimizer:
             continue
         try:
-            header = ShardFile(rank_dir / file).header  # what reached the disk, with checksums
+            headers[part] = ShardFile(rank_dir / file).header  # what reached the disk
         except (CheckpointReadError, CorruptCheckpointError) as exc:
             if isinstance(exc.__cause__, OSError):
                 raise exc.__cause__ from None  # reading back failed: an I/O error of this save
             raise
+    return rank_manifest(rank, headers, facts)
+
+
+def rank_manifest(rank: int, headers: Mapping[str, Header], facts: Facts) -> dict[str, Any]:
+    """What a coordinated save records for one rank: each tensor's dtype, shape and the
+    CRC32C its written header holds, plus the global facts of sharded arrays."""
+    manifest: dict[str, Any] = {"rank": rank}
+    for part, header in headers.items():
         sums = header.checksums or {}
         manifest[part] = {
             name: {"dtype": e.dtype.code, "shape": list(e.shape), "crc32c": f"{sums[name]:08x}"}

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from ..layout import (
     is_rank_dir_name,
     rank_dir_name,
 )
+from ..training_state import TrainingState
+
+if TYPE_CHECKING:
+    from ..load import Checkpoint
 
 
 class ShardFile:
@@ -104,6 +108,16 @@ class SavedRank:
 
     def part(self, which: str) -> ShardFile | None:
         return self.model if which == "model" else self.optimizer
+
+    def training_state(self, metadata: Mapping[str, str] | None = None) -> TrainingState:
+        """This rank's ``training_state.json`` (checked against ``metadata``'s CRC32C)."""
+        return TrainingState.read(self.path / TRAINING_STATE_FILE, metadata=metadata)
+
+    def load(self, **options: Any) -> Checkpoint:
+        """This rank's own checkpoint, whole, as `load_checkpoint` loads it."""
+        from ..load import load_checkpoint
+
+        return load_checkpoint(self.path, **options)
 
 
 def check_ranks_present(root: Path, world_size: int) -> list[SavedRank]:

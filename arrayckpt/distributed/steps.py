@@ -36,7 +36,7 @@ def save_step(
     training_state: TrainingState,
     extra: Any,
     retain: Callable[[], None],
-) -> Future[Path]:
+) -> Future[Path | str]:
     """Save ``target`` as one coordinated checkpoint of every rank (each calls this with
     its own shards); rank 0 applies retention once the step is committed.
 
@@ -44,7 +44,7 @@ def save_step(
     """
     rank, world = _rank_and_size(f"saving {target}")
     if checkpointer is None:
-        done: Future[Path] = Future()
+        done: Future[Path | str] = Future()
         done.set_result(
             save_distributed_checkpoint(
                 target, rank, world, model_state, optimizer_state, training_state, extra=extra
@@ -53,12 +53,12 @@ def save_step(
         if rank == 0:
             retain()
         return done
-    future: Future[Path] = checkpointer.save_distributed(
+    future: Future[Path | str] = checkpointer.save_distributed(
         target, rank, world, model_state, optimizer_state, training_state, extra=extra
     )
     if rank == 0:
 
-        def after(f: Future[Path]) -> None:
+        def after(f: Future[Path | str]) -> None:
             # `Future.exception`, not the override: the caller still sees a failure.
             if Future.exception(f) is None:
                 retain()

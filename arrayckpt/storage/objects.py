@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +21,7 @@ from ..errors import (
     CorruptCheckpointError,
     InvalidInputError,
 )
+from ..layout import is_rank_dir_name
 from .url import StorageURL, parse_url
 
 #: The commit object: written last; a step without it does not exist for any reader.
@@ -34,9 +35,27 @@ RANGE_BYTES = 32 << 20
 RANGES_IN_FLIGHT = 8
 
 
+#: The process that first opened a store: obstore's client threads do not survive fork.
+_opened_in: int | None = None
+
+
+def check_same_process(url: StorageURL) -> None:
+    """Refuse object-store calls in a child forked after a store was opened: every call
+    there would hang (obstore's runtime threads stayed in the parent)."""
+    if _opened_in is not None and _opened_in != os.getpid():
+        raise CheckpointError(
+            f"cannot reach {url} from a forked child: the object-store client was started "
+            "in the parent and does not survive fork; use the 'spawn' start method or "
+            "make the child's first object-store call before any in the parent"
+        )
+
+
 def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None) -> Any:
     """An obstore store for ``url``'s bucket; configuration from the environment
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) overridden by ``storage_options``."""
+    global _opened_in
+    check_same_process(url)
+    _opened_in = os.getpid()
     from obstore.store import from_url as _from_url
 
     from_url: Any = _from_url  # typed per scheme; options are checked by obstore itself
@@ -84,12 +103,18 @@ def save_files(
     location: str,
     files: Mapping[str, Iterable[memoryview]],
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    listed: Mapping[str, Mapping[str, Any]] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> str:
     """Commit ``files`` (name -> its bytes as buffers) as the checkpoint at ``location``.
 
     Every data object is uploaded first; then the commit object listing each file's size
     and CRC32C is put with ``If-None-Match`` semantics, so two writers of one step cannot
-    both commit and a committed step is never replaced.
+    both commit and a committed step is never replaced. ``listed`` adds objects other
+    processes already uploaded (``rank_N/...`` of a distributed save: name -> size, CRC32C).
+    ``before_commit`` runs between the two (the manager checks its lease there); its error
+    leaves the step uncommitted.
 
     Raises:
         InvalidInputError: ``location`` already holds a committed checkpoint.
@@ -104,11 +129,13 @@ def save_files(
             f"{url} already holds a committed checkpoint; an object store cannot replace it "
             "atomically: save to a new step, or delete it first"
         )
-    listing: dict[str, dict[str, Any]] = {}
+    listing: dict[str, dict[str, Any]] = {n: dict(e) for n, e in (listed or {}).items()}
     try:
         for name, parts in files.items():
             size, crc = _upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
+        if before_commit is not None:
+            before_commit()
         doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
         obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
@@ -138,8 +165,11 @@ def _committed(store: Any, url: StorageURL) -> bool:
     return True
 
 
-def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
-    """The files the commit object of ``url`` lists; a step without one does not exist."""
+def read_commit(store: Any, url: StorageURL, *, ranks: bool = False) -> dict[str, dict[str, Any]]:
+    """The files the commit object of ``url`` lists; a step without one does not exist.
+
+    A distributed step also lists ``rank_N/`` files; they are refused unless ``ranks``.
+    """
     import obstore
 
     try:
@@ -156,12 +186,23 @@ def read_commit(store: Any, url: StorageURL) -> dict[str, dict[str, Any]]:
         files = doc["files"]
         assert isinstance(files, dict)
         for name, entry in files.items():
-            if "/" in name or name in (".", "..") or not isinstance(entry["size"], int):
+            if not _listable(name) or not isinstance(entry["size"], int):
                 raise ValueError(name)
             int(entry["crc32c"], 16)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise CorruptCheckpointError(f"{url}/{COMMIT_OBJECT} is malformed: {exc!r}") from exc
+    if not ranks and any("/" in name for name in files):
+        raise InvalidInputError(
+            f"{url} is a distributed checkpoint; use load_distributed_checkpoint(url, rank)"
+        )
     return files
+
+
+def _listable(name: str) -> bool:
+    """A file of a step (``model.safetensors``) or of one of its ranks
+    (``rank_0/model.safetensors``): nothing that could climb out of the step."""
+    rank, _, file = name.rpartition("/")
+    return file not in ("", ".", "..") and (not rank or is_rank_dir_name(rank))
 
 
 def _download(store: Any, url: StorageURL, name: str, entry: dict[str, Any], dest: Path) -> None:

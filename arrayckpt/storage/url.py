@@ -74,14 +74,3 @@ def environment_options(scheme: str) -> dict[str, str]:
     ``AZURE_*``), so that a run needs nothing but those variables."""
     prefix = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}[scheme]
     return {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
-
-
-def local_only(location: Any, what: str) -> Any:
-    """``location`` as a local path, for the entry points that do not take object-store
-    URLs yet: a URL is refused instead of becoming a local directory named ``s3:``."""
-    if is_url(location):
-        raise InvalidInputError(
-            f"{what} does not support object-store URLs yet ({urlsplit(location).scheme}://); "
-            "use a local or network file system path (docs/storage.md lists what does)"
-        )
-    return local_path(location)
