@@ -81,6 +81,7 @@ class AsyncCheckpointer(ClosesOnExit):
         on_commit: Callable[[Path | str], None] | None = None,
         background_staging: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        commit: Callable[[Snapshot], Path | str] | None = None,
     ) -> WriteFuture[Path | str]:
         """Snapshot the state now and write it in the background; see `save_checkpoint`.
 
@@ -100,6 +101,9 @@ class AsyncCheckpointer(ClosesOnExit):
                 (asynchronous on a side stream); JAX arrays in host memory need no copy.
             storage_options: settings of the object store when ``directory`` is a URL
                 (see `save_checkpoint`).
+            commit: writes and commits the snapshot on the writer thread in place of the
+                plain atomic commit at ``directory`` (`CheckpointManager` holds a lease on
+                object stores there); returns where it committed.
 
         Returns:
             A future resolving to the committed directory once it is durable; its
@@ -125,7 +129,11 @@ class AsyncCheckpointer(ClosesOnExit):
                 snapshot.set_result(pending.finish())
 
             def write() -> Path | str:
-                path = write_snapshot(target, snapshot.result(), storage_options)
+                snap = snapshot.result()
+                if commit is not None:
+                    path = commit(snap)
+                else:
+                    path = write_snapshot(target, snap, storage_options)
                 if on_commit is not None:
                     on_commit(path)
                 return path
@@ -186,8 +194,9 @@ class AsyncCheckpointer(ClosesOnExit):
         only the writer thread talks to the store).
 
         Coordinated saves talk to the other ranks from the writer thread over a dedicated
-        channel (a gloo group of their own, a duplicated MPI communicator), never the
-        training loop's; the channel is built here, on the caller's thread.
+        channel (a gloo group of their own, a duplicated MPI communicator, keys of their
+        own in jax.distributed's store), never the training loop's; the channel is built
+        here, on the caller's thread.
         """
         from .distributed.save import prepare_save
 
@@ -214,13 +223,6 @@ class AsyncCheckpointer(ClosesOnExit):
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
             return future
-
-    def submit_job(self, job: Any, description: str) -> WriteFuture[Any]:
-        """Queue an already-snapshotted job (used by distributed saves)."""
-        with self._lock:
-            self._check_open()
-            self.wait()
-            return self._submit(job, description)
 
     def _submit(self, job: Callable[[], T], description: str) -> WriteFuture[T]:
         """Queue ``job``; the caller holds the lock and has waited for the previous write."""

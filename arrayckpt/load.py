@@ -107,6 +107,11 @@ def read_state(
     path = reader.path
     if into is not None and not templates.is_jax_template(into):
         return fill.fill(into, reader, verify=verify)
+    if into is not None:
+        from .distributed import jax_restore
+
+        # each device of the template's shardings reads only its box of each tensor
+        return jax_restore.restore_file(reader, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
 
@@ -226,7 +231,11 @@ def load_checkpoint(
             their devices, and ``model`` is ``into`` itself. ``xp`` and ``device`` are
             then unused. A JAX template (JAX arrays or ``jax.ShapeDtypeStruct`` leaves,
             in any pytree: dataclasses, namedtuples, Flax structs) gets new arrays
-            instead, in its structure, dtypes and shardings.
+            instead, in its structure, dtypes and shardings, each device reading only its
+            box of each tensor; it also loads a distributed checkpoint saved from sharded
+            arrays (DTensor, jax.Array) at any world size, this process
+            (``jax.process_index()``) getting its devices' boxes. A template leaf that is
+            not an array (``...``) takes what the checkpoint holds there.
         optimizer_into: the same for the optimizer state (e.g. ``tx.init(params)``, so an
             optax state comes back with its ``.mu`` and ``.nu``).
         storage_options: object-store settings over those from the environment.
@@ -330,10 +339,14 @@ def _load_once(
             f"no complete checkpoint at {root}: not a directory{interrupted_save_hint(root)}"
         )
     if (root / SHARDING_META_FILE).exists() and not (root / MODEL_FILE).exists():
+        if templates.is_jax_template(into) or templates.is_jax_template(optimizer_into):
+            from .distributed.load import load_into_jax
+
+            return load_into_jax(root, into, optimizer_into, optimizer=optimizer, **options)
         from .distributed import global_shards
 
         if keys is None and global_shards.is_global_checkpoint(root):
-            # Sharded-array (DTensor) state: whole tensors, assembled from every rank's boxes.
+            # Sharded-array state: whole tensors, assembled from every rank's boxes.
             from .distributed.load import load_distributed_checkpoint
 
             whole = load_distributed_checkpoint(

@@ -175,6 +175,7 @@ class CheckpointManager(ClosesOnExit):
         *,
         extra: Any = None,
         rollback: bool = False,
+        background_staging: bool = False,
     ) -> Future[Path | str]:
         """Save step ``step``, then apply retention once it is committed.
 
@@ -195,6 +196,9 @@ class CheckpointManager(ClosesOnExit):
                 step at every instant (briefly an older one while the new step is
                 written; on an object store also ``step`` itself while it is
                 saved again); `restore` then returns what this call saved.
+            background_staging: as in `AsyncCheckpointer.save`: return before the copy;
+                wait on the future's ``staged`` before changing the arrays (ignored with
+                ``async_save=False``, whose save is complete when it returns).
 
         Returns:
             A future resolving to the committed directory, or URL on an object store
@@ -250,28 +254,6 @@ class CheckpointManager(ClosesOnExit):
                 done.set_result(self._write(step, snap))
                 self._retain()
                 return done
-            if self._remote is not None:
-                # the write takes the step's lease on the writer thread, so the
-                # checkpointer's own save (which writes without one) is not used
-                self._checkpointer.wait()
-                snap = take_snapshot(
-                    model_state,
-                    optimizer_state,
-                    training_state,
-                    staging=self._checkpointer.staging,
-                    extra=extra,
-                )
-
-                def write_and_retain() -> Path | str:
-                    written = self._write(step, snap)
-                    self._retain()
-                    return written
-
-                queued: Future[Path | str] = self._checkpointer.submit_job(
-                    write_and_retain, f"save {target}"
-                )
-                self._queued = (step, queued)
-                return queued
             future = cast(
                 "Future[Path | str]",
                 self._checkpointer.save(
@@ -281,6 +263,9 @@ class CheckpointManager(ClosesOnExit):
                     training_state,
                     extra=extra,
                     on_commit=lambda _: self._retain(),
+                    background_staging=background_staging,
+                    # on a store the write takes the step's lease, on the writer thread
+                    commit=None if self._remote is None else lambda snap: self._write(step, snap),
                 ),
             )
             self._queued = (step, future)
@@ -459,6 +444,20 @@ class CheckpointManager(ClosesOnExit):
         if self._remote is not None:
             return self._remote.is_complete(step)
         return is_complete(self._step_path(step))
+
+    def prepare(
+        self, model_state: Mapping[str, Any], optimizer_state: Any = None, *, extra: Any = None
+    ) -> Future[None]:
+        """Warm the host buffers an asynchronous save of this state will use, in the
+        background; see `AsyncCheckpointer.prepare`. With ``async_save=False`` there is
+        nothing to warm (saves write the arrays in place) and the future is already done."""
+        with self._lock:
+            self._check_open()
+            if self._checkpointer is None:
+                done: Future[None] = Future()
+                done.set_result(None)
+                return done
+            return self._checkpointer.prepare(model_state, optimizer_state, extra=extra)
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error, once."""

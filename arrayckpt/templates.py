@@ -9,6 +9,7 @@ imported here: a state can only hold JAX arrays once the user has imported it.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -133,18 +134,26 @@ def restore(template: Any, loaded: Any, *, source: str) -> Any:
 
 
 def _leaf(t: Any, s: Any, path: Any, jax: Any, fail: Any) -> Any:
+    from .distributed.jax_restore import SavedTensor, whole  # loaded with arrayckpt
+
     if not isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
-        return s  # a Python value of the template (a step count, a flag): the saved one
-    if not (isinstance(s, (jax.Array, np.ndarray, np.generic))):
+        # a Python value of the template (a step count, a flag, ``...``): the saved one
+        return whole(s)
+    saved = isinstance(s, SavedTensor)  # not read yet: placed box by box below
+    if not (saved or isinstance(s, (jax.Array, np.ndarray, np.generic))):
         fail(path, f"the template has an array, the checkpoint {s!r:.60}")
-    shape = tuple(np.shape(s))
+    shape = tuple(s.shape) if saved else tuple(np.shape(s))
+    larger = math.prod(t.shape) > math.prod(shape)
+    named = f" ({'larger than ' if larger else ''}the saved tensor {s.name!r})" if saved else ""
     if tuple(t.shape) != shape:
-        fail(path, f"the checkpoint has shape {list(shape)}, the template {list(t.shape)}")
+        fail(path, f"the checkpoint has shape {list(shape)}, the template {list(t.shape)}{named}")
     if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
         if not isinstance(s, jax.Array) or s.dtype != t.dtype:
             fail(path, f"the template has a {t.dtype} PRNG key, the checkpoint {_dtype(s)}")
     elif np.dtype(_dtype(s)) != np.dtype(t.dtype):
-        fail(path, f"the checkpoint has dtype {_dtype(s)}, the template {t.dtype}")
+        fail(path, f"the checkpoint has dtype {_dtype(s)}, the template {t.dtype}{named}")
+    if saved:
+        return s.place(t)  # each device reads only its box
     sharding = getattr(t, "sharding", None)
     return jax.device_put(s, sharding) if sharding is not None else jax.numpy.asarray(s)
 

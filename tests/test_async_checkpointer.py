@@ -222,18 +222,6 @@ def test_many_rapid_saves_apply_backpressure_instead_of_queueing_copies(tmp_path
     assert (tmp_path / "s9" / "model.safetensors").is_file()
 
 
-def test_submit_job_runs_after_the_pending_write(tmp_path: Path) -> None:
-    fs = GatedFS()
-    order: list[str] = []
-    with fsops.use(fs), ac.AsyncCheckpointer() as ckpt:
-        first = ckpt.save(tmp_path / "a", _state())
-        first.add_done_callback(lambda _: order.append("save"))
-        open_gate_later(fs)
-        job = ckpt.submit_job(lambda: order.append("job") or 42, "a job")
-        assert job.result() == 42
-    assert order == ["save", "job"]
-
-
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_an_interrupted_wait_keeps_the_write_pending(tmp_path: Path) -> None:
     fs = GatedFS()

@@ -264,3 +264,23 @@ def test_torch_training_with_background_staging_resumes_exactly(tmp_path: Path) 
     opt2.load_state_dict(got.optimizer)
     resumed = [step(model2, opt2, i) for i in range(4, 8)]
     assert resumed == losses[4:]
+
+
+def test_the_manager_prepares_and_stages_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state()
+    expected = {k: v.copy() for k, v in state.items()}
+    with ac.CheckpointManager(tmp_path, keep_last=2) as mgr:
+        mgr.prepare(state).result(timeout=60)
+        allocated = _count_allocations(mgr._checkpointer.staging, monkeypatch)  # type: ignore[union-attr]
+        future = mgr.save(1, state, background_staging=True)
+        future.staged.result(timeout=60)
+        for v in state.values():
+            v += 1
+        future.result()
+        assert allocated == []
+    got = ac.CheckpointManager(tmp_path).restore()
+    assert got is not None
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got.model[k], v)

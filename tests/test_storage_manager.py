@@ -195,7 +195,7 @@ def test_a_live_writer_is_never_cleaned_up_by_another_manager(s3_env: S3Server) 
     env = {**os.environ, **s3_env.env, "PYTHONPATH": str(REPO)}
     code = (
         "import sys, numpy as np, arrayckpt as ac\n"
-        "mgr = ac.CheckpointManager(sys.argv[1], async_save=False, lease_ttl_s=10)\n"
+        "mgr = ac.CheckpointManager(sys.argv[1], async_save=False, lease_ttl_s=30)\n"
         "print('saving', flush=True)\n"
         "big = {'m': np.full(32 << 20, 2.0, np.float32)}\n"
         "mgr.save(1, {'w': np.ones(16 << 20, np.float32)}, big)\n"
@@ -211,7 +211,7 @@ def test_a_live_writer_is_never_cleaned_up_by_another_manager(s3_env: S3Server) 
         saw_upload = False
         while child.poll() is None and time.monotonic() < deadline:
             saw_upload = saw_upload or any("model.safetensors" in k for k in _keys(url))
-            cleaned += ac.CheckpointManager(url, lease_ttl_s=10).cleanup()
+            cleaned += ac.CheckpointManager(url, lease_ttl_s=30).cleanup()
             time.sleep(0.05)
         assert child.wait(timeout=CHILD_TIMEOUT_S) == 0
         assert child.stdout.read() == "saved\n"

@@ -41,7 +41,11 @@ def test_every_checkpointer_shares_one_writer_thread_in_submission_order(tmp_pat
         return name
 
     a, b = ac.AsyncCheckpointer(), ac.AsyncCheckpointer()
-    futures = [a.submit_job(lambda: job("a1"), "a1"), b.submit_job(lambda: job("b1"), "b1")]
+    x = {"x": np.zeros(2)}
+    futures = [
+        a.save(tmp_path / "a", x, commit=lambda _: job("a1")),
+        b.save(tmp_path / "b", x, commit=lambda _: job("b1")),
+    ]
     futures.append(writer.submit(lambda: job("w"), "w"))
     gate.set()
     assert [f.result() for f in futures] == ["a1", "b1", "w"]

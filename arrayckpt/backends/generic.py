@@ -46,6 +46,11 @@ class GenericBackend(Backend):
         return tuple(int(n) for n in x.shape)
 
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
+        from ..distributed import jax_arrays
+
+        if jax_arrays.is_sharded(x):
+            # each shard straight into the buffer: np.asarray would assemble a whole copy first
+            return jax_arrays.to_host(x, key, dtype, alloc)
         return _NUMPY.to_host(_as_numpy(x, key), key, dtype, alloc)
 
     def immutable_host_view(self, x: Any, dtype: DType) -> np.ndarray | None:

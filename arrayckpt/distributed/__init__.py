@@ -7,7 +7,7 @@ Layout (boostr's): ``rank_0/ ... rank_{N-1}/`` (each an ordinary checkpoint) and
 from __future__ import annotations
 
 from .consolidate import consolidate_checkpoint
-from .coordinator import Coordinator, MPICoordinator, TorchCoordinator
+from .coordinator import Coordinator, JaxCoordinator, MPICoordinator, TorchCoordinator
 from .global_shards import ReadStats
 from .load import load_distributed_checkpoint
 from .save import save_distributed_checkpoint
@@ -15,6 +15,7 @@ from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, Zer
 
 __all__ = [
     "Coordinator",
+    "JaxCoordinator",
     "MPICoordinator",
     "ReadStats",
     "Replicated",

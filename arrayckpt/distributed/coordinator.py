@@ -1,13 +1,16 @@
-"""Cross-rank coordination through an engine already running: torch.distributed or mpi4py.
+"""Cross-rank coordination through an engine already running: torch.distributed, mpi4py
+or jax.distributed.
 
 Every wait has a deadline and names the ranks that did not arrive. Each coordinator talks
-over its own channel (a dedicated gloo group, a duplicated MPI communicator), never the
-training loop's, so a save running on the background writer thread cannot interleave
-with, deadlock on, or trip the watchdog of the training collectives.
+over its own channel (a dedicated gloo group, a duplicated MPI communicator, keys of its
+own in jax.distributed's key-value store), never the training loop's collectives, so a
+save running on the background writer thread cannot interleave with, deadlock on, or
+trip the watchdog of the training collectives.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
@@ -66,6 +69,20 @@ class Coordinator(ABC):
         Raises:
             TopologyError: rank 0, or a rank it sends to, did not arrive in time.
         """
+
+
+class SoloCoordinator(Coordinator):
+    """A world of one process: nothing to wait for. A coordinated save needs no engine
+    then: one process holding every shard of sharded arrays (driving several JAX devices)
+    records their global offsets, and a single process commits an object-store step."""
+
+    rank, world_size, timeout = 0, 1, 0.0
+
+    def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
+        return [payload]
+
+    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+        return payload or b""
 
 
 class TorchCoordinator(Coordinator):
@@ -245,6 +262,154 @@ class MPICoordinator(Coordinator):
             return self._receive([0], tag, deadline, "decision from rank 0")[0]
 
 
+class JaxCoordinator(Coordinator):
+    """jax.distributed: messages through the key-value store of its coordination service.
+
+    Every process of a job started with ``jax.distributed.initialize`` holds a client of
+    the service process 0 runs; its store takes bytes, and a read can wait for a key
+    with a deadline. A gather is each process setting a key rank 0 waits for; a
+    broadcast is rank 0 setting one the others wait for. No XLA collective is involved,
+    so the writer thread never meets the training step's computations, and no CPU
+    collectives (gloo) need configuring. Ranks are jax process ids.
+
+    Keys live under ``arrayckpt/coordinator/<name>/<sequence number>/``; rank 0 deletes
+    those of earlier steps once every rank has answered a later gather. ``name``
+    defaults to a per-process count of coordinators, so every process must construct
+    its coordinators in the same order (arrayckpt builds one per client and reuses it).
+
+    When a process dies, jax's own failure handling comes first: unless the job enabled
+    ``jax_enable_recoverability``, the coordination service terminates every process
+    once it sees one stop sending heartbeats. Until then (and always with it) the
+    others raise `TopologyError` naming the dead process once their wait times out.
+
+    Args:
+        client: a ``DistributedRuntimeClient``; default jax.distributed's own.
+        timeout: default seconds each wait may take (``ARRAYCKPT_DIST_TIMEOUT``, 300).
+        process_id: this process's rank; default jax.distributed's (needed for another
+            client).
+        num_processes: the number of ranks; as ``process_id``.
+        name: the key namespace, equal on every process; default the construction count.
+
+    Raises:
+        InvalidInputError: jax.distributed is not initialised (and no client given), or
+            another client came without ``process_id`` and ``num_processes``.
+
+    Examples:
+        >>> # coordinator = JaxCoordinator()  # after jax.distributed.initialize(...)
+    """
+
+    _names = itertools.count()
+
+    def __init__(
+        self,
+        client: Any = None,
+        timeout: float | None = None,
+        *,
+        process_id: int | None = None,
+        num_processes: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        state = _jax_state()
+        if client is None:
+            client = _jax_client()
+        if state is not None and client is state.client:
+            process_id = state.process_id if process_id is None else process_id
+            num_processes = state.num_processes if num_processes is None else num_processes
+        if process_id is None or num_processes is None:
+            raise InvalidInputError(
+                "a jax DistributedRuntimeClient other than jax.distributed's own needs "
+                "process_id= and num_processes="
+            )
+        self._client = client
+        self.rank, self.world_size = int(process_id), int(num_processes)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+        self._prefix = f"arrayckpt/coordinator/{next(self._names) if name is None else name}"
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._announced: list[int] = []  # rank 0's broadcasts not yet known to be read
+
+    def _next(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}/{self._seq}"
+
+    def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
+        with self._lock, _engine_errors(self.rank, "jax.distributed", "gathering manifests"):
+            step, deadline = self._next(), time.monotonic() + (timeout or self.timeout)
+            if self.rank != 0:
+                self._client.key_value_set_bytes(f"{step}/{self.rank}", payload)
+                return None
+            got = [payload]
+            for r in range(1, self.world_size):
+                value = self._wait(f"{step}/{r}", deadline)
+                if value is None:
+                    missing = self._missing(step, range(r, self.world_size))
+                    raise TopologyError(
+                        f"rank 0: jax processes {missing} did not send their manifests "
+                        f"within {timeout or self.timeout:.0f} s; a process crashed, hangs, "
+                        "or skipped the save"
+                    )
+                got.append(value)
+            # Every rank has passed every earlier step: their keys are no longer read.
+            for seq in self._announced:
+                self._client.key_value_delete(f"{self._prefix}/{seq}")
+            self._client.key_value_delete(step)
+            self._announced.clear()
+            return got
+
+    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+        with self._lock, _engine_errors(self.rank, "jax.distributed", "broadcasting from rank 0"):
+            step, deadline = self._next(), time.monotonic() + (timeout or self.timeout)
+            if self.rank == 0:
+                self._client.key_value_set_bytes(f"{step}/root", payload or b"")
+                self._announced.append(self._seq)
+                return payload or b""
+            value = self._wait(f"{step}/root", deadline)
+            if value is None:
+                raise TopologyError(
+                    f"rank {self.rank}: jax process 0 did not broadcast its decision within "
+                    f"{timeout or self.timeout:.0f} s; it crashed, hangs, or skipped the save"
+                )
+            return value
+
+    def _wait(self, key: str, deadline: float) -> bytes | None:
+        """The value of ``key`` once set, or ``None`` when the deadline passes first."""
+        left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        try:
+            return bytes(self._client.blocking_key_value_get_bytes(key, left_ms))
+        except RuntimeError as exc:  # jax.errors.JaxRuntimeError
+            if "DEADLINE_EXCEEDED" in str(exc):
+                return None
+            raise
+
+    def _missing(self, step: str, ranks: range) -> list[int]:
+        present = {key for key, _ in self._client.key_value_dir_get_bytes(f"{step}/")}
+        return [r for r in ranks if f"{step}/{r}" not in present]
+
+
+def _jax_state() -> Any:
+    """jax.distributed's process-wide state, or ``None`` when jax was never imported."""
+    if sys.modules.get("jax") is None:
+        return None
+    from jax._src import distributed
+
+    return distributed.global_state
+
+
+def _jax_client() -> Any:
+    """jax.distributed's client in this process.
+
+    Raises:
+        InvalidInputError: jax.distributed is not initialised.
+    """
+    state = _jax_state()
+    if state is None or state.client is None:
+        raise InvalidInputError(
+            "jax.distributed is not initialised; call jax.distributed.initialize first or "
+            "pass coordinator=None for caller-coordinated saves"
+        )
+    return state.client
+
+
 @contextmanager
 def _engine_errors(rank: int, engine: str, what: str, mpi: Any = None) -> Iterator[None]:
     """Report the engine's own failures (a peer's connection closed, ...) as TopologyError."""
@@ -265,9 +430,14 @@ _cache_lock = threading.Lock()
 
 
 def resolve(coordinator: Any, rank: int, world_size: int) -> Coordinator | None:
-    """The coordinator a save uses: ``"auto"`` picks torch.distributed when it is
-    initialised; ``None`` means caller-coordinated; a torch ``ProcessGroup``, an mpi4py
-    communicator, ``"torch"``/``"mpi"`` or a `Coordinator` are used as given.
+    """The coordinator a save uses.
+
+    ``"auto"`` picks torch.distributed when it is initialised, else jax.distributed when
+    it is initialised, else none (caller-coordinated): torch first, because a job running
+    both engines (JAX beside a torch data loader, say) is a torch job that already saved
+    through torch before jax.distributed existed here. ``None`` means caller-coordinated;
+    a torch ``ProcessGroup``, an mpi4py communicator, jax.distributed's client,
+    ``"torch"``/``"mpi"``/``"jax"`` or a `Coordinator` are used as given.
 
     Call on the training thread: building one is a collective the first time.
 
@@ -279,9 +449,13 @@ def resolve(coordinator: Any, rank: int, world_size: int) -> Coordinator | None:
         return None
     if isinstance(coordinator, str) and coordinator == "auto":
         dist = sys.modules.get("torch.distributed")
-        if dist is None or not (dist.is_available() and dist.is_initialized()):
+        jax_state = _jax_state()
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            coordinator = "torch"
+        elif jax_state is not None and jax_state.client is not None:
+            coordinator = "jax"
+        else:
             return None
-        coordinator = "torch"
     found = coordinator if isinstance(coordinator, Coordinator) else _cached(coordinator)
     if (found.rank, found.world_size) != (rank, world_size):
         raise TopologyError(
@@ -300,6 +474,10 @@ def _cached(engine: Any) -> Coordinator:
             base = dist.group.WORLD if engine == "torch" else engine
             key = ("torch", id(base))
             make: Any = lambda: TorchCoordinator(None if engine == "torch" else engine)  # noqa: E731
+        elif kind == "jax":
+            base = _jax_client() if engine == "jax" else engine
+            key = ("jax", id(base))
+            make = lambda: JaxCoordinator(base)  # noqa: E731
         else:
             from mpi4py import MPI
 
@@ -314,14 +492,17 @@ def _cached(engine: Any) -> Coordinator:
 
 
 def _kind(engine: Any) -> str:
-    if engine in ("torch", "mpi"):
+    if engine in ("torch", "mpi", "jax"):
         return str(engine)
     module = type(engine).__module__
     if module.startswith("torch"):
         return "torch"
     if module.startswith("mpi4py"):
         return "mpi"
+    if module.startswith("jax") and type(engine).__name__ == "DistributedRuntimeClient":
+        return "jax"
     raise InvalidInputError(
         f"coordinator={engine!r} is not a torch.distributed ProcessGroup, an mpi4py "
-        'communicator, "torch", "mpi", "auto", None, or a Coordinator'
+        'communicator, jax.distributed\'s client, "torch", "mpi", "jax", "auto", None, or a '
+        "Coordinator"
     )

@@ -1,4 +1,4 @@
-"""Sharded arrays (torch DTensor) saved as boxes of one global tensor, and read back by box.
+"""Sharded arrays (torch DTensor, jax.Array) saved as boxes of one global tensor, read by box.
 
 Each saved rank writes, under the tensor's own name, the part of the global tensor it
 owns (replicas once: the rank at coordinate 0 of every replicated mesh dimension), and
@@ -25,6 +25,7 @@ from ..dtypes import BY_CODE, DType, from_name
 from ..errors import CorruptCheckpointError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE
 from ..limits import MAX_TILING_CELLS
+from . import jax_arrays
 from .shards import SavedRank, ShardFile
 from .trees import merged_tree
 from .types import ShardingMeta
@@ -48,15 +49,16 @@ def _dtensor_type() -> Any:
 
 
 def has_sharded(*states: Any) -> bool:
-    """True when a state (a flat mapping or a nested one) holds a torch DTensor."""
+    """True when a state (a flat mapping or a nested one) holds a torch DTensor or a
+    ``jax.Array`` over several devices."""
     dt = _dtensor_type()
-    if dt is None:
+    if dt is None and "jax" not in sys.modules:
         return False
     found = False
 
     def look(name: str, v: Any) -> Any:
         nonlocal found
-        found = found or isinstance(v, dt)
+        found = found or (dt is not None and isinstance(v, dt)) or jax_arrays.is_sharded(v)
         return v
 
     for s in states:
@@ -70,8 +72,10 @@ def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str,
 
     ``state`` may be nested (an FSDP2 ``optimizer.state_dict()``): it keeps its
     structure, each DTensor replaced by its local tensor when this rank is its part's
-    writer and left out otherwise; facts are keyed by the tensor names `nested.flatten`
-    gives. A plain array is taken as replicated (rank 0 writes it); scalars stay on
+    writer and left out otherwise (a sharded ``jax.Array`` by this process's shards of
+    replica 0, see `jax_arrays.owned_box`); facts are keyed by the tensor names
+    `nested.flatten` gives. A plain array is taken as replicated (rank 0 writes it);
+    scalars stay on
     every rank.
 
     Raises:
@@ -90,6 +94,11 @@ def localize(state: Any, rank: int, what: str) -> tuple[Any, dict[str, dict[str,
             if box is None:
                 return nested.DROP
             local, offset, runs = box
+        elif jax_arrays.is_sharded(v):
+            jax_box = jax_arrays.owned_box(v, name, what)
+            if jax_box is None:
+                return nested.DROP
+            local, offset = jax_box
         elif rank == 0:
             local, offset = v, [0] * len(getattr(v, "shape", ()))
         else:

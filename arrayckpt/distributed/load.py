@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import backends, nested, storage
+from .. import backends, nested, storage, templates
 from ..errors import CheckpointNotFoundError, InvalidInputError, TopologyError
 from ..layout import SHARDING_META_FILE, PathLike
 from ..load import Checkpoint, interrupted_save_hint, read_consistently
+from . import jax_restore
 from .global_shards import ReadStats, is_global, load_boxes
 from .reshard import load_share, zero_share
 from .shards import SavedRank, check_manifest, check_ranks_present
@@ -54,6 +55,9 @@ def load_distributed_checkpoint(
             model's ``state_dict()``) of any placement, mesh and world size, filled in
             place with the saved values; each rank reads only the byte ranges overlapping
             its local shards. Without it, one rank (``world_size=1``) gets whole tensors.
+            A JAX template (``jax.ShapeDtypeStruct`` leaves with shardings, or
+            ``jax.Array`` leaves; pass ``rank=jax.process_index()``) gets new arrays with
+            its shardings instead, each device's box read once from the saved boxes.
         optimizer_into: as ``into``, for the optimizer state.
         stats: a `ReadStats` to which the tensor bytes and byte ranges read are added.
         xp: as for `load_checkpoint`.
@@ -213,7 +217,14 @@ def load_saved(
         for r in [rank] if same else range(saved):
             check_manifest(ranks[r], meta.ranks[r])
     if same:
-        return ranks[rank].load(xp=xp, device=device, verify=verify, mmap=mmap)
+        return ranks[rank].load(
+            xp=xp,
+            device=device,
+            verify=verify,
+            mmap=mmap,
+            into=_jax_only(targets.get("model")),
+            optimizer_into=_jax_only(targets.get("optimizer")),
+        )
     backend = backends.for_namespace(xp)
     backend.check_device(device)
     state = ranks[0].training_state(ranks[0].model.header.metadata)
@@ -233,11 +244,51 @@ def load_saved(
         out = {name: backend.from_host(a, device) for name, a in arrays.items()}
         return out if keys is not None else _structured(out, ranks, meta, part, root)
 
-    return Checkpoint(
+    loaded = Checkpoint(
         convert(model, "model"),
         None if optimizer is None else convert(optimizer, "optimizer"),
         state,
     )
+    return _restore_jax(loaded, targets, root)
+
+
+def _jax_only(target: Any) -> Any:
+    """A JAX template, else ``None``: other targets are for sharded-array checkpoints."""
+    return target if templates.is_jax_template(target) else None
+
+
+def _restore_jax(
+    loaded: Checkpoint, targets: dict[str, Mapping[str, Any] | None], root: Path
+) -> Checkpoint:
+    """``loaded`` rebuilt in the structure and shardings of its JAX templates, if any."""
+    model, optimizer = loaded.model, loaded.optimizer
+    if _jax_only(targets.get("model")) is not None:
+        model = templates.restore(targets["model"], model, source=f"{root} (model)")
+    if _jax_only(targets.get("optimizer")) is not None and optimizer is not None:
+        optimizer = templates.restore(targets["optimizer"], optimizer, source=f"{root} (optimizer)")
+    return loaded._replace(model=model, optimizer=optimizer)
+
+
+def load_into_jax(
+    root: Path,
+    into: Any,
+    optimizer_into: Any,
+    *,
+    optimizer: bool,
+    xp: ModuleType | str | None,
+    device: Any,
+    verify: bool,
+    mmap: bool,
+) -> Checkpoint:
+    """`load_checkpoint` of a distributed checkpoint into JAX templates: this process
+    (``jax.process_index()`` of ``jax.process_count()``) gets its devices' boxes; a part
+    without a template comes whole, the optimizer not at all without ``optimizer``."""
+    import jax  # the templates hold JAX objects: already imported
+
+    targets = {"model": into, **({"optimizer": optimizer_into} if optimizer else {})}
+    rank, world = jax.process_index(), jax.process_count()
+    loaded = _load_once(root, rank, world, None, xp, device, verify, mmap, targets, None)
+    return loaded if optimizer else loaded._replace(optimizer=None)
 
 
 def _load_boxes(
@@ -256,17 +307,13 @@ def _load_boxes(
         check_manifest(saved, manifest)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
-    parts = load_boxes(
-        ranks,
-        manifests,
-        rank,
-        world_size,
-        targets,
-        lambda a: backend.from_host(a, device),
-        stats,
-        verify,
-        str(root),
-    )
+    convert = lambda a: backend.from_host(a, device)  # noqa: E731
+    if any(templates.is_jax_template(t) for t in targets.values()):
+        parts = jax_restore.load_parts(ranks, manifests, targets, convert, stats, verify, str(root))
+    else:
+        parts = load_boxes(
+            ranks, manifests, rank, world_size, targets, convert, stats, verify, str(root)
+        )
     model = parts["model"]
     return Checkpoint(
         {} if model is None else model,

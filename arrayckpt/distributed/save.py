@@ -26,7 +26,7 @@ from ..save import write_files, write_snapshot
 from ..snapshot import Snapshot, take_snapshot
 from ..staging import StagingPool
 from ..training_state import TrainingState
-from .coordinator import Coordinator, resolve
+from .coordinator import Coordinator, SoloCoordinator, resolve
 from .global_shards import check_saved_boxes, has_sharded, is_global, localize
 from .shards import ShardFile, plan_split
 from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
@@ -58,8 +58,9 @@ def save_distributed_checkpoint(
       boostr's behaviour): this rank commits ``rank_{rank}/`` atomically on its own and
       rank 0 writes ``sharding_meta.json``. The caller must make every rank finish
       (a barrier) before the checkpoint is used; loading checks every rank is there.
-    - **Coordinated** (``"auto"`` when torch.distributed is initialised, a torch
-      ``ProcessGroup``, an mpi4py communicator, ``"torch"``/``"mpi"``): all ranks write
+    - **Coordinated** (``"auto"`` when torch.distributed, else jax.distributed, is
+      initialised; a torch ``ProcessGroup``, an mpi4py communicator, jax.distributed's
+      client, ``"torch"``/``"mpi"``/``"jax"``): all ranks write
       into one temporary directory, rank 0 gathers every rank's manifest, writes
       ``sharding_meta.json`` last and renames the whole directory into place. Every rank
       returns only after the commit; if any rank fails, every rank raises and nothing
@@ -75,7 +76,10 @@ def save_distributed_checkpoint(
         sharding: how the state is sharded; default ``ShardingConfig(Replicated())``, or,
             when the state holds torch DTensors, their own placements: each rank writes
             the shards it owns (replicas once) with their global shape and offsets
-            (coordinated saves only; plain tensors beside them are rank 0's copy).
+            (coordinated saves only; plain tensors beside them are rank 0's copy); for
+            ``jax.Array`` values over several devices, their shardings: each process writes
+            its addressable shards of replica 0, copied from the devices as one box per
+            tensor. With ``world_size=1`` no engine is needed.
         coordinator: see the modes above.
         timeout: seconds each cross-rank wait may take (default: the coordinator's).
         extra: this rank's extra state (as in `save_checkpoint`), in ``rank_{rank}/``.
@@ -192,10 +196,13 @@ def prepare_save(
 
         return remote.save_job(str(directory), snap, meta, coord, timeout, facts, storage_options)
     target = Path(directory).absolute()
+    if coord is None and facts and world_size == 1:
+        coord = SoloCoordinator()  # one process holds every shard: no engine to ask
     if coord is None and facts:
         raise InvalidInputError(
-            f"saving DTensor state to {target} needs a coordinated save (the global offsets "
-            "are gathered on rank 0): initialise torch.distributed or pass coordinator="
+            f"saving sharded arrays to {target} needs a coordinated save (the global offsets "
+            "are gathered on rank 0): initialise torch.distributed or jax.distributed, or pass "
+            "coordinator="
         )
     if coord is None:
         assert isinstance(snap, Snapshot)  # errors were raised above
@@ -398,7 +405,7 @@ def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[di
         )
     manifests = [rep["manifest"] for rep in reports]
     if is_global(manifests):
-        check_saved_boxes(manifests, "the ranks' DTensor state")
+        check_saved_boxes(manifests, "the ranks' sharded-array state")
     if isinstance(meta.sharding.strategy, TensorParallel):
         for part in ("model", "optimizer"):
             maps = [

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .. import format
-from ..distributed.coordinator import Coordinator
+from ..distributed.coordinator import Coordinator, SoloCoordinator
 from ..distributed.shards import SavedRank, ShardFile
 from ..distributed.types import ShardingMeta
 from ..errors import (
@@ -49,18 +49,6 @@ HEAD_GUESS_BYTES = 64 << 10
 # ---------------------------------------------------------------------------------- save
 
 
-class _OneRank(Coordinator):
-    """The coordinator of a world of one: a single process commits the step itself."""
-
-    rank, world_size, timeout = 0, 1, 0.0
-
-    def gather(self, payload: bytes, timeout: float | None = None) -> list[bytes] | None:
-        return [payload]
-
-    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
-        return payload or b""
-
-
 def save_job(
     location: str,
     snap: Snapshot | CheckpointError,
@@ -85,7 +73,7 @@ def save_job(
                 "store has no rename, so rank 0 commits the step once every rank's upload is "
                 "done; initialise torch.distributed (or MPI) or pass coordinator="
             )
-        coord = _OneRank()
+        coord = SoloCoordinator()
     found = coord
     return lambda: _save(url, snap, meta, found, timeout, facts, storage_options)
 
