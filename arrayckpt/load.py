@@ -26,7 +26,7 @@ from .layout import (
     PathLike,
     rank_dir_name,
 )
-from .training_state import TrainingState
+from .training_state import MAX_STATE_BYTES, TrainingState
 
 T = TypeVar("T")
 
@@ -207,8 +207,8 @@ def load_checkpoint(
 
     Args:
         directory: a checkpoint written by arrayckpt or boostr; an ``s3://``, ``gs://``
-            or ``az://`` URL loads its committed step (parallel ranged reads, checked
-            against the commit object); ``file://`` is a local path;
+            or ``az://`` URL loads its committed step (parallel ranged reads straight into
+            the arrays, each tensor checked as it arrives); ``file://`` is a local path;
             or a Hugging Face model directory (``model.safetensors``, or shards listed in
             ``model.safetensors.index.json``, without ``training_state.json``: then
             ``training_state`` is ``TrainingState(step=0)``, ``optimizer`` is ``None``,
@@ -221,7 +221,8 @@ def load_checkpoint(
         device: that framework's device (``"cuda:0"``, a CuPy ``Device``, ...).
         verify: check every loaded tensor's CRC32C (files from other tools have none).
         mmap: map files copy-on-write (zero copy; best on local disks); ``False`` reads
-            each file sequentially (best on network file systems).
+            each file sequentially (best on network file systems). Object-store loads
+            always read eagerly.
         keys: load only these model tensors (names as in the file, dotted for nested
             state), as a flat dict; the rest of the file is never read (with ``mmap=False``
             only the header and those tensors' byte ranges are read).
@@ -257,27 +258,20 @@ def load_checkpoint(
         >>> ac.load_checkpoint(d, keys=["w"]).model
         {'w': array([1., 1.], dtype=float32)}
     """
-    if storage.is_url(directory):
-        from .storage import objects  # the object-store client is imported only here
-
-        # Committed objects never change, so the copy needs no consistency retries. It is
-        # mapped: arrays share its pages (in memory on /dev/shm), which outlive its removal.
-        with objects.local_copy(str(directory), storage_options) as copy:
-            return load_checkpoint(
-                copy,
-                xp=xp,
-                device=device,
-                verify=verify,
-                mmap=True,
-                keys=keys,
-                optimizer=optimizer,
-                into=into,
-                optimizer_into=optimizer_into,
-            )
-    root = Path(storage.local_path(directory))
-    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     if keys is not None and not isinstance(keys, str):  # a str is refused below
         keys = list(keys)  # a generator would be empty on a re-read
+    if storage.is_url(directory):
+        return _load_url(
+            str(directory),
+            storage_options,
+            {"xp": xp, "device": device, "verify": verify},
+            keys=keys,
+            optimizer=optimizer,
+            into=into,
+            optimizer_into=optimizer_into,
+        )
+    root = Path(storage.local_path(directory))
+    options = {"xp": xp, "device": device, "verify": verify, "mmap": mmap}
     return read_consistently(
         root,
         lambda: _load_once(
@@ -289,6 +283,54 @@ def load_checkpoint(
             optimizer_into=optimizer_into,
         ),
     )
+
+
+def _load_url(
+    location: str,
+    storage_options: Mapping[str, Any] | None,
+    options: dict[str, Any],
+    *,
+    keys: list[str] | str | None,
+    optimizer: bool,
+    into: Any,
+    optimizer_into: Any,
+) -> Checkpoint:
+    """`load_checkpoint` of a committed step on an object store.
+
+    Its objects never change once committed, so no consistency retries: every file is read
+    with parallel ranged gets straight into the buffers the arrays view (never mapped, no
+    local copy), only ``keys``' ranges of the model file with ``keys``.
+    """
+    from .storage import objects  # the object-store client is imported only here
+
+    if isinstance(keys, str):
+        raise InvalidInputError(f"keys must be a list of tensor names, not the str {keys!r}")
+    step = objects.open_step(location, storage_options)
+    if MODEL_FILE not in step.files and SHARDING_META_FILE in step.files:
+        raise InvalidInputError(
+            f"{step.url} is a distributed checkpoint; use load_distributed_checkpoint(url, rank)"
+        )
+    wanted: dict[str, list[str] | None] = {MODEL_FILE: keys}
+    if optimizer and OPTIMIZER_FILE in step.files:
+        wanted[OPTIMIZER_FILE] = None
+    if EXTRA_FILE in step.files:
+        wanted[EXTRA_FILE] = None
+    readers, blobs = step.fetch(
+        wanted, {TRAINING_STATE_FILE: MAX_STATE_BYTES}, verify=options["verify"]
+    )
+    model_reader = readers[MODEL_FILE]
+    model = read_state(model_reader, keys=keys, into=into, **options)
+    opt = extra = None
+    if OPTIMIZER_FILE in readers:
+        opt = read_state(readers[OPTIMIZER_FILE], keys=None, into=optimizer_into, **options)
+    if EXTRA_FILE in readers:
+        extra = read_state(readers[EXTRA_FILE], keys=None, into=None, **options)
+    state = TrainingState.checked(
+        blobs[TRAINING_STATE_FILE],
+        source=str(step.url.child(TRAINING_STATE_FILE)),
+        metadata=model_reader.header.metadata,
+    )
+    return Checkpoint(model, opt, state, extra)
 
 
 _LOAD_ATTEMPTS = 100

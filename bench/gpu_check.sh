@@ -96,11 +96,13 @@ step pytest-gpu 90 "$OUT/pytest_gpu.log" \
 step pytest-more 100 "$OUT/pytest_more.log" \
     "$PY" -m pytest -p no:cacheprovider -q -rs -x \
     tests/test_async_checkpointer.py tests/test_checkpoint.py tests/test_backends.py \
-    tests/test_fill.py tests/test_docs.py tests/test_pool.py tests/test_hostcopy.py
+    tests/test_fill.py tests/test_docs.py tests/test_pool.py tests/test_hostcopy.py \
+    tests/test_staging_modes.py
 
 # --- 3. benchmark ------------------------------------------------------------------------
 rm -f bench/results/bench-cuda-quick-*.json
-step bench 240 "$OUT/bench.log" "$PY" bench/run.py --gpu --quick
+step bench 200 "$OUT/bench.log" "$PY" bench/run.py --gpu --quick
+step bench-staging 60 "$OUT/bench.log" "$PY" bench/staging.py --quick
 newest=$(ls -t bench/results/bench-cuda-quick-*.json 2>/dev/null | head -1)
 [ -n "$newest" ] && cp "$newest" "$OUT/bench.json"
 echo "total: ${SECONDS} s" | tee -a "$SUMMARY"

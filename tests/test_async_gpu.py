@@ -93,3 +93,25 @@ def test_cupy_save_snapshots_before_return_through_pinned_buffers(tmp_path: Path
     got = ac.load_checkpoint(tmp_path / "c", xp=cupy)
     np.testing.assert_array_equal(cupy.asnumpy(got.model["x"]), expected_x)
     np.testing.assert_array_equal(cupy.asnumpy(got.model["y"]), expected_y)
+
+
+def test_torch_cuda_background_staging_and_prepare(tmp_path: Path) -> None:
+    """Device copies are issued before `save` returns, ordered after the caller's stream;
+    the arrays may change once ``staged`` resolves; `prepare` warms pinned buffers."""
+    torch = _torch_cuda()
+    a = torch.randn(2048, 2048, device="cuda")
+    w = a @ a @ a  # slow work on the caller's stream, which the copy must wait for
+    state = {"w": w, "b": torch.arange(4096, device="cuda", dtype=torch.bfloat16)}
+    expected = {k: v.cpu() for k, v in state.items()}
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.prepare(state).result(timeout=60)
+        warmed = ckpt.staging.nbytes
+        future = ckpt.save(tmp_path / "step_1", state, background_staging=True)
+        future.staged.result(timeout=60)
+        for v in state.values():
+            v.add_(1)
+        future.result()
+        assert ckpt.staging.nbytes == warmed  # the save used the warmed (pinned) buffers
+    got = ac.load_checkpoint(tmp_path / "step_1", xp="torch")
+    for k, v in expected.items():
+        assert torch.equal(got.model[k], v)

@@ -134,13 +134,17 @@ def test_the_docs_fsdp2_to_jax_example_runs(tmp_path: Path) -> None:
 def test_two_processes_save_their_shards_and_read_only_their_boxes(tmp_path: Path) -> None:
     """jax.distributed with 2 processes of 4 CPU devices (gloo coordinates the commit):
     each process writes its own rows; loaded back in another sharding, each reads only
-    the byte ranges of its devices' boxes (half of each tensor)."""
+    the byte ranges of its devices' boxes (half of each tensor). A mesh whose devices
+    interleave the processes is refused at save, naming the tensor."""
     pytest.importorskip("torch.distributed", reason="the commit is coordinated over gloo")
     worker = HERE / "_jax_multiproc_worker.py"
     res = run_scenario(worker, str(free_port()), tmp_path / "ckpt", tmp_path / "out", 2)
     for r in res:
         assert r["shards_equal"] and r["shardings"]
         assert r["bytes_read"] == (16 * 8 * 4 + 8 * 4) // 2  # w's columns, b's elements
+        assert r["interleaved"].startswith("InvalidInputError: model_state['w']: ")
+        assert "do not form one box" in r["interleaved"]
+    assert not (tmp_path / "interleaved").exists()
     meta = json.loads((tmp_path / "ckpt" / "sharding_meta.json").read_text())
     boxes = [m["model"] for m in meta["arrayckpt"]["ranks"]]
     assert boxes[0]["w"]["global_offset"] == [0, 0] and boxes[0]["w"]["shape"] == [8, 8]

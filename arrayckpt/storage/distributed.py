@@ -38,7 +38,7 @@ from ..layout import (
 from ..limits import MAX_SHARDING_META_BYTES
 from ..snapshot import Snapshot
 from ..training_state import MAX_STATE_BYTES, TrainingState
-from . import objects
+from . import objects, transfer
 from .url import StorageURL, is_url, local_path, parse_url
 
 log = logging.getLogger("arrayckpt")
@@ -201,10 +201,10 @@ def _upload_rank(
     for file, parts in files.items():
         name = f"{rank_dir_name(rank)}/{file}"
         try:
-            size, crc = objects._upload(store, url.key(name), parts)
+            size, crc = transfer.upload(store, url.key(name), parts)
         except Exception as exc:
             raise CheckpointWriteError(
-                f"rank {rank}: uploading {url}/{name} failed: {objects._describe(exc)}; "
+                f"rank {rank}: uploading {url}/{name} failed: {transfer.describe(exc)}; "
                 "nothing was committed (the previous steps are intact)"
             ) from exc
         listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
@@ -300,7 +300,7 @@ class RemoteStep:
             ) from exc
         except Exception as exc:
             raise CheckpointReadError(
-                f"reading {self.url}/{name} failed: {objects._describe(exc)}"
+                f"reading {self.url}/{name} failed: {transfer.describe(exc)}"
             ) from exc
         if len(memoryview(got)) != end - start:
             raise CorruptCheckpointError(
@@ -345,8 +345,8 @@ class RemoteStep:
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]], out: memoryview) -> None:
         """Each ``(offset, length)`` of object ``name`` into consecutive bytes of ``out``.
 
-        Touching ranges are merged and long ones cut into `objects.RANGE_BYTES` gets, run
-        `objects.RANGES_IN_FLIGHT` at a time; no byte outside ``ranges`` is fetched.
+        Touching ranges are merged and long ones cut into `transfer.RANGE_BYTES` gets, run
+        `transfer.RANGES_IN_FLIGHT` at a time; no byte outside ``ranges`` is fetched.
         """
         gets: list[tuple[int, int, int]] = []  # (object offset, length, offset in out)
         pos = 0
@@ -359,9 +359,9 @@ class RemoteStep:
                     gets.append((offset, length, pos))
             pos += length
         pieces = [
-            (o + i, min(objects.RANGE_BYTES, n - i), p + i)
+            (o + i, min(transfer.RANGE_BYTES, n - i), p + i)
             for o, n, p in gets
-            for i in range(0, n, objects.RANGE_BYTES)
+            for i in range(0, n, transfer.RANGE_BYTES)
         ]
 
         def fetch(piece: tuple[int, int, int]) -> None:
@@ -371,7 +371,7 @@ class RemoteStep:
         if len(pieces) == 1:
             fetch(pieces[0])
         elif pieces:
-            with ThreadPoolExecutor(objects.RANGES_IN_FLIGHT, "arrayckpt-get") as pool:
+            with ThreadPoolExecutor(transfer.RANGES_IN_FLIGHT, "arrayckpt-get") as pool:
                 list(pool.map(fetch, pieces))
         with self._lock:
             self.data_bytes += sum(n for _, n, _ in pieces)
@@ -557,5 +557,5 @@ def consolidate(
 def _chunks(path: Path) -> Iterator[memoryview]:
     """A local file read part by part as the upload sends it: memory stays bounded."""
     with open(path, "rb") as f:
-        while chunk := f.read(objects.PART_BYTES):
+        while chunk := f.read(transfer.PART_BYTES):
             yield memoryview(chunk)

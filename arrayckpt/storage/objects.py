@@ -1,5 +1,5 @@
 """Checkpoints on an object store through obstore: data objects first, one commit object
-last (written only if absent), parallel multipart uploads and parallel ranged reads."""
+last (written only if absent); loads read only the committed objects' bytes they need."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -17,22 +19,23 @@ from .. import format, fsops
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     InvalidInputError,
 )
 from ..layout import is_rank_dir_name
+from . import transfer
+from .transfer import RANGE_BYTES, RANGES_IN_FLIGHT
+from .transfer import describe as _describe
+from .transfer import upload as _upload
 from .url import StorageURL, parse_url
 
 #: The commit object: written last; a step without it does not exist for any reader.
 COMMIT_OBJECT = "arrayckpt-commit.json"
 COMMIT_VERSION = 1
-#: Multipart part size and parts in flight: memory held by one upload is their product.
-PART_BYTES = 16 << 20
-PARTS_IN_FLIGHT = 8
-#: Ranged reads of a download, and how many run at once.
-RANGE_BYTES = 32 << 20
-RANGES_IN_FLIGHT = 8
+#: Puts of the commit object, each after obstore's own retries of that request.
+COMMIT_ATTEMPTS = 3
 
 
 #: The process that first opened a store: obstore's client threads do not survive fork.
@@ -77,28 +80,6 @@ def open_store(url: StorageURL, storage_options: Mapping[str, Any] | None = None
         raise InvalidInputError(f"cannot open {url}: {_describe(exc)}") from exc
 
 
-def _describe(exc: BaseException) -> str:
-    """obstore's message, first line only (its later lines can echo request details)."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def _upload(store: Any, key: str, parts: Iterable[memoryview]) -> tuple[int, int]:
-    """Stream ``parts`` to ``key`` as a parallel multipart upload; return size and CRC32C."""
-    import obstore
-
-    size, crc = 0, 0
-
-    def counted() -> Iterator[memoryview]:
-        nonlocal size, crc
-        for part in parts:
-            crc = format.checksum(part, crc)
-            size += part.nbytes
-            yield part
-
-    obstore.put(store, key, counted(), chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT)
-    return size, crc
-
-
 def save_files(
     location: str,
     files: Mapping[str, Iterable[memoryview]],
@@ -120,8 +101,6 @@ def save_files(
         InvalidInputError: ``location`` already holds a committed checkpoint.
         CheckpointWriteError: an upload failed after obstore's retries; names the URL.
     """
-    import obstore
-
     url = parse_url(location)
     store = open_store(url, storage_options)
     if _committed(store, url):
@@ -136,21 +115,59 @@ def save_files(
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
         if before_commit is not None:
             before_commit()
-        doc = json.dumps({"version": COMMIT_VERSION, "files": listing}, sort_keys=True)
-        obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
     except CheckpointError:
         raise
     except Exception as exc:
-        kind = type(exc).__name__
-        if kind == "AlreadyExistsError":
-            raise CheckpointWriteError(
-                f"saving {url} failed: another writer committed it first; its checkpoint stands"
-            ) from exc
-        raise CheckpointWriteError(
-            f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
-            "this step is left uncommitted (invisible to readers)"
-        ) from exc
+        raise _uncommitted(url, exc) from exc
+    # the random save id tells this save's commit from another writer's of equal bytes
+    doc = json.dumps(
+        {"version": COMMIT_VERSION, "save_id": uuid.uuid4().hex, "files": listing},
+        sort_keys=True,
+    )
+    _commit(store, url, doc)
     return str(url)
+
+
+def _uncommitted(url: StorageURL, exc: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
+        "this step is left uncommitted (invisible to readers)"
+    )
+
+
+def _commit(store: Any, url: StorageURL, doc: str) -> None:
+    """Put the commit object ``doc`` only if none exists.
+
+    A put whose answer was lost may have gone through: after any failure the commit object
+    is read back, and one carrying this save's id is this save's. Otherwise a failed put
+    is tried again (a create of an absent object is safe to repeat).
+    """
+    import obstore
+
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            obstore.put(store, url.key(COMMIT_OBJECT), doc.encode(), mode="create")
+            return
+        except Exception as exc:
+            if _own_commit(store, url, doc):
+                return
+            if type(exc).__name__ == "AlreadyExistsError":
+                raise CheckpointWriteError(
+                    f"saving {url} failed: another writer committed it first; its checkpoint stands"
+                ) from exc
+            if attempt == COMMIT_ATTEMPTS - 1 or transfer.permanent(exc):
+                raise _uncommitted(url, exc) from exc
+            time.sleep(transfer.BACKOFF_S * 2**attempt)
+
+
+def _own_commit(store: Any, url: StorageURL, doc: str) -> bool:
+    """Whether the commit object at ``url`` is ``doc``, this save's own (its save id)."""
+    import obstore
+
+    try:
+        return bytes(obstore.get(store, url.key(COMMIT_OBJECT)).bytes()) == doc.encode()
+    except Exception:
+        return False  # unreadable: reported as another writer's
 
 
 def _committed(store: Any, url: StorageURL) -> bool:
@@ -180,7 +197,7 @@ def read_commit(store: Any, url: StorageURL, *, ranks: bool = False) -> dict[str
             "or a save was interrupted)"
         ) from exc
     except Exception as exc:
-        raise CheckpointError(f"reading {url} failed: {_describe(exc)}") from exc
+        raise CheckpointReadError(f"reading {url} failed: {_describe(exc)}") from exc
     try:
         doc = json.loads(raw)
         files = doc["files"]
@@ -264,3 +281,76 @@ def local_copy(location: str, storage_options: Mapping[str, Any] | None = None) 
     finally:
         with contextlib.suppress(OSError):  # a private copy: nothing is lost if it lingers
             fsops.fs().remove_tree(tmp)
+
+
+class Step:
+    """A committed step on an object store, its commit object read (`open_step`)."""
+
+    def __init__(self, url: StorageURL, store: Any, files: dict[str, dict[str, Any]]) -> None:
+        self.url, self.store, self.files = url, store, files
+
+    def fetch(
+        self,
+        safetensors: Mapping[str, Iterable[str] | None],
+        whole: Mapping[str, int],
+        *,
+        verify: bool,
+    ) -> tuple[dict[str, format.SafetensorsReader], dict[str, bytes]]:
+        """Read committed files: ``safetensors`` (name -> the tensors to read, ``None`` for
+        all) with parallel ranged reads straight into the buffers their arrays view, each
+        tensor checksummed as its bytes arrive (``verify``); ``whole`` (name -> the most
+        bytes it may hold) in full, checked against the commit object's CRC32C.
+
+        One ranged get reads each file's header (all of a small file); then every range of
+        every file shares `transfer.RANGES_IN_FLIGHT` reads at once.
+
+        Raises:
+            CheckpointNotFoundError: the commit object lists no such file, or it vanished.
+            CorruptCheckpointError: a file differs from what its commit object lists.
+            CheckpointReadError: the store failed (after retries); names the URL.
+        """
+        names = [*safetensors, *whole]
+        for name in names:
+            if name not in self.files:
+                raise CheckpointNotFoundError(
+                    f"no complete checkpoint at {self.url}: its {COMMIT_OBJECT} lists no {name}"
+                )
+        for name, most in whole.items():
+            if int(self.files[name]["size"]) > most:
+                raise CorruptCheckpointError(
+                    f"{self.url.child(name)}: {COMMIT_OBJECT} lists {self.files[name]['size']} "
+                    f"bytes, over the {most}-byte limit of such a file"
+                )
+        fetch = transfer.Fetch(self.store, self.url)
+
+        def first_get(name: str) -> Any:
+            return fetch.open(name, int(self.files[name]["size"]), safetensors=name in safetensors)
+
+        with ThreadPoolExecutor(len(names), "arrayckpt-head") as pool:
+            objs = dict(zip(names, pool.map(first_get, names), strict=True))
+        for name, keys in safetensors.items():
+            fetch.plan(objs[name], keys, verify=verify)
+        for name in whole:
+            fetch.plan_whole(objs[name])
+        fetch.run(objs)
+        blobs = {}
+        for name in whole:
+            data = fetch.whole(objs[name])
+            if f"{format.checksum(data):08x}" != self.files[name]["crc32c"]:
+                raise CorruptCheckpointError(
+                    f"{self.url.child(name)} does not match its commit object (CRC32C): it was "
+                    "changed after the commit; restore another step"
+                )
+            blobs[name] = data
+        return {name: fetch.reader(objs[name]) for name in safetensors}, blobs
+
+
+def open_step(location: str, storage_options: Mapping[str, Any] | None = None) -> Step:
+    """The committed step at ``location``; a step without a commit object does not exist.
+
+    Raises:
+        CheckpointNotFoundError: no commit object (never saved, or the save was interrupted).
+    """
+    url = parse_url(location)
+    store = open_store(url, storage_options)
+    return Step(url, store, read_commit(store, url))

@@ -1,0 +1,301 @@
+"""Object-store transfers on a real S3 server (SeaweedFS), seen through a fault-injecting
+TCP proxy: loads read only the ranges they need, straight into memory; cut responses,
+throttling and a lost commit answer are retried; lasting failures name the URL only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from s3server import S3Server
+
+import arrayckpt as ac
+from arrayckpt.errors import CheckpointReadError, CorruptCheckpointError
+from arrayckpt.storage import objects, parse_url, transfer
+
+SECRET = "arrayckpt-test-secret"
+
+
+@dataclass
+class Fault:
+    """Make requests whose first line holds ``method`` and ``name`` fail: ``"cut"`` the
+    response after ``after`` bytes, answer ``"503"`` (throttling), or ``"drop"`` the
+    answer (the request itself reaches the server). ``times``: how many requests."""
+
+    method: bytes
+    name: bytes
+    action: str
+    times: int = 1
+    after: int = 0
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server; counts the bytes it passes to
+    the client and applies its `Fault` to matching requests."""
+
+    def __init__(self, endpoint: str) -> None:
+        parts = urlsplit(endpoint)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.fault: Fault | None = None
+        self.fired = 0
+        self.bytes_down = 0
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target, timeout=60)
+            with self.lock:
+                self.socks += [client, server]
+            state: dict[str, Any] = {"cut": None}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    def _match(self, data: bytes) -> Fault | None:
+        line = data.split(b"\r\n", 1)[0]
+        with self.lock:
+            f = self.fault
+            if f is None or f.times <= 0 or not line.startswith(f.method) or f.name not in line:
+                return None
+            f.times -= 1
+            self.fired += 1
+            return f
+
+    def _up(self, client: socket.socket, server: socket.socket, state: dict[str, Any]) -> None:
+        try:
+            while data := client.recv(1 << 16):
+                fault = self._match(data)
+                if fault is not None and fault.action == "503":
+                    client.sendall(
+                        b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    break
+                if fault is not None:
+                    state["cut"] = fault.after if fault.action == "cut" else 0
+                server.sendall(data)
+        except OSError:
+            pass
+        _close(client, server)
+
+    def _down(self, server: socket.socket, client: socket.socket, state: dict[str, Any]) -> None:
+        try:
+            while data := server.recv(1 << 16):
+                cut = state["cut"]
+                if cut is not None and len(data) >= cut:
+                    client.sendall(data[:cut])  # then the connection dies mid-answer
+                    break
+                if cut is not None:
+                    state["cut"] = cut - len(data)
+                with self.lock:
+                    self.bytes_down += len(data)
+                client.sendall(data)
+        except OSError:
+            pass
+        _close(client, server)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for s in self.socks:
+                _close(s)
+
+
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    p = FaultProxy(s3_server.endpoint)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _options(endpoint: str, retries: int = 5) -> dict[str, Any]:
+    return {
+        "endpoint": endpoint,
+        "access_key_id": "arrayckpt-test",
+        "secret_access_key": SECRET,
+        "region": "us-east-1",
+        "retry_config": {"max_retries": retries},
+    }
+
+
+def _state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "big": rng.standard_normal(2 << 20).astype(np.float32),  # 8 MiB, first in the file
+        "mid": rng.standard_normal((300, 7)).astype(np.float16),
+        "small": np.arange(16, dtype=np.int32),
+    }
+
+
+def _assert_equal(got: dict[str, Any], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype
+
+
+def test_keys_reads_only_their_ranges(s3_server: S3Server, proxy: FaultProxy) -> None:
+    url = s3_server.url("io-keys/step_1")
+    state = _state()
+    ac.save_checkpoint(url, state, storage_options=_options(s3_server.endpoint))
+    got = ac.load_checkpoint(url, keys=["small"], storage_options=_options(proxy.endpoint))
+    _assert_equal(got.model, {"small": state["small"]})
+    partial = proxy.bytes_down
+    # the header's get (transfer.HEAD_BYTES) and the tensor's own range, not the 8 MiB
+    assert partial < transfer.HEAD_BYTES + (256 << 10), partial
+    full = ac.load_checkpoint(url, storage_options=_options(proxy.endpoint))
+    _assert_equal(full.model, state)
+    assert proxy.bytes_down - partial > state["big"].nbytes
+
+
+def test_a_load_makes_no_local_copy(s3_env: S3Server, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    url = s3_env.url("io-nocopy/step_1")
+    ac.save_checkpoint(url, _state())
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    got = ac.load_checkpoint(url)
+    _assert_equal(got.model, _state())
+    assert got.model["big"].flags.writeable  # arrays of their own, as a local load gives
+    assert list(tmp_path.iterdir()) == []
+    if os.path.isdir("/dev/shm"):
+        assert not {n for n in set(os.listdir("/dev/shm")) - shm if n.startswith("arrayckpt")}
+
+
+def test_headers_larger_than_the_first_get(s3_env: S3Server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(transfer, "HEAD_BYTES", 64)  # every header needs its second get
+    url = s3_env.url("io-header/step_1")
+    state = _state()
+    opt = {"m": np.ones(5, np.float64)}
+    ac.save_checkpoint(url, state, opt, ac.TrainingState(step=4), extra={"note": "x"})
+    got = ac.load_checkpoint(url)
+    _assert_equal(got.model, state)
+    _assert_equal(got.optimizer, opt)
+    assert got.extra == {"note": "x"} and got.training_state.step == 4
+    _assert_equal(ac.load_checkpoint(url, keys=["mid"]).model, {"mid": state["mid"]})
+
+
+def test_ranges_smaller_than_tensors_and_into(s3_env: S3Server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Tensors spanning several ranges are checksummed once all their ranges landed;
+    ``into=`` fills the caller's arrays in place."""
+    monkeypatch.setattr(transfer, "RANGE_BYTES", 1 << 20)
+    url = s3_env.url("io-into/step_1")
+    state = _state()
+    opt = {"m": np.full(3, 2.0)}
+    ac.save_checkpoint(url, state, opt)
+    into = {k: np.zeros_like(v) for k, v in state.items()}
+    opt_into = {"m": np.zeros(3)}
+    got = ac.load_checkpoint(url, into=into, optimizer_into=opt_into)
+    assert got.model is into
+    _assert_equal(into, state)
+    np.testing.assert_array_equal(opt_into["m"], opt["m"])
+
+
+def test_a_changed_tensor_fails_its_checksum(s3_env: S3Server) -> None:
+    """An object replaced after the commit by one of the same size: the tensor's CRC32C,
+    taken as its bytes arrive, names it."""
+    import obstore
+
+    url = s3_env.url("io-flip/step_1")
+    ac.save_checkpoint(url, _state())
+    store = objects.open_store(parse_url(url))
+    key = "io-flip/step_1/model.safetensors"
+    data = bytearray(obstore.get(store, key).bytes())
+    data[-3] ^= 0x40  # in "mid", the last tensor (larger items go first)
+    obstore.put(store, key, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="tensor 'mid' fails its CRC32C"):
+        ac.load_checkpoint(url)
+    assert ac.load_checkpoint(url, keys=["big"]).model["big"].shape == (2 << 20,)
+
+
+def test_an_object_replaced_during_a_load_fails_it(s3_env: S3Server) -> None:
+    """Later ranges are read with the first get's ETag: never a mix of two objects."""
+    import obstore
+
+    url = s3_env.url("io-etag/step_1")
+    ac.save_checkpoint(url, _state())
+    parsed = parse_url(url)
+    store = objects.open_store(parsed)
+    fetch = transfer.Fetch(store, parsed)
+    size = objects.read_commit(store, parsed)["model.safetensors"]["size"]
+    remote = fetch.open("model.safetensors", size, safetensors=True)
+    key = "io-etag/step_1/model.safetensors"
+    obstore.put(store, key, bytes(obstore.get(store, key).bytes()))  # same bytes, new object
+    fetch.plan(remote, None, verify=True)
+    with pytest.raises(CorruptCheckpointError, match="was replaced while it was read"):
+        fetch.run({"model.safetensors": remote})
+
+
+@pytest.mark.parametrize("action", ["cut", "503"])
+def test_a_failed_ranged_read_is_retried(
+    s3_server: S3Server, proxy: FaultProxy, action: str
+) -> None:
+    """With obstore's own retries off, the load's retry recovers a response cut off
+    mid-body and a throttled (503) request."""
+    url = s3_server.url(f"io-retry-{action}/step_1")
+    state = _state()
+    ac.save_checkpoint(url, state, storage_options=_options(s3_server.endpoint))
+    proxy.fault = Fault(b"GET", b"model.safetensors", action, times=2, after=100_000)
+    got = ac.load_checkpoint(url, storage_options=_options(proxy.endpoint, retries=0))
+    _assert_equal(got.model, state)
+    assert proxy.fired == 2
+
+
+def test_a_lasting_read_failure_names_the_url_not_the_secret(
+    s3_server: S3Server, proxy: FaultProxy
+) -> None:
+    url = s3_server.url("io-down/step_1")
+    ac.save_checkpoint(url, _state(), storage_options=_options(s3_server.endpoint))
+    proxy.fault = Fault(b"GET", b"model.safetensors", "cut", times=1000, after=1000)
+    with pytest.raises(CheckpointReadError) as info:
+        ac.load_checkpoint(url, storage_options=_options(proxy.endpoint, retries=1))
+    text = str(info.value)
+    assert f"{url}/model.safetensors" in text and SECRET not in text
+    assert proxy.fired >= transfer.READ_ATTEMPTS
+
+
+def test_a_lost_commit_answer_is_the_save_s_own(s3_server: S3Server, proxy: FaultProxy) -> None:
+    """The commit put reaches the server but its answer is lost: the retry finds the
+    commit object already there, and its save id says it is this save's."""
+    url = s3_server.url("io-commit/step_1")
+    proxy.fault = Fault(b"PUT", objects.COMMIT_OBJECT.encode(), "drop")
+    state = _state()
+    assert ac.save_checkpoint(url, state, storage_options=_options(proxy.endpoint)) == url
+    assert proxy.fired == 1
+    _assert_equal(
+        ac.load_checkpoint(url, storage_options=_options(s3_server.endpoint)).model, state
+    )
+
+
+def test_a_cut_upload_part_is_retried(s3_server: S3Server, proxy: FaultProxy) -> None:
+    url = s3_server.url("io-part/step_1")
+    proxy.fault = Fault(b"PUT", b"model.safetensors", "drop")
+    state = _state()
+    ac.save_checkpoint(url, state, storage_options=_options(proxy.endpoint))
+    assert proxy.fired == 1
+    _assert_equal(
+        ac.load_checkpoint(url, storage_options=_options(s3_server.endpoint)).model, state
+    )
