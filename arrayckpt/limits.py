@@ -26,3 +26,7 @@ MAX_SHARDING_META_BYTES = 16 * 2**20
 #: Deepest nesting of saved state or of a nested-state tree read back: well under Python's
 #: recursion limit (1000), since walking one level takes a few frames.
 MAX_TREE_DEPTH = 100
+#: Most grid cells the check that a sharded tensor's saved boxes tile it exactly builds
+#: (one counter each; DTensor layouts make about one cell per box). Beyond it, boxes are
+#: checked by their element count only.
+MAX_TILING_CELLS = 1 << 22

@@ -212,7 +212,9 @@ def load_checkpoint(
             or a Hugging Face model directory (``model.safetensors``, or shards listed in
             ``model.safetensors.index.json``, without ``training_state.json``: then
             ``training_state`` is ``TrainingState(step=0)``, ``optimizer`` is ``None``,
-            and with ``keys`` only the shards holding them are opened).
+            and with ``keys`` only the shards holding them are opened); or a distributed
+            checkpoint saved from DTensors, whose tensors come back whole, assembled from
+            every rank's shards (`load_distributed_checkpoint` with ``world_size=1``).
         xp: the namespace of the arrays to return: ``None`` (NumPy), a module
             (``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``array_api_strict``, ...)
             or its name.
@@ -383,6 +385,21 @@ def _load_once(
             from .distributed.load import load_into_jax
 
             return load_into_jax(root, into, optimizer_into, optimizer=optimizer, **options)
+        from .distributed import global_shards
+
+        if keys is None and global_shards.is_global_checkpoint(root):
+            # Sharded-array state: whole tensors, assembled from every rank's boxes.
+            from .distributed.load import load_distributed_checkpoint
+
+            whole = load_distributed_checkpoint(
+                root,
+                0,
+                world_size=1,
+                into=into,
+                optimizer_into=optimizer_into if optimizer else None,
+                **options,
+            )
+            return whole if optimizer else Checkpoint(whole.model, None, whole.training_state)
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )

@@ -224,6 +224,28 @@ class CheckpointManager(ClosesOnExit):
                 self._roll_back_to(step)
             else:
                 self._check_moves_forward(step)
+            from .distributed import global_shards, steps
+
+            if global_shards.has_sharded(model_state, optimizer_state):
+                # DTensor state: every rank calls save; the step is one coordinated save.
+                if not isinstance(target, Path):
+                    raise InvalidInputError(
+                        f"{self.root}: a manager on an object store cannot save DTensor state "
+                        "yet (its steps' leases are one writer's); use a local root, or "
+                        "save_distributed_checkpoint to the URL"
+                    )
+                future: Future[Path | str] = steps.save_step(
+                    target,
+                    self._checkpointer,
+                    model_state,
+                    optimizer_state,
+                    training_state,
+                    extra,
+                    self._retain,
+                )
+                if self._checkpointer is not None:
+                    self._queued = (step, future)
+                return future
             if self._checkpointer is None:
                 snap = take_snapshot(
                     model_state, optimizer_state, training_state, staging=None, extra=extra
@@ -355,6 +377,19 @@ class CheckpointManager(ClosesOnExit):
         options = self._remote.options if self._remote is not None else None
 
         def load(path: Path | str) -> Checkpoint:
+            from .distributed import steps
+
+            if isinstance(path, Path) and steps.is_sharded_step(path):
+                # each rank's share, at any world size
+                return steps.load_step(
+                    path,
+                    into=into,
+                    optimizer_into=optimizer_into if optimizer else None,
+                    xp=xp,
+                    device=device,
+                    verify=verify,
+                    mmap=mmap,
+                )
             return load_checkpoint(
                 path,
                 xp=xp,

@@ -17,7 +17,7 @@ import numpy as np
 from .. import aliases, format, nested, templates
 from ..errors import UnsupportedArrayError
 from ..layout import OPTIMIZER_FILE
-from .global_shards import PARTS, GlobalTensor, Piece, ReadStats, plan, read_box, target_box
+from .global_shards import PARTS, GlobalTensor, Piece, ReadStats, check_target, plan, read_box
 from .global_shards import _read_sub as read_sub
 from .jax_arrays import Box, index_box
 from .shards import SavedRank, ShardFile
@@ -78,7 +78,7 @@ class SavedTensor:
         import jax
 
         t = self.t
-        target_box(target, t.name, t, jax.process_index(), self.what)  # shape and dtype
+        check_target(target, t.name, t, jax.process_index(), self.what)
         sharding = getattr(target, "sharding", None)
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -27,7 +27,7 @@ from ..snapshot import Snapshot, take_snapshot
 from ..staging import StagingPool
 from ..training_state import TrainingState
 from .coordinator import Coordinator, SoloCoordinator, resolve
-from .global_shards import has_sharded, localize
+from .global_shards import check_saved_boxes, has_sharded, is_global, localize
 from .shards import ShardFile, plan_split
 from .types import Replicated, ShardingConfig, ShardingMeta, TensorParallel, strategy_to_json
 
@@ -154,11 +154,15 @@ def prepare_save(
     of leaving them to time out; the job then raises the validation error.
     """
     facts: Facts = {}
+    invalid: CheckpointError | None = None  # this rank's state cannot be saved
     if sharding is None and has_sharded(model_state, optimizer_state):
         # Placements come from the arrays: each rank writes the boxes it owns.
-        local_model, facts["model"] = localize(model_state, rank, "model_state")
-        model_state = local_model or {}
-        optimizer_state, facts["optimizer"] = localize(optimizer_state, rank, "optimizer_state")
+        try:
+            local_model, facts["model"] = localize(model_state, rank, "model_state")
+            model_state = local_model or {}
+            optimizer_state, facts["optimizer"] = localize(optimizer_state, rank, "optimizer_state")
+        except CheckpointError as exc:
+            invalid = exc
         sharding = ShardingConfig(TensorParallel())
     sharding = ShardingConfig(Replicated()) if sharding is None else sharding
     if not isinstance(sharding, ShardingConfig):
@@ -177,6 +181,8 @@ def prepare_save(
         )
     snap: Snapshot | CheckpointError
     try:
+        if invalid is not None:
+            raise invalid
         snap = take_snapshot(
             model_state, optimizer_state, training_state, staging=staging, extra=extra
         )
@@ -398,6 +404,8 @@ def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[di
             f"({mine}); every rank must pass the same"
         )
     manifests = [rep["manifest"] for rep in reports]
+    if is_global(manifests):
+        check_saved_boxes(manifests, "the ranks' sharded-array state")
     if isinstance(meta.sharding.strategy, TensorParallel):
         for part in ("model", "optimizer"):
             maps = [
