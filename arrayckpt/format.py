@@ -854,15 +854,7 @@ class SafetensorsReader:
         ranges: bool = False,
         verify_while_reading: bool = False,
     ) -> None:
-        self.path = Path(path)
-        #: CRC32Cs computed while the data was read (``mmap=False``), by tensor name.
-        self._computed: dict[str, int] = {}
-        self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
-        self._buf: Any = None  # the whole-file map, or the eager data buffer
-        self._base = 0  # file offset of self._buf's first byte
-        self._address: int | None = None  # self._buf's address in memory, once asked
-        self._memview: memoryview | None = None
-        self._fd: int | None = None  # kept only for per-tensor maps
+        self._start(Path(path))
         fd = fsops.fs().open_regular(self.path)
         try:
             self.header = read_header(self.path, fd)
@@ -892,10 +884,23 @@ class SafetensorsReader:
         some tensors' bytes each on its own in ``pending``. ``computed``: the CRC32Cs taken
         while fetching, by tensor name."""
         self = cls.__new__(cls)
-        self.path, self.header, self._computed = path, header, computed
-        self._pending = dict(pending or {})
-        self._buf, self._base, self._fd = buf, base, None
+        self._start(path)
+        self.header = header
+        self._computed, self._pending = computed, dict(pending or {})
+        self._buf, self._base = buf, base
         return self
+
+    def _start(self, path: Path) -> None:
+        """Every attribute a reader has, before its data is read (both constructors)."""
+        self.path = path
+        #: CRC32Cs computed while the data was read (``mmap=False``), by tensor name.
+        self._computed: dict[str, int] = {}
+        self._pending: dict[str, np.ndarray] = {}  # read ahead of array() (ranges, per-tensor maps)
+        self._buf: Any = None  # the whole-file map, or the eager data buffer
+        self._base = 0  # file offset of self._buf's first byte
+        self._address: int | None = None  # self._buf's address in memory, once asked
+        self._memview: memoryview | None = None
+        self._fd: int | None = None  # kept only for per-tensor maps
 
     def _map(self, fd: int) -> None:
         try:

@@ -299,3 +299,57 @@ def test_a_cut_upload_part_is_retried(s3_server: S3Server, proxy: FaultProxy) ->
     _assert_equal(
         ac.load_checkpoint(url, storage_options=_options(s3_server.endpoint)).model, state
     )
+
+
+_MEMORY_CHILD = """
+import sys
+import numpy as np
+import arrayckpt as ac
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+state = {f"w{i}": np.full(32 << 20, i, np.float32) for i in range(4)}  # 512 MiB, touched
+reset_peak()
+base = status("VmRSS")
+ac.save_checkpoint(sys.argv[1], state)
+saved = status("VmHWM") - base
+del state
+got = ac.load_checkpoint(sys.argv[1])
+assert all(float(got.model[f"w{i}"][-1]) == i for i in range(4))
+reset_peak()
+base = status("VmRSS")
+got = ac.load_checkpoint(sys.argv[1])
+loaded = status("VmHWM") - base
+print(saved, loaded)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_upload_and_load_memory_is_bounded(s3_env: S3Server) -> None:
+    """A save streams its parts from the arrays (no full copy of the state), and a load
+    holds its arrays and the reads in flight, nothing more."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, s3_env.url("memory/step_1")],
+        env={**os.environ, **s3_env.env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    saved, loaded = (int(x) for x in done.stdout.split())
+    state = 512 << 20
+    in_flight = transfer.PART_BYTES * transfer.PARTS_IN_FLIGHT  # 128 MiB
+    # A full extra copy of the state would be 512 MiB over the baseline.
+    assert saved < in_flight + (64 << 20), f"the upload held {saved >> 20} MiB extra"
+    assert loaded < state + in_flight + (64 << 20), f"the load held {loaded >> 20} MiB"
