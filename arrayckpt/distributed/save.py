@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from ..save import write_files, write_snapshot
 from ..snapshot import Snapshot, take_snapshot
 from ..staging import StagingPool
 from ..training_state import TrainingState
+from . import protocol
 from .coordinator import Coordinator, SoloCoordinator, resolve
 from .global_shards import check_saved_boxes, has_sharded, is_global, localize
 from .shards import ShardFile, plan_split
@@ -273,10 +273,6 @@ def rank_manifest(rank: int, headers: Mapping[str, Header], facts: Facts) -> dic
     return manifest
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _save_coordinated(
     target: Path,
     snap: Snapshot | CheckpointError,
@@ -285,102 +281,32 @@ def _save_coordinated(
     timeout: float | None,
     facts: Facts,
 ) -> Path:
-    rank = coord.rank
-    if rank == 0:
-        return _commit_as_root(target, snap, meta, coord, timeout, facts)
-    start = json.loads(coord.broadcast(None, timeout))
-    if not start["ok"]:
-        raise CheckpointWriteError(
-            f"rank {rank}: saving {target} failed before any rank wrote: "
-            f"{start['error']}; nothing was committed"
-        )
-    own: BaseException | None = None
-    report: dict[str, Any]
-    try:
-        report = {
-            "ok": True,
-            "sharding": _sharding_doc(meta),
-            "manifest": _write_rank_into(Path(start["tmp"]), rank, snap, facts),
-        }
-    except BaseException as exc:  # even Ctrl-C: tell rank 0 rather than leave it waiting
-        own = exc
-        report = {"ok": False, "error": _describe(exc)}
-    coord.gather(json.dumps(report).encode(), timeout)
-    decision = json.loads(coord.broadcast(None, timeout))
-    if own is not None:
-        if isinstance(own, CheckpointError) or not isinstance(own, Exception):
-            raise own
-        raise CheckpointWriteError(
-            f"rank {rank}: writing its part of {target} failed: {own}; nothing was committed"
-        ) from own
-    if not decision["ok"]:
-        raise CheckpointWriteError(
-            f"rank {rank}: saving {target} failed: {decision['error']}; nothing was committed"
-        )
-    return target
+    """This rank's part of a coordinated save into a local (or network) directory: the
+    ranks write into rank 0's temporary directory, renamed into place at the commit."""
 
+    def write_part(start: protocol.Start) -> protocol.Report:
+        return {"manifest": _write_rank_into(Path(start["tmp"]), coord.rank, snap, facts)}
 
-def _commit_as_root(
-    target: Path,
-    snap: Snapshot | CheckpointError,
-    meta: ShardingMeta,
-    coord: Coordinator,
-    timeout: float | None,
-    facts: Facts,
-) -> Path:
-    stage = "start"
-    reason = ""  # what the other ranks are told when the save fails
-
-    def fill(tmp: Path) -> None:
-        nonlocal stage, reason
-        coord.broadcast(json.dumps({"ok": True, "tmp": str(tmp)}).encode(), timeout)
-        stage = "announced"
-        own: BaseException | None = None
-        try:
-            report = {
-                "ok": True,
-                "sharding": _sharding_doc(meta),
-                "manifest": _write_rank_into(tmp, 0, snap, facts),
-            }
-        except BaseException as exc:  # even Ctrl-C: the others wait for the gather
-            own = exc
-            report = {"ok": False, "error": _describe(exc)}
-        reports = coord.gather(json.dumps(report).encode(), timeout)
-        assert reports is not None  # rank 0 receives every rank's report
-        if own is not None:
-            reason = f"rank 0 failed: {_describe(own)}"
-            raise own
-        try:
-            manifests = _check_reports([json.loads(r) for r in reports], meta)
-        except CheckpointError as exc:
-            reason = str(exc)
-            raise type(exc)(f"saving {target} failed: {exc}; nothing was committed") from None
+    def commit(start: protocol.Start, reports: list[protocol.Report]) -> None:
+        manifests = check_reports(reports, meta)
         fs = fsops.fs()
-        path = tmp / SHARDING_META_FILE
+        path = Path(start["tmp"]) / SHARDING_META_FILE
         done = ShardingMeta(meta.world_size, meta.sharding, meta.version, manifests)
         fs.write_bytes(path, done.to_json().encode())  # written last: the commit record
         fs.fsync_file(path)
 
-    try:
-        commit_directory(target, fill)
-    except BaseException as exc:
-        # Before the temporary directory was announced the others wait for its name;
-        # afterwards for the decision. Either way, tell them rather than let them time out.
-        _tell(coord, {"ok": False, "error": reason or f"rank 0 failed: {_describe(exc)}"}, timeout)
-        raise
-    coord.broadcast(json.dumps({"ok": True}).encode(), timeout)
+    medium = protocol.Medium(
+        where=str(target),
+        verb="writing",
+        open_step=lambda body: commit_directory(target, lambda tmp: body({"tmp": str(tmp)})),
+        write_part=write_part,
+        commit=commit,
+    )
+    protocol.run(coord, medium, sharding_doc(meta), timeout)
     return target
 
 
-def _tell(coord: Coordinator, decision: dict[str, Any], timeout: float | None) -> None:
-    """Send a failure to the other ranks so they raise now instead of timing out."""
-    try:
-        coord.broadcast(json.dumps(decision).encode(), timeout)
-    except CheckpointError as exc:
-        log.error("could not tell every rank that the save failed: %s", exc)
-
-
-def _sharding_doc(meta: ShardingMeta) -> dict[str, Any]:
+def sharding_doc(meta: ShardingMeta) -> dict[str, Any]:
     return {
         "world_size": meta.world_size,
         "strategy": strategy_to_json(meta.sharding.strategy),
@@ -388,7 +314,7 @@ def _sharding_doc(meta: ShardingMeta) -> dict[str, Any]:
     }
 
 
-def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[dict[str, Any]]:
+def check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[dict[str, Any]]:
     """Every rank wrote, all agree on the sharding, and split tensors fit together.
 
     Returns the per-rank manifests, with each split shard's offset in the global tensor.
@@ -396,7 +322,7 @@ def _check_reports(reports: list[dict[str, Any]], meta: ShardingMeta) -> list[di
     failed = [(r, rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]]
     if failed:
         raise CheckpointWriteError("; ".join(f"rank {r} failed: {err}" for r, err in failed))
-    mine = _sharding_doc(meta)
+    mine = sharding_doc(meta)
     odd = [r for r, rep in enumerate(reports) if rep["sharding"] != mine]
     if odd:
         raise TopologyError(

@@ -5,7 +5,6 @@ loads fetch headers and only the byte ranges they need (ranged gets)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import mmap
 import os
@@ -88,90 +87,38 @@ def _save(
     facts: Mapping[str, Any],
     options: Mapping[str, Any] | None,
 ) -> str:
-    """One rank's part of the protocol: go-ahead from rank 0, upload, report, decision.
+    """This rank's part of a coordinated save to an object store: each rank uploads its
+    own objects; rank 0's commit object, listing every rank's files, commits the step."""
+    from ..distributed import protocol
+    from ..distributed.save import check_reports, sharding_doc
 
-    Every rank takes part in every exchange even after its own failure, so that all of
-    them raise at once instead of waiting for a rank that gave up.
-    """
-    from ..distributed.save import _sharding_doc
-
-    rank = coord.rank
-
-    def exchange(call: Callable[..., Any], payload: bytes | None, last: bool = False) -> Any:
-        try:
-            return call(payload, timeout)
-        except CheckpointError as exc:  # a rank crashed, hangs or lost its connection
-            outcome = (
-                "rank 0 may have committed the step before the decision was lost: load it to "
-                "find out"
-                if last
-                else "nothing was committed (the previous steps are intact)"
+    def open_step(body: Callable[[protocol.Start], None]) -> None:
+        # A committed step is never replaced: refused before anything is uploaded.
+        if objects._committed(objects.open_store(url, options), url):
+            raise InvalidInputError(
+                f"{url} already holds a committed checkpoint; an object store cannot "
+                "replace it atomically: save to a new step, or delete it first"
             )
-            message = f"rank {rank}: saving {url} failed: {exc}; {outcome}"
-            raise CheckpointWriteError(message) from exc
+        body({})
 
-    # 1. Rank 0 refuses a committed step before anything is uploaded.
-    refused: CheckpointError | None = None
-    if rank == 0:
-        try:
-            if objects._committed(objects.open_store(url, options), url):
-                raise InvalidInputError(
-                    f"{url} already holds a committed checkpoint; an object store cannot "
-                    "replace it atomically: save to a new step, or delete it first"
-                )
-        except CheckpointError as exc:
-            refused = exc
-        start = {"ok": refused is None, "error": str(refused)}
-        exchange(coord.broadcast, json.dumps(start).encode())
-        if refused is not None:
-            raise refused
-    else:
-        start = json.loads(exchange(coord.broadcast, None))
-        if not start["ok"]:
-            raise CheckpointWriteError(
-                f"rank {rank}: saving {url} failed before any rank uploaded: {start['error']}; "
-                "nothing was committed"
-            )
-    # 2. Each rank uploads its own objects and reports them.
-    own: BaseException | None = None
-    try:
-        files, manifest = _upload_rank(url, rank, snap, facts, options)
-        report = {"ok": True, "sharding": _sharding_doc(meta), "manifest": manifest}
-        report["files"] = files
-    except BaseException as exc:  # even Ctrl-C: tell rank 0 rather than leave it waiting
-        own = exc
-        report = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    reports = exchange(coord.gather, json.dumps(report).encode())
-    # 3. Rank 0 commits only if every rank uploaded; everyone learns the outcome.
-    failure: BaseException | None = None
-    if rank == 0:
-        assert reports is not None
-        if own is None:
-            failure = _commit(url, [json.loads(r) for r in reports], meta, options)
-        error = str(failure) if failure is not None else f"rank 0 failed: {report.get('error')}"
-        decision = {"ok": own is None and failure is None, "error": error}
-        try:
-            exchange(coord.broadcast, json.dumps(decision).encode())
-        except CheckpointError as exc:
-            if not decision["ok"]:
-                raise
-            # Committed: the step is complete whatever happened to the rank not told.
-            log.error("%s is committed, but not every rank could be told: %s", url, exc)
-    else:
-        decision = json.loads(exchange(coord.broadcast, None, last=True))
-    if own is not None:
-        if isinstance(own, CheckpointError) or not isinstance(own, Exception):
-            raise own
-        raise CheckpointWriteError(
-            f"rank {rank}: uploading its part of {url} failed: {own}; nothing was committed"
-        ) from own
-    if failure is not None:
-        raise failure
-    if not decision["ok"]:
-        raise CheckpointWriteError(
-            f"rank {rank}: saving {url} failed: {decision['error']}; nothing was committed"
+    def write_part(start: protocol.Start) -> protocol.Report:
+        files, manifest = _upload_rank(url, coord.rank, snap, facts, options)
+        return {"manifest": manifest, "files": files}
+
+    def commit(start: protocol.Start, reports: list[protocol.Report]) -> None:
+        manifests = check_reports(reports, meta)
+        done = ShardingMeta(meta.world_size, meta.sharding, meta.version, manifests)
+        listed = {n: e for rep in reports for n, e in rep["files"].items()}
+        text = done.to_json().encode()
+        objects.save_files(
+            str(url), {SHARDING_META_FILE: [memoryview(text)]}, options, listed=listed
         )
-    log.info("rank %d: committed part of %s", rank, url)
+
+    medium = protocol.Medium(
+        where=str(url), verb="uploading", open_step=open_step, write_part=write_part, commit=commit
+    )
+    protocol.run(coord, medium, sharding_doc(meta), timeout)
+    log.info("rank %d: committed part of %s", coord.rank, url)
     return str(url)
 
 
@@ -210,31 +157,6 @@ def _upload_rank(
             ) from exc
         listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
     return listing, rank_manifest(rank, headers, dict(facts))
-
-
-def _commit(
-    url: StorageURL,
-    reports: list[dict[str, Any]],
-    meta: ShardingMeta,
-    options: Mapping[str, Any] | None,
-) -> CheckpointError | None:
-    """On rank 0: check every report, then write ``sharding_meta.json`` and the commit
-    object listing every rank's files; the error instead, when the step is not committed."""
-    from ..distributed.save import _check_reports
-
-    try:
-        manifests = _check_reports(reports, meta)
-        done = ShardingMeta(meta.world_size, meta.sharding, meta.version, manifests)
-        listed = {n: e for rep in reports for n, e in rep["files"].items()}
-        text = done.to_json().encode()
-        objects.save_files(
-            str(url), {SHARDING_META_FILE: [memoryview(text)]}, options, listed=listed
-        )
-    except CheckpointError as exc:
-        told = "nothing was committed" in str(exc)  # a rank's own report says so already
-        tail = "" if told else "; nothing was committed"
-        return type(exc)(f"saving {url} failed: {exc}{tail}")
-    return None
 
 
 # ---------------------------------------------------------------------------------- load
