@@ -31,9 +31,8 @@ def local_file(location: str, storage_options: Mapping[str, Any] | None = None) 
     dest = tmp / (url.prefix.rsplit("/", 1)[-1] or "object")
     try:
         try:
-            with open(dest, "xb") as f:
-                for chunk in obstore.get(store, url.prefix).stream(min_chunk_size=_CHUNK_BYTES):
-                    f.write(memoryview(chunk))
+            stream = obstore.get(store, url.prefix).stream(min_chunk_size=_CHUNK_BYTES)
+            fsops.fs().write_chunks(dest, (memoryview(chunk) for chunk in stream))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"{url}: no such object") from exc
         except OSError:
