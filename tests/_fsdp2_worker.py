@@ -30,9 +30,13 @@ X = torch.linspace(-1, 1, 40).reshape(8, 5)
 Y = torch.linspace(1, -1, 24).reshape(8, 3)
 
 
-def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(
+    widths: tuple[int, int, int] = (5, 7, 3),
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """An FSDP2 MLP of ``widths`` (in, hidden, out) with AdamW, the same on every rank."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    a, b, c = widths
+    model = torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.Tanh(), torch.nn.Linear(b, c))
     for m in (model[0], model[2], model):
         fully_shard(m)
         # Sum gradients instead of averaging: with only rank 0 contributing (see step),
@@ -42,11 +46,17 @@ def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
 
 
-def step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int) -> float:
+def step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    rank: int,
+    x: torch.Tensor = X,
+    y: torch.Tensor = Y,
+) -> float:
     # Summing different ranks' gradients rounds differently at each world size, so the
     # whole batch is rank 0's; the others' zero gradients add exactly nothing.
     opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(model(X), Y)
+    loss = torch.nn.functional.mse_loss(model(x), y)
     (loss if rank == 0 else loss * 0.0).backward()
     opt.step()
     return float(loss.item())
