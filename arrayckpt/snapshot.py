@@ -220,14 +220,9 @@ def staging_buffers(
     """The staging buffers (byte size, pinned) an asynchronous save of this state takes;
     validates the state like a save. Arrays may be the real state or any arrays of the
     same shapes, dtypes and kinds."""
-    plans = []
-    for state, what in (
-        (model_state, "model_state"),
-        (optimizer_state, "optimizer_state"),
-        (extra, "extra"),
-    ):
-        flat, _, _ = _flatten(state, what=what)
-        plans.append(_share_immutable(_plan(flat, what=what))[0])
+    plans = [
+        _share_immutable(plan)[0] for plan, _, _ in _validated(model_state, optimizer_state, extra)
+    ]
     return _staging_layout(*plans)[0]
 
 
@@ -310,17 +305,11 @@ def start_snapshot(
         )
     training_state.to_json()  # validates; raises before anything is copied
     format.import_writer_modules()
-    flat_model, model_tree, model_aliases = _flatten(model_state, what="model_state")
-    flat_optimizer, optimizer_tree, optimizer_aliases = _flatten(
-        optimizer_state, what="optimizer_state"
-    )
-    model_plan = _plan(flat_model, what="model_state")
-    optimizer_plan = _plan(flat_optimizer, what="optimizer_state")
-    flat_extra, extra_tree, extra_aliases = _flatten(extra, what="extra")
-    extra_plan = _plan(flat_extra, what="extra")
-    _check_writable(model_plan, model_tree, what="model_state")
-    _check_writable(optimizer_plan, optimizer_tree, what="optimizer_state")
-    _check_writable(extra_plan, extra_tree, what="extra")
+    (
+        (model_plan, model_tree, model_aliases),
+        (optimizer_plan, optimizer_tree, optimizer_aliases),
+        (extra_plan, extra_tree, extra_aliases),
+    ) = _validated(model_state, optimizer_state, extra)
     full = (model_plan, optimizer_plan, extra_plan)
     plans: tuple[Plan, ...] = full
     shared: tuple[dict[str, HostTensor], ...] = ({}, {}, {})
@@ -411,6 +400,25 @@ def take_snapshot(
     return start_snapshot(
         model_state, optimizer_state, training_state, staging=staging, extra=extra
     ).finish()
+
+
+def _validated(
+    model_state: Any, optimizer_state: Any, extra: Any
+) -> list[tuple[Plan, str | None, dict[str, str]]]:
+    """Each part (model, optimizer, extra) flattened, planned and checked against the
+    writer's limits: its plan, JSON tree and tied-tensor aliases. Raises before anything
+    is copied or allocated."""
+    parts = []
+    for state, what in (
+        (model_state, "model_state"),
+        (optimizer_state, "optimizer_state"),
+        (extra, "extra"),
+    ):
+        flat, tree, tied = _flatten(state, what=what)
+        plan = _plan(flat, what=what)
+        _check_writable(plan, tree, what=what)
+        parts.append((plan, tree, tied))
+    return parts
 
 
 def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:
