@@ -14,6 +14,7 @@ import numpy as np
 from . import aliases, backends, format, hostcopy, nested, pool
 from .dtypes import DType
 from .errors import InvalidInputError
+from .handoff import Handoff
 from .staging import HostTensor, StagingPool
 from .training_state import TrainingState
 
@@ -211,18 +212,104 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
     return rest, shared
 
 
+def _within_budget(
+    plans: tuple[Plan, ...], max_staging_bytes: int
+) -> tuple[tuple[Plan, ...], tuple[dict[str, HostTensor], ...], Handoff | None]:
+    """Split ``plans`` for a save that stages at most ``max_staging_bytes``: the arrays
+    written last that fit the budget are staged; the ones before them are written in place
+    from the caller's memory, which the caller leaves alone until the writer has passed
+    them (the returned `Handoff`; ``None`` when everything fits).
+
+    Arrays that have no host view (device arrays, strided or byte-swapped ones) are always
+    staged; they must fit the budget themselves.
+
+    Raises:
+        InvalidInputError: the arrays that must be copied exceed the budget.
+    """
+    views: list[dict[str, np.ndarray]] = []
+    must_copy = 0
+    first_copied = ""
+    for plan in plans:
+        found = {}
+        for key, x, backend, dtype in plan:
+            view = backend.host_view(x, key, dtype)
+            if view is None:
+                must_copy += math.prod(backend.shape(x)) * dtype.itemsize
+                first_copied = first_copied or key
+            else:
+                found[key] = view
+        views.append(found)
+    if must_copy > max_staging_bytes:
+        raise InvalidInputError(
+            f"max_staging_bytes={max_staging_bytes} is below the {must_copy} bytes of arrays "
+            f"that must be copied to be saved (device arrays, strided or byte-swapped ones, "
+            f"e.g. {first_copied!r}); raise the budget, or pass contiguous host arrays"
+        )
+    # Walk back from the last array written (model file, then optimizer, then extra; each
+    # in its file order): stage while the budget lasts, then write the rest in place.
+    left = max_staging_bytes - must_copy
+    in_place: list[set[str]] = [set() for _ in plans]
+    over = False
+    for part in reversed(range(len(plans))):
+        plan = plans[part]
+        names = tuple(key for key, *_ in plan)
+        order = format.file_order(names, tuple(dtype.itemsize for *_, dtype in plan))
+        for i in reversed(order):
+            key = names[i]
+            view = views[part].get(key)
+            if view is None:
+                continue  # counted in must_copy
+            if not over and view.nbytes <= left:
+                left -= view.nbytes
+            else:
+                over = True  # stage only a suffix: the caller waits for the last in place
+                in_place[part].add(key)
+    count = sum(map(len, in_place))
+    if not count:
+        return plans, ({}, {}, {}), None
+    handoff = Handoff(count)
+    reports = iter(handoff.callbacks())
+    borrowed = tuple(
+        {
+            key: HostTensor(views[part][key], dtype, written=next(reports))
+            for key, _, _, dtype in plans[part]
+            if key in in_place[part]
+        }
+        for part in range(len(plans))
+    )
+    staged = tuple(
+        [item for item in plan if item[0] not in keys]
+        for plan, keys in zip(plans, in_place, strict=True)
+    )
+    return staged, borrowed, handoff
+
+
+def check_budget(max_staging_bytes: Any) -> int | None:
+    """``max_staging_bytes`` as given to `AsyncCheckpointer`: a positive int or ``None``."""
+    if max_staging_bytes is None:
+        return None
+    if type(max_staging_bytes) is not int or max_staging_bytes < 1:
+        raise InvalidInputError(
+            f"max_staging_bytes must be a positive int (bytes) or None, not {max_staging_bytes!r}"
+        )
+    return max_staging_bytes
+
+
 def staging_buffers(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     *,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> list[tuple[int, bool]]:
     """The staging buffers (byte size, pinned) an asynchronous save of this state takes;
     validates the state like a save. Arrays may be the real state or any arrays of the
     same shapes, dtypes and kinds."""
-    plans = [
+    plans = tuple(
         _share_immutable(plan)[0] for plan, _, _ in _validated(model_state, optimizer_state, extra)
-    ]
+    )
+    if max_staging_bytes is not None:
+        plans = _within_budget(plans, max_staging_bytes)[0]
     return _staging_layout(*plans)[0]
 
 
@@ -255,6 +342,9 @@ class PendingSnapshot:
     staging: StagingPool | None
     #: The snapshot with every field but its tensors.
     template: Snapshot
+    #: The caller's arrays written in place (a save within a staging budget): the caller
+    #: must not change them before ``handoff.done``; ``None`` when every array is staged.
+    handoff: Handoff | None = None
 
     def finish(self) -> Snapshot:
         """Run the host copies and wait for the device ones: the snapshot is complete."""
@@ -289,9 +379,13 @@ def start_snapshot(
     *,
     staging: StagingPool | None,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> PendingSnapshot:
     """Validate the state, take its staging buffers and issue the device-to-host copies
     (asynchronous on the device's side stream); `PendingSnapshot.finish` does the rest.
+
+    With ``max_staging_bytes`` (and ``staging``) at most that many bytes are staged: the
+    arrays written first are written in place instead (see `_within_budget`).
 
     Everything that can refuse the state runs here, in the caller's thread; `finish` may
     run on another thread (background staging), as long as the caller leaves the arrays
@@ -313,10 +407,14 @@ def start_snapshot(
     full = (model_plan, optimizer_plan, extra_plan)
     plans: tuple[Plan, ...] = full
     shared: tuple[dict[str, HostTensor], ...] = ({}, {}, {})
+    handoff = None
     if staging is not None:
         split = [_share_immutable(plan) for plan in plans]
         plans = tuple(rest for rest, _ in split)
         shared = tuple(views for _, views in split)
+        if max_staging_bytes is not None:
+            plans, in_place, handoff = _within_budget(plans, max_staging_bytes)
+            shared = tuple({**a, **b} for a, b in zip(shared, in_place, strict=True))
     slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None] = (
         _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     )
@@ -352,6 +450,7 @@ def start_snapshot(
         device_plans=device_plans,
         staging=staging,
         template=template,
+        handoff=handoff,
     )
 
 

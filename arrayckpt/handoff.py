@@ -1,0 +1,54 @@
+"""`Handoff`: the caller's arrays that a save within a staging budget writes in place.
+
+A save with ``max_staging_bytes`` copies only the arrays written last (up to the budget)
+into staging buffers; the others are written straight from the caller's memory, so the
+caller must leave them alone until the writer has passed them. The writer reports each
+one once its bytes are in the kernel (checksummed and written, not yet fsynced: from then
+on the file holds them whatever the caller does), and `save` returns when all are.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+
+class Handoff:
+    """Counts down the borrowed arrays of one save; `done` resolves when none is left.
+
+    Examples:
+        >>> h = Handoff(2)
+        >>> first, second = h.callbacks()
+        >>> first(); first(); h.done.done()  # each array counts once
+        False
+        >>> second(); h.done.done()
+        True
+    """
+
+    def __init__(self, count: int) -> None:
+        self._left = set(range(count))
+        self._lock = threading.Lock()
+        #: Resolves once the writer has written every borrowed array, or the write ended.
+        self.done: Future[None] = Future()
+        if not count:
+            self.done.set_result(None)
+
+    def callbacks(self) -> list[Callable[[], None]]:
+        """One callback per borrowed array, for the writer to call once it is written."""
+        return [functools.partial(self._written, i) for i in range(len(self._left))]
+
+    def _written(self, index: int) -> None:
+        with self._lock:
+            self._left.discard(index)
+            finished = not self._left and not self.done.done()
+            if finished:
+                self.done.set_result(None)
+
+    def release_all(self) -> None:
+        """The write ended (committed or failed): nothing reads the caller's arrays now."""
+        with self._lock:
+            self._left.clear()
+            if not self.done.done():
+                self.done.set_result(None)
