@@ -142,11 +142,14 @@ class AsyncCheckpointer(ClosesOnExit):
                 max_staging_bytes=self.max_staging_bytes,
             )
             snapshot: Future[Snapshot]
+            copy = None
             if background_staging:
                 snapshot, staged = finish_in_background(pending)
             else:
+                # The write starts now, on the tensors copied so far (see `start_copies`).
+                snap, copy = pending.start_copies()
                 snapshot = Future()
-                snapshot.set_result(pending.finish())
+                snapshot.set_result(snap)
 
             def write() -> Path | str:
                 snap = snapshot.result()
@@ -159,6 +162,8 @@ class AsyncCheckpointer(ClosesOnExit):
                 return path
 
             future = self._submit(write, f"save {target}")
+            if copy is not None:
+                self._copy_or_abandon(copy, future)
             handoff = pending.handoff
             if handoff is not None:
                 # Once the write ends (also if it fails) nothing reads the caller's arrays.
@@ -259,6 +264,18 @@ class AsyncCheckpointer(ClosesOnExit):
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
             return future
+
+    def _copy_or_abandon(self, copy: Callable[[], None], future: WriteFuture[Any]) -> None:
+        """Run the snapshot's copies while the write starts. If they fail (or Ctrl-C
+        stops them), the write fails at the first tensor not copied and commits nothing;
+        the error is raised here, once, and the failed write is not raised again."""
+        try:
+            copy()
+        except BaseException:
+            Future.exception(future)  # the writer stops at the first gate still closed
+            future.observed = True
+            self._pending = None
+            raise
 
     def _submit(self, job: Callable[[], T], description: str) -> WriteFuture[T]:
         """Queue ``job``; the caller holds the lock and has waited for the previous write."""

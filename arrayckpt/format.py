@@ -301,6 +301,9 @@ class FileImage:
     #: Per tensor, what to call once its bytes are written (`HostTensor.written`), or
     #: ``None`` when no tensor has such a callback.
     written: list[Callable[[], None] | None] | None = None
+    #: Per tensor, what to call before reading its bytes (`HostTensor.ready`), or ``None``
+    #: when every tensor is in memory already.
+    ready: list[Callable[[], None] | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -321,6 +324,7 @@ _SHAPE = operator.attrgetter("data.shape")
 _DATA = operator.attrgetter("data")
 _NBYTES = operator.attrgetter("data.nbytes")
 _WRITTEN = operator.attrgetter("written")
+_READY = operator.attrgetter("ready")
 
 
 @functools.lru_cache(maxsize=32)
@@ -347,6 +351,7 @@ def file_image(specs: Mapping[str, HostTensor], metadata: Mapping[str, str]) -> 
     codes, shapes = tuple(map(_CODE, values)), tuple(map(_SHAPE, values))
     sizes = tuple(map(_NBYTES, values))
     written = list(map(_WRITTEN, values))
+    ready = list(map(_READY, values))
     return FileImage(
         _header(_layout_text((names, codes, shapes, sizes)), metadata),
         names,
@@ -354,6 +359,7 @@ def file_image(specs: Mapping[str, HostTensor], metadata: Mapping[str, str]) -> 
         sizes,
         list(map(checksum_seed, codes, shapes)),
         written if any(written) else None,
+        ready if any(ready) else None,
     )
 
 
@@ -1132,6 +1138,9 @@ def file_parts(
     parallel.
     """
     image = file_image(tensors, _stamped(metadata))
+    for wait in image.ready or ():  # the checksums come first: every copy must be done
+        if wait is not None:
+            wait()
     sums = _checksums_parallel(list(zip(image.buffers, image.seeds, strict=True)), image.sizes)
     head = bytearray(image.header.head)
     table = image.header.checksum_table(sums)

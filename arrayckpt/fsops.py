@@ -283,8 +283,19 @@ def _stream(fd: int, image: Any) -> list[int]:
     # Tensors written in place from the caller's memory (a save within a staging budget)
     # are reported as soon as their bytes are out, so the caller is released early.
     written = image.written or [None] * len(image.sizes)
+    # Tensors still being copied into staging (the write starts before the snapshot's
+    # copies end) are waited for one by one.
+    ready = image.ready or [None] * len(image.sizes)
     done: list[Callable[[], None]] = []
-    for data, n, seed, report in zip(image.buffers, image.sizes, image.seeds, written, strict=True):
+    for data, n, seed, report, wait in zip(
+        image.buffers, image.sizes, image.seeds, written, ready, strict=True
+    ):
+        if wait is not None:
+            if batch:  # what is ready goes out first: the disk keeps busy meanwhile
+                out.write(batch, size)
+                batch, size = [], 0
+                _report(done)
+            wait()
         if report is not None:
             done.append(report)
         if n <= CHUNK_BYTES:

@@ -1,4 +1,9 @@
-"""`Handoff`: the caller's arrays that a save within a staging budget writes in place.
+"""Hand-offs between the thread that snapshots and the writer.
+
+`CopyGates`: a snapshot's copies run in file order while the writer already writes the
+tensors copied so far, so a save takes about max(copy, write) instead of their sum.
+
+`Handoff`: the caller's arrays that a save within a staging budget writes in place.
 
 A save with ``max_staging_bytes`` copies only the arrays written last (up to the budget)
 into staging buffers; the others are written straight from the caller's memory, so the
@@ -13,6 +18,8 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+
+from .errors import CheckpointWriteError
 
 
 class Handoff:
@@ -52,3 +59,43 @@ class Handoff:
             self._left.clear()
             if not self.done.done():
                 self.done.set_result(None)
+
+
+class CopyGates:
+    """One gate per group of tensors whose copies run after the write started; the writer
+    waits at a tensor's gate (`HostTensor.ready`) before reading it.
+
+    Examples:
+        >>> gates = CopyGates(1)
+        >>> wait = gates.waiter(0)
+        >>> gates.open(0); wait()  # returns at once
+        >>> failed = CopyGates(1); failed.fail(MemoryError("copy"))
+        >>> try:
+        ...     failed.waiter(0)()
+        ... except Exception as exc:
+        ...     print(type(exc).__name__)
+        CheckpointWriteError
+    """
+
+    def __init__(self, count: int) -> None:
+        self._opened = [threading.Event() for _ in range(count)]
+        self._error: BaseException | None = None
+
+    def waiter(self, gate: int) -> Callable[[], None]:
+        return functools.partial(self._wait, gate)
+
+    def _wait(self, gate: int) -> None:
+        self._opened[gate].wait()
+        if self._error is not None:
+            raise CheckpointWriteError(
+                f"the snapshot's copy failed before this tensor was copied: {self._error!r}"
+            ) from self._error
+
+    def open(self, gate: int) -> None:
+        self._opened[gate].set()
+
+    def fail(self, error: BaseException) -> None:
+        """The copies stopped: every waiting writer raises instead of reading."""
+        self._error = error
+        for event in self._opened:
+            event.set()

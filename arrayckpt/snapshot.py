@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 from . import aliases, backends, format, hostcopy, nested, pool
 from .dtypes import DType
 from .errors import InvalidInputError
-from .handoff import Handoff
+from .handoff import CopyGates, Handoff
 from .staging import HostTensor, StagingPool
 from .training_state import TrainingState
 
@@ -348,28 +349,110 @@ class PendingSnapshot:
 
     def finish(self) -> Snapshot:
         """Run the host copies and wait for the device ones: the snapshot is complete."""
+        snap, copy = self.start_copies()
+        copy()
+        return snap
+
+    def start_copies(self) -> tuple[Snapshot, Callable[[], None]]:
+        """The snapshot with its buffers taken but its host copies not run, and the
+        function that runs them and waits for the device copies.
+
+        Until that function returns, the tensors still to be copied carry a gate
+        (`HostTensor.ready`) that the writer waits at: a write started at once writes
+        the first tensors while the later ones copy, so a save takes about
+        max(copy, write) instead of their sum. The copies run in write order (model,
+        optimizer, extra; each in file order) in runs of `PIPELINE_BYTES`. If they fail,
+        every gate fails, and a writer waiting at one raises instead of reading.
+        """
         try:
-            with hostcopy.batched():  # one batch of copies for all states
+            with hostcopy.recorded() as jobs:  # one batch of copies for all states
                 copies = [
                     _copy(plan, self.staging, slab)
                     for plan, slab in zip(self.host_plans, self.slabs, strict=True)
                 ]
-        finally:
-            # One synchronisation per snapshot; also after a failed copy, so no device copy
-            # still writes into staging buffers the next snapshot will reuse.
+        except BaseException:
+            # Also after a failed copy: no device copy may still write into staging
+            # buffers the next snapshot will reuse.
             _synchronize(*self.device_plans, *self.host_plans)
+            raise
         if self.staging is not None:
             self.staging.end()
-        model, optimizer, extra = (
+        parts = [
             _in_order(keys, ready, copied)
             for keys, ready, copied in zip(self.keys, self.ready, copies, strict=True)
-        )
-        return replace(
+        ]
+        devices = [{key for key, *_ in plan} for plan in self.device_plans]
+        runs, gates = _gate(parts, devices, jobs)
+        model, optimizer, extra = parts
+
+        def copy() -> None:
+            try:
+                try:
+                    for run, group in enumerate(runs):
+                        hostcopy.run_copies(group)
+                        gates.open(run)
+                finally:  # one synchronisation per snapshot, also after a failed copy
+                    _synchronize(*self.device_plans, *self.host_plans)
+            except BaseException as exc:
+                gates.fail(exc)
+                raise
+            gates.open(len(runs))  # the device copies' gate
+
+        snap = replace(
             self.template,
             model=model,
             optimizer=optimizer,
             extra=None if self.template.extra is None else extra,
         )
+        return snap, copy
+
+
+#: A snapshot's host copies are released to the writer in runs of about this many bytes.
+PIPELINE_BYTES = 64 << 20
+
+
+def _gate(
+    parts: list[dict[str, HostTensor]], devices: list[set[str]], jobs: list[hostcopy.Copy]
+) -> tuple[list[list[hostcopy.Copy]], CopyGates]:
+    """Group ``jobs`` into runs in write order, and give each tensor they copy into the
+    gate of its run (in place in ``parts``); device copies get the last gate. Returns
+    the runs and the gates (one per run, plus the device copies')."""
+    order = []
+    for part, tensors in enumerate(parts):
+        names = tuple(tensors)
+        itemsizes = tuple(t.dtype.itemsize for t in tensors.values())
+        order += [(part, names[i]) for i in format.file_order(names, itemsizes)]
+    # Each copy lands in one tensor's buffer (or a piece of it): find it by address.
+    spans = sorted(
+        (parts[part][key].data_ptr, index)
+        for index, (part, key) in enumerate(order)
+        if parts[part][key].nbytes
+    )
+    starts = [start for start, _ in spans]
+    target: list[int] = []
+    for dst, _ in jobs:
+        at = bisect.bisect_right(starts, dst.__array_interface__["data"][0]) - 1
+        target.append(spans[at][1] if at >= 0 else 0)
+    copied = set(target)
+    run_of: dict[int, int] = {}
+    run, filled = 0, 0
+    for index, (part, key) in enumerate(order):
+        if index in copied:
+            if filled >= PIPELINE_BYTES:
+                run, filled = run + 1, 0
+            run_of[index] = run
+            filled += parts[part][key].nbytes
+    runs: list[list[hostcopy.Copy]] = [[] for _ in range(run + 1 if run_of else 0)]
+    for job, index in zip(jobs, target, strict=True):
+        runs[run_of[index]].append(job)
+    gates = CopyGates(len(runs) + 1)
+    for index, (part, key) in enumerate(order):
+        gate = run_of.get(index)
+        if gate is None and key in devices[part]:
+            gate = len(runs)
+        if gate is not None:
+            parts[part][key] = replace(parts[part][key], ready=gates.waiter(gate))
+    return runs, gates
 
 
 def start_snapshot(
@@ -463,13 +546,18 @@ def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Fu
 
     def run() -> None:
         try:
-            snap = pending.finish()
+            snap, copy = pending.start_copies()
         except BaseException as exc:
             staged.set_exception(exc)
             snapshot.set_exception(exc)
+            return
+        snapshot.set_result(snap)  # the writer may start: it waits for each tensor's copy
+        try:
+            copy()
+        except BaseException as exc:
+            staged.set_exception(exc)
         else:
             staged.set_result(None)
-            snapshot.set_result(snap)
 
     thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
     if not pool.start(thread):  # the interpreter is exiting: copy on this thread
