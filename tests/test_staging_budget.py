@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import strategies
 from async_helpers import FailingFS, GatedFS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import arrayckpt as ac
 from arrayckpt import fsops
@@ -260,3 +263,30 @@ def test_extra_peak_rss_stays_within_the_budget_plus_the_largest_tensor(tmp_path
     assert run.returncode == 0, run.stderr
     extra = int(run.stdout.split()[-1])
     assert extra <= budget + largest + 64 * MIB, f"peak grew by {extra / MIB:.0f} MiB"
+
+
+@pytest.mark.usefixtures("jax_x64")  # backend_arrays draws 64-bit dtypes for JAX too
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), budget=st.integers(1, 4096))
+def test_any_backend_and_layout_round_trips_within_any_budget(
+    tmp_path: Path, data: st.DataObject, budget: int
+) -> None:
+    """Every CPU backend, dtype and memory layout, with budgets from below one array to
+    above the state: the checkpoint holds the values, or the save is refused because the
+    arrays without a host view alone exceed the budget."""
+    items = data.draw(st.lists(strategies.backend_arrays(), min_size=1, max_size=6))
+    state = {f"t{i}": array for i, (_, array, _, _) in enumerate(items)}
+    directory = tmp_path / f"s{budget}-{len(os.listdir(tmp_path))}"
+    with ac.AsyncCheckpointer(max_staging_bytes=budget) as ckpt:
+        try:
+            ckpt.save(directory, state).result()
+        except InvalidInputError as exc:
+            assert "max_staging_bytes" in str(exc)
+            assert not directory.exists()
+            return
+        assert ckpt.staging.nbytes <= budget
+    out = ac.load_checkpoint(directory).model
+    for i, (expected, _, backend, layout) in enumerate(items):
+        strategies.assert_same_array(out[f"t{i}"], expected, f"{backend}/{layout}")
