@@ -82,14 +82,27 @@ def load_state_file(
     returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
     (see `fill.fill`), and ``into`` is returned.
     """
-    # eager partial loads read only the header and the requested tensors' byte ranges
-    reader = format.SafetensorsReader(
+    reader = open_state_file(path, mmap=mmap, verify=verify, keys=keys, into=into)
+    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
+
+
+def open_state_file(
+    path: Path, *, mmap: bool, verify: bool, keys: Iterable[str] | None, into: Any
+) -> format.SafetensorsReader:
+    """The reader `read_state` loads ``path`` with, reading no more than it needs.
+
+    Eager partial loads read only the header and the requested tensors' byte ranges. A
+    load ``into=`` arrays (other than a JAX template, whose devices read their boxes
+    from the map) reads each tensor straight into its target: neither a whole-file
+    buffer nor mapped pages beside the targets.
+    """
+    return format.SafetensorsReader(
         path,
         mmap=mmap,
-        ranges=keys is not None and not mmap,
+        ranges=(keys is not None and not mmap)
+        or (into is not None and not templates.is_jax_template(into)),
         verify_while_reading=verify,
     )
-    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
 
 
 def read_state(
@@ -419,12 +432,8 @@ def _load_once(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"
         )
-    mmap = options["mmap"]
-    reader = format.SafetensorsReader(
-        root / MODEL_FILE,
-        mmap=mmap,
-        ranges=keys is not None and not mmap,
-        verify_while_reading=options["verify"],
+    reader = open_state_file(
+        root / MODEL_FILE, mmap=options["mmap"], verify=options["verify"], keys=keys, into=into
     )
     model = read_state(
         reader,
