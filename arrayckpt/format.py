@@ -840,10 +840,11 @@ class SafetensorsReader:
     arrays are zero-copy, writable, and writes never reach the file; where the whole file
     cannot be mapped (larger than memory + swap, or an address-space limit) each tensor
     is mapped on its own when it is read. With ``mmap=False`` the tensor data is read in
-    one sequential pass into one buffer the arrays view (best on network file systems);
+    one parallel pass into one buffer the arrays view (best on network file systems);
     ``verify_while_reading`` checksums it during that pass, so `verify` is free later. With
-    ``ranges=True`` each tensor's byte range is read when it is asked for, through
-    `fsops` (for loading a few tensors of a large file eagerly).
+    ``ranges=True`` each tensor's byte range is read, the same way, when it is asked for
+    (for loading a few tensors of a large file eagerly, or into arrays that exist: see
+    `read_into`), so memory holds only the tensors asked for.
     """
 
     def __init__(
@@ -1115,6 +1116,26 @@ class SafetensorsReader:
         if arr.ctypes.data % dtype.itemsize:
             arr = arr.copy()  # misaligned (another tool's file): frameworks want aligned data
         return arr.view(dtype).reshape(shape)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the arrays are views of one map of the whole file."""
+        return isinstance(self._buf, mmap_module.mmap)
+
+    def release(self, name: str) -> None:
+        """Drop from this process the mapped pages wholly inside tensor ``name``, once its
+        array was copied elsewhere (to a device, or by a framework that does not view
+        host memory), so a load does not hold the mapped file beside the copies. The
+        pages stay in the page cache: a later access maps them again, unchanged (nothing
+        wrote to them: the map is copy-on-write and no view of them was handed out)."""
+        if not self.mapped or not hasattr(mmap_module, "MADV_DONTNEED"):
+            return
+        e = self.header.entries[name]
+        page = mmap_module.PAGESIZE
+        lo = -(-(e.start - self._base) // page) * page
+        hi = (e.end - self._base) // page * page
+        if hi > lo:
+            self._buf.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
 
     def read_into(self, name: str, out: np.ndarray, *, verify: bool = True) -> None:
         """Put tensor ``name``'s bytes into ``out`` (a flat, writable ``uint8`` array of

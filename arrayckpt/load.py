@@ -127,13 +127,21 @@ def read_state(
         return jax_restore.restore_file(reader, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
+    # A copy holds the values: each tensor's mapped pages can go once it is made (JAX
+    # copies in the background: releasing before it finished would map them again).
+    release = reader.mapped and not backend.views_host(device)
 
     def load_one(name: str) -> Any:
         host = reader.array(name, verify=verify)  # its errors name the file and tensor
         try:
-            return backend.from_host(host, device)
+            loaded = backend.from_host(host, device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
+        if release:
+            getattr(loaded, "block_until_ready", lambda: None)()
+            del host
+            reader.release(name)
+        return loaded
 
     tied = aliases.read(reader.header.metadata, reader.header.entries, source=str(path))
     get = aliases.resolver(load_one, tied)  # a tied tensor comes back as one object
