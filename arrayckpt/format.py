@@ -946,9 +946,21 @@ class SafetensorsReader:
         costs no second pass over cold memory; a tensor split across pieces gets its
         checksum from those of its parts (`crc32c_combine`). The checksums go to
         `_computed`."""
+        fs, path, crc = fsops.fs(), self.path, _crc32c()
+        if end - start <= _READ_CHUNK and len(entries := list(entries)) <= 1:
+            # one piece (a small tensor read on its own): no threads to plan for
+            try:
+                fs.read_into(fd, path, [(start, end - start)], view)
+            except EOFError:
+                _fail(self.path, "file shrank while it was being read")
+            except OSError as exc:
+                raise fsops.read_error(self.path, exc) from exc
+            for e in entries:
+                part = view[e.start - start : e.end - start]
+                self._computed[e.name] = crc(part, checksum_seed(e.dtype.code, e.shape))
+            return
         ordered = sorted(entries, key=lambda e: e.start)
         pieces = _plan_pieces(ordered, start, end, _READ_CHUNK)
-        fs, path, crc = fsops.fs(), self.path, _crc32c()
         claim = iter(range(len(pieces)))  # each piece read once, by whichever thread is free
         failed: list[bool] = []
         split: list[tuple[str, int, int, int]] = []  # parts of tensors split across pieces
