@@ -118,16 +118,12 @@ def _fill_one(
 
 
 def _host_bytes(dst: Any, backend: backends.Backend, dtype: dtypes.DType, name: str) -> Any:
-    """``dst``'s memory as a flat ``uint8`` array holding its bytes in file order (a
-    writable, C-contiguous host array of the file's byte order), or ``None``."""
-    if backend.name == "numpy":
-        ok = dst.flags.writeable and dst.flags.c_contiguous and dst.dtype == dtype.numpy
-        return dst.reshape(-1).view(np.uint8) if ok and dst.size else None
-    if backend.name == "torch" and dst.device.type == "cpu" and dst.is_contiguous() and dst.numel():
-        view = backend.to_host(dst, name, dtype, None)  # zero-copy for contiguous CPU tensors
-        if view.flags.writeable and view.ctypes.data == dst.data_ptr():
-            return view.reshape(-1).view(np.uint8)
-    return None
+    """``dst``'s own memory as a flat ``uint8`` array holding its bytes in file order (a
+    writable, C-contiguous, little-endian host array), or ``None``."""
+    view = backend.host_view(dst, name, dtype)
+    if view is None or not view.flags.writeable or not view.size:
+        return None
+    return view.reshape(-1).view(np.uint8)
 
 
 def _checked(
