@@ -63,6 +63,11 @@ class Backend(ABC):
         May share memory with ``host`` when ``device`` is the host.
         """
 
+    def views_host(self, device: Any) -> bool:
+        """Whether `from_host` arrays for ``device`` view the host bytes they are given
+        (then a load keeps those bytes); ``False``, the default, when they are copies."""
+        return False
+
     def check_device(self, device: Any) -> None:  # noqa: B027 - optional hook
         """Raise `InvalidInputError` early for a device this framework cannot place on."""
 

@@ -80,6 +80,10 @@ class TorchBackend(SideStreamBackend):
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def views_host(self, device: Any) -> bool:
+        target = self._device(device)
+        return target is None or target.type == "cpu"
+
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)
         tdtype = torch_dtype(dtypes.from_numpy(host.dtype, tensor="?"))
