@@ -61,16 +61,33 @@ def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
             zip(state, state.values(), entry.backends, entry.dtypes, strict=True), entry
         )
     state = check_mapping(state, what=what)
-    plan = []
-    for key, x in state.items():
-        check_key(key, what=what)
-        backend = backends.for_array(x, key)
-        plan.append((key, x, backend, backend.dtype(x, key)))
     if entry is None:
+        plan = []
+        for key, x in state.items():
+            check_key(key, what=what)
+            backend = backends.for_array(x, key)
+            plan.append((key, x, backend, backend.dtype(x, key)))
         return plan
-    entry.backends = [backend for _, _, backend, _ in plan]
-    entry.dtypes = [dtype for *_, dtype in plan]
-    return statecache.CheckedPlan(plan, entry)
+    # str keys and plain NumPy arrays only (see `statecache.entry_for`): checked at once
+    keys = list(state)
+    if not _keys_valid(keys):
+        for key in keys:
+            check_key(key, what=what)  # raises, naming the key
+    numpy_backend = backends.for_array(_NUMPY_PROBE, "")
+    dtypes = list(map(numpy_backend.dtype, state.values(), keys))  # raises, naming the key
+    entry.backends, entry.dtypes = [numpy_backend] * len(keys), dtypes
+    return _plan(state, what=what)
+
+
+def _keys_valid(keys: list[str]) -> bool:
+    """`check_key` of many ``str`` keys, in C-level passes (false: one of them fails)."""
+    joined = "".join(keys)
+    return (
+        "\x00" not in joined
+        and "__metadata__" not in keys
+        and min(map(len, keys), default=1) > 0
+        and _is_utf8(joined)
+    )
 
 
 #: NumPy arrays up to this size share one staging slab per snapshot (see `_slab_copy`).
@@ -488,7 +505,10 @@ def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:
     entry = plan.entry if isinstance(plan, statecache.CheckedPlan) else None
     if entry is not None and tree in entry.writable:
         return  # the same names, dtypes and shapes passed with this tree (see `statecache`)
-    layout = [(key, dtype, backend.shape(x)) for key, x, backend, dtype in plan]
+    layout = [
+        (key, dtype, x.shape if type(x) is np.ndarray else backend.shape(x))
+        for key, x, backend, dtype in plan
+    ]
     format.check_writable(what, layout, None if tree is None else {nested.TREE_KEY: tree})
     if entry is not None:
         entry.writable = {tree}  # one tree: a nested state's tree changes with its scalars

@@ -157,3 +157,20 @@ def test_a_slab_of_mixed_shapes_and_dtypes_round_trips(tmp_path, ckpt):
         for k, v in state.items():
             assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
             np.testing.assert_array_equal(back[k], v)
+
+
+@pytest.mark.parametrize("key", ["", "a\x00b", "__metadata__", "\ud800"])
+def test_an_invalid_key_among_many_is_refused_naming_it(tmp_path, ckpt, key):
+    state = {**_state(50), key: np.zeros(2)}
+    for attempt in ("a", "b"):  # also once the other arrays are cached
+        with pytest.raises(ac.InvalidInputError, match="not a valid tensor name"):
+            ckpt.save(tmp_path / attempt, state)
+        assert not (tmp_path / attempt).exists()
+
+
+def test_an_unsupported_dtype_is_refused_on_every_save(tmp_path, ckpt):
+    state = {**_state(), "c": np.zeros(2, "datetime64[s]")}
+    for attempt in ("a", "b"):
+        with pytest.raises(ac.CheckpointError, match="'c'"):
+            ckpt.save(tmp_path / attempt, state)
+        assert not (tmp_path / attempt).exists()
