@@ -97,10 +97,17 @@ SLAB_MAX_BYTES = 64 << 10
 def _split_small(plan: Plan) -> tuple[Plan, Plan]:
     """Split off the small, C-contiguous, little-endian NumPy arrays of ``plan``."""
     numpy_backend = backends.for_array(_NUMPY_PROBE, "")
+    entry = plan.entry if isinstance(plan, statecache.CheckedPlan) else None
+    if entry is not None and entry.small is not None and len(entry.small) == len(plan):
+        # the same arrays as a save that split them (see `statecache`)
+        return _split_by(plan, entry.small, entry)
     if plan:
         _, xs, kinds, dtypes = zip(*plan, strict=True)
         if set(map(type, xs)) == {np.ndarray} and set(map(id, kinds)) == {id(numpy_backend)}:
-            return _split_numpy(plan, xs, dtypes)
+            fits = _fit_slab(xs, dtypes)
+            if entry is not None:
+                entry.small = fits
+            return _split_by(plan, fits, entry)
     small: Plan = []
     rest: Plan = []
     for item in plan:
@@ -121,8 +128,15 @@ def _split_small(plan: Plan) -> tuple[Plan, Plan]:
 _NUMPY_PROBE = np.empty(0, np.uint8)
 
 
-def _split_numpy(plan: Plan, xs: tuple[Any, ...], dtypes: tuple[DType, ...]) -> tuple[Plan, Plan]:
-    """`_split_small` of a plan of plain NumPy arrays, in C-level passes over its columns."""
+def _split_by(plan: Plan, fits: np.ndarray, entry: statecache.Entry | None) -> tuple[Plan, Plan]:
+    """``plan``'s items where ``fits``, and the others; the first keeps ``plan``'s entry."""
+    small = list(itertools.compress(plan, fits))
+    rest = list(itertools.compress(plan, ~fits))
+    return (small if entry is None else statecache.CheckedPlan(small, entry)), rest
+
+
+def _fit_slab(xs: tuple[Any, ...], dtypes: tuple[DType, ...]) -> np.ndarray:
+    """Which of the plain NumPy arrays ``xs`` go to the slab, in C-level passes."""
     n = len(xs)
     fits = np.fromiter(map(_nbytes, xs), np.int64, n) <= SLAB_MAX_BYTES
     fits &= np.fromiter(map(_c_contiguous, xs), bool, n)
@@ -131,7 +145,7 @@ def _split_numpy(plan: Plan, xs: tuple[Any, ...], dtypes: tuple[DType, ...]) -> 
     if not same.all():  # builtin dtypes are singletons: only the others need comparing
         same = np.fromiter(map(operator.eq, map(_np_dtype, xs), wanted), bool, n)
     fits &= same
-    return list(itertools.compress(plan, fits)), list(itertools.compress(plan, ~fits))
+    return fits
 
 
 _nbytes = operator.attrgetter("nbytes")
@@ -150,6 +164,16 @@ def _slab_layout(small: Plan) -> tuple[SlabLayout, int]:
     """
     if not small:
         return [], 0
+    entry = small.entry if isinstance(small, statecache.CheckedPlan) else None
+    if entry is not None and entry.slab_layout is not None and entry.slab_layout[0] == len(small):
+        return entry.slab_layout[1]  # the same small arrays (see `statecache`)
+    layout = _group_by_dtype(small)
+    if entry is not None:
+        entry.slab_layout = (len(small), layout)
+    return layout
+
+
+def _group_by_dtype(small: Plan) -> tuple[SlabLayout, int]:
     xs = [x for _, x, _, _ in small]
     kinds = set(map(_np_dtype, xs))
     if len(kinds) == 1:  # one dtype (the common case): one group, no per-array lookups

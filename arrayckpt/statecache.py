@@ -42,15 +42,20 @@ class Entry:
     #: Per stored (non-alias) tensor, in order: its backend and its dtype (see `snapshot`).
     backends: list[Any] | None = None
     dtypes: list[Any] | None = None
+    #: Which stored tensors go to the staging slab, and (their count, the slab's layout).
+    small: np.ndarray | None = None
+    slab_layout: tuple[int, Any] | None = None
     #: The trees (``None``: flat) the writer's limits were checked with.
     writable: set[str | None] = field(default_factory=set)
 
-    def matches(self, keys: list[str], values: list[Any], marks: list[tuple[Any, ...]]) -> bool:
+    def matches(self, keys: list[str], values: list[Any]) -> bool:
+        # Each mark is dropped once compared: a list of them would set off the garbage
+        # collector's young-generation passes (one per 700 new tuples) in the caller's stall.
         return (
             len(self.keys) == len(keys)
             and self.keys == keys
             and all(map(operator.is_, map(operator.call, self.refs), values))
-            and self.marks == marks
+            and all(map(operator.eq, map(_mark, values), self.marks))
         )
 
 
@@ -66,13 +71,12 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
     values = list(flat.values())
     if not values or set(map(type, values)) != {np.ndarray} or set(map(type, keys)) != {str}:
         return None
-    marks = list(map(_mark, values))
     with _lock:
         for i, entry in enumerate(_entries):
-            if entry.matches(keys, values, marks):
+            if entry.matches(keys, values):
                 _entries.insert(0, _entries.pop(i))
                 return entry
-        entry = Entry(keys, list(map(weakref.ref, values)), marks)
+        entry = Entry(keys, list(map(weakref.ref, values)), list(map(_mark, values)))
         _entries.insert(0, entry)
         del _entries[MAX_ENTRIES:]
         return entry

@@ -174,3 +174,18 @@ def test_an_unsupported_dtype_is_refused_on_every_save(tmp_path, ckpt):
         with pytest.raises(ac.CheckpointError, match="'c'"):
             ckpt.save(tmp_path / attempt, state)
         assert not (tmp_path / attempt).exists()
+
+
+def test_the_staging_layout_follows_a_dtype_changed_in_place():
+    from arrayckpt import snapshot
+
+    state = _state()
+
+    def layout() -> tuple[list[tuple[int, bool]], list[list[str]]]:
+        ((plan, _, _), *_) = snapshot._validated(state, None, None)
+        buffers, smalls, _ = snapshot._staging_layout(plan)
+        return buffers, [[key for key, *_ in small] for small in smalls]
+
+    assert layout() == layout() == ([(6 * 32, False)], [list(state)])
+    state["p0"].dtype = ">f4"  # big-endian: copied on its own, no longer in the slab
+    assert layout() == layout() == ([(32, False), (5 * 32, False)], [list(state)[1:]])
