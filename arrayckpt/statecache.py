@@ -77,7 +77,8 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
                 _entries.insert(0, _entries.pop(i))
                 return entry
         entry = Entry(keys, list(map(weakref.ref, values)), list(map(_mark, values)))
-        _entries.insert(0, entry)
+        # An entry whose first array is gone can never match again (~250 bytes a tensor)
+        _entries[:] = [entry, *(e for e in _entries if e.refs[0]() is not None)]
         del _entries[MAX_ENTRIES:]
         return entry
 

@@ -189,3 +189,11 @@ def test_the_staging_layout_follows_a_dtype_changed_in_place():
     assert layout() == layout() == ([(6 * 32, False)], [list(state)])
     state["p0"].dtype = ">f4"  # big-endian: copied on its own, no longer in the slab
     assert layout() == layout() == ([(32, False), (5 * 32, False)], [list(state)[1:]])
+
+
+def test_entries_of_states_that_are_gone_are_dropped():
+    for _ in range(3):
+        statecache.entry_for(_state())  # each state dies at once
+    live = _state()
+    statecache.entry_for(live)
+    assert [e.keys for e in statecache._entries] == [list(live)]
