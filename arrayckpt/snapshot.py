@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import operator
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from . import aliases, backends, format, hostcopy, nested, pool, statecache
 from .dtypes import DType
 from .errors import InvalidInputError
+from .handoff import CopyGates, Handoff
 from .staging import HostTensor, StagingPool
 from .training_state import TrainingState
 
@@ -314,18 +316,104 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
     return rest, shared
 
 
+def _within_budget(
+    plans: tuple[Plan, ...], max_staging_bytes: int
+) -> tuple[tuple[Plan, ...], tuple[dict[str, HostTensor], ...], Handoff | None]:
+    """Split ``plans`` for a save that stages at most ``max_staging_bytes``: the arrays
+    written last that fit the budget are staged; the ones before them are written in place
+    from the caller's memory, which the caller leaves alone until the writer has passed
+    them (the returned `Handoff`; ``None`` when everything fits).
+
+    Arrays that have no host view (device arrays, strided or byte-swapped ones) are always
+    staged; they must fit the budget themselves.
+
+    Raises:
+        InvalidInputError: the arrays that must be copied exceed the budget.
+    """
+    views: list[dict[str, np.ndarray]] = []
+    must_copy = 0
+    first_copied = ""
+    for plan in plans:
+        found = {}
+        for key, x, backend, dtype in plan:
+            view = backend.host_view(x, key, dtype)
+            if view is None:
+                must_copy += math.prod(backend.shape(x)) * dtype.itemsize
+                first_copied = first_copied or key
+            else:
+                found[key] = view
+        views.append(found)
+    if must_copy > max_staging_bytes:
+        raise InvalidInputError(
+            f"max_staging_bytes={max_staging_bytes} is below the {must_copy} bytes of arrays "
+            f"that must be copied to be saved (device arrays, strided or byte-swapped ones, "
+            f"e.g. {first_copied!r}); raise the budget, or pass contiguous host arrays"
+        )
+    # Walk back from the last array written (model file, then optimizer, then extra; each
+    # in its file order): stage while the budget lasts, then write the rest in place.
+    left = max_staging_bytes - must_copy
+    in_place: list[set[str]] = [set() for _ in plans]
+    over = False
+    for part in reversed(range(len(plans))):
+        plan = plans[part]
+        names = tuple(key for key, *_ in plan)
+        order = format.file_order(names, tuple(dtype.itemsize for *_, dtype in plan))
+        for i in reversed(order):
+            key = names[i]
+            view = views[part].get(key)
+            if view is None:
+                continue  # counted in must_copy
+            if not over and view.nbytes <= left:
+                left -= view.nbytes
+            else:
+                over = True  # stage only a suffix: the caller waits for the last in place
+                in_place[part].add(key)
+    count = sum(map(len, in_place))
+    if not count:
+        return plans, ({}, {}, {}), None
+    handoff = Handoff(count)
+    reports = iter(handoff.callbacks())
+    borrowed = tuple(
+        {
+            key: HostTensor(views[part][key], dtype, written=next(reports))
+            for key, _, _, dtype in plans[part]
+            if key in in_place[part]
+        }
+        for part in range(len(plans))
+    )
+    staged = tuple(
+        [item for item in plan if item[0] not in keys]
+        for plan, keys in zip(plans, in_place, strict=True)
+    )
+    return staged, borrowed, handoff
+
+
+def check_budget(max_staging_bytes: Any) -> int | None:
+    """``max_staging_bytes`` as given to `AsyncCheckpointer`: a positive int or ``None``."""
+    if max_staging_bytes is None:
+        return None
+    if type(max_staging_bytes) is not int or max_staging_bytes < 1:
+        raise InvalidInputError(
+            f"max_staging_bytes must be a positive int (bytes) or None, not {max_staging_bytes!r}"
+        )
+    return max_staging_bytes
+
+
 def staging_buffers(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     *,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> list[tuple[int, bool]]:
     """The staging buffers (byte size, pinned) an asynchronous save of this state takes;
     validates the state like a save. Arrays may be the real state or any arrays of the
     same shapes, dtypes and kinds."""
-    plans = [
+    plans = tuple(
         _share_immutable(plan)[0] for plan, _, _ in _validated(model_state, optimizer_state, extra)
-    ]
+    )
+    if max_staging_bytes is not None:
+        plans = _within_budget(plans, max_staging_bytes)[0]
     return _staging_layout(*plans)[0]
 
 
@@ -358,31 +446,116 @@ class PendingSnapshot:
     staging: StagingPool | None
     #: The snapshot with every field but its tensors.
     template: Snapshot
+    #: The caller's arrays written in place (a save within a staging budget): the caller
+    #: must not change them before ``handoff.done``; ``None`` when every array is staged.
+    handoff: Handoff | None = None
 
     def finish(self) -> Snapshot:
         """Run the host copies and wait for the device ones: the snapshot is complete."""
+        snap, copy = self.start_copies()
+        copy()
+        return snap
+
+    def start_copies(self) -> tuple[Snapshot, Callable[[], None]]:
+        """The snapshot with its buffers taken but its host copies not run, and the
+        function that runs them and waits for the device copies.
+
+        Until that function returns, the tensors still to be copied carry a gate
+        (`HostTensor.ready`) that the writer waits at: a write started at once writes
+        the first tensors while the later ones copy, so a save takes about
+        max(copy, write) instead of their sum. The copies run in write order (model,
+        optimizer, extra; each in file order) in runs of `PIPELINE_BYTES`. If they fail,
+        every gate fails, and a writer waiting at one raises instead of reading.
+        """
         try:
-            with hostcopy.batched():  # one batch of copies for all states
+            with hostcopy.recorded() as jobs:  # one batch of copies for all states
                 copies = [
                     _copy(plan, self.staging, slab)
                     for plan, slab in zip(self.host_plans, self.slabs, strict=True)
                 ]
-        finally:
-            # One synchronisation per snapshot; also after a failed copy, so no device copy
-            # still writes into staging buffers the next snapshot will reuse.
+        except BaseException:
+            # Also after a failed copy: no device copy may still write into staging
+            # buffers the next snapshot will reuse.
             _synchronize(*self.device_plans, *self.host_plans)
+            raise
         if self.staging is not None:
             self.staging.end()
-        model, optimizer, extra = (
+        parts = [
             _in_order(keys, ready, copied)
             for keys, ready, copied in zip(self.keys, self.ready, copies, strict=True)
-        )
-        return replace(
+        ]
+        devices = [{key for key, *_ in plan} for plan in self.device_plans]
+        runs, gates = _gate(parts, devices, jobs)
+        model, optimizer, extra = parts
+
+        def copy() -> None:
+            try:
+                try:
+                    for run, group in enumerate(runs):
+                        hostcopy.run_copies(group)
+                        gates.open(run)
+                finally:  # one synchronisation per snapshot, also after a failed copy
+                    _synchronize(*self.device_plans, *self.host_plans)
+            except BaseException as exc:
+                gates.fail(exc)
+                raise
+            gates.open(len(runs))  # the device copies' gate
+
+        snap = replace(
             self.template,
             model=model,
             optimizer=optimizer,
             extra=None if self.template.extra is None else extra,
         )
+        return snap, copy
+
+
+#: A snapshot's host copies are released to the writer in runs of about this many bytes.
+PIPELINE_BYTES = 64 << 20
+
+
+def _gate(
+    parts: list[dict[str, HostTensor]], devices: list[set[str]], jobs: list[hostcopy.Copy]
+) -> tuple[list[list[hostcopy.Copy]], CopyGates]:
+    """Group ``jobs`` into runs in write order, and give each tensor they copy into the
+    gate of its run (in place in ``parts``); device copies get the last gate. Returns
+    the runs and the gates (one per run, plus the device copies')."""
+    order = []
+    for part, tensors in enumerate(parts):
+        names = tuple(tensors)
+        itemsizes = tuple(t.dtype.itemsize for t in tensors.values())
+        order += [(part, names[i]) for i in format.file_order(names, itemsizes)]
+    # Each copy lands in one tensor's buffer (or a piece of it): find it by address.
+    spans = sorted(
+        (parts[part][key].data_ptr, index)
+        for index, (part, key) in enumerate(order)
+        if parts[part][key].nbytes
+    )
+    starts = [start for start, _ in spans]
+    target: list[int] = []
+    for dst, _ in jobs:
+        at = bisect.bisect_right(starts, dst.__array_interface__["data"][0]) - 1
+        target.append(spans[at][1] if at >= 0 else 0)
+    copied = set(target)
+    run_of: dict[int, int] = {}
+    run, filled = 0, 0
+    for index, (part, key) in enumerate(order):
+        if index in copied:
+            if filled >= PIPELINE_BYTES:
+                run, filled = run + 1, 0
+            run_of[index] = run
+            filled += parts[part][key].nbytes
+    runs: list[list[hostcopy.Copy]] = [[] for _ in range(run + 1 if run_of else 0)]
+    for job, index in zip(jobs, target, strict=True):
+        runs[run_of[index]].append(job)
+    gates = CopyGates(len(runs) + 1)
+    for index, (part, key) in enumerate(order):
+        gate = run_of.get(index)
+        if gate is None and key in devices[part]:
+            gate = len(runs)
+        if gate is not None:
+            parts[part][key] = replace(parts[part][key], ready=gates.waiter(gate))
+    return runs, gates
 
 
 def start_snapshot(
@@ -392,9 +565,13 @@ def start_snapshot(
     *,
     staging: StagingPool | None,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> PendingSnapshot:
     """Validate the state, take its staging buffers and issue the device-to-host copies
     (asynchronous on the device's side stream); `PendingSnapshot.finish` does the rest.
+
+    With ``max_staging_bytes`` (and ``staging``) at most that many bytes are staged: the
+    arrays written first are written in place instead (see `_within_budget`).
 
     Everything that can refuse the state runs here, in the caller's thread; `finish` may
     run on another thread (background staging), as long as the caller leaves the arrays
@@ -416,10 +593,14 @@ def start_snapshot(
     full = (model_plan, optimizer_plan, extra_plan)
     plans: tuple[Plan, ...] = full
     shared: tuple[dict[str, HostTensor], ...] = ({}, {}, {})
+    handoff = None
     if staging is not None:
         split = [_share_immutable(plan) for plan in plans]
         plans = tuple(rest for rest, _ in split)
         shared = tuple(views for _, views in split)
+        if max_staging_bytes is not None:
+            plans, in_place, handoff = _within_budget(plans, max_staging_bytes)
+            shared = tuple({**a, **b} for a, b in zip(shared, in_place, strict=True))
     slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None] = (
         _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     )
@@ -455,6 +636,7 @@ def start_snapshot(
         device_plans=device_plans,
         staging=staging,
         template=template,
+        handoff=handoff,
     )
 
 
@@ -467,13 +649,18 @@ def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Fu
 
     def run() -> None:
         try:
-            snap = pending.finish()
+            snap, copy = pending.start_copies()
         except BaseException as exc:
             staged.set_exception(exc)
             snapshot.set_exception(exc)
+            return
+        snapshot.set_result(snap)  # the writer may start: it waits for each tensor's copy
+        try:
+            copy()
+        except BaseException as exc:
+            staged.set_exception(exc)
         else:
             staged.set_result(None)
-            snapshot.set_result(snap)
 
     thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
     if not pool.start(thread):  # the interpreter is exiting: copy on this thread

@@ -37,6 +37,13 @@ class Backend(ABC):
         `synchronize`.
         """
 
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        """``x``'s own bytes in host memory as a C-contiguous, little-endian array of
+        ``dtype``, without a copy; ``None`` when reading it takes a copy (a device array, a
+        strided or byte-swapped one). A save with a staging budget writes such views
+        straight from the caller's memory (see `snapshot.start_snapshot`)."""
+        return None
+
     def stages_pinned(self, x: Any) -> bool:
         """Whether `to_host` copies ``x`` into pinned (page-locked) staging memory."""
         return False

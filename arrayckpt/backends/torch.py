@@ -43,6 +43,11 @@ class TorchBackend(SideStreamBackend):
     def stages_pinned(self, x: Any) -> bool:
         return bool(x.device.type != "cpu")
 
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        if x.device.type != "cpu" or x.is_conj() or x.is_neg() or not x.is_contiguous():
+            return None
+        return self.to_host(x, key, dtype, None)  # a view in exactly these cases
+
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
         x = x.detach().resolve_conj().resolve_neg()
         shape = tuple(x.shape)
