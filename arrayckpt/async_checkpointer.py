@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -133,37 +135,40 @@ class AsyncCheckpointer(ClosesOnExit):
             started = time.perf_counter()
             self._check_open()
             self.wait()
-            pending = start_snapshot(
-                model_state,
-                optimizer_state,
-                training_state,
-                staging=self._staging,
-                extra=extra,
-                max_staging_bytes=self.max_staging_bytes,
-            )
-            snapshot: Future[Snapshot]
-            copy = None
-            if background_staging:
-                snapshot, staged = finish_in_background(pending)
-            else:
-                # The write starts now, on the tensors copied so far (see `start_copies`).
-                snap, copy = pending.start_copies()
-                snapshot = Future()
-                snapshot.set_result(snap)
-
-            def write() -> Path | str:
-                snap = snapshot.result()
-                if commit is not None:
-                    path = commit(snap)
+            # No garbage collection during the stall: a snapshot of 20,000 tensors set
+            # off ~180 young-generation passes (30 ms); it makes no cyclic garbage.
+            with collector_paused():
+                pending = start_snapshot(
+                    model_state,
+                    optimizer_state,
+                    training_state,
+                    staging=self._staging,
+                    extra=extra,
+                    max_staging_bytes=self.max_staging_bytes,
+                )
+                snapshot: Future[Snapshot]
+                copy = None
+                if background_staging:
+                    snapshot, staged = finish_in_background(pending)
                 else:
-                    path = write_snapshot(target, snap, storage_options)
-                if on_commit is not None:
-                    on_commit(path)
-                return path
+                    # The write starts now, on the tensors copied so far (see `start_copies`).
+                    snap, copy = pending.start_copies()
+                    snapshot = Future()
+                    snapshot.set_result(snap)
 
-            future = self._submit(write, f"save {target}")
-            if copy is not None:
-                self._copy_or_abandon(copy, future)
+                def write() -> Path | str:
+                    snap = snapshot.result()
+                    if commit is not None:
+                        path = commit(snap)
+                    else:
+                        path = write_snapshot(target, snap, storage_options)
+                    if on_commit is not None:
+                        on_commit(path)
+                    return path
+
+                future = self._submit(write, f"save {target}")
+                if copy is not None:
+                    self._copy_or_abandon(copy, future)
             handoff = pending.handoff
             if handoff is not None:
                 # Once the write ends (also if it fails) nothing reads the caller's arrays.
@@ -327,6 +332,19 @@ class AsyncCheckpointer(ClosesOnExit):
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's garbage collector off inside the block (if it was on), back on after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _all_done(first: Future[None], second: Future[None]) -> Future[None]:

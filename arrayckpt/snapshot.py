@@ -313,7 +313,9 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
             rest.append(item)
         else:
             shared[key] = HostTensor(view, dtype)
-    return rest, shared
+    # The plan itself when nothing is shared: it may carry the cached facts of its state
+    # (`statecache.CheckedPlan`), which a copy of its items would drop.
+    return (plan if not shared else rest), shared
 
 
 def _within_budget(
@@ -354,20 +356,30 @@ def _within_budget(
     left = max_staging_bytes - must_copy
     in_place: list[set[str]] = [set() for _ in plans]
     over = False
-    for part in reversed(range(len(plans))):
-        plan = plans[part]
-        names = tuple(key for key, *_ in plan)
-        order = format.file_order(names, tuple(dtype.itemsize for *_, dtype in plan))
-        for i in reversed(order):
-            key = names[i]
-            view = views[part].get(key)
-            if view is None:
-                continue  # counted in must_copy
-            if not over and view.nbytes <= left:
-                left -= view.nbytes
-            else:
-                over = True  # stage only a suffix: the caller waits for the last in place
-                in_place[part].add(key)
+    for part, key in reversed(_write_order(_sizes(plans))):
+        view = views[part].get(key)
+        if view is None:
+            continue  # counted in must_copy
+        if not over and view.nbytes <= left:
+            left -= view.nbytes
+        else:
+            over = True  # stage only a suffix: the caller waits for the last in place
+            in_place[part].add(key)
+    staged = tuple(
+        [item for item in plan if item[0] not in keys]
+        for plan, keys in zip(plans, in_place, strict=True)
+    )
+    # The slab's alignment padding counts too: move the first staged arrays in place
+    # until the buffers fit (the staged ones stay the last written).
+    for part, key in _write_order(_sizes(staged)):
+        if sum(n for n, _ in _staging_layout(*staged)[0]) <= max_staging_bytes:
+            break
+        if key in views[part]:
+            in_place[part].add(key)
+            staged = tuple(
+                [item for item in plan if item[0] not in keys]
+                for plan, keys in zip(plans, in_place, strict=True)
+            )
     count = sum(map(len, in_place))
     if not count:
         return plans, ({}, {}, {}), None
@@ -381,11 +393,23 @@ def _within_budget(
         }
         for part in range(len(plans))
     )
-    staged = tuple(
-        [item for item in plan if item[0] not in keys]
-        for plan, keys in zip(plans, in_place, strict=True)
-    )
     return staged, borrowed, handoff
+
+
+def _sizes(plans: tuple[Plan, ...]) -> list[list[tuple[str, int]]]:
+    return [[(key, dtype.itemsize) for key, *_, dtype in plan] for plan in plans]
+
+
+def _write_order(parts: list[list[tuple[str, int]]]) -> list[tuple[int, str]]:
+    """(part, name) of every tensor of ``parts`` (each a list of (name, item size)) in the
+    order a save writes them: the model file, then the optimizer's, then the extra one,
+    each in its file order (`format.file_order`)."""
+    order = []
+    for part, tensors in enumerate(parts):
+        names = tuple(name for name, _ in tensors)
+        itemsizes = tuple(size for _, size in tensors)
+        order += [(part, names[i]) for i in format.file_order(names, itemsizes)]
+    return order
 
 
 def check_budget(max_staging_bytes: Any) -> int | None:
@@ -520,11 +544,9 @@ def _gate(
     """Group ``jobs`` into runs in write order, and give each tensor they copy into the
     gate of its run (in place in ``parts``); device copies get the last gate. Returns
     the runs and the gates (one per run, plus the device copies')."""
-    order = []
-    for part, tensors in enumerate(parts):
-        names = tuple(tensors)
-        itemsizes = tuple(t.dtype.itemsize for t in tensors.values())
-        order += [(part, names[i]) for i in format.file_order(names, itemsizes)]
+    if not jobs and not any(devices):  # e.g. every tensor in the slab: all copied already
+        return [], CopyGates(1)
+    order = _write_order([[(k, t.dtype.itemsize) for k, t in part.items()] for part in parts])
     # Each copy lands in one tensor's buffer (or a piece of it): find it by address.
     spans = sorted(
         (parts[part][key].data_ptr, index)
