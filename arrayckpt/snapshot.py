@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aliases, backends, format, hostcopy, nested, pool
+from . import aliases, backends, format, hostcopy, nested, pool, priority
 from .dtypes import DType
 from .errors import InvalidInputError
 from .staging import HostTensor, StagingPool
@@ -372,7 +372,8 @@ def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Fu
             staged.set_result(None)
             snapshot.set_result(snap)
 
-    thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
+    # Lowered like the writer: the copies use what the training step leaves idle.
+    thread = threading.Thread(target=priority.background(run), name="arrayckpt-stage", daemon=True)
     if not pool.start(thread):  # the interpreter is exiting: copy on this thread
         run()
     return snapshot, staged
