@@ -59,3 +59,21 @@ def positive_seconds(name: str, default: float) -> float:
     if not math.isfinite(parsed) or parsed <= 0:
         raise _bad(name, value, "a positive number of seconds (e.g. 600)")
     return parsed
+
+
+def int_between(name: str, default: int, low: int, high: int) -> int:
+    """``int(os.environ[name])`` when set (it must lie in ``low..high``), else ``default``.
+
+    Raises:
+        InvalidInputError: the variable is set to anything but an integer in that range.
+    """
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        parsed = low - 1
+    if not low <= parsed <= high:
+        raise _bad(name, value, f"an integer from {low} to {high} (e.g. {default})")
+    return parsed

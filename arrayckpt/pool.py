@@ -1,6 +1,10 @@
 """A few helper threads shared by the snapshot copies and the writer's side work
 (checksums, a second file), which all release the GIL.
 
+Helpers run at the priority of the thread they work for (`priority`): a save's
+background threads get helpers of their own, lowered like them, so the copies the caller
+waits for never queue behind background work on a lowered thread.
+
 Not `concurrent.futures.ThreadPoolExecutor`: that one refuses work once the interpreter
 starts exiting, and pending checkpoint writes still run then (see `writer`).
 """
@@ -14,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from . import env, forking
+from . import env, forking, priority
 
 T = TypeVar("T")
 
@@ -50,15 +54,17 @@ def _run_into(future: Future[T], job: Callable[[], T]) -> None:
 class HelperPool:
     """Daemon threads running short jobs. Jobs must never wait on other jobs of the pool.
 
-    A pool made while the interpreter exits may get no threads (Python 3.12 refuses new
-    ones then); its jobs run on the submitting thread instead, so writes still finish.
+    Its threads run at the priority of the thread that makes the pool. A pool made while
+    the interpreter exits may get no threads (Python 3.12 refuses new ones then); its jobs
+    run on the submitting thread instead, so writes still finish.
     """
 
     def __init__(self, size: int) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self.size = 0
+        run = priority.like_this_thread(self._run)
         for i in range(size):
-            thread = threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True)
+            thread = threading.Thread(target=run, name=f"arrayckpt-helper-{i}", daemon=True)
             if not start(thread):
                 break
             self.size += 1
@@ -80,34 +86,41 @@ class HelperPool:
 
 
 _lock = threading.Lock()
-_pool: HelperPool | None = None
-_pool_pid = 0
+#: The shared pools by kind: True for the one serving a save's background threads.
+_pools: dict[bool, HelperPool] = {}
+_pools_pid = 0
 
 
 def executor() -> HelperPool:
-    """The shared pool, started on first use."""
-    global _pool, _pool_pid
+    """The shared pool for this thread's kind (a save's background thread or not),
+    started on first use."""
+    global _pools_pid
+    kind = priority.in_background()
     with _lock:
-        # A forked child inherits the pool object but not its threads: make a new one.
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = HelperPool(threads())
-            _pool_pid = os.getpid()
-        return _pool
+        # A forked child inherits the pool objects but not their threads: make new ones.
+        if _pools_pid != os.getpid():
+            _pools.clear()
+            _pools_pid = os.getpid()
+        if kind not in _pools:
+            _pools[kind] = HelperPool(threads())
+        return _pools[kind]
 
 
 @forking.in_child
 def _after_fork_in_child() -> None:
     # fork copies only the forking thread: another one may have held the lock, and the
-    # pool's threads are gone (`executor` would also notice the pid).
-    global _lock, _pool
+    # pools' threads are gone (`executor` would also notice the pid).
+    global _lock
     _lock = threading.Lock()
-    _pool = None
+    _pools.clear()
 
 
 def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
-    """Run ``fn`` on a thread of its own (for work that itself uses the pool)."""
+    """Run ``fn`` on a thread of its own (for work that itself uses the pool), at this
+    thread's priority."""
     future: Future[T] = Future()
-    thread = threading.Thread(target=_run_into, args=(future, fn), name=name, daemon=True)
+    run = priority.like_this_thread(lambda: _run_into(future, fn))
+    thread = threading.Thread(target=run, name=name, daemon=True)
     if not start(thread):
         _run_into(future, fn)  # at exit on Python 3.12: here, one after the other
     return future

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aliases, backends, format, hostcopy, nested, pool, statecache
+from . import aliases, backends, format, hostcopy, nested, pool, priority, statecache
 from .dtypes import DType
 from .errors import InvalidInputError
 from .handoff import CopyGates, Handoff
@@ -684,7 +684,8 @@ def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Fu
         else:
             staged.set_result(None)
 
-    thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
+    # Lowered like the writer: the copies use what the training step leaves idle.
+    thread = threading.Thread(target=priority.background(run), name="arrayckpt-stage", daemon=True)
     if not pool.start(thread):  # the interpreter is exiting: copy on this thread
         run()
     return snapshot, staged

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import priority
 from .dtypes import DType
 
 #: Allocates ``nbytes`` of host memory as a flat uint8 array; ``pinned`` asks for
@@ -103,7 +104,9 @@ class StagingPool:
             else:
                 done.set_result(None)
 
-        thread = threading.Thread(target=run, daemon=True, name="arrayckpt-warm")
+        thread = threading.Thread(
+            target=priority.background(run), daemon=True, name="arrayckpt-warm"
+        )
         self._warming = thread
         thread.start()
         return done

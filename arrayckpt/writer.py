@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from . import env, forking
+from . import env, forking, priority
 from .errors import InvalidInputError
 
 log = logging.getLogger("arrayckpt")
@@ -70,7 +70,8 @@ class WriteFuture(Future[T]):
 
 
 class Writer:
-    """A single daemon thread running write jobs in submission order."""
+    """A single daemon thread running write jobs in submission order, at lower CPU and
+    I/O priority than the threads that queue them (`priority`)."""
 
     def __init__(self) -> None:
         self._start_fresh()
@@ -88,13 +89,12 @@ class Writer:
         # Checked now, while the caller can still fix it: at exit a bad value could only be
         # reported, and the write it should have waited for would be lost.
         exit_timeout()
+        run = priority.background(self._run)  # checks ARRAYCKPT_WRITER_NICE now, likewise
         future: WriteFuture[T] = WriteFuture()
         future.description = description
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="arrayckpt-writer", daemon=True
-                )
+                self._thread = threading.Thread(target=run, name="arrayckpt-writer", daemon=True)
                 self._thread.start()
             self._pending.add(future)
         self._jobs.put((future, fn))

@@ -17,6 +17,7 @@ class GatedFS(fsops.FileSystem):
         self.gate = threading.Event()
         self.writing = threading.Event()
         self.pointers: list[dict[str, int]] = []
+        self.names: list[str] = []  # the file each of `pointers` went to
 
     def open_gate(self) -> None:
         self.gate.set()
@@ -28,6 +29,7 @@ class GatedFS(fsops.FileSystem):
         if not self.gate.wait(timeout=60):
             raise OSError("test gate never opened")
         self.pointers.append({name: spec.data_ptr for name, spec in specs.items()})
+        self.names.append(path.name)
         super().write_safetensors(path, specs, metadata)
 
 

@@ -183,9 +183,11 @@ def test_staging_buffers_are_reused_between_saves_of_the_same_sizes(tmp_path: Pa
         for step in range(3):
             ckpt.save(tmp_path / f"s{step}", _state(step), _state(step + 10))
         ckpt.wait()
-    model_pointers = fs.pointers[0::2]
+    # Two threads write each save's files: tell them apart by name, not by order.
+    written = list(zip(fs.names, fs.pointers, strict=True))
+    model_pointers = [p for n, p in written if n == "model.safetensors"]
     assert model_pointers[0] == model_pointers[1] == model_pointers[2]
-    optimizer_pointers = fs.pointers[1::2]
+    optimizer_pointers = [p for n, p in written if n != "model.safetensors"]
     assert optimizer_pointers[0] == optimizer_pointers[2]
     state = _state(2)
     assert all(p != state[k].ctypes.data for k, p in model_pointers[2].items())

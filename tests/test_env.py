@@ -35,6 +35,17 @@ def test_bad_seconds_name_the_variable_and_the_fix(
         env.positive_seconds("ARRAYCKPT_TEST_VAR", 1.0)
 
 
+@pytest.mark.parametrize("value", ["-1", "20", "ten", "2.5"])
+def test_an_int_out_of_its_range_names_the_variable_and_the_range(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ARRAYCKPT_TEST_VAR", value)
+    with pytest.raises(ac.InvalidInputError, match=r"ARRAYCKPT_TEST_VAR=.*from 0 to 19"):
+        env.int_between("ARRAYCKPT_TEST_VAR", 10, 0, 19)
+    monkeypatch.setenv("ARRAYCKPT_TEST_VAR", "0")
+    assert env.int_between("ARRAYCKPT_TEST_VAR", 10, 0, 19) == 0
+
+
 def test_unset_or_blank_gives_the_default_and_good_values_parse(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
