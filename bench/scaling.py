@@ -1,14 +1,15 @@
 """Save time and extra host memory against the size of the state, 256 MiB to 16 GiB.
 
     python bench/scaling.py                    # 256M,1G,4G,8G,16G: every case that fits
-    python bench/scaling.py --quick            # 256 MiB, 2 runs: a smoke test
+    python bench/scaling.py --quick            # 256 MiB, 2 runs, a 64 MiB budget: a smoke test
     python bench/scaling.py --sizes 4G,8G --runs 5
 
 For each size (float32 state in 64 MiB tensors) four cases, each in a fresh process so its
 extra peak RSS is its own (``ru_maxrss`` at the end minus ``ru_maxrss`` once the state is
 built): a raw write + fsync of the same bytes (the limit), arrayckpt's `AsyncCheckpointer`
 save + wait (stall and total), ``safetensors.numpy.save_file`` + fsync, and the same
-arrayckpt save with ``AsyncCheckpointer(max_staging_bytes=2 GiB)``. Each case times
+arrayckpt save with ``AsyncCheckpointer(max_staging_bytes=2 GiB)`` (``--budget``). Each
+case times
 ``--runs`` saves after one untimed warm-up (the first save of a process is
 bench/run.py's and bench/staging.py's subject) and reports medians.
 
@@ -44,14 +45,14 @@ import arrayckpt as ac  # noqa: E402
 
 GiB = 1 << 30
 SIZES = "256M,1G,4G,8G,16G"
-BUDGET = 2 << 30
+BUDGET = "2G"
 #: Room left for the rest of the machine (and this run's parent) beside a case's needs.
 MARGIN = 2 * GiB
 CASES = {
     "raw": "raw write + fsync",
     "arrayckpt": "arrayckpt async",
     "safetensors": "safetensors.numpy save_file",
-    "budget": "arrayckpt, max_staging 2 GiB",
+    "budget": "arrayckpt, max_staging_bytes",
 }
 
 
@@ -81,7 +82,7 @@ def has_budget() -> bool:
     return "max_staging_bytes" in inspect.signature(ac.AsyncCheckpointer).parameters
 
 
-def needs(case: str, nbytes: int, tensor_bytes: int) -> int:
+def needs(case: str, nbytes: int, tensor_bytes: int, budget: int) -> int:
     """Host memory a case holds at its peak: the state, plus arrayckpt's staging (a copy
     of the state, or the budget plus one tensor). The raw write and safetensors (in
     0.8, the version this project needs, it writes from the arrays' own memory) add
@@ -89,7 +90,7 @@ def needs(case: str, nbytes: int, tensor_bytes: int) -> int:
     if case == "arrayckpt":
         return 2 * nbytes
     if case == "budget":
-        return nbytes + min(BUDGET, nbytes) + tensor_bytes
+        return nbytes + min(budget, nbytes) + tensor_bytes
     return nbytes
 
 
@@ -104,7 +105,9 @@ def mem_available() -> int:
 # --- one case in a fresh process ---------------------------------------------------------
 
 
-def child(case: str, nbytes: int, tensor_bytes: int, runs: int, root: Path) -> dict[str, Any]:
+def child(
+    case: str, nbytes: int, tensor_bytes: int, budget: int, runs: int, root: Path
+) -> dict[str, Any]:
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -115,7 +118,7 @@ def child(case: str, nbytes: int, tensor_bytes: int, runs: int, root: Path) -> d
     base = peak_rss()
     ckpt = None
     if case in ("arrayckpt", "budget"):
-        ckpt = ac.AsyncCheckpointer(**({"max_staging_bytes": BUDGET} if case == "budget" else {}))
+        ckpt = ac.AsyncCheckpointer(**({"max_staging_bytes": budget} if case == "budget" else {}))
     times: dict[str, list[float]] = {}
     for r in range(runs + 1):  # run 0 warms up
         target = root / f"run{r}"
@@ -151,10 +154,10 @@ def child(case: str, nbytes: int, tensor_bytes: int, runs: int, root: Path) -> d
 
 
 def run_child(
-    case: str, nbytes: int, tensor_bytes: int, runs: int, parent: Path
+    case: str, nbytes: int, tensor_bytes: int, budget: int, runs: int, parent: Path
 ) -> dict[str, Any] | str:
     """The case's result, or why it did not run."""
-    need = needs(case, nbytes, tensor_bytes) + MARGIN
+    need = needs(case, nbytes, tensor_bytes, budget) + MARGIN
     if need > mem_available():
         return f"skipped: needs {need / GiB:.1f} GiB, {mem_available() / GiB:.1f} GiB available"
     if nbytes + MARGIN > shutil.disk_usage(parent).free:
@@ -164,7 +167,7 @@ def run_child(
         done = subprocess.run(
             [
                 *(sys.executable, __file__, "--child", case, str(nbytes), str(tensor_bytes)),
-                *("--runs", str(runs), "--dir", str(root)),
+                *("--budget", str(budget), "--runs", str(runs), "--dir", str(root)),
             ],
             capture_output=True,
             text=True,
@@ -178,7 +181,7 @@ def run_child(
     return result
 
 
-def verdict(case: str, r: dict[str, Any], row: dict[str, Any], nbytes: int, tensor: int) -> str:
+def verdict(case: str, r: dict[str, Any], row: dict[str, Any], tensor: int, budget: int) -> str:
     """The issue's targets for this row: arrayckpt's total <= 1.05x the raw write + fsync
     and never behind safetensors; with the budget, extra RSS <= budget + largest tensor."""
     total = r["medians"]["total"]
@@ -192,7 +195,7 @@ def verdict(case: str, r: dict[str, Any], row: dict[str, Any], nbytes: int, tens
             checks.append(total <= st["medians"]["total"])
         return "" if not checks else "pass" if all(checks) else "FAIL"
     if case == "budget":
-        return "pass" if r["extra_rss"] <= BUDGET + tensor else "FAIL"
+        return "pass" if r["extra_rss"] <= budget + tensor else "FAIL"
     return ""
 
 
@@ -201,18 +204,21 @@ def main() -> None:
     ap.add_argument("--sizes", default=SIZES, help=f"comma-separated (default {SIZES})")
     ap.add_argument("--runs", type=int, default=3, help="timed saves per case (default 3)")
     ap.add_argument("--tensor-mib", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="256 MiB, 2 runs")
+    ap.add_argument("--budget", default=BUDGET, help=f"max_staging_bytes (default {BUDGET})")
+    ap.add_argument("--quick", action="store_true", help="256 MiB, 2 runs, budget 64M")
     ap.add_argument("--dir", type=Path, default=os.environ.get("BENCH_DIR"))
     ap.add_argument("--child", nargs=3, metavar=("CASE", "NBYTES", "TENSOR_BYTES"))
     args = ap.parse_args()
     if args.child:
         case, nbytes, tensor_bytes = args.child
-        print(json.dumps(child(case, int(nbytes), int(tensor_bytes), args.runs, args.dir)))
+        budget = parse_size(args.budget)
+        print(json.dumps(child(case, int(nbytes), int(tensor_bytes), budget, args.runs, args.dir)))
         return
-    if args.quick:
-        args.sizes, args.runs = "256M", 2
+    if args.quick:  # a budget below the state: the chunked path runs too
+        args.sizes, args.runs, args.budget = "256M", 2, "64M"
+    budget = parse_size(args.budget)
     parent = Path(args.dir or tempfile.gettempdir())
-    budget = has_budget()
+    budgeted = has_budget()
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     rows: dict[int, dict[str, Any]] = {}
@@ -221,10 +227,10 @@ def main() -> None:
         tensor = min(args.tensor_mib << 20, nbytes)
         row: dict[str, Any] = {}
         for case in CASES:
-            if case == "budget" and not budget:
+            if case == "budget" and not budgeted:
                 row[case] = "n/a (no max_staging_bytes)"
                 continue
-            row[case] = run_child(case, nbytes, tensor, args.runs, parent)
+            row[case] = run_child(case, nbytes, tensor, budget, args.runs, parent)
             shown = row[case] if isinstance(row[case], str) else row[case]["medians"]
             print(f"  {show_size(nbytes):>8s} {case:12s} {shown}", file=sys.stderr)
         rows[nbytes] = row
@@ -232,7 +238,7 @@ def main() -> None:
         f"\nscaling: float32 state in {args.tensor_mib} MiB tensors, medians of {args.runs} "
         f"saves after a warm-up, each case in a fresh process; {os.cpu_count()} CPUs, load "
         f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, "
-        f"{mem_available() / GiB:.1f} GiB available"
+        f"{mem_available() / GiB:.1f} GiB available; max_staging_bytes {show_size(budget)}"
     )
     print(
         f"{'size':>8s}  {'case':30s} {'stall s':>8s} {'total s':>8s} {'s/GiB':>6s} "
@@ -254,11 +260,11 @@ def main() -> None:
                 f"{size_s:>8s}  {label:30s} {stall} {m['total']:8.3f} "
                 f"{m['total'] / (nbytes / GiB):6.3f} {over:>6s} "
                 f"{r['extra_rss'] / 2**20:6.0f} MiB {r['extra_rss'] / nbytes:5.2f}x  "
-                f"{verdict(case, r, row, nbytes, tensor)}"
+                f"{verdict(case, r, row, tensor, budget)}"
             )
     print(
         "\ntargets: arrayckpt async total <= 1.05x raw write + fsync and <= 1.0x safetensors; "
-        f"with max_staging_bytes, extra RSS <= {show_size(BUDGET)} + the largest tensor"
+        f"with max_staging_bytes, extra RSS <= {show_size(budget)} + the largest tensor"
     )
     print(f"(whole run {time.perf_counter() - started:.0f} s)")
 
