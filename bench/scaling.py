@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,9 @@ def main() -> None:
         budget = parse_size(args.budget)
         print(json.dumps(child(case, int(nbytes), int(tensor_bytes), budget, args.runs, args.dir)))
         return
+    # A SIGTERM (a timeout, a CI stop) unwinds like Ctrl-C: subprocess.run kills the
+    # child and the case's files (up to 16 GiB) are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:  # a budget below the state: the chunked path runs too
         args.sizes, args.runs, args.budget = "256M", 2, "64M"
     budget = parse_size(args.budget)
