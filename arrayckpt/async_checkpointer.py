@@ -15,7 +15,13 @@ from .closing import ClosesOnExit
 from .errors import InvalidInputError
 from .layout import PathLike
 from .save import write_snapshot
-from .snapshot import Snapshot, finish_in_background, staging_buffers, start_snapshot
+from .snapshot import (
+    Snapshot,
+    check_budget,
+    finish_in_background,
+    staging_buffers,
+    start_snapshot,
+)
 from .staging import StagingPool
 from .training_state import TrainingState
 from .writer import WriteFuture
@@ -41,6 +47,14 @@ class AsyncCheckpointer(ClosesOnExit):
     child made by ``fork()`` (e.g. a DataLoader worker) gets a fresh checkpointer: no
     write in flight (the parent's stays the parent's) and empty staging buffers.
 
+    Args:
+        max_staging_bytes: the most host memory the staging buffers may take (``None``:
+            as much as the state). A larger state is saved within it: the arrays written
+            last are staged, the ones before are written straight from the caller's
+            memory while `save` waits, so the stall grows by the time it takes to write
+            what did not fit (docs/async.md, "Bounded host memory"). Arrays that have no
+            host view (device arrays, strided ones) are always staged and must fit.
+
     Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
         >>> d = tempfile.mkdtemp()
@@ -52,7 +66,8 @@ class AsyncCheckpointer(ClosesOnExit):
         array([0., 0., 0., 0.], dtype=float32)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_staging_bytes: int | None = None) -> None:
+        self.max_staging_bytes = check_budget(max_staging_bytes)
         self._start_fresh()
         self._closed = False
         #: Seconds the last `save` blocked the caller (waiting + copying).
@@ -119,14 +134,22 @@ class AsyncCheckpointer(ClosesOnExit):
             self._check_open()
             self.wait()
             pending = start_snapshot(
-                model_state, optimizer_state, training_state, staging=self._staging, extra=extra
+                model_state,
+                optimizer_state,
+                training_state,
+                staging=self._staging,
+                extra=extra,
+                max_staging_bytes=self.max_staging_bytes,
             )
             snapshot: Future[Snapshot]
+            copy = None
             if background_staging:
                 snapshot, staged = finish_in_background(pending)
             else:
+                # The write starts now, on the tensors copied so far (see `start_copies`).
+                snap, copy = pending.start_copies()
                 snapshot = Future()
-                snapshot.set_result(pending.finish())
+                snapshot.set_result(snap)
 
             def write() -> Path | str:
                 snap = snapshot.result()
@@ -139,8 +162,16 @@ class AsyncCheckpointer(ClosesOnExit):
                 return path
 
             future = self._submit(write, f"save {target}")
+            if copy is not None:
+                self._copy_or_abandon(copy, future)
+            handoff = pending.handoff
+            if handoff is not None:
+                # Once the write ends (also if it fails) nothing reads the caller's arrays.
+                future.add_done_callback(lambda _: handoff.release_all())
             if background_staging:
-                future.staged = staged
+                future.staged = staged if handoff is None else _all_done(staged, handoff.done)
+            elif handoff is not None:
+                handoff.done.result()  # the arrays written in place are out
             self.last_stall_s = time.perf_counter() - started
             return future
 
@@ -170,7 +201,12 @@ class AsyncCheckpointer(ClosesOnExit):
         with self._lock:
             self._check_open()
             return self._staging.warm_in_background(
-                staging_buffers(model_state, optimizer_state, extra=extra)
+                staging_buffers(
+                    model_state,
+                    optimizer_state,
+                    extra=extra,
+                    max_staging_bytes=self.max_staging_bytes,
+                )
             )
 
     def save_distributed(
@@ -200,6 +236,11 @@ class AsyncCheckpointer(ClosesOnExit):
         """
         from .distributed.save import prepare_save
 
+        if self.max_staging_bytes is not None:
+            raise InvalidInputError(
+                "max_staging_bytes does not apply to save_distributed yet (a coordinated "
+                "save stages its whole shard); use an AsyncCheckpointer without it"
+            )
         directory = absolute(directory)
         with self._lock:
             started = time.perf_counter()
@@ -223,6 +264,18 @@ class AsyncCheckpointer(ClosesOnExit):
             future = self._submit(job, f"save_distributed {directory} rank {rank}")
             self.last_stall_s = time.perf_counter() - started
             return future
+
+    def _copy_or_abandon(self, copy: Callable[[], None], future: WriteFuture[Any]) -> None:
+        """Run the snapshot's copies while the write starts. If they fail (or Ctrl-C
+        stops them), the write fails at the first tensor not copied and commits nothing;
+        the error is raised here, once, and the failed write is not raised again."""
+        try:
+            copy()
+        except BaseException:
+            Future.exception(future)  # the writer stops at the first gate still closed
+            future.observed = True
+            self._pending = None
+            raise
 
     def _submit(self, job: Callable[[], T], description: str) -> WriteFuture[T]:
         """Queue ``job``; the caller holds the lock and has waited for the previous write."""
@@ -274,6 +327,21 @@ class AsyncCheckpointer(ClosesOnExit):
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
+
+
+def _all_done(first: Future[None], second: Future[None]) -> Future[None]:
+    """A future that resolves once both have (with ``first``'s error if it failed)."""
+    both: Future[None] = Future()
+
+    def after_first(done: Future[None]) -> None:
+        error = done.exception()
+        if error is not None:
+            both.set_exception(error)
+        else:
+            second.add_done_callback(lambda _: both.set_result(None))
+
+    first.add_done_callback(after_first)
+    return both
 
 
 def absolute(directory: PathLike) -> Path | str:

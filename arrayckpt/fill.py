@@ -1,7 +1,8 @@
 """Loading into existing arrays (``load_checkpoint(..., into=model.state_dict())``).
 
-Resuming this way allocates nothing for the state: each saved tensor is copied from the
-file's mapping straight into the array that already holds it (on its own device).
+Resuming this way allocates nothing for the state: each saved tensor is read from the
+file straight into the host array that already holds it (a device array gets it through
+one tensor-sized host buffer at a time), so the load holds no copy of the file.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ def fill(target: Any, reader: SafetensorsReader, *, verify: bool) -> Any:
 
     def walk(s: Any, t: Any, path: str) -> None:
         if isinstance(s, _TensorRef):
-            src = reader.array(tied.get(s.name, s.name), verify=verify)
-            _copy_into(t, src, s.name, lambda p: fail(path, p))
+            _fill_one(t, reader, tied.get(s.name, s.name), s.name, verify, lambda p: fail(path, p))
             return
         if isinstance(s, dict):
             if not isinstance(t, Mapping):
@@ -93,30 +93,76 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
-def _copy_into(dst: Any, src: np.ndarray, name: str, fail: Callable[[str], NoReturn]) -> None:
+def _fill_one(
+    dst: Any,
+    reader: SafetensorsReader,
+    stored: str,
+    name: str,
+    verify: bool,
+    fail: Callable[[str], NoReturn],
+) -> None:
+    """Tensor ``stored`` of the file into ``dst`` (the target's ``name``): read straight
+    into ``dst``'s memory when it is a host array the bytes can land in, else read on its
+    own and copied (to a device, or across a layout), so a load holds at most one
+    tensor besides the targets."""
+    e = reader.header.entries[stored]
+    if not e.dtype.known or not e.dtype.name:  # reader.array() explains, or gives raw bytes
+        _copy_into(dst, reader.array(stored, verify=verify), name, fail)
+        return
+    backend = _checked(dst, e.dtype.numpy, e.shape, name, fail)
+    view = _host_bytes(dst, backend, e.dtype, name)
+    if view is None:
+        _copy_into(dst, reader.array(stored, verify=verify), name, fail)
+    else:
+        reader.read_into(stored, view, verify=verify)
+
+
+def _host_bytes(dst: Any, backend: backends.Backend, dtype: dtypes.DType, name: str) -> Any:
+    """``dst``'s own memory as a flat ``uint8`` array holding its bytes in file order (a
+    writable, C-contiguous, little-endian host array), or ``None``."""
+    view = backend.host_view(dst, name, dtype)
+    if view is None or not view.flags.writeable or not view.size:
+        return None
+    return view.reshape(-1).view(np.uint8)
+
+
+def _checked(
+    dst: Any,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    name: str,
+    fail: Callable[[str], NoReturn],
+) -> backends.Backend:
+    """``dst``'s backend, once ``dst`` is checked to be an array of the saved dtype and
+    shape that can be written in place."""
     if not nested.is_array(dst):
         fail(f"tensor {name!r} goes into a {type(dst).__name__}, which is not an array")
     backend = backends.for_array(dst, name)
-    want = dtypes.from_numpy(src.dtype, tensor=name)
+    want = dtypes.from_numpy(dtype, tensor=name)
     have = backend.dtype(dst, name)
-    if have != want or backend.shape(dst) != tuple(src.shape):
+    if have != want or backend.shape(dst) != tuple(shape):
         fail(
-            f"tensor {name!r} is {want.code}{list(src.shape)} in the checkpoint but "
+            f"tensor {name!r} is {want.code}{list(shape)} in the checkpoint but "
             f"{have.code}{list(backend.shape(dst))} in the target"
         )
+    if backend.name == "numpy" and (not isinstance(dst, np.ndarray) or not dst.flags.writeable):
+        fail(f"tensor {name!r}: the target NumPy array is read-only")
+    if backend.name not in ("numpy", "torch", "cupy"):
+        fail(
+            f"tensor {name!r}: a {type(dst).__module__}.{type(dst).__qualname__} cannot be "
+            "written in place; load without into="
+        )
+    return backend
+
+
+def _copy_into(dst: Any, src: np.ndarray, name: str, fail: Callable[[str], NoReturn]) -> None:
+    backend = _checked(dst, src.dtype, tuple(src.shape), name, fail)
     if backend.name == "numpy":
-        if not isinstance(dst, np.ndarray) or not dst.flags.writeable:
-            fail(f"tensor {name!r}: the target NumPy array is read-only")
         np.copyto(dst, src, casting="equiv")
     elif backend.name == "torch":
         import torch
 
         with torch.no_grad():
             dst.copy_(backend.from_host(src, None))
-    elif backend.name == "cupy":
-        dst.set(np.ascontiguousarray(src))
     else:
-        fail(
-            f"tensor {name!r}: a {type(dst).__module__}.{type(dst).__qualname__} cannot be "
-            "written in place; load without into="
-        )
+        dst.set(np.ascontiguousarray(src))

@@ -298,6 +298,12 @@ class FileImage:
     buffers: list[Any]
     sizes: tuple[int, ...]
     seeds: list[int]
+    #: Per tensor, what to call once its bytes are written (`HostTensor.written`), or
+    #: ``None`` when no tensor has such a callback.
+    written: list[Callable[[], None] | None] | None = None
+    #: Per tensor, what to call before reading its bytes (`HostTensor.ready`), or ``None``
+    #: when every tensor is in memory already.
+    ready: list[Callable[[], None] | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -317,6 +323,8 @@ _ITEMSIZE = operator.attrgetter("dtype.itemsize")
 _SHAPE = operator.attrgetter("data.shape")
 _DATA = operator.attrgetter("data")
 _NBYTES = operator.attrgetter("data.nbytes")
+_WRITTEN = operator.attrgetter("written")
+_READY = operator.attrgetter("ready")
 
 
 @functools.lru_cache(maxsize=32)
@@ -342,13 +350,24 @@ def file_image(specs: Mapping[str, HostTensor], metadata: Mapping[str, str]) -> 
         values = [values[i] for i in order]
     codes, shapes = tuple(map(_CODE, values)), tuple(map(_SHAPE, values))
     sizes = tuple(map(_NBYTES, values))
+    written = list(map(_WRITTEN, values))
+    ready = list(map(_READY, values))
     return FileImage(
         _header(_layout_text((names, codes, shapes, sizes)), metadata),
         names,
         list(map(_DATA, values)),
         sizes,
         list(map(checksum_seed, codes, shapes)),
+        written if any(written) else None,
+        ready if any(ready) else None,
     )
+
+
+def file_order(names: tuple[str, ...], itemsizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The indices of ``names`` in the order `file_image` writes them (the order a save
+    within a staging budget needs: it stages the tensors written last)."""
+    order = _file_order(names, itemsizes)
+    return tuple(range(len(names))) if order is None else order
 
 
 def crc32c_function() -> Callable[[Any, int], int]:
@@ -397,6 +416,11 @@ def write_file(
         }
         fs.write_safetensors(path, tensors, meta)
     fs.fsync_file(path)
+    # The written callbacks (see `HostTensor.written`) normally run as the bytes go out;
+    # a file system that writes differently (the durability tests') still releases them.
+    for tensor in tensors.values():
+        if tensor.written is not None:
+            tensor.written()
 
 
 def _file_consistent(path: Path) -> bool:
@@ -840,10 +864,11 @@ class SafetensorsReader:
     arrays are zero-copy, writable, and writes never reach the file; where the whole file
     cannot be mapped (larger than memory + swap, or an address-space limit) each tensor
     is mapped on its own when it is read. With ``mmap=False`` the tensor data is read in
-    one sequential pass into one buffer the arrays view (best on network file systems);
+    one parallel pass into one buffer the arrays view (best on network file systems);
     ``verify_while_reading`` checksums it during that pass, so `verify` is free later. With
-    ``ranges=True`` each tensor's byte range is read when it is asked for, through
-    `fsops` (for loading a few tensors of a large file eagerly).
+    ``ranges=True`` each tensor's byte range is read, the same way, when it is asked for
+    (for loading a few tensors of a large file eagerly, or into arrays that exist: see
+    `read_into`), so memory holds only the tensors asked for.
     """
 
     def __init__(
@@ -855,6 +880,7 @@ class SafetensorsReader:
         verify_while_reading: bool = False,
     ) -> None:
         self._start(Path(path))
+        self._verify_while_reading = verify_while_reading
         fd = fsops.fs().open_regular(self.path)
         try:
             self.header = read_header(self.path, fd)
@@ -901,6 +927,7 @@ class SafetensorsReader:
         self._address: int | None = None  # self._buf's address in memory, once asked
         self._memview: memoryview | None = None
         self._fd: int | None = None  # kept only for per-tensor maps
+        self._verify_while_reading = False  # checksum each read (`_read_parallel`)
 
     def _map(self, fd: int) -> None:
         try:
@@ -914,12 +941,7 @@ class SafetensorsReader:
             weakref.finalize(self, os.close, fd)
 
     def _read_data(self, fd: int, checksum: bool) -> None:
-        """Read all tensor data into one buffer the arrays will view: pieces of
-        `_READ_CHUNK` bytes read by the helper threads and this one at once (``preadv``
-        releases the GIL), each piece straight into its place. With ``checksum``, each
-        thread checksums a piece's tensors right after reading it, so verification costs
-        no second pass over cold memory; a tensor split across pieces gets its checksum
-        from those of its parts (`crc32c_combine`)."""
+        """Read all tensor data into one buffer the arrays will view (`_read_parallel`)."""
         start = self.header.data_start
         size = os.fstat(fd).st_size
         try:
@@ -930,16 +952,43 @@ class SafetensorsReader:
                 "load fewer tensors with keys=[...], or with mmap=True"
             ) from exc
         self._base = start
+        entries = self.header.entries.values() if self._checksums(checksum) else ()
+        self._read_parallel(fd, self._buf.data, start, size, entries)
+
+    def _checksums(self, wanted: bool) -> bool:
+        """Whether to checksum while reading: asked for, and the file has a usable table."""
         header = self.header
-        checksum = checksum and header.checksums is not None and header.checksum_problem is None
-        ordered: Iterable[Entry] = ()
-        if checksum:
-            ordered = sorted(header.entries.values(), key=lambda e: e.start)
-        pieces = _plan_pieces(ordered, start, size, _READ_CHUNK)
-        fs, view, path, crc = fsops.fs(), self._buf.data, self.path, _crc32c()
+        return wanted and header.checksums is not None and header.checksum_problem is None
+
+    def _read_parallel(
+        self, fd: int, view: memoryview, start: int, end: int, entries: Iterable[Entry]
+    ) -> None:
+        """Read the file's bytes ``[start, end)`` into ``view``: pieces of `_READ_CHUNK`
+        bytes read by the helper threads and this one at once (``preadv`` releases the
+        GIL), each piece straight into its place. Each thread checksums a piece's parts of
+        ``entries`` (tensors inside the range) right after reading it, so verification
+        costs no second pass over cold memory; a tensor split across pieces gets its
+        checksum from those of its parts (`crc32c_combine`). The checksums go to
+        `_computed`."""
+        fs, path, crc = fsops.fs(), self.path, _crc32c()
+        if end - start <= _READ_CHUNK and len(entries := list(entries)) <= 1:
+            # one piece (a small tensor read on its own): no threads to plan for
+            try:
+                fs.read_into(fd, path, [(start, end - start)], view)
+            except EOFError:
+                _fail(self.path, "file shrank while it was being read")
+            except OSError as exc:
+                raise fsops.read_error(self.path, exc) from exc
+            for e in entries:
+                part = view[e.start - start : e.end - start]
+                self._computed[e.name] = crc(part, checksum_seed(e.dtype.code, e.shape))
+            return
+        ordered = sorted(entries, key=lambda e: e.start)
+        pieces = _plan_pieces(ordered, start, end, _READ_CHUNK)
         claim = iter(range(len(pieces)))  # each piece read once, by whichever thread is free
         failed: list[bool] = []
         split: list[tuple[str, int, int, int]] = []  # parts of tensors split across pieces
+        computed: dict[str, int] = {}
 
         def read_pieces() -> None:
             for i in claim:
@@ -954,7 +1003,7 @@ class SafetensorsReader:
                 for name, a, b, seed, whole in parts:
                     value = crc(view[a - start : b - start], seed)
                     if whole:
-                        self._computed[name] = value
+                        computed[name] = value
                     else:
                         split.append((name, a, b, value))
 
@@ -972,11 +1021,14 @@ class SafetensorsReader:
         except EOFError:
             _fail(self.path, "file shrank while it was being read")
         except OSError as exc:
+            if isinstance(exc, CheckpointError):  # open_regular's, already explained
+                raise
             raise fsops.read_error(self.path, exc) from exc
         split.sort(key=lambda part: part[1])  # file order: each tensor's parts in turn
         for name, a, b, value in split:
-            got = self._computed.get(name)
-            self._computed[name] = value if got is None else crc32c_combine(got, value, b - a)
+            got = computed.get(name)
+            computed[name] = value if got is None else crc32c_combine(got, value, b - a)
+        self._computed.update(computed)
 
     @property
     def names(self) -> list[str]:
@@ -993,16 +1045,21 @@ class SafetensorsReader:
             self._pending[name] = self._map_one(e) if self._fd is not None else self._read_one(e)
         return self._pending[name]
 
-    def _read_one(self, e: Entry) -> np.ndarray:
-        buf = np.empty(e.end - e.start, np.uint8)
+    def _read_one(self, e: Entry, out: np.ndarray | None = None) -> np.ndarray:
+        """Tensor ``e``'s bytes read on their own (`_read_parallel`), into ``out`` (a flat
+        ``uint8`` array of their size) when given."""
+        buf = np.empty(e.end - e.start, np.uint8) if out is None else out
         try:
-            fsops.fs().read_ranges(self.path, [(e.start, e.end - e.start)], buf.data)
-        except EOFError as exc:  # truncated after the header was read
-            _fail(self.path, f"reading tensor {e.name!r} failed: {exc}")
+            fd = fsops.fs().open_regular(self.path)
         except OSError as exc:
             if isinstance(exc, CheckpointError):  # open_regular's, already explained
                 raise
             raise fsops.read_error(self.path, exc) from exc
+        try:
+            entries = [e] if self._checksums(self._verify_while_reading) else []
+            self._read_parallel(fd, buf.data, e.start, e.end, entries)
+        finally:
+            os.close(fd)
         return buf
 
     def _map_one(self, e: Entry) -> np.ndarray:
@@ -1038,6 +1095,8 @@ class SafetensorsReader:
         sums = header.checksums
         if sums is None and header.checksum_problem is None:
             return
+        if self._buf is None:
+            self._bytes(name)  # read (and checksummed while read) once, kept for array()
         crc = self._computed.get(name)
         if sums is not None and header.checksum_problem is None:
             if crc is None:
@@ -1094,6 +1153,52 @@ class SafetensorsReader:
             arr = arr.copy()  # misaligned (another tool's file): frameworks want aligned data
         return arr.view(dtype).reshape(shape)
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the arrays are views of one map of the whole file."""
+        return isinstance(self._buf, mmap_module.mmap)
+
+    def release(self, name: str) -> None:
+        """Drop from this process the mapped pages wholly inside tensor ``name``, once its
+        array was copied elsewhere (to a device, or by a framework that does not view
+        host memory), so a load does not hold the mapped file beside the copies. The
+        pages stay in the page cache: a later access maps them again, unchanged (nothing
+        wrote to them: the map is copy-on-write and no view of them was handed out)."""
+        if not self.mapped or not hasattr(mmap_module, "MADV_DONTNEED"):
+            return
+        e = self.header.entries[name]
+        page = mmap_module.PAGESIZE
+        lo = -(-(e.start - self._base) // page) * page
+        hi = (e.end - self._base) // page * page
+        if hi > lo:
+            self._buf.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
+
+    def read_into(self, name: str, out: np.ndarray, *, verify: bool = True) -> None:
+        """Put tensor ``name``'s bytes into ``out`` (a flat, writable ``uint8`` array of
+        their size, e.g. a view of the caller's array), then check them when ``verify``.
+
+        A reader opened with ``ranges=True`` reads them from the file straight into
+        ``out``: nothing else is allocated for them. ``out`` may be left holding corrupt
+        bytes when the check fails.
+
+        Raises:
+            CorruptCheckpointError: it fails its checksum.
+        """
+        e = self.header.entries[name]
+        if self._buf is None and self._fd is None and name not in self._pending:
+            self._read_one(e, out)
+            if verify:
+                self._pending[name] = out  # what verify() checks, if not checksummed already
+                try:
+                    self.verify(name)
+                finally:
+                    del self._pending[name]
+            return
+        if verify:
+            self.verify(name)
+        out[...] = self._bytes(name)
+        self._pending.pop(name, None)
+
     def arrays(
         self, keys: Iterable[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
@@ -1114,6 +1219,9 @@ def file_parts(
     parallel.
     """
     image = file_image(tensors, _stamped(metadata))
+    for wait in image.ready or ():  # the checksums come first: every copy must be done
+        if wait is not None:
+            wait()
     sums = _checksums_parallel(list(zip(image.buffers, image.seeds, strict=True)), image.sizes)
     head = bytearray(image.header.head)
     table = image.header.checksum_table(sums)

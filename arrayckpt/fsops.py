@@ -280,7 +280,24 @@ def _stream(fd: int, image: Any) -> list[int]:
     crcs: list[int] = []
     batch: list[Any] = []
     size = 0
-    for data, n, seed in zip(image.buffers, image.sizes, image.seeds, strict=True):
+    # Tensors written in place from the caller's memory (a save within a staging budget)
+    # are reported as soon as their bytes are out, so the caller is released early.
+    written = image.written or [None] * len(image.sizes)
+    # Tensors still being copied into staging (the write starts before the snapshot's
+    # copies end) are waited for one by one.
+    ready = image.ready or [None] * len(image.sizes)
+    done: list[Callable[[], None]] = []
+    for data, n, seed, report, wait in zip(
+        image.buffers, image.sizes, image.seeds, written, ready, strict=True
+    ):
+        if wait is not None:
+            if batch:  # what is ready goes out first: the disk keeps busy meanwhile
+                out.write(batch, size)
+                batch, size = [], 0
+                _report(done)
+            wait()
+        if report is not None:
+            done.append(report)
         if n <= CHUNK_BYTES:
             crcs.append(crc(data, seed))
             batch.append(data)
@@ -288,6 +305,7 @@ def _stream(fd: int, image: Any) -> list[int]:
             if size >= CHUNK_BYTES or len(batch) == _IOV_MAX:
                 out.write(batch, size)
                 batch, size = [], 0
+                _report(done)
             continue
         if batch:
             out.write(batch, size)
@@ -298,9 +316,17 @@ def _stream(fd: int, image: Any) -> list[int]:
             seed = crc(piece, seed)
             out.write([piece], len(piece))
         crcs.append(seed)
+        _report(done)
     if batch:
         out.write(batch, size)
+    _report(done)
     return crcs
+
+
+def _report(done: list[Callable[[], None]]) -> None:
+    for report in done:
+        report()
+    done.clear()
 
 
 class _Appender:

@@ -65,6 +65,20 @@ def batched() -> Iterator[None]:
     run_copies(jobs)
 
 
+@contextmanager
+def recorded() -> Iterator[list[Copy]]:
+    """Record this thread's `copy_bytes` calls inside the block into the list it yields,
+    and run none of them: the caller runs them (`run_copies`), possibly in pieces, e.g. a
+    snapshot whose write starts on the first tensors while the later ones still copy."""
+    outer = getattr(_local, "jobs", None)
+    jobs: list[Copy] = []
+    _local.jobs = jobs
+    try:
+        yield jobs
+    finally:
+        _local.jobs = outer
+
+
 def run_copies(jobs: list[Copy]) -> None:
     """Run ``jobs``: large ones split evenly across the helper threads and this one."""
     workers = pool.threads()

@@ -24,8 +24,9 @@ class TensorInfo(NamedTuple):
 class LazyState(Mapping[str, Any]):
     """A read-only mapping of one file's tensor names to arrays, each read on access.
 
-    The file is mapped (or, with ``mmap=False``, read once); a tensor's bytes are
-    checksummed and converted to the requested framework only when it is looked up.
+    The file is mapped (or, with ``mmap=False``, each tensor is read from it on its own
+    each time it is looked up); a tensor's bytes are checksummed and converted to the
+    requested framework only when it is looked up.
     Names are those in the file: dotted paths for nested state. Non-array leaves of a
     nested state are in `leaves`.
     """
@@ -103,7 +104,8 @@ def open_checkpoint(
         xp: the framework of the arrays returned on access, as in `load_checkpoint`.
         device: where they go, as in `load_checkpoint`.
         verify: check each tensor's CRC32C when it is accessed.
-        mmap: map the files (``True``) or read each whole once (``False``).
+        mmap: map the files (``True``), or read each tensor's bytes when it is accessed
+            (``False``, for network file systems; memory holds only what was accessed).
         storage_options: object-store settings over those from the environment.
 
     Returns:
@@ -141,7 +143,10 @@ def open_checkpoint(
     backend.check_device(device)
 
     def lazy(path: Path) -> LazyState:
-        return LazyState(format.SafetensorsReader(path, mmap=mmap), backend, device, verify)
+        reader = format.SafetensorsReader(
+            path, mmap=mmap, ranges=not mmap, verify_while_reading=verify
+        )
+        return LazyState(reader, backend, device, verify)
 
     opt_path = root / OPTIMIZER_FILE
     return LazyCheckpoint(

@@ -82,14 +82,27 @@ def load_state_file(
     returned as a flat dict. With ``into``, the tensors are copied into its arrays instead
     (see `fill.fill`), and ``into`` is returned.
     """
-    # eager partial loads read only the header and the requested tensors' byte ranges
-    reader = format.SafetensorsReader(
+    reader = open_state_file(path, mmap=mmap, verify=verify, keys=keys, into=into)
+    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
+
+
+def open_state_file(
+    path: Path, *, mmap: bool, verify: bool, keys: Iterable[str] | None, into: Any
+) -> format.SafetensorsReader:
+    """The reader `read_state` loads ``path`` with, reading no more than it needs.
+
+    Eager partial loads read only the header and the requested tensors' byte ranges. A
+    load ``into=`` arrays (other than a JAX template, whose devices read their boxes
+    from the map) reads each tensor straight into its target: neither a whole-file
+    buffer nor mapped pages beside the targets.
+    """
+    return format.SafetensorsReader(
         path,
         mmap=mmap,
-        ranges=keys is not None and not mmap,
+        ranges=(keys is not None and not mmap)
+        or (into is not None and not templates.is_jax_template(into)),
         verify_while_reading=verify,
     )
-    return read_state(reader, xp=xp, device=device, verify=verify, keys=keys, into=into)
 
 
 def read_state(
@@ -114,13 +127,21 @@ def read_state(
         return jax_restore.restore_file(reader, into, verify=verify, stats=None)
     backend = backends.for_namespace(xp)
     backend.check_device(device)
+    # A copy holds the values: each tensor's mapped pages can go once it is made (JAX
+    # copies in the background: releasing before it finished would map them again).
+    release = reader.mapped and not backend.views_host(device)
 
     def load_one(name: str) -> Any:
         host = reader.array(name, verify=verify)  # its errors name the file and tensor
         try:
-            return backend.from_host(host, device)
+            loaded = backend.from_host(host, device)
         except UnsupportedArrayError as exc:
             raise UnsupportedArrayError(f"{path}: tensor {name!r}: {exc}") from exc
+        if release:
+            getattr(loaded, "block_until_ready", lambda: None)()
+            del host
+            reader.release(name)
+        return loaded
 
     tied = aliases.read(reader.header.metadata, reader.header.entries, source=str(path))
     get = aliases.resolver(load_one, tied)  # a tied tensor comes back as one object
@@ -419,12 +440,8 @@ def _load_once(
             f"no complete checkpoint at {root}: {MODEL_FILE} is missing"
             f"{interrupted_save_hint(root)}"
         )
-    mmap = options["mmap"]
-    reader = format.SafetensorsReader(
-        root / MODEL_FILE,
-        mmap=mmap,
-        ranges=keys is not None and not mmap,
-        verify_while_reading=options["verify"],
+    reader = open_state_file(
+        root / MODEL_FILE, mmap=options["mmap"], verify=options["verify"], keys=keys, into=into
     )
     model = read_state(
         reader,

@@ -38,7 +38,7 @@ from .layout import (
 )
 from .load import Checkpoint, load_checkpoint
 from .save import write_snapshot
-from .snapshot import take_snapshot
+from .snapshot import check_budget, take_snapshot
 from .training_state import TrainingState
 
 if TYPE_CHECKING:  # the object-store root is imported only for URL roots
@@ -100,6 +100,10 @@ class CheckpointManager(ClosesOnExit):
             (``AWS_*``, ...), as in `save_checkpoint`; unused for local roots.
         lease_ttl_s: on an object store, how long a writer's lease outlives its last
             renewal: the wait before another machine may clean up after a crashed writer.
+        max_staging_bytes: with ``async_save``, the most host memory a save's staging
+            may take; a larger state's first arrays are written in place while ``save``
+            waits (see `AsyncCheckpointer`). Unused with ``async_save=False``, which
+            stages nothing.
 
     Examples:
         >>> import numpy as np, arrayckpt as ac, tempfile
@@ -124,7 +128,9 @@ class CheckpointManager(ClosesOnExit):
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
         storage_options: Mapping[str, Any] | None = None,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        max_staging_bytes: int | None = None,
     ) -> None:
+        check_budget(max_staging_bytes)  # before the root is created
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidInputError(f"{name} must be a positive int or None, not {value!r}")
@@ -149,7 +155,9 @@ class CheckpointManager(ClosesOnExit):
                 raise InvalidInputError(
                     f"cannot create the checkpoint root {self._path}: {exc}"
                 ) from exc
-        self._checkpointer = AsyncCheckpointer() if async_save else None
+        self._checkpointer = (
+            AsyncCheckpointer(max_staging_bytes=max_staging_bytes) if async_save else None
+        )
         self._closed = False
         self._lock = threading.RLock()
         #: The step and future of the last asynchronous save; see `_in_flight_step`.

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import operator
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import aliases, backends, format, hostcopy, nested, pool
+from . import aliases, backends, format, hostcopy, nested, pool, statecache
 from .dtypes import DType
 from .errors import InvalidInputError
+from .handoff import CopyGates, Handoff
 from .staging import HostTensor, StagingPool
 from .training_state import TrainingState
 
@@ -52,13 +56,40 @@ def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
     """Validate every key and value of ``state`` before the first byte is copied."""
     if state is None:
         return []
+    entry = state.entry if isinstance(state, statecache.CheckedState) else None
+    if entry is not None and entry.backends is not None and entry.dtypes is not None:
+        # The same names and arrays as a save that passed these checks (see `statecache`)
+        return statecache.CheckedPlan(
+            zip(state, state.values(), entry.backends, entry.dtypes, strict=True), entry
+        )
     state = check_mapping(state, what=what)
-    plan = []
-    for key, x in state.items():
-        check_key(key, what=what)
-        backend = backends.for_array(x, key)
-        plan.append((key, x, backend, backend.dtype(x, key)))
-    return plan
+    if entry is None:
+        plan = []
+        for key, x in state.items():
+            check_key(key, what=what)
+            backend = backends.for_array(x, key)
+            plan.append((key, x, backend, backend.dtype(x, key)))
+        return plan
+    # str keys and plain NumPy arrays only (see `statecache.entry_for`): checked at once
+    keys = list(state)
+    if not _keys_valid(keys):
+        for key in keys:
+            check_key(key, what=what)  # raises, naming the key
+    numpy_backend = backends.for_array(_NUMPY_PROBE, "")
+    dtypes = list(map(numpy_backend.dtype, state.values(), keys))  # raises, naming the key
+    entry.backends, entry.dtypes = [numpy_backend] * len(keys), dtypes
+    return _plan(state, what=what)
+
+
+def _keys_valid(keys: list[str]) -> bool:
+    """`check_key` of many ``str`` keys, in C-level passes (false: one of them fails)."""
+    joined = "".join(keys)
+    return (
+        "\x00" not in joined
+        and "__metadata__" not in keys
+        and min(map(len, keys), default=1) > 0
+        and _is_utf8(joined)
+    )
 
 
 #: NumPy arrays up to this size share one staging slab per snapshot (see `_slab_copy`).
@@ -67,9 +98,20 @@ SLAB_MAX_BYTES = 64 << 10
 
 def _split_small(plan: Plan) -> tuple[Plan, Plan]:
     """Split off the small, C-contiguous, little-endian NumPy arrays of ``plan``."""
+    numpy_backend = backends.for_array(_NUMPY_PROBE, "")
+    entry = plan.entry if isinstance(plan, statecache.CheckedPlan) else None
+    if entry is not None and entry.small is not None and len(entry.small) == len(plan):
+        # the same arrays as a save that split them (see `statecache`)
+        return _split_by(plan, entry.small, entry)
+    if plan:
+        _, xs, kinds, dtypes = zip(*plan, strict=True)
+        if set(map(type, xs)) == {np.ndarray} and set(map(id, kinds)) == {id(numpy_backend)}:
+            fits = _fit_slab(xs, dtypes)
+            if entry is not None:
+                entry.small = fits
+            return _split_by(plan, fits, entry)
     small: Plan = []
     rest: Plan = []
-    numpy_backend = backends.for_array(_NUMPY_PROBE, "")
     for item in plan:
         _, x, backend, dtype = item
         if (
@@ -88,6 +130,32 @@ def _split_small(plan: Plan) -> tuple[Plan, Plan]:
 _NUMPY_PROBE = np.empty(0, np.uint8)
 
 
+def _split_by(plan: Plan, fits: np.ndarray, entry: statecache.Entry | None) -> tuple[Plan, Plan]:
+    """``plan``'s items where ``fits``, and the others; the first keeps ``plan``'s entry."""
+    small = list(itertools.compress(plan, fits))
+    rest = list(itertools.compress(plan, ~fits))
+    return (small if entry is None else statecache.CheckedPlan(small, entry)), rest
+
+
+def _fit_slab(xs: tuple[Any, ...], dtypes: tuple[DType, ...]) -> np.ndarray:
+    """Which of the plain NumPy arrays ``xs`` go to the slab, in C-level passes."""
+    n = len(xs)
+    fits = np.fromiter(map(_nbytes, xs), np.int64, n) <= SLAB_MAX_BYTES
+    fits &= np.fromiter(map(_c_contiguous, xs), bool, n)
+    wanted = list(map(_numpy_of, dtypes))
+    same = np.fromiter(map(operator.is_, map(_np_dtype, xs), wanted), bool, n)
+    if not same.all():  # builtin dtypes are singletons: only the others need comparing
+        same = np.fromiter(map(operator.eq, map(_np_dtype, xs), wanted), bool, n)
+    fits &= same
+    return fits
+
+
+_nbytes = operator.attrgetter("nbytes")
+_c_contiguous = operator.attrgetter("flags.c_contiguous")
+_np_dtype = operator.attrgetter("dtype")
+_numpy_of = operator.attrgetter("numpy")
+
+
 SlabLayout = list[tuple[np.dtype[Any], list[int]]]
 
 
@@ -96,6 +164,22 @@ def _slab_layout(small: Plan) -> tuple[SlabLayout, int]:
 
     Each group starts 64-byte aligned, so every view into the slab is aligned.
     """
+    if not small:
+        return [], 0
+    entry = small.entry if isinstance(small, statecache.CheckedPlan) else None
+    if entry is not None and entry.slab_layout is not None and entry.slab_layout[0] == len(small):
+        return entry.slab_layout[1]  # the same small arrays (see `statecache`)
+    layout = _group_by_dtype(small)
+    if entry is not None:
+        entry.slab_layout = (len(small), layout)
+    return layout
+
+
+def _group_by_dtype(small: Plan) -> tuple[SlabLayout, int]:
+    xs = [x for _, x, _, _ in small]
+    kinds = set(map(_np_dtype, xs))
+    if len(kinds) == 1:  # one dtype (the common case): one group, no per-array lookups
+        return [(kinds.pop(), list(range(len(xs))))], sum(map(_nbytes, xs))
     groups: dict[np.dtype[Any], list[int]] = {}
     sizes: dict[np.dtype[Any], int] = {}
     for i, (_, x, _, _) in enumerate(small):
@@ -115,29 +199,50 @@ def _slab_layout(small: Plan) -> tuple[SlabLayout, int]:
 def _slab_copy(small: Plan, groups: SlabLayout, slab: np.ndarray) -> dict[str, HostTensor]:
     """Copy many small arrays into one slab laid out by `_slab_layout`: one
     `np.concatenate` per dtype instead of a staging buffer, views and a copy call per array
-    (20,000 tensors of 4 KiB: ~5 µs less each)."""
+    (20,000 tensors of 4 KiB: ~5 µs less each); the views of each run of equal shapes come
+    from one reshape."""
     out: list[HostTensor | None] = [None] * len(small)
     at = 0
     for dt, members in groups:
         at = -(-at // 64) * 64
         arrays = [small[i][1] for i in members]
-        count = sum(a.size for a in arrays)
+        count = sum(map(_size, arrays))
         segment = slab[at : at + count * dt.itemsize].view(dt)
-        np.concatenate([a.ravel() for a in arrays], out=segment)
-        dtype = small[members[0]][3]
-        start = 0
-        address = segment.__array_interface__["data"][0]
-        for i, a in zip(members, arrays, strict=True):
-            end = start + a.size
-            view = segment[start:end]
-            out[i] = HostTensor(
-                view if a.ndim == 1 else view.reshape(a.shape),
-                dtype,
-                address + start * dt.itemsize,
-            )
-            start = end
+        np.concatenate(arrays, axis=None, out=segment)
+        tensors = _slab_views(arrays, segment, small[members[0]][3])
+        if len(members) == len(small):  # one group: members are 0, 1, ... in order
+            return dict(zip([key for key, *_ in small], tensors, strict=True))
+        for i, t in zip(members, tensors, strict=True):
+            out[i] = t
         at += count * dt.itemsize
     return {item[0]: t for item, t in zip(small, out, strict=True) if t is not None}
+
+
+_size = operator.attrgetter("size")
+_shape = operator.attrgetter("shape")
+
+
+def _slab_views(arrays: list[np.ndarray], segment: np.ndarray, dtype: DType) -> list[HostTensor]:
+    """``arrays``' copies in ``segment`` (one dtype, packed in order) as tensors: each run
+    of equal shapes is one reshape of the segment, whose rows are the views."""
+    tensors: list[HostTensor] = []
+    address = segment.__array_interface__["data"][0]
+    itemsize = segment.itemsize
+    start = 0
+    for shape, run in itertools.groupby(map(_shape, arrays)):
+        n = len(list(run))
+        size = math.prod(shape)
+        block = segment[start : start + n * size]
+        if shape:
+            views = list(block.reshape(n, *shape))
+        else:  # rows of a 1-D array are scalars, not views
+            views = [block[i : i + 1].reshape(()) for i in range(n)]
+        step = size * itemsize
+        at = address + start * itemsize
+        where = range(at, at + n * step, step) if step else [at] * n
+        tensors += map(HostTensor, views, itertools.repeat(dtype), where)
+        start += n * size
+    return tensors
 
 
 def _copy(
@@ -211,18 +316,104 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
     return rest, shared
 
 
+def _within_budget(
+    plans: tuple[Plan, ...], max_staging_bytes: int
+) -> tuple[tuple[Plan, ...], tuple[dict[str, HostTensor], ...], Handoff | None]:
+    """Split ``plans`` for a save that stages at most ``max_staging_bytes``: the arrays
+    written last that fit the budget are staged; the ones before them are written in place
+    from the caller's memory, which the caller leaves alone until the writer has passed
+    them (the returned `Handoff`; ``None`` when everything fits).
+
+    Arrays that have no host view (device arrays, strided or byte-swapped ones) are always
+    staged; they must fit the budget themselves.
+
+    Raises:
+        InvalidInputError: the arrays that must be copied exceed the budget.
+    """
+    views: list[dict[str, np.ndarray]] = []
+    must_copy = 0
+    first_copied = ""
+    for plan in plans:
+        found = {}
+        for key, x, backend, dtype in plan:
+            view = backend.host_view(x, key, dtype)
+            if view is None:
+                must_copy += math.prod(backend.shape(x)) * dtype.itemsize
+                first_copied = first_copied or key
+            else:
+                found[key] = view
+        views.append(found)
+    if must_copy > max_staging_bytes:
+        raise InvalidInputError(
+            f"max_staging_bytes={max_staging_bytes} is below the {must_copy} bytes of arrays "
+            f"that must be copied to be saved (device arrays, strided or byte-swapped ones, "
+            f"e.g. {first_copied!r}); raise the budget, or pass contiguous host arrays"
+        )
+    # Walk back from the last array written (model file, then optimizer, then extra; each
+    # in its file order): stage while the budget lasts, then write the rest in place.
+    left = max_staging_bytes - must_copy
+    in_place: list[set[str]] = [set() for _ in plans]
+    over = False
+    for part in reversed(range(len(plans))):
+        plan = plans[part]
+        names = tuple(key for key, *_ in plan)
+        order = format.file_order(names, tuple(dtype.itemsize for *_, dtype in plan))
+        for i in reversed(order):
+            key = names[i]
+            view = views[part].get(key)
+            if view is None:
+                continue  # counted in must_copy
+            if not over and view.nbytes <= left:
+                left -= view.nbytes
+            else:
+                over = True  # stage only a suffix: the caller waits for the last in place
+                in_place[part].add(key)
+    count = sum(map(len, in_place))
+    if not count:
+        return plans, ({}, {}, {}), None
+    handoff = Handoff(count)
+    reports = iter(handoff.callbacks())
+    borrowed = tuple(
+        {
+            key: HostTensor(views[part][key], dtype, written=next(reports))
+            for key, _, _, dtype in plans[part]
+            if key in in_place[part]
+        }
+        for part in range(len(plans))
+    )
+    staged = tuple(
+        [item for item in plan if item[0] not in keys]
+        for plan, keys in zip(plans, in_place, strict=True)
+    )
+    return staged, borrowed, handoff
+
+
+def check_budget(max_staging_bytes: Any) -> int | None:
+    """``max_staging_bytes`` as given to `AsyncCheckpointer`: a positive int or ``None``."""
+    if max_staging_bytes is None:
+        return None
+    if type(max_staging_bytes) is not int or max_staging_bytes < 1:
+        raise InvalidInputError(
+            f"max_staging_bytes must be a positive int (bytes) or None, not {max_staging_bytes!r}"
+        )
+    return max_staging_bytes
+
+
 def staging_buffers(
     model_state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
     *,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> list[tuple[int, bool]]:
     """The staging buffers (byte size, pinned) an asynchronous save of this state takes;
     validates the state like a save. Arrays may be the real state or any arrays of the
     same shapes, dtypes and kinds."""
-    plans = [
+    plans = tuple(
         _share_immutable(plan)[0] for plan, _, _ in _validated(model_state, optimizer_state, extra)
-    ]
+    )
+    if max_staging_bytes is not None:
+        plans = _within_budget(plans, max_staging_bytes)[0]
     return _staging_layout(*plans)[0]
 
 
@@ -255,31 +446,116 @@ class PendingSnapshot:
     staging: StagingPool | None
     #: The snapshot with every field but its tensors.
     template: Snapshot
+    #: The caller's arrays written in place (a save within a staging budget): the caller
+    #: must not change them before ``handoff.done``; ``None`` when every array is staged.
+    handoff: Handoff | None = None
 
     def finish(self) -> Snapshot:
         """Run the host copies and wait for the device ones: the snapshot is complete."""
+        snap, copy = self.start_copies()
+        copy()
+        return snap
+
+    def start_copies(self) -> tuple[Snapshot, Callable[[], None]]:
+        """The snapshot with its buffers taken but its host copies not run, and the
+        function that runs them and waits for the device copies.
+
+        Until that function returns, the tensors still to be copied carry a gate
+        (`HostTensor.ready`) that the writer waits at: a write started at once writes
+        the first tensors while the later ones copy, so a save takes about
+        max(copy, write) instead of their sum. The copies run in write order (model,
+        optimizer, extra; each in file order) in runs of `PIPELINE_BYTES`. If they fail,
+        every gate fails, and a writer waiting at one raises instead of reading.
+        """
         try:
-            with hostcopy.batched():  # one batch of copies for all states
+            with hostcopy.recorded() as jobs:  # one batch of copies for all states
                 copies = [
                     _copy(plan, self.staging, slab)
                     for plan, slab in zip(self.host_plans, self.slabs, strict=True)
                 ]
-        finally:
-            # One synchronisation per snapshot; also after a failed copy, so no device copy
-            # still writes into staging buffers the next snapshot will reuse.
+        except BaseException:
+            # Also after a failed copy: no device copy may still write into staging
+            # buffers the next snapshot will reuse.
             _synchronize(*self.device_plans, *self.host_plans)
+            raise
         if self.staging is not None:
             self.staging.end()
-        model, optimizer, extra = (
+        parts = [
             _in_order(keys, ready, copied)
             for keys, ready, copied in zip(self.keys, self.ready, copies, strict=True)
-        )
-        return replace(
+        ]
+        devices = [{key for key, *_ in plan} for plan in self.device_plans]
+        runs, gates = _gate(parts, devices, jobs)
+        model, optimizer, extra = parts
+
+        def copy() -> None:
+            try:
+                try:
+                    for run, group in enumerate(runs):
+                        hostcopy.run_copies(group)
+                        gates.open(run)
+                finally:  # one synchronisation per snapshot, also after a failed copy
+                    _synchronize(*self.device_plans, *self.host_plans)
+            except BaseException as exc:
+                gates.fail(exc)
+                raise
+            gates.open(len(runs))  # the device copies' gate
+
+        snap = replace(
             self.template,
             model=model,
             optimizer=optimizer,
             extra=None if self.template.extra is None else extra,
         )
+        return snap, copy
+
+
+#: A snapshot's host copies are released to the writer in runs of about this many bytes.
+PIPELINE_BYTES = 64 << 20
+
+
+def _gate(
+    parts: list[dict[str, HostTensor]], devices: list[set[str]], jobs: list[hostcopy.Copy]
+) -> tuple[list[list[hostcopy.Copy]], CopyGates]:
+    """Group ``jobs`` into runs in write order, and give each tensor they copy into the
+    gate of its run (in place in ``parts``); device copies get the last gate. Returns
+    the runs and the gates (one per run, plus the device copies')."""
+    order = []
+    for part, tensors in enumerate(parts):
+        names = tuple(tensors)
+        itemsizes = tuple(t.dtype.itemsize for t in tensors.values())
+        order += [(part, names[i]) for i in format.file_order(names, itemsizes)]
+    # Each copy lands in one tensor's buffer (or a piece of it): find it by address.
+    spans = sorted(
+        (parts[part][key].data_ptr, index)
+        for index, (part, key) in enumerate(order)
+        if parts[part][key].nbytes
+    )
+    starts = [start for start, _ in spans]
+    target: list[int] = []
+    for dst, _ in jobs:
+        at = bisect.bisect_right(starts, dst.__array_interface__["data"][0]) - 1
+        target.append(spans[at][1] if at >= 0 else 0)
+    copied = set(target)
+    run_of: dict[int, int] = {}
+    run, filled = 0, 0
+    for index, (part, key) in enumerate(order):
+        if index in copied:
+            if filled >= PIPELINE_BYTES:
+                run, filled = run + 1, 0
+            run_of[index] = run
+            filled += parts[part][key].nbytes
+    runs: list[list[hostcopy.Copy]] = [[] for _ in range(run + 1 if run_of else 0)]
+    for job, index in zip(jobs, target, strict=True):
+        runs[run_of[index]].append(job)
+    gates = CopyGates(len(runs) + 1)
+    for index, (part, key) in enumerate(order):
+        gate = run_of.get(index)
+        if gate is None and key in devices[part]:
+            gate = len(runs)
+        if gate is not None:
+            parts[part][key] = replace(parts[part][key], ready=gates.waiter(gate))
+    return runs, gates
 
 
 def start_snapshot(
@@ -289,9 +565,13 @@ def start_snapshot(
     *,
     staging: StagingPool | None,
     extra: Any = None,
+    max_staging_bytes: int | None = None,
 ) -> PendingSnapshot:
     """Validate the state, take its staging buffers and issue the device-to-host copies
     (asynchronous on the device's side stream); `PendingSnapshot.finish` does the rest.
+
+    With ``max_staging_bytes`` (and ``staging``) at most that many bytes are staged: the
+    arrays written first are written in place instead (see `_within_budget`).
 
     Everything that can refuse the state runs here, in the caller's thread; `finish` may
     run on another thread (background staging), as long as the caller leaves the arrays
@@ -313,10 +593,14 @@ def start_snapshot(
     full = (model_plan, optimizer_plan, extra_plan)
     plans: tuple[Plan, ...] = full
     shared: tuple[dict[str, HostTensor], ...] = ({}, {}, {})
+    handoff = None
     if staging is not None:
         split = [_share_immutable(plan) for plan in plans]
         plans = tuple(rest for rest, _ in split)
         shared = tuple(views for _, views in split)
+        if max_staging_bytes is not None:
+            plans, in_place, handoff = _within_budget(plans, max_staging_bytes)
+            shared = tuple({**a, **b} for a, b in zip(shared, in_place, strict=True))
     slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None] = (
         _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     )
@@ -352,6 +636,7 @@ def start_snapshot(
         device_plans=device_plans,
         staging=staging,
         template=template,
+        handoff=handoff,
     )
 
 
@@ -364,13 +649,18 @@ def finish_in_background(pending: PendingSnapshot) -> tuple[Future[Snapshot], Fu
 
     def run() -> None:
         try:
-            snap = pending.finish()
+            snap, copy = pending.start_copies()
         except BaseException as exc:
             staged.set_exception(exc)
             snapshot.set_exception(exc)
+            return
+        snapshot.set_result(snap)  # the writer may start: it waits for each tensor's copy
+        try:
+            copy()
+        except BaseException as exc:
+            staged.set_exception(exc)
         else:
             staged.set_result(None)
-            snapshot.set_result(snap)
 
     thread = threading.Thread(target=run, name="arrayckpt-stage", daemon=True)
     if not pool.start(thread):  # the interpreter is exiting: copy on this thread
@@ -423,8 +713,16 @@ def _validated(
 
 def _check_writable(plan: Plan, tree: str | None, *, what: str) -> None:
     """Refuse now, in the caller's thread, a file the writer would refuse (`limits`)."""
-    layout = [(key, dtype, backend.shape(x)) for key, x, backend, dtype in plan]
+    entry = plan.entry if isinstance(plan, statecache.CheckedPlan) else None
+    if entry is not None and tree in entry.writable:
+        return  # the same names, dtypes and shapes passed with this tree (see `statecache`)
+    layout = [
+        (key, dtype, x.shape if type(x) is np.ndarray else backend.shape(x))
+        for key, x, backend, dtype in plan
+    ]
     format.check_writable(what, layout, None if tree is None else {nested.TREE_KEY: tree})
+    if entry is not None:
+        entry.writable = {tree}  # one tree: a nested state's tree changes with its scalars
 
 
 def _flatten(
@@ -434,8 +732,15 @@ def _flatten(
     if state is None:
         return None, None, {}
     flat, tree = nested.flatten(state, what=what)
-    tied = aliases.find_aliases(flat, what=what)
-    return {k: v for k, v in flat.items() if k not in tied}, tree, tied
+    entry = statecache.entry_for(flat)
+    if entry is None:
+        tied = aliases.find_aliases(flat, what=what)
+        return {k: v for k, v in flat.items() if k not in tied}, tree, tied
+    if entry.aliases is None:  # a state not seen before (or changed): check it
+        entry.aliases = aliases.find_aliases(flat, what=what)
+    tied = dict(entry.aliases)
+    stored = [(k, v) for k, v in flat.items() if k not in tied] if tied else flat
+    return statecache.CheckedState(stored, entry), tree, tied
 
 
 def check_key(key: Any, *, what: str) -> str:

@@ -28,6 +28,12 @@ class HostTensor:
     #: ``data``'s address when the snapshot already knows it (a view into a slab), which
     #: saves the writer an `__array_interface__` lookup per tensor.
     address: int | None = None
+    #: Set for the caller's own arrays that a save within a staging budget writes in
+    #: place: the writer calls it once the bytes are written (see `handoff.Handoff`).
+    written: Callable[[], None] | None = None
+    #: Set while the bytes are still being copied in (a write that starts before its
+    #: snapshot's copies end): blocks until they are there (see `handoff.CopyGates`).
+    ready: Callable[[], None] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -97,7 +97,7 @@ step pytest-more 100 "$OUT/pytest_more.log" \
     "$PY" -m pytest -p no:cacheprovider -q -rs -x \
     tests/test_async_checkpointer.py tests/test_checkpoint.py tests/test_backends.py \
     tests/test_fill.py tests/test_docs.py tests/test_pool.py tests/test_hostcopy.py \
-    tests/test_staging_modes.py
+    tests/test_staging_modes.py tests/test_staging_budget.py
 
 # --- 3. benchmark ------------------------------------------------------------------------
 rm -f bench/results/bench-cuda-quick-*.json

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from async_helpers import FailingFS, GatedFS, open_gate_later
+from memory import needs_proc, rss
 
 import arrayckpt as ac
 from arrayckpt import fsops
@@ -256,23 +257,18 @@ def test_a_relative_directory_is_resolved_when_save_is_called(
     assert list((tmp_path / "b").iterdir()) == []
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+@needs_proc
 def test_close_gives_the_staging_memory_back(tmp_path: Path) -> None:
     import gc
 
     state = {f"t{i}": np.ones(8 << 20, np.float32) for i in range(8)}  # 256 MiB, touched
     gc.collect()
-    before = _rss()
+    before = rss()
     ckpt = ac.AsyncCheckpointer()
     ckpt.save(tmp_path / "c", state)
-    during = _rss()  # the snapshot: about 1x the state
+    during = rss()  # the snapshot: about 1x the state
     ckpt.close()
     gc.collect()
-    after = _rss()
+    after = rss()
     assert during - before > 200 << 20, "the snapshot did not copy the state"
     assert after - before < 32 << 20, f"{(after - before) >> 20} MiB still held after close()"

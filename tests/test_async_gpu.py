@@ -115,3 +115,24 @@ def test_torch_cuda_background_staging_and_prepare(tmp_path: Path) -> None:
     got = ac.load_checkpoint(tmp_path / "step_1", xp="torch")
     for k, v in expected.items():
         assert torch.equal(got.model[k], v)
+
+
+def test_cuda_tensors_under_a_staging_budget_are_staged_and_must_fit(tmp_path: Path) -> None:
+    """Device arrays have no host view: a bounded save stages them (pinned) and writes the
+    host arrays in place; device arrays beyond the budget are refused up front."""
+    torch = _torch_cuda()
+    mib = 1 << 20
+    device = {f"g{i}": torch.full((mib // 4,), float(i), device="cuda") for i in range(2)}
+    host = {f"h{i}": np.full(mib // 4, i, np.float32) for i in range(4)}
+    with ac.AsyncCheckpointer(max_staging_bytes=3 * mib) as ckpt:
+        future = ckpt.save(tmp_path / "ok", {**device, **host})
+        assert ckpt.staging.nbytes <= 3 * mib
+        for t in device.values():
+            t.add_(1)
+        future.result()
+        with pytest.raises(ac.InvalidInputError, match="max_staging_bytes"):
+            ckpt.save(
+                tmp_path / "over", {f"g{i}": torch.zeros(mib, device="cuda") for i in range(4)}
+            )
+    out = ac.load_checkpoint(tmp_path / "ok").model
+    assert out["g1"][0] == 1.0 and out["h3"][0] == 3.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,23 +193,92 @@ def test_background_staging_keeps_the_values_of_save_time(tmp_path: Path) -> Non
 def test_a_failed_background_copy_fails_both_futures_and_keeps_the_checkpointer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    finish = PendingSnapshot.finish
+    start = PendingSnapshot.start_copies
 
     def broken(self: PendingSnapshot) -> Any:
         raise MemoryError("no staging memory")
 
     with ac.AsyncCheckpointer() as ckpt:
         ckpt.save(tmp_path / "step_1", _state()).result()
-        monkeypatch.setattr(PendingSnapshot, "finish", broken)
+        monkeypatch.setattr(PendingSnapshot, "start_copies", broken)
         future = ckpt.save(tmp_path / "step_2", _state(1), background_staging=True)
         with pytest.raises(MemoryError):
             future.staged.result(timeout=60)
         with pytest.raises(MemoryError):
             future.result(timeout=60)
-        monkeypatch.setattr(PendingSnapshot, "finish", finish)
+        monkeypatch.setattr(PendingSnapshot, "start_copies", start)
         ckpt.save(tmp_path / "step_3", _state(3), background_staging=True).result()
     assert not (tmp_path / "step_2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_3"]
+
+
+def _big_state() -> dict[str, np.ndarray]:
+    """Enough bytes for several copy runs (`snapshot.PIPELINE_BYTES`)."""
+    return {f"t{i}": np.full(8 << 20, i, np.float32) for i in range(6)}  # 192 MiB
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_copy_failing_while_the_write_runs_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """The write starts before the copies end (it waits at each tensor's gate): a copy
+    that fails midway must fail the write, not let it write a buffer never filled."""
+    from arrayckpt import hostcopy
+
+    run_copies = hostcopy.run_copies
+    calls = []
+
+    def fails_on_the_second_run(jobs: Any) -> None:
+        if not jobs:  # the empty batch of a snapshot with no device arrays
+            return
+        calls.append(len(jobs))
+        if len(calls) == 2:
+            raise MemoryError("copy failed (injected)")
+        run_copies(jobs)
+
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "step_1", _state()).result()
+        monkeypatch.setattr(hostcopy, "run_copies", fails_on_the_second_run)
+        if background:
+            future = ckpt.save(tmp_path / "step_2", _big_state(), background_staging=True)
+            with pytest.raises(MemoryError):
+                future.staged.result(timeout=60)
+            with pytest.raises(ac.CheckpointError, match="copy failed"):
+                future.result(timeout=60)
+        else:
+            with pytest.raises(MemoryError):
+                ckpt.save(tmp_path / "step_2", _big_state())
+            ckpt.wait()  # the failed write was raised once, by save
+        assert len(calls) == 2
+        monkeypatch.setattr(hostcopy, "run_copies", run_copies)
+        ckpt.save(tmp_path / "step_3", _big_state()).result()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_3"]
+    assert ac.load_checkpoint(tmp_path / "step_3").model["t5"][0] == 5
+
+
+def test_the_write_starts_while_the_copies_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first file's bytes reach the disk before the snapshot's last copy runs."""
+    from arrayckpt import hostcopy
+
+    run_copies = hostcopy.run_copies
+    seen_before_last: list[int] = []
+    model = tmp_path / "step_1" / "model.safetensors"
+
+    def watch(jobs: Any) -> None:
+        if jobs and jobs[0][0].nbytes and len(seen_before_last) < 5:
+            partial = [p for p in tmp_path.rglob("model.safetensors")]
+            seen_before_last.append(max((p.stat().st_size for p in partial), default=0))
+            time.sleep(0.2)  # give the writer time to get ahead of the copy
+        run_copies(jobs)
+
+    monkeypatch.setattr(hostcopy, "run_copies", watch)
+    state = _big_state()
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "step_1", state).result()
+    assert max(seen_before_last) > 0, "no byte was written before the copies ended"
+    assert model.stat().st_size > 192 << 20
 
 
 def test_background_staging_refuses_bad_input_before_returning(tmp_path: Path) -> None:

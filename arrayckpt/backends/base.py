@@ -37,6 +37,13 @@ class Backend(ABC):
         `synchronize`.
         """
 
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        """``x``'s own bytes in host memory as a C-contiguous, little-endian array of
+        ``dtype``, without a copy; ``None`` when reading it takes a copy (a device array, a
+        strided or byte-swapped one). A save with a staging budget writes such views
+        straight from the caller's memory (see `snapshot.start_snapshot`)."""
+        return None
+
     def stages_pinned(self, x: Any) -> bool:
         """Whether `to_host` copies ``x`` into pinned (page-locked) staging memory."""
         return False
@@ -55,6 +62,11 @@ class Backend(ABC):
 
         May share memory with ``host`` when ``device`` is the host.
         """
+
+    def views_host(self, device: Any) -> bool:
+        """Whether `from_host` arrays for ``device`` view the host bytes they are given
+        (then a load keeps those bytes); ``False``, the default, when they are copies."""
+        return False
 
     def check_device(self, device: Any) -> None:  # noqa: B027 - optional hook
         """Raise `InvalidInputError` early for a device this framework cannot place on."""

@@ -33,6 +33,15 @@ def _as_numpy(x: Any, key: str) -> np.ndarray:
         ) from exc
 
 
+def _shares_memory(view: np.ndarray, x: Any) -> bool:
+    """Whether ``view`` is ``x``'s memory rather than a copy NumPy made of it."""
+    try:
+        again = np.from_dlpack(x)
+    except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+        again = np.asarray(x)
+    return bool(again.size == 0 or np.shares_memory(view, again))
+
+
 class GenericBackend(Backend):
     name = "array-api"
 
@@ -52,6 +61,19 @@ class GenericBackend(Backend):
             # each shard straight into the buffer: np.asarray would assemble a whole copy first
             return jax_arrays.to_host(x, key, dtype, alloc)
         return _NUMPY.to_host(_as_numpy(x, key), key, dtype, alloc)
+
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        if type(x).__module__.partition(".")[0] in ("jax", "jaxlib"):
+            # JAX arrays in host memory are held as they are (`immutable_host_view`); any
+            # other JAX array is on a device or sharded, and reading it is a copy
+            return None
+        try:
+            view = _as_numpy(x, key)
+        except UnsupportedArrayError:
+            return None
+        # np.asarray may copy (a device array, a library without a buffer export): only
+        # memory the array itself owns counts as a view.
+        return _NUMPY.host_view(view, key, dtype) if _shares_memory(view, x) else None
 
     def immutable_host_view(self, x: Any, dtype: DType) -> np.ndarray | None:
         # A jax.Array never changes after it is made, and while NumPy views its buffer

@@ -46,6 +46,14 @@ class NumpyBackend(Backend):
         np.copyto(out, x, casting="equiv")
         return out
 
+    def views_host(self, device: Any) -> bool:
+        return True
+
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        if isinstance(x, np.ndarray) and x.flags.c_contiguous and x.dtype == dtype.numpy:
+            return x
+        return None
+
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         self.check_device(device)
         return host

@@ -43,6 +43,11 @@ class TorchBackend(SideStreamBackend):
     def stages_pinned(self, x: Any) -> bool:
         return bool(x.device.type != "cpu")
 
+    def host_view(self, x: Any, key: str, dtype: DType) -> np.ndarray | None:
+        if x.device.type != "cpu" or x.is_conj() or x.is_neg() or not x.is_contiguous():
+            return None
+        return self.to_host(x, key, dtype, None)  # a view in exactly these cases
+
     def to_host(self, x: Any, key: str, dtype: DType, alloc: Allocator | None) -> np.ndarray:
         x = x.detach().resolve_conj().resolve_neg()
         shape = tuple(x.shape)
@@ -74,6 +79,10 @@ class TorchBackend(SideStreamBackend):
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
+
+    def views_host(self, device: Any) -> bool:
+        target = self._device(device)
+        return target is None or target.type == "cpu"
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)

@@ -161,18 +161,20 @@ def read_global_slice(
     plan: SplitTensor, files: Sequence[ShardFile | None], lo: int, hi: int, *, verify: bool
 ) -> np.ndarray:
     """Indices ``lo:hi`` along the split dim of the merged tensor, from the overlapping
-    shards only (a shard wholly inside is read whole and verified)."""
-    pieces = []
+    shards only (a shard wholly inside is read whole and verified), each read straight
+    into its place in the result where that place is contiguous (a split along the first
+    dimension), so no piece is held beside the result."""
+    shape = (*plan.shape[: plan.dim], hi - lo, *plan.shape[plan.dim + 1 :])
+    out = np.empty(shape, plan.dtype.numpy)
     for f, start, size in zip(files, plan.offsets, plan.sizes, strict=True):
         a, b = max(lo, start), min(hi, start + size)
         if a < b and f is not None:
-            pieces.append(f.read_slab(plan.name, plan.dim, a - start, b - start, verify=verify))
-    if len(pieces) == 1:
-        return pieces[0]
-    if not pieces:
-        shape = (*plan.shape[: plan.dim], 0, *plan.shape[plan.dim + 1 :])
-        return np.empty(shape, plan.dtype.numpy)
-    return np.concatenate(pieces, axis=plan.dim)
+            region = out[(slice(None),) * plan.dim + (slice(a - lo, b - lo),)]
+            into = region if region.flags.c_contiguous else None
+            piece = f.read_slab(plan.name, plan.dim, a - start, b - start, verify=verify, out=into)
+            if into is None:
+                region[...] = piece
+    return out
 
 
 class _Ref:

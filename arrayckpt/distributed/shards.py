@@ -70,25 +70,35 @@ class ShardFile:
         return buf.view(e.dtype.numpy).reshape(e.shape) if out is None else out
 
     def read_slab(
-        self, name: str, dim: int, lo: int, hi: int, *, verify: bool = True
+        self,
+        name: str,
+        dim: int,
+        lo: int,
+        hi: int,
+        *,
+        verify: bool = True,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Indices ``lo:hi`` of tensor ``name`` along ``dim``, reading only those bytes.
+        """Indices ``lo:hi`` of tensor ``name`` along ``dim``, reading only those bytes,
+        straight into ``out`` when given (C-contiguous, of the slab's shape and dtype).
 
         A slab narrower than the tensor cannot be checked against the whole tensor's
         CRC32C; its bytes are bounds-checked through the validated header instead.
         """
         e = self.entries[name]
         if lo == 0 and hi == e.shape[dim]:
-            return self.read(name, verify=verify)
+            return self.read(name, verify=verify, out=out)
         outer = math.prod(e.shape[:dim])
         inner = math.prod(e.shape[dim + 1 :]) * e.dtype.itemsize
         row = e.shape[dim] * inner
         length = (hi - lo) * inner
         ranges = [(e.start + o * row + lo * inner, length) for o in range(outer)] if length else []
-        buf = np.empty(outer * length, np.uint8)
-        self._fill(ranges, buf.data)
         shape = (*e.shape[:dim], hi - lo, *e.shape[dim + 1 :])
-        return buf.view(e.dtype.numpy).reshape(shape)
+        if out is None:
+            out = np.empty(shape, e.dtype.numpy)
+        assert out.flags.c_contiguous and out.nbytes == outer * length
+        self._fill(ranges, out.reshape(-1).view(np.uint8).data)  # a view: ``out`` is contiguous
+        return out
 
 
 @dataclass

@@ -1,0 +1,104 @@
+"""What a save learns about a state's tensors, kept for the next save of the same arrays.
+
+A training loop saves one dict of the same arrays again and again, and with 20,000 small
+tensors the per-tensor checks (tied tensors, backends, dtypes, the writer's limits) cost
+several times the copy itself. An `Entry` records their results for one flat mapping of
+plain NumPy arrays; a later save reuses it only when every name is the same and every
+array is the same object with the same shape, strides and dtype. Arrays are held by weak
+reference: the cache never keeps a state alive.
+
+The one thing the check does not see is an array that kept its shape but moved its data,
+which only ``ndarray.resize(refcheck=False)`` does (to a new size and back): the array then
+owns fresh memory nothing else views, so it can only be tied to itself, as before.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Entries kept (a save makes up to three: model, optimizer, extra); the oldest goes first.
+MAX_ENTRIES = 6
+
+#: What must be unchanged for an array's cached facts to hold.
+_mark = operator.attrgetter("shape", "strides", "dtype")
+
+
+@dataclass(eq=False)
+class Entry:
+    """Facts about one flat state; each is filled in by the step that computes it."""
+
+    keys: list[str]
+    refs: list[weakref.ref[np.ndarray]]
+    marks: list[tuple[Any, ...]]
+    #: ``{alias: stored name}`` (see `aliases.find_aliases`).
+    aliases: dict[str, str] | None = None
+    #: Per stored (non-alias) tensor, in order: its backend and its dtype (see `snapshot`).
+    backends: list[Any] | None = None
+    dtypes: list[Any] | None = None
+    #: Which stored tensors go to the staging slab, and (their count, the slab's layout).
+    small: np.ndarray | None = None
+    slab_layout: tuple[int, Any] | None = None
+    #: The trees (``None``: flat) the writer's limits were checked with.
+    writable: set[str | None] = field(default_factory=set)
+
+    def matches(self, keys: list[str], values: list[Any]) -> bool:
+        # Each mark is dropped once compared: a list of them would set off the garbage
+        # collector's young-generation passes (one per 700 new tuples) in the caller's stall.
+        return (
+            len(self.keys) == len(keys)
+            and self.keys == keys
+            and all(map(operator.is_, map(operator.call, self.refs), values))
+            and all(map(operator.eq, map(_mark, values), self.marks))
+        )
+
+
+_entries: list[Entry] = []
+_lock = threading.Lock()
+
+
+def entry_for(flat: Mapping[str, Any]) -> Entry | None:
+    """The entry of ``flat``: an earlier one when nothing in it changed, else a new, empty
+    one; ``None`` unless every key is a ``str`` and every value a plain `numpy.ndarray`
+    (other arrays' memory can move without their shape changing)."""
+    keys = list(flat)
+    values = list(flat.values())
+    if not values or set(map(type, values)) != {np.ndarray} or set(map(type, keys)) != {str}:
+        return None
+    with _lock:
+        for i, entry in enumerate(_entries):
+            if entry.matches(keys, values):
+                _entries.insert(0, _entries.pop(i))
+                return entry
+        entry = Entry(keys, list(map(weakref.ref, values)), list(map(_mark, values)))
+        # An entry whose first array is gone can never match again (~250 bytes a tensor)
+        _entries[:] = [entry, *(e for e in _entries if e.refs[0]() is not None)]
+        del _entries[MAX_ENTRIES:]
+        return entry
+
+
+class CheckedState(dict[str, Any]):
+    """A flat state handed from one validation step to the next with its `Entry`, so the
+    next step need not check the arrays again."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, items: Any, entry: Entry) -> None:
+        super().__init__(items)
+        self.entry = entry
+
+
+class CheckedPlan(list[Any]):
+    """A plan (see `snapshot._plan`) with the `Entry` of its state."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, items: Any, entry: Entry) -> None:
+        super().__init__(items)
+        self.entry = entry

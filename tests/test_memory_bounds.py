@@ -1,0 +1,120 @@
+"""Loads hold their arrays and at most a tensor more; closing gives the staging back.
+
+Each load runs in its own process (`memory_child.py`), its peak RSS taken from a VmHWM
+reset just before the call, so what one case freed cannot hide another's peak. A load
+that kept a whole-file buffer (or a copy of one) beside its arrays would exceed the bound
+by the file's size, 8x the slack allowed here.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from memory import needs_proc, rss
+
+import arrayckpt as ac
+
+pytestmark = needs_proc
+
+TESTS = Path(__file__).resolve().parent
+COUNT, MIB = 8, 16  # 128 MiB of float32 tensors, 16 MiB each
+TENSOR = MIB << 20
+#: Allowed beyond the arrays a load returns: one tensor in flight and allocator change.
+SLACK = TENSOR + (16 << 20)
+CHILD_TIMEOUT_S = 300  # generous: the shared CI machine is slow; a hang never ends
+
+
+def _child(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(TESTS / "memory_child.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"memory_child.py {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One checkpoint of each layout, written by a child (the writer's memory is not ours)."""
+    base = tmp_path_factory.mktemp("memory")
+    out = {}
+    for kind in ("checkpoint", "hf", "hf_shards", "zero", "tp"):
+        _child("make", kind, str(base / kind), str(COUNT), str(MIB))
+        out[kind] = base / kind
+    return out
+
+
+def _peak(case: str, directory: Path) -> tuple[int, int]:
+    """The peak RSS the load ``case`` added, and the bytes of the arrays it returned."""
+    got = json.loads(_child("load", case, str(directory)).splitlines()[-1])
+    return got["extra"], got["kept"]
+
+
+CASES = [
+    # (case, layout, what the returned arrays hold)
+    ("eager", "checkpoint", COUNT * TENSOR),
+    ("mmap", "checkpoint", COUNT * TENSOR),
+    ("eager_keys", "checkpoint", 2 * TENSOR),
+    ("mmap_keys", "checkpoint", 2 * TENSOR),
+    ("eager_file", "checkpoint", COUNT * TENSOR),
+    ("lazy_eager", "checkpoint", 2 * TENSOR),
+    ("eager_into", "checkpoint", 0),
+    ("mmap_into", "checkpoint", 0),
+    ("hf_eager", "hf", COUNT * TENSOR),
+    ("hf_eager", "hf_shards", COUNT * TENSOR),
+    ("hf_mmap", "hf_shards", COUNT * TENSOR),
+    ("dist_eager", "zero", COUNT * TENSOR),
+    ("dist_mmap", "tp", COUNT * TENSOR),
+]
+
+
+@pytest.mark.parametrize(("case", "layout", "kept"), CASES, ids=[f"{c}-{d}" for c, d, _ in CASES])
+def test_a_load_holds_its_arrays_and_at_most_a_tensor_more(
+    saved: dict[str, Path], case: str, layout: str, kept: int
+) -> None:
+    """Before: ``mmap=False`` with ``into=`` held a whole-file buffer beside the targets
+    (128 MiB here), ``into=`` from a map the mapped file, and ``open_checkpoint(...,
+    mmap=False)`` read the whole file to return two tensors."""
+    extra, returned = _peak(case, saved[layout])
+    assert returned == kept
+    assert extra <= kept + SLACK, (
+        f"{case} of {layout}: peak +{extra >> 20} MiB for {kept >> 20} MiB of arrays "
+        f"(bound {(kept + SLACK) >> 20} MiB)"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_an_eager_torch_load_shares_its_buffer_with_the_tensors(saved: dict[str, Path]) -> None:
+    extra, kept = _peak("eager_torch", saved["checkpoint"])
+    assert kept == COUNT * TENSOR
+    assert extra <= kept + SLACK, f"peak +{extra >> 20} MiB for {kept >> 20} MiB of tensors"
+
+
+def test_a_closed_manager_gives_the_staging_memory_back(tmp_path: Path) -> None:
+    state = {f"t{i}": np.ones(8 << 20, np.float32) for i in range(8)}  # 256 MiB, touched
+    gc.collect()
+    before = rss()
+    mgr = ac.CheckpointManager(tmp_path / "run")
+    mgr.save(1, state)
+    during = rss()  # the snapshot: about 1x the state
+    mgr.close()
+    gc.collect()
+    after = rss()
+    assert during - before > 200 << 20, "the snapshot did not copy the state"
+    assert after - before < 32 << 20, f"{(after - before) >> 20} MiB still held after close()"
+    assert mgr.latest_step() == 1
