@@ -290,3 +290,13 @@ def test_any_backend_and_layout_round_trips_within_any_budget(
     out = ac.load_checkpoint(directory).model
     for i, (expected, _, backend, layout) in enumerate(items):
         strategies.assert_same_array(out[f"t{i}"], expected, f"{backend}/{layout}")
+
+
+def test_a_one_element_tensor_with_any_stride_stages(tmp_path: Path) -> None:
+    """torch calls a 1-element tensor contiguous whatever its stride; staging it must not
+    try to view it as bytes through that stride (found by the property test above)."""
+    torch = pytest.importorskip("torch")
+    x = torch.arange(2, dtype=torch.bfloat16)[1::2]  # shape (1,), stride (2,)
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "s", {"x": x}).result()
+    assert torch.equal(ac.load_checkpoint(tmp_path / "s", xp="torch").model["x"], x)

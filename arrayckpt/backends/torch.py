@@ -70,7 +70,9 @@ class TorchBackend(SideStreamBackend):
                 dst.copy_(x, non_blocking=True)
             self._keep_until_synchronized(x)
         elif x.is_contiguous():
-            copy_bytes(flat, x.reshape(-1).view(torch.uint8).numpy())
+            # as_strided, not reshape: see the view above (shape (1,), stride (2,))
+            src = x.as_strided((x.numel(),), (1,))
+            copy_bytes(flat, src.view(torch.uint8).numpy())
         else:
             dst.copy_(x)
         return host_view(flat, dtype, shape)
