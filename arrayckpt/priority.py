@@ -29,10 +29,12 @@ log = logging.getLogger("arrayckpt")
 T = TypeVar("T")
 
 NICE_VAR = "ARRAYCKPT_WRITER_NICE"
-#: Nice levels the background threads sit below the main thread: at 10 the scheduler
-#: gives a nice-0 thread about 9x the CPU time of a background thread when both want
-#: the same core, and the background thread all that training leaves idle.
-DEFAULT_NICE = 10
+#: Nice levels the background threads sit below the main thread; 0 by default: measured
+#: with 2 training threads on 2 cores (docs/performance.md, "Training under a background
+#: write"), nice 10 stretched the write from 2.6 s to 16.6 s and cost training more
+#: (2.7 s against 2.0 s), the lowered writer holding the GIL while the scheduler kept it
+#: off the CPU. Set it where that measurement comes out the other way.
+DEFAULT_NICE = 0
 MAX_NICE = 19
 
 #: Best-effort, lowest level: the background I/O waits behind training's at the same
@@ -60,7 +62,7 @@ _local = threading.local()
 
 def nice_increment() -> int:
     """How many nice levels a save's background threads sit below the main thread
-    (``ARRAYCKPT_WRITER_NICE``, default 10; 0 leaves their CPU and I/O priority alone).
+    (``ARRAYCKPT_WRITER_NICE``, default 0: their CPU and I/O priority are left alone).
 
     Raises:
         InvalidInputError: the variable is set to anything but an integer from 0 to 19.

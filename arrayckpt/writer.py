@@ -89,15 +89,19 @@ class Writer:
         # Checked now, while the caller can still fix it: at exit a bad value could only be
         # reported, and the write it should have waited for would be lost.
         exit_timeout()
-        run = priority.background(self._run)  # checks ARRAYCKPT_WRITER_NICE now, likewise
+        # Read per write (and checked now, likewise): the thread lowers itself before each
+        # job, so a value set after the thread started still applies.
+        job = priority.background(fn)
         future: WriteFuture[T] = WriteFuture()
         future.description = description
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=run, name="arrayckpt-writer", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="arrayckpt-writer", daemon=True
+                )
                 self._thread.start()
             self._pending.add(future)
-        self._jobs.put((future, fn))
+        self._jobs.put((future, job))
         return future
 
     def _run(self) -> None:

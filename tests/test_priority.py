@@ -65,8 +65,14 @@ class _Recording(fsops.FileSystem):
 
 
 @pytest.fixture(autouse=True)
-def _default_nice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(priority.NICE_VAR, raising=False)
+def _lowered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background threads 10 levels down (the default, 0, leaves them alone)."""
+    monkeypatch.setenv(priority.NICE_VAR, "10")
+
+
+def test_the_default_leaves_priorities_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(priority.NICE_VAR)
+    assert priority.nice_increment() == 0
 
 
 @needs_ionice
