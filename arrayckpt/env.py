@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import InvalidInputError
+
+T = TypeVar("T")
 
 
 def _raw(name: str) -> str | None:
@@ -25,22 +29,29 @@ def _bad(name: str, value: str, expected: str) -> InvalidInputError:
     )
 
 
+def _read(
+    name: str, default: T, parse: Callable[[str], T], valid: Callable[[T], bool], expected: str
+) -> T:
+    """``parse(os.environ[name])`` when set, else ``default``; `_bad` unless ``valid``."""
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        parsed = parse(value)
+    except ValueError:
+        raise _bad(name, value, expected) from None
+    if not valid(parsed):
+        raise _bad(name, value, expected)
+    return parsed
+
+
 def positive_int(name: str, default: int) -> int:
     """``int(os.environ[name])`` when set (it must be >= 1), else ``default``.
 
     Raises:
         InvalidInputError: the variable is set to anything but a positive integer.
     """
-    value = _raw(name)
-    if value is None:
-        return default
-    try:
-        parsed = int(value)
-    except ValueError:
-        parsed = 0
-    if parsed < 1:
-        raise _bad(name, value, "a positive integer (e.g. 4)")
-    return parsed
+    return _read(name, default, int, lambda n: n >= 1, "a positive integer (e.g. 4)")
 
 
 def positive_seconds(name: str, default: float) -> float:
@@ -49,16 +60,13 @@ def positive_seconds(name: str, default: float) -> float:
     Raises:
         InvalidInputError: the variable is set to anything but a positive number of seconds.
     """
-    value = _raw(name)
-    if value is None:
-        return default
-    try:
-        parsed = float(value)
-    except ValueError:
-        parsed = math.nan
-    if not math.isfinite(parsed) or parsed <= 0:
-        raise _bad(name, value, "a positive number of seconds (e.g. 600)")
-    return parsed
+    return _read(
+        name,
+        default,
+        float,
+        lambda s: math.isfinite(s) and s > 0,
+        "a positive number of seconds (e.g. 600)",
+    )
 
 
 def int_between(name: str, default: int, low: int, high: int) -> int:
@@ -67,13 +75,10 @@ def int_between(name: str, default: int, low: int, high: int) -> int:
     Raises:
         InvalidInputError: the variable is set to anything but an integer in that range.
     """
-    value = _raw(name)
-    if value is None:
-        return default
-    try:
-        parsed = int(value)
-    except ValueError:
-        parsed = low - 1
-    if not low <= parsed <= high:
-        raise _bad(name, value, f"an integer from {low} to {high} (e.g. {default})")
-    return parsed
+    return _read(
+        name,
+        default,
+        int,
+        lambda n: low <= n <= high,
+        f"an integer from {low} to {high} (e.g. {default})",
+    )

@@ -30,19 +30,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import fsync_path
 
 import arrayckpt as ac
 from arrayckpt import format as fmt
 from arrayckpt.snapshot import take_snapshot
 from arrayckpt.staging import StagingPool
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_size(text: str) -> int:
