@@ -74,7 +74,9 @@ class HelperPool:
         if self.size == 0:
             _run_into(future, lambda: fn(*args))
         else:
-            self._jobs.put((future, lambda: fn(*args)))
+            # Lowered per job, like the submitting thread: the pool may have been started
+            # by a background thread that ran at another ARRAYCKPT_WRITER_NICE.
+            self._jobs.put((future, priority.like_this_thread(lambda: fn(*args))))
         return future
 
     def _run(self) -> None:

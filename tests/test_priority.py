@@ -183,3 +183,19 @@ def test_the_stage_thread_is_not_started_when_the_value_is_bad(
     with pytest.raises(ac.InvalidInputError):
         snapshot.finish_in_background(pending)
     assert "arrayckpt-stage" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_helpers_started_at_another_setting_still_lower_each_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background helper pool is shared: started by a save at the default (0), its
+    threads must still run a later save's copies at that save's nice value."""
+    monkeypatch.delenv(priority.NICE_VAR)
+    with ac.AsyncCheckpointer() as ckpt:  # may start the background pool, unlowered
+        ckpt.save(tmp_path / "a", {"w": np.ones(BIG, np.uint8)}, background_staging=True)
+    monkeypatch.setenv(priority.NICE_VAR, "10")
+    seen = _record_copies(monkeypatch)
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "b", {"w": np.ones(BIG, np.uint8)}, background_staging=True)
+    helpers = [nice for name, nice, _ in seen if name.startswith(HELPER)]
+    assert helpers and set(helpers) == {_expected_nice()}
