@@ -287,46 +287,43 @@ def _stream(fd: int, image: Any) -> list[int]:
     # copies end) are waited for one by one.
     ready = image.ready or [None] * len(image.sizes)
     done: list[Callable[[], None]] = []
+
+    def flush() -> None:
+        """Write the small tensors gathered so far; report those written in place."""
+        nonlocal batch, size
+        if batch:
+            out.write(batch, size)
+            batch, size = [], 0
+        for report in done:
+            report()
+        done.clear()
+
     for data, n, seed, report, wait in zip(
         image.buffers, image.sizes, image.seeds, written, ready, strict=True
     ):
         if wait is not None:
-            if batch:  # what is ready goes out first: the disk keeps busy meanwhile
-                out.write(batch, size)
-                batch, size = [], 0
-                _report(done)
+            flush()  # what is ready goes out first: the disk keeps busy meanwhile
             wait()
-        if report is not None:
-            done.append(report)
         if n <= CHUNK_BYTES:
             crcs.append(crc(data, seed))
             batch.append(data)
             size += n
+            if report is not None:
+                done.append(report)
             if size >= CHUNK_BYTES or len(batch) == _IOV_MAX:
-                out.write(batch, size)
-                batch, size = [], 0
-                _report(done)
+                flush()
             continue
-        if batch:
-            out.write(batch, size)
-            batch, size = [], 0
+        flush()  # the small tensors before this one go first, in file order
         data = format.flat_bytes(data)
         for at in range(0, n, CHUNK_BYTES):
             piece = data[at : at + CHUNK_BYTES]
             seed = crc(piece, seed)
             out.write([piece], len(piece))
         crcs.append(seed)
-        _report(done)
-    if batch:
-        out.write(batch, size)
-    _report(done)
+        if report is not None:
+            report()
+    flush()
     return crcs
-
-
-def _report(done: list[Callable[[], None]]) -> None:
-    for report in done:
-        report()
-    done.clear()
 
 
 class _Appender:

@@ -300,3 +300,30 @@ def test_a_one_element_tensor_with_any_stride_stages(tmp_path: Path) -> None:
     with ac.AsyncCheckpointer() as ckpt:
         ckpt.save(tmp_path / "s", {"x": x}).result()
     assert torch.equal(ac.load_checkpoint(tmp_path / "s", xp="torch").model["x"], x)
+
+
+def test_an_in_place_array_is_reported_only_once_its_bytes_are_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrays larger than the writer's chunk are written in pieces: the caller may be
+    released from one only after its last piece, never before its first."""
+    from arrayckpt import fsops as fs_module
+    from arrayckpt import handoff
+
+    assert 4 * MIB > fs_module.CHUNK_BYTES
+    seen: list[tuple[int, int]] = []
+    original = handoff.Handoff._written
+
+    def record(self: handoff.Handoff, index: int) -> None:
+        model = [p for p in tmp_path.rglob("model.safetensors")]
+        seen.append((index, max((p.stat().st_size for p in model), default=0)))
+        original(self, index)
+
+    monkeypatch.setattr(handoff.Handoff, "_written", record)
+    state = {f"w{i}": np.full(MIB, i, np.float32) for i in range(3)}  # 4 MiB each
+    with ac.AsyncCheckpointer(max_staging_bytes=4 * MIB) as ckpt:
+        ckpt.save(tmp_path / "s", state).result()
+    first = [(i, size) for i, size in seen[:2]]  # w0 and w1 are written in place
+    assert sorted(i for i, _ in first) == [0, 1]
+    for i, size in first:
+        assert size >= (i + 1) * 4 * MIB, f"w{i} reported with {size} bytes in the file"
