@@ -117,7 +117,7 @@ def is_flat(state: Any) -> bool:
     )
 
 
-def _is_plain_numpy_dict(state: Any) -> bool:
+def is_plain_numpy_dict(state: Any) -> bool:
     """`is_flat` for the common case, in C-level passes: a dict of ``str`` to plain NumPy
     arrays (at 20,000 tensors, `is_flat`'s per-tensor checks cost more than the copy)."""
     return (
@@ -146,7 +146,7 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
         >>> list(flat)
         ['state.0.m']
     """
-    if _is_plain_numpy_dict(state) or is_flat(state):
+    if is_plain_numpy_dict(state) or is_flat(state):
         return dict(state), None
     if not isinstance(state, (Mapping, list, tuple)):
         raise InvalidInputError(

@@ -82,7 +82,9 @@ def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
 
 
 def _keys_valid(keys: list[str]) -> bool:
-    """`check_key` of many ``str`` keys, in C-level passes (false: one of them fails)."""
+    """Whether every one of ``keys`` (all ``str``) is a valid tensor name: non-empty, no
+    NUL, not safetensors' reserved key, encodable as UTF-8. The one statement of the rule
+    (`check_key` uses it too), in C-level passes over many keys."""
     joined = "".join(keys)
     return (
         "\x00" not in joined
@@ -365,10 +367,7 @@ def _within_budget(
         else:
             over = True  # stage only a suffix: the caller waits for the last in place
             in_place[part].add(key)
-    staged = tuple(
-        [item for item in plan if item[0] not in keys]
-        for plan, keys in zip(plans, in_place, strict=True)
-    )
+    staged = _without(plans, in_place)
     # The slab's alignment padding counts too: move the first staged arrays in place
     # until the buffers fit (the staged ones stay the last written).
     for part, key in _write_order(_sizes(staged)):
@@ -376,10 +375,7 @@ def _within_budget(
             break
         if key in views[part]:
             in_place[part].add(key)
-            staged = tuple(
-                [item for item in plan if item[0] not in keys]
-                for plan, keys in zip(plans, in_place, strict=True)
-            )
+            staged = _without(plans, in_place)
     count = sum(map(len, in_place))
     if not count:
         return plans, ({}, {}, {}), None
@@ -394,6 +390,14 @@ def _within_budget(
         for part in range(len(plans))
     )
     return staged, borrowed, handoff
+
+
+def _without(plans: tuple[Plan, ...], keys: list[set[str]]) -> tuple[Plan, ...]:
+    """Each plan without the items whose key is in its part of ``keys``."""
+    return tuple(
+        [item for item in plan if item[0] not in drop]
+        for plan, drop in zip(plans, keys, strict=True)
+    )
 
 
 def _sizes(plans: tuple[Plan, ...]) -> list[list[tuple[str, int]]]:
@@ -774,7 +778,7 @@ def check_key(key: Any, *, what: str) -> str:
     """A tensor name must be a non-empty str without NUL, and not safetensors' reserved key."""
     if not isinstance(key, str):
         raise InvalidInputError(f"{what}: key {key!r} is a {type(key).__name__}, not a str")
-    if not key or "\x00" in key or key == "__metadata__" or not _is_utf8(key):
+    if not _keys_valid([key]):
         raise InvalidInputError(
             f"{what}: key {key!r} is not a valid tensor name "
             "(empty, NUL, '__metadata__', or a lone surrogate that UTF-8 cannot encode)"

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from . import nested
+
 #: Entries kept (a save makes up to three: model, optimizer, extra); the oldest goes first.
 MAX_ENTRIES = 6
 
@@ -67,10 +69,10 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
     """The entry of ``flat``: an earlier one when nothing in it changed, else a new, empty
     one; ``None`` unless every key is a ``str`` and every value a plain `numpy.ndarray`
     (other arrays' memory can move without their shape changing)."""
+    if not nested.is_plain_numpy_dict(flat):
+        return None
     keys = list(flat)
     values = list(flat.values())
-    if not values or set(map(type, values)) != {np.ndarray} or set(map(type, keys)) != {str}:
-        return None
     with _lock:
         for i, entry in enumerate(_entries):
             if entry.matches(keys, values):
