@@ -54,17 +54,16 @@ def _run_into(future: Future[T], job: Callable[[], T]) -> None:
 class HelperPool:
     """Daemon threads running short jobs. Jobs must never wait on other jobs of the pool.
 
-    Its threads run at the priority of the thread that makes the pool. A pool made while
-    the interpreter exits may get no threads (Python 3.12 refuses new ones then); its jobs
-    run on the submitting thread instead, so writes still finish.
+    Each job runs at the priority of the thread that submitted it. A pool made while the
+    interpreter exits may get no threads (Python 3.12 refuses new ones then); its jobs run
+    on the submitting thread instead, so writes still finish.
     """
 
     def __init__(self, size: int) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self.size = 0
-        run = priority.like_this_thread(self._run)
         for i in range(size):
-            thread = threading.Thread(target=run, name=f"arrayckpt-helper-{i}", daemon=True)
+            thread = threading.Thread(target=self._run, name=f"arrayckpt-helper-{i}", daemon=True)
             if not start(thread):
                 break
             self.size += 1

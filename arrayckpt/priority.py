@@ -1,9 +1,10 @@
-"""The background threads of a save run at lower CPU and I/O priority than training.
+"""The priority of a save's background threads (``ARRAYCKPT_WRITER_NICE``; 0, the
+default, leaves it alone: see `DEFAULT_NICE`).
 
-A background write should take the time training leaves idle, not slow its steps: the
-writer thread, the stage thread of background staging and the warm-up thread lower
-themselves when they start (`background`), and the helpers they use take their
-priority (`like_this_thread`). Threads that work while the caller waits (the copies
+Set, a background write takes the time training leaves idle: the writer thread (before
+each job), the stage thread of background staging and the warm-up thread lower
+themselves (`background`), and the helpers they use take their priority per job
+(`like_this_thread`). Threads that work while the caller waits (the copies
 of a save's stall, a synchronous save, a load) keep the caller's priority.
 
 On Linux nice values and I/O priorities belong to each thread, so lowering one thread

@@ -70,8 +70,8 @@ class WriteFuture(Future[T]):
 
 
 class Writer:
-    """A single daemon thread running write jobs in submission order, at lower CPU and
-    I/O priority than the threads that queue them (`priority`)."""
+    """A single daemon thread running write jobs in submission order, each at the
+    priority `priority` gives a save's background threads (``ARRAYCKPT_WRITER_NICE``)."""
 
     def __init__(self) -> None:
         self._start_fresh()
