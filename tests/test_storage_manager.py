@@ -271,6 +271,18 @@ def test_sigkill_at_random_moments_then_resume(s3_env: S3Server, mode: str) -> N
         killed_mid_upload += bool(listed - committed)
     steps = _checked_steps(url)
     assert steps and steps[-1] >= newest_committed
+    # A kill between a step's commit and its retention leaves keep_last + 1 steps, until
+    # the resumed run's next save applies retention: resume once more, unkilled, and save.
+    assert len(steps) <= 4
+    step = steps[-1] + 1
+    with ac.CheckpointManager(url, keep_last=3) as mgr:
+        mgr.save(
+            step,
+            {"w": np.full(1 << 20, step, np.float32)},
+            {"m": np.full(2 << 20, -step, np.float32)},
+        )
+    steps = _checked_steps(url)
+    assert steps[-1] == step
     assert len(steps) <= 3  # keep_last=3
     assert killed_mid_upload, "no kill landed in an upload: the test proved nothing"
 
