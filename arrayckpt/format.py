@@ -1103,14 +1103,25 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 
     Lets threads checksum pieces of one tensor at once (zlib's ``crc32_combine``).
     """
+    return _multmodp(_crc_shift(len2), crc1) ^ crc2
+
+
+@functools.lru_cache(maxsize=256)
+def _crc_shift(n: int) -> int:
+    """``x^(8n)`` modulo the polynomial: what appending ``n`` bytes multiplies a CRC by.
+
+    Cached: an eager read combines parts of whole pieces (`_READ_CHUNK` bytes) and the
+    last parts of tensors, which repeat one length per tensor shape; each new length
+    costs tens of microseconds in Python.
+    """
     table = _x2n_table()
-    p, k, n = 1 << 31, 3, len2  # x^0; the shift is x^(8 * len2)
+    p, k = 1 << 31, 3  # x^0; n bytes are 8n bits: start at x^(2^3)
     while n:
         if n & 1:
             p = _multmodp(table[k & 31], p)
         n >>= 1
         k += 1
-    return _multmodp(p, crc1) ^ crc2
+    return p
 
 
 #: One piece of an eager read: its file range, and the part of each tensor it holds
@@ -1119,28 +1130,39 @@ _Piece = tuple[int, int, list[tuple[str, int, int, int, bool]]]
 
 
 def _plan_pieces(entries: Iterable[Entry], start: int, size: int, step: int) -> list[_Piece]:
-    """Cut the data bytes ``[start, size)`` into pieces of ``step`` bytes, and each tensor
-    (``entries`` in file order, covering the range) into its parts in those pieces."""
-    bounds = [*range(start, size, step), size] if size > start else [start, size]
-    pieces: list[_Piece] = [(lo, hi, []) for lo, hi in itertools.pairwise(bounds)]
-    last = len(pieces) - 1
-    k = 0
+    """Cut the data bytes ``[start, size)`` into pieces of at most ``step`` bytes, and each
+    tensor (``entries`` in file order, covering the range, or none) into its parts in them.
+
+    Small tensors share pieces; a larger one is cut from its own start, so its parts are
+    whole steps and one rest, whose lengths repeat from tensor to tensor (their CRCs'
+    `crc32c_combine` then costs a cached shift: `_crc_shift`).
+    """
+    pieces: list[_Piece] = []
+    lo = start  # the piece being filled: where it starts, and its parts
+    parts: list[tuple[str, int, int, int, bool]] = []
     for e in entries:
         seed = checksum_seed(e.dtype.code, e.shape)
+        if e.end - lo <= step:  # fits in the piece being filled
+            parts.append((e.name, e.start, e.end, seed, True))
+            continue
+        if parts:  # the piece so far ends where this tensor starts
+            pieces.append((lo, e.start, parts))
+            lo, parts = e.start, []
         at = e.start
-        while k < last and pieces[k][1] <= at:
-            k += 1
-        j = k
-        while True:
-            hi = pieces[j][1]
-            if e.end <= hi:
-                pieces[j][2].append(
-                    (e.name, at, e.end, seed if at == e.start else 0, at == e.start)
-                )
-                break
-            pieces[j][2].append((e.name, at, hi, seed if at == e.start else 0, False))
-            at = hi
-            j += 1
+        while e.end - at > step:  # its whole steps, from its own start
+            pieces.append(
+                (at, at + step, [(e.name, at, at + step, seed if at == e.start else 0, False)])
+            )
+            at += step
+        lo, parts = (
+            at,
+            [(e.name, at, e.end, 0, False)] if at > e.start else [(e.name, at, e.end, seed, True)],
+        )
+    if parts:
+        pieces.append((lo, size, parts))
+    elif not pieces:  # no tensors to checksum: plain steps
+        bounds = [*range(start, size, step), size] if size > start else [start, size]
+        pieces = [(a, b, []) for a, b in itertools.pairwise(bounds)]
     return pieces
 
 
@@ -1274,38 +1296,54 @@ class SafetensorsReader:
         ordered = sorted(entries, key=lambda e: e.start)
         pieces = _plan_pieces(ordered, start, end, _READ_CHUNK)
         claim = iter(range(len(pieces)))  # each piece read once, by whichever thread is free
-        failed: list[bool] = []
+        lock = threading.Condition()
+        busy = [0]  # pieces being read now
+        errors: list[BaseException] = []
         split: list[tuple[str, int, int, int]] = []  # parts of tensors split across pieces
         computed: dict[str, int] = {}
 
         def read_pieces() -> None:
-            for i in claim:
-                if failed:
-                    return
-                lo, hi, parts = pieces[i]
+            while True:
+                with lock:
+                    i = None if errors else next(claim, None)
+                    if i is None:
+                        return
+                    busy[0] += 1
                 try:
+                    lo, hi, parts = pieces[i]
                     fs.read_into(fd, path, [(lo, hi - lo)], view[lo - start : hi - start])
-                except BaseException:
-                    failed.append(True)
-                    raise
-                for name, a, b, seed, whole in parts:
-                    value = crc(view[a - start : b - start], seed)
-                    if whole:
-                        computed[name] = value
-                    else:
-                        split.append((name, a, b, value))
+                    for name, a, b, seed, whole in parts:
+                        value = crc(view[a - start : b - start], seed)
+                        if whole:
+                            computed[name] = value
+                        else:
+                            split.append((name, a, b, value))
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+                finally:
+                    with lock:
+                        busy[0] -= 1
+                        lock.notify_all()
 
         helper = pool.executor()
-        workers = min(pool.threads(), len(pieces)) - 1
-        others = [helper.submit(read_pieces) for _ in range(workers)]
+        for _ in range(min(pool.threads(), len(pieces)) - 1):
+            # Not waited for: a helper that starts late (its core busy with another
+            # process) finds every piece taken and returns; only pieces being read are
+            # waited for, so a busy machine costs no more than reading on this thread.
+            helper.submit(read_pieces)
         try:
             try:
                 read_pieces()
+            except BaseException as exc:  # an interrupt: the helpers stop at their next piece
+                with lock:
+                    errors.append(exc)
+                raise
             finally:
-                errors = [f.exception() for f in others]
-            for error in errors:
-                if error is not None:
-                    raise error
+                with lock:
+                    lock.wait_for(lambda: busy[0] == 0)  # nothing writes to `view` after this
+            if errors:
+                raise errors[0]
         except EOFError:
             _fail(self.path, "file shrank while it was being read")
         except OSError as exc:

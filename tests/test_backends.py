@@ -170,3 +170,29 @@ def test_empty_torch_tensors_through_the_staging_pool(tmp_path: Path, dtype: str
     got = ac.load_checkpoint(tmp_path / "c", xp=torch).model
     assert got["e"].shape == (0, 3) and got["e"].dtype == getattr(torch, dtype)
     assert got["one"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        *("bool", "uint8", "int8", "uint16", "int16", "float16", "bfloat16", "int32", "uint32"),
+        *("float32", "float64", "int64", "uint64", "complex64", "float8_e4m3fn", "float8_e5m2"),
+    ],
+)
+@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (2, 3, 4)])
+def test_torch_from_host_views_the_bytes_of_every_dtype(dtype: str, shape: tuple[int, ...]) -> None:
+    """The view is made the cheap way (plain dtypes straight, ml_dtypes' through an integer
+    view), looked up once per dtype: the same tensor either way, sharing the bytes."""
+    torch = pytest.importorskip("torch")
+    from arrayckpt import dtypes
+
+    np_dtype = dtypes.BY_NAME[dtype].numpy
+    raw = np.random.default_rng(0).integers(0, 256, int(np.prod(shape)) * np_dtype.itemsize)
+    host = raw.astype(np.uint8).view(np_dtype).reshape(shape)
+    backend = backends.for_namespace("torch")
+    for _ in range(2):  # the first lookup, then the cached one
+        t = backend.from_host(host, None)
+        assert t.dtype == getattr(torch, dtype) and tuple(t.shape) == shape
+        assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == host.tobytes()
+        if host.size:
+            assert t.data_ptr() == host.ctypes.data

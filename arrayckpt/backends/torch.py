@@ -25,8 +25,26 @@ def torch_dtype(dtype: DType) -> torch.dtype:
     return found
 
 
+def _torch_view_of(np_dtype: np.dtype[Any]) -> tuple[torch.dtype, np.dtype[Any] | None]:
+    """The torch dtype of arrays of ``np_dtype``, and ``None`` where ``torch.from_numpy``
+    takes them as they are (every plain NumPy dtype), else the integer dtype of their
+    size to hand it instead (ml_dtypes' BF16 and F8), viewed back as the torch dtype."""
+    tdtype = torch_dtype(dtypes.from_numpy(np_dtype, tensor="?"))
+    try:
+        if torch.from_numpy(np.empty(1, np_dtype)).dtype == tdtype:
+            return tdtype, None
+    except TypeError:
+        pass
+    return tdtype, np.dtype(f"<i{np_dtype.itemsize}")
+
+
 class TorchBackend(SideStreamBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # by NumPy dtype: the lookup costs microseconds, and a load converts every tensor
+        self._from_numpy: dict[np.dtype[Any], tuple[torch.dtype, np.dtype[Any] | None]] = {}
 
     def dtype(self, x: Any, key: str) -> DType:
         if x.layout != torch.strided:
@@ -88,10 +106,14 @@ class TorchBackend(SideStreamBackend):
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         target = self._device(device)
-        tdtype = torch_dtype(dtypes.from_numpy(host.dtype, tensor="?"))
+        found = self._from_numpy.get(host.dtype)
+        if found is None:
+            found = self._from_numpy[host.dtype] = _torch_view_of(host.dtype)
+        tdtype, raw = found
         if host.size == 0:  # NumPy gives empty buffers stride 0, which torch cannot view
             return torch.empty(host.shape, dtype=tdtype, device=target)
-        t = torch.from_numpy(host.reshape(-1).view(np.uint8)).view(tdtype).view(host.shape)
+        # BF16/F8 (ml_dtypes): torch knows their bytes, not their NumPy dtype
+        t = torch.from_numpy(host) if raw is None else torch.from_numpy(host.view(raw)).view(tdtype)
         if target is not None and target.type != "cpu":
             t = t.to(target)
         return t
