@@ -21,6 +21,7 @@ from .snapshot import (
     Snapshot,
     check_budget,
     finish_in_background,
+    forget_slab_views,
     staging_buffers,
     start_snapshot,
 )
@@ -326,6 +327,7 @@ class AsyncCheckpointer(ClosesOnExit):
                 self.wait()
             finally:
                 self._closed = True
+                forget_slab_views(self._staging)
                 self._staging.release()
                 self._pending = None
 
