@@ -7,9 +7,10 @@ plain NumPy arrays; a later save reuses it only when every name is the same and 
 array is the same object with the same shape, strides and dtype. Arrays are held by weak
 reference: the cache never keeps a state alive.
 
-The one thing the check does not see is an array that kept its shape but moved its data,
-which only ``ndarray.resize(refcheck=False)`` does (to a new size and back): the array then
-owns fresh memory nothing else views, so it can only be tied to itself, as before.
+An array's data cannot move while it is the same object: NumPy refuses to resize an array
+that has weak references (the entry's), and its ``data`` attribute can only be reassigned
+before NumPy 2 (deprecated there): an array so changed owns memory nothing else views, so
+it can only be tied to itself, as before, and every save copies its current bytes.
 """
 
 from __future__ import annotations
