@@ -170,7 +170,10 @@ class AsyncCheckpointer(ClosesOnExit):
                 future = self._submit(write, f"save {target}")
                 if copy is not None:
                     self._copy_or_abandon(copy, future)
-            handoff = pending.handoff
+                handoff = pending.handoff
+                # The plans' per-tensor tuples die here, before the collector is back on:
+                # alive, they would be scanned by the pass its first allocation sets off.
+                del pending, copy
             if handoff is not None:
                 # Once the write ends (also if it fails) nothing reads the caller's arrays.
                 future.add_done_callback(lambda _: handoff.release_all())

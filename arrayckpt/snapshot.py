@@ -135,6 +135,8 @@ _NUMPY_PROBE = np.empty(0, np.uint8)
 
 def _split_by(plan: Plan, fits: np.ndarray, entry: statecache.Entry | None) -> tuple[Plan, Plan]:
     """``plan``'s items where ``fits``, and the others; the first keeps ``plan``'s entry."""
+    if entry is not None and fits.all():
+        return plan, []  # all of them (e.g. 20,000 small tensors): no copy of the plan
     small = list(itertools.compress(plan, fits))
     rest = list(itertools.compress(plan, ~fits))
     return (small if entry is None else statecache.CheckedPlan(small, entry)), rest
@@ -215,6 +217,8 @@ class SlabViews:
     buffer: np.ndarray
     #: ``None`` until the first copy into ``buffer`` has made them.
     tensors: dict[str, HostTensor] | None = None
+    #: Per dtype group, the part of ``buffer`` its arrays are packed into.
+    segments: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -234,30 +238,37 @@ def _slab_copy(slab: Slab) -> dict[str, HostTensor]:
     (20,000 tensors of 4 KiB: ~5 µs less each); the views of each run of equal shapes come
     from one reshape, or from the slab's earlier snapshot (`SlabViews`)."""
     small, kept = slab.small, slab.views
-    reuse = kept is not None and kept.tensors is not None
+    if kept is not None and kept.tensors is not None:
+        for (_, members), segment in zip(slab.groups, kept.segments, strict=True):
+            np.concatenate(_members(small, members), axis=None, out=segment)
+        return dict(kept.tensors)  # a copy: `_gate` replaces tensors in what it is given
     out: list[HostTensor | None] = [None] * len(small)
+    segments = []
     at = 0
     for dt, members in slab.groups:
         at = -(-at // 64) * 64
-        whole = len(members) == len(small)  # one group: members are 0, 1, ... in order
-        arrays = list(map(_array_of, small)) if whole else [small[i][1] for i in members]
+        arrays = _members(small, members)
         count = sum(map(_size, arrays))
         segment = slab.buffer[at : at + count * dt.itemsize].view(dt)
         np.concatenate(arrays, axis=None, out=segment)
+        segments.append(segment)
         at += count * dt.itemsize
-        if reuse:
-            continue
         tensors = _slab_views(arrays, segment, small[members[0]][3])
         for i, t in zip(members, tensors, strict=True):
             out[i] = t
-    if kept is not None and kept.tensors is not None:
-        return dict(kept.tensors)  # a copy: `_gate` replaces tensors in what it is given
     # Every array is a member of one group, so every place in ``out`` is filled.
     made = cast(dict[str, HostTensor], dict(zip(map(_key_of, small), out, strict=True)))
-    if kept is not None:
-        kept.tensors = made
-        return dict(made)
-    return made
+    if kept is None:
+        return made
+    kept.tensors, kept.segments = made, segments
+    return dict(made)
+
+
+def _members(small: Plan, members: list[int]) -> list[np.ndarray]:
+    """The arrays of ``small`` at ``members`` (all of them: one C-level pass)."""
+    if len(members) == len(small):  # one group: members are 0, 1, ... in order
+        return list(map(_array_of, small))
+    return [small[i][1] for i in members]
 
 
 _size = operator.attrgetter("size")
