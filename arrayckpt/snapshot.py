@@ -47,8 +47,11 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         parts = (self.model, self.optimizer, self.extra or {})
-        return sum(t.nbytes for part in parts for t in part.values())
+        # C-level passes: the writer logs it after every save, of maybe 20,000 tensors
+        return sum(sum(map(_data_nbytes, part.values())) for part in parts)
 
+
+_data_nbytes = operator.attrgetter("data.nbytes")
 
 Plan = list[tuple[str, Any, backends.Backend, DType]]
 

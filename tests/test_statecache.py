@@ -301,3 +301,16 @@ def test_saving_another_state_frees_the_old_slab_before_the_new_one_is_taken(
     assert alive_after_begin == [False]
     back, _ = _saved(tmp_path / "b")
     np.testing.assert_array_equal(back["p8"], second["p8"])
+
+
+def test_a_snapshot_counts_the_bytes_of_every_part():
+    from arrayckpt import snapshot, staging
+
+    snap = snapshot.take_snapshot(
+        {"a": np.zeros(3), "b": np.zeros((2, 2), np.float32)},
+        {"m": np.zeros(2, np.int16)},
+        None,
+        staging=staging.StagingPool(),
+        extra={"e": np.zeros(5, np.int8)},
+    )
+    assert snap.nbytes == 24 + 16 + 4 + 5
