@@ -7,10 +7,11 @@ plain NumPy arrays; a later save reuses it only when every name is the same and 
 array is the same object with the same shape, strides and dtype. Arrays are held by weak
 reference: the cache never keeps a state alive.
 
-An array's data cannot move while it is the same object: NumPy refuses to resize an array
-that has weak references (the entry's), and its ``data`` attribute can only be reassigned
-before NumPy 2 (deprecated there): an array so changed owns memory nothing else views, so
-it can only be tied to itself, as before, and every save copies its current bytes.
+The check does not read data pointers: an array's data cannot move while it is the same
+object, but through what NumPy refuses or deprecates. ``resize`` raises for an array with
+weak references (the entry's), and assigning ``data`` works only before NumPy 2 (with a
+DeprecationWarning). Every save copies each array's current bytes whatever its pointer;
+only a tie made that way would go unseen (both arrays stored, each with its values).
 """
 
 from __future__ import annotations
