@@ -314,3 +314,21 @@ def test_a_snapshot_counts_the_bytes_of_every_part():
         extra={"e": np.zeros(5, np.int8)},
     )
     assert snap.nbytes == 24 + 16 + 4 + 5
+
+
+def test_the_same_arrays_in_every_part_keep_their_values_on_every_save(tmp_path, ckpt):
+    state = _state()  # one state's arrays in the model, the optimizer and the extra state
+    for step in range(3):
+        for v in state.values():
+            v += 1
+        future = ckpt.save(tmp_path / str(step), state, {"state": state}, extra=state)
+        for v in state.values():
+            v += 100  # after save returned: in no part of this checkpoint
+        future.result()
+        for v in state.values():
+            v -= 100
+        loaded = ac.load_checkpoint(tmp_path / str(step))
+        for k, v in state.items():
+            np.testing.assert_array_equal(np.asarray(loaded.model[k]), v)
+            np.testing.assert_array_equal(np.asarray(loaded.optimizer["state"][k]), v)
+            np.testing.assert_array_equal(np.asarray(loaded.extra[k]), v)
