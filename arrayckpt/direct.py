@@ -24,6 +24,7 @@ written through the page cache as before (`enable`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -77,7 +78,21 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     write can take it as it is."""
     if nbytes == 0:
         return np.empty(0, np.uint8)
-    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
+    return np.frombuffer(_anonymous(nbytes), np.uint8)
+
+
+#: Anonymous memory this large is advised to use transparent huge pages, as NumPy's own
+#: allocator does for large arrays: first touch of 1 GiB took 0.26-0.55 s so and 0.94-1.3 s
+#: in 4 KiB pages here (with ``MAP_POPULATE``: 0.64-0.81 s).
+_HUGE_MIN = 4 << 20
+
+
+def _anonymous(nbytes: int) -> mmap.mmap:
+    memory = mmap.mmap(-1, nbytes)
+    if nbytes >= _HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            memory.madvise(mmap.MADV_HUGEPAGE)
+    return memory
 
 
 def _address(view: memoryview) -> int:
@@ -108,8 +123,8 @@ class DirectSink:
         self.end = start  # bytes of the file streamed so far
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(BOUNCE_BUFFERS - 1):
-            self._free.put(memoryview(mmap.mmap(-1, REQUEST_BYTES)))
-        self._bounce = memoryview(mmap.mmap(-1, REQUEST_BYTES))
+            self._free.put(memoryview(_anonymous(REQUEST_BYTES)))
+        self._bounce = memoryview(_anonymous(REQUEST_BYTES))
         self._fill = 0  # bytes waiting in the bounce buffer
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -157,7 +172,7 @@ class DirectSink:
         while len(data):
             take = min(len(data), REQUEST_BYTES - self._fill)
             into = self._bounce[self._fill : self._fill + take]
-            into[:] = data[:take]
+            _copy_into(into, data[:take])
             seed = self.crc(into, seed)
             self._fill += take
             data = data[take:]
@@ -225,6 +240,19 @@ class DirectSink:
 
 #: A write for the I/O thread: bytes, file offset, and the bounce buffer to give back.
 _Job = tuple[memoryview, int, "memoryview | None"]
+
+
+def _copy_into(into: memoryview, data: memoryview) -> None:
+    """``into[:] = data`` without the GIL where it is long (NumPy's copy releases it; a
+    memoryview's does not), so the I/O thread gets on with the previous request."""
+    if len(data) < _GIL_FREE_COPY:
+        into[:] = data
+    else:
+        np.copyto(np.frombuffer(into, np.uint8), np.frombuffer(data, np.uint8))
+
+
+#: Copies this long go through NumPy, which releases the GIL (`_copy_into`).
+_GIL_FREE_COPY = 64 << 10
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
