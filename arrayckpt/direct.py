@@ -56,9 +56,21 @@ ENV_VAR = "ARRAYCKPT_DIRECT_WRITES"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-def wanted(nbytes: int) -> bool:
-    """Whether a file of ``nbytes`` should be written directly (where possible)."""
-    return bool(_O_DIRECT) and nbytes >= MIN_BYTES and env.switch(ENV_VAR, True)
+#: Files whose tensors are smaller than this on average go through the page cache: each
+#: small tensor costs a copy into a bounce buffer here (W2, 20,000 tensors of 4 KiB: the
+#: writer's CPU time 0.109 s direct, 0.068 s gathered by ``writev``).
+MIN_MEAN_BYTES = 256 << 10
+
+
+def wanted(nbytes: int, tensors: int) -> bool:
+    """Whether a file of ``nbytes`` in ``tensors`` tensors should be written directly
+    (where the file system allows)."""
+    return (
+        bool(_O_DIRECT)
+        and nbytes >= MIN_BYTES
+        and nbytes >= tensors * MIN_MEAN_BYTES
+        and env.switch(ENV_VAR, True)
+    )
 
 
 def enable(fd: int) -> bool:
