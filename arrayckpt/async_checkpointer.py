@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backends, forking, storage, writer
+from . import backends, forking, format, storage, writer
 from .closing import ClosesOnExit
 from .errors import InvalidInputError
 from .layout import PathLike
@@ -207,6 +207,9 @@ class AsyncCheckpointer(ClosesOnExit):
         Raises:
             CheckpointError: the state is not one `save` accepts (the same checks).
         """
+        # The native modules a write imports (crc32c: 20-60 ms) are imported now, in the
+        # caller's thread as every save does, rather than in the first save's stall.
+        format.import_writer_modules()
         with self._lock:
             self._check_open()
             return self._staging.warm_in_background(
