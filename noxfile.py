@@ -88,6 +88,7 @@ def bench(session: nox.Session) -> None:
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "bench/scaling.py", *quick)
     session.run("python", "bench/stream.py")
+    session.run("python", "bench/direct_writes.py", *quick)
     session.run("python", "bench/staging.py")
     session.run("python", "bench/training_under_write.py", "--quick")
     # exit 1: a ratio below its goal, reported in the table (timings here are not asserts)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backends, forking, storage, writer
+from . import backends, forking, format, storage, writer
 from .closing import ClosesOnExit
 from .errors import InvalidInputError
 from .layout import PathLike
@@ -21,6 +21,7 @@ from .snapshot import (
     Snapshot,
     check_budget,
     finish_in_background,
+    forget_slab_views,
     staging_buffers,
     start_snapshot,
 )
@@ -169,7 +170,10 @@ class AsyncCheckpointer(ClosesOnExit):
                 future = self._submit(write, f"save {target}")
                 if copy is not None:
                     self._copy_or_abandon(copy, future)
-            handoff = pending.handoff
+                handoff = pending.handoff
+                # The plans' per-tensor tuples die here, before the collector is back on:
+                # alive, they would be scanned by the pass its first allocation sets off.
+                del pending, copy
             if handoff is not None:
                 # Once the write ends (also if it fails) nothing reads the caller's arrays.
                 future.add_done_callback(lambda _: handoff.release_all())
@@ -203,6 +207,9 @@ class AsyncCheckpointer(ClosesOnExit):
         Raises:
             CheckpointError: the state is not one `save` accepts (the same checks).
         """
+        # The native modules a write imports (crc32c: 20-60 ms) are imported now, in the
+        # caller's thread as every save does, rather than in the first save's stall.
+        format.import_writer_modules()
         with self._lock:
             self._check_open()
             return self._staging.warm_in_background(
@@ -326,6 +333,7 @@ class AsyncCheckpointer(ClosesOnExit):
                 self.wait()
             finally:
                 self._closed = True
+                forget_slab_views(self._staging)
                 self._staging.release()
                 self._pending = None
 

@@ -82,3 +82,24 @@ def int_between(name: str, default: int, low: int, high: int) -> int:
         lambda n: low <= n <= high,
         f"an integer from {low} to {high} (e.g. {default})",
     )
+
+
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True}
+_SWITCH.update({"0": False, "false": False, "no": False, "off": False})
+
+
+def switch(name: str, default: bool) -> bool:
+    """Whether ``os.environ[name]`` turns a behaviour on (``1``/``true``/``yes``/``on``)
+    or off (``0``/``false``/``no``/``off``, any case) when set, else ``default``.
+
+    Raises:
+        InvalidInputError: the variable is set to anything else.
+    """
+
+    def parse(text: str) -> bool:
+        try:
+            return _SWITCH[text.lower()]
+        except KeyError:
+            raise ValueError(text) from None
+
+    return _read(name, default, parse, lambda _: True, "1 or 0 (on or off)")

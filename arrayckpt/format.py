@@ -273,6 +273,22 @@ class HeaderImage:
         bytes to put at `table_at`, as long as the placeholders they replace."""
         return (self.layout.table % tuple(crcs)).encode()
 
+    def with_checksums(self, crcs: Sequence[int]) -> bytes:
+        """`head` with ``crcs`` in place of the placeholders."""
+        table = self.checksum_table(crcs)
+        return self.head[: self.table_at] + table + self.head[self.table_at + len(table) :]
+
+    def aligned(self, alignment: int) -> HeaderImage:
+        """This header padded with spaces so the data after it starts at a multiple of
+        ``alignment`` (a direct write's block): trailing JSON whitespace, which every
+        safetensors reader skips, as it skips safetensors' own padding to 8 bytes."""
+        pad = -len(self.head) % alignment
+        if not pad:
+            return self
+        size = len(self.head) - 8 + pad
+        head = struct.pack("<Q", size) + self.head[8:] + b" " * pad
+        return HeaderImage(head, self.table_at, self.layout)
+
 
 def _header(layout: _LayoutText, meta: Mapping[str, str]) -> HeaderImage:
     """The header for ``layout`` and ``__metadata__`` ``meta`` (without the checksum table,
@@ -406,8 +422,12 @@ def write_file(
     )
     meta = _stamped(metadata)
     fs = fsops.fs()
-    fs.write_safetensors(path, tensors, meta)
-    if borrowed and not _file_consistent(path):
+    if borrowed:
+        # A private copy was checksummed and written (a direct write): nothing to check.
+        consistent = fs.write_safetensors(path, tensors, meta, borrowed=True)
+    else:
+        fs.write_safetensors(path, tensors, meta)
+    if borrowed and not consistent and not _file_consistent(path):
         log.warning(
             "%s: tensors changed while they were being saved; writing a copy instead "
             "(synchronous saves read the arrays in place: stop changing them during the "

@@ -43,13 +43,26 @@ class FileSystem:
         os.mkdir(path)
 
     def write_safetensors(
-        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
-    ) -> None:
+        self,
+        path: Path,
+        specs: Mapping[str, Any],
+        metadata: Mapping[str, str],
+        *,
+        borrowed: bool = False,
+    ) -> bool:
         """Create the safetensors file ``path`` holding ``specs`` (`staging.HostTensor` by
-        name) and ``metadata``, streamed from their host buffers (see `write_image`)."""
+        name) and ``metadata``, streamed from their host buffers (see `write_image`).
+
+        Args:
+            borrowed: the buffers are the caller's own arrays, which may change meanwhile.
+
+        Returns:
+            Whether the checksums are certainly those of the bytes written (see
+            `write_image`); if not, a borrowed save reads the file back to check.
+        """
         from . import format  # format imports this module: imported on the first write
 
-        write_image(path, format.file_image(specs, metadata))
+        return write_image(path, format.file_image(specs, metadata), private=borrowed)
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         with open(path, "xb") as f:
@@ -246,93 +259,118 @@ CHUNK_BYTES = 1 << 20
 _IOV_MAX = 1024
 
 
-def write_image(path: Path, image: Any) -> None:
+def write_image(path: Path, image: Any, *, private: bool = False) -> bool:
     """Create ``path`` and write a `format.FileImage` into it, in one pass.
 
-    The header goes first, with placeholder checksums; then the tensors, in chunks of
-    `CHUNK_BYTES` (many small tensors share one ``writev``), each chunk's CRC32C computed
-    just before it is written; then the checksums over their placeholders. Both the
-    checksum and the write release the GIL, and the disk starts on the data as it is
-    written (`writeback.Writeback`), so the ``fsync`` after finds little left to do. A
-    failed write removes the partial file.
+    Tensors are streamed in file order, each chunk's CRC32C computed just before it is
+    written; both the checksum and the write release the GIL. A file of
+    `direct.MIN_BYTES` or more is written with direct writes (`direct.DirectSink`: the
+    header last, padded to a block); a smaller one, or one on a file system without
+    them, through the page cache (`_Buffered`: the header first, with placeholder
+    checksums filled in last, and writeback started as the data goes out, so the
+    ``fsync`` after finds little left to do). A failed write removes the partial file.
+
+    Args:
+        private: the buffers may change while they are written (a synchronous save of
+            the caller's own arrays); a direct write then checksums a private copy.
+
+    Returns:
+        Whether every checksum was taken of the bytes written (a private copy), so the
+        file cannot disagree with its checksums.
     """
+    from . import direct, format
+
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    crc = format.crc32c_function()
     try:
-        crcs = _stream(fd, image)
-        table = image.header.checksum_table(crcs)
-        if os.pwrite(fd, table, image.header.table_at) != len(table):
-            raise OSError(errno.EIO, "short write of the checksum table", str(path))
+        if direct.wanted(image.nbytes, len(image.sizes)) and direct.enable(fd):
+            header = image.header.aligned(direct.BLOCK)
+            with direct.DirectSink(fd, len(header.head), crc, private=private) as sink:
+                sink.finish(header.with_checksums(_stream(image, _Direct(sink))))
+            copied = private
+        else:
+            out = _Buffered(fd, Writeback(fd, image.nbytes), crc)
+            out.write([image.header.head], len(image.header.head))
+            table = image.header.checksum_table(_stream(image, out))
+            if os.pwrite(fd, table, image.header.table_at) != len(table):
+                raise OSError(errno.EIO, "short write of the checksum table", str(path))
+            copied = False
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
+    return copied
 
 
-def _stream(fd: int, image: Any) -> list[int]:
-    """Write ``image``'s header and tensors to ``fd``; return the tensors' CRC32Cs."""
-    from . import format
-
-    crc = format.crc32c_function()
-    out = _Appender(fd, Writeback(fd, image.nbytes), format.flat_bytes)
-    out.write([image.header.head], len(image.header.head))
+def _stream(image: Any, out: _Buffered | _Direct) -> list[int]:
+    """Write ``image``'s tensors to ``out`` in file order; return their CRC32Cs."""
     crcs: list[int] = []
-    batch: list[Any] = []
-    size = 0
     # Tensors written in place from the caller's memory (a save within a staging budget)
     # are reported as soon as their bytes are out, so the caller is released early.
     written = image.written or [None] * len(image.sizes)
     # Tensors still being copied into staging (the write starts before the snapshot's
     # copies end) are waited for one by one.
     ready = image.ready or [None] * len(image.sizes)
-    done: list[Callable[[], None]] = []
-
-    def flush() -> None:
-        """Write the small tensors gathered so far; report those written in place."""
-        nonlocal batch, size
-        if batch:
-            out.write(batch, size)
-            batch, size = [], 0
-        for report in done:
-            report()
-        done.clear()
-
     for data, n, seed, report, wait in zip(
         image.buffers, image.sizes, image.seeds, written, ready, strict=True
     ):
         if wait is not None:
-            flush()  # what is ready goes out first: the disk keeps busy meanwhile
+            out.flush()  # what is ready goes out first: the disk keeps busy meanwhile
             wait()
         if n <= CHUNK_BYTES:
-            crcs.append(crc(data, seed))
-            batch.append(data)
-            size += n
-            if report is not None:
-                done.append(report)
-            if size >= CHUNK_BYTES or len(batch) == _IOV_MAX:
-                flush()
+            crcs.append(out.small(data, n, seed, report))
             continue
-        flush()  # the small tensors before this one go first, in file order
-        data = format.flat_bytes(data)
-        for at in range(0, n, CHUNK_BYTES):
-            piece = data[at : at + CHUNK_BYTES]
-            seed = crc(piece, seed)
-            out.write([piece], len(piece))
-        crcs.append(seed)
+        crcs.append(out.large(data, n, seed, report))
         if report is not None:
             report()
-    flush()
+    out.flush()
     return crcs
 
 
-class _Appender:
-    """Appends buffers to a file with ``writev``, finishing short writes."""
+class _Buffered:
+    """Writes through the page cache: small tensors gathered into one ``writev``, large
+    ones in `CHUNK_BYTES` pieces."""
 
-    def __init__(self, fd: int, early: Writeback, flat: Callable[[Any], Any]) -> None:
-        self.fd, self.early, self.flat, self.end = fd, early, flat, 0
+    def __init__(self, fd: int, early: Writeback, crc: Callable[[Any, int], int]) -> None:
+        from .format import flat_bytes
+
+        self.fd, self.early, self.crc, self.flat, self.end = fd, early, crc, flat_bytes, 0
+        self.batch: list[Any] = []
+        self.size = 0
+        self.done: list[Callable[[], None]] = []  # reports of the gathered tensors
+
+    def small(self, data: Any, n: int, seed: int, report: Callable[[], None] | None) -> int:
+        seed = self.crc(data, seed)
+        self.batch.append(data)
+        self.size += n
+        if report is not None:
+            self.done.append(report)
+        if self.size >= CHUNK_BYTES or len(self.batch) == _IOV_MAX:
+            self.flush()
+        return seed
+
+    def large(self, data: Any, n: int, seed: int, report: Callable[[], None] | None) -> int:
+        self.flush()  # the small tensors before this one go first, in file order
+        data = self.flat(data)
+        for at in range(0, n, CHUNK_BYTES):
+            piece = data[at : at + CHUNK_BYTES]
+            seed = self.crc(piece, seed)
+            self.write([piece], len(piece))
+        return seed
+
+    def flush(self) -> None:
+        """Write the small tensors gathered so far; report those written in place."""
+        if self.batch:
+            self.write(self.batch, self.size)
+            self.batch, self.size = [], 0
+        for report in self.done:
+            report()
+        self.done.clear()
 
     def write(self, buffers: list[Any], nbytes: int) -> None:
+        """``writev`` ``buffers``, finishing short writes."""
         left = nbytes
         done = os.writev(self.fd, buffers)
         while done < left:  # a short write (a signal, a nearly full disk): go on from there
@@ -347,6 +385,28 @@ class _Appender:
             done = os.writev(self.fd, buffers)
         self.end += nbytes
         self.early.written(self.end)
+
+
+class _Direct:
+    """Feeds a `direct.DirectSink`: every tensor's bytes are out (written, or copied into
+    its bounce buffer) when `small` or `large` returns."""
+
+    def __init__(self, sink: Any) -> None:
+        from .format import flat_bytes
+
+        self.sink, self.flat = sink, flat_bytes
+
+    def small(self, data: Any, n: int, seed: int, report: Callable[[], None] | None) -> int:
+        seed = self.sink.put(self.flat(data), seed, borrowed=report is not None)
+        if report is not None:
+            report()
+        return int(seed)
+
+    def large(self, data: Any, n: int, seed: int, report: Callable[[], None] | None) -> int:
+        return int(self.sink.put(self.flat(data), seed, borrowed=report is not None))
+
+    def flush(self) -> None:
+        self.sink.drain()
 
 
 _current = FileSystem()

@@ -7,10 +7,11 @@ import itertools
 import math
 import operator
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,8 +47,11 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         parts = (self.model, self.optimizer, self.extra or {})
-        return sum(t.nbytes for part in parts for t in part.values())
+        # C-level passes: the writer logs it after every save, of maybe 20,000 tensors
+        return sum(sum(map(_data_nbytes, part.values())) for part in parts)
 
+
+_data_nbytes = operator.attrgetter("data.nbytes")
 
 Plan = list[tuple[str, Any, backends.Backend, DType]]
 
@@ -134,6 +138,8 @@ _NUMPY_PROBE = np.empty(0, np.uint8)
 
 def _split_by(plan: Plan, fits: np.ndarray, entry: statecache.Entry | None) -> tuple[Plan, Plan]:
     """``plan``'s items where ``fits``, and the others; the first keeps ``plan``'s entry."""
+    if entry is not None and fits.all():
+        return plan, []  # all of them (e.g. 20,000 small tensors): no copy of the plan
     small = list(itertools.compress(plan, fits))
     rest = list(itertools.compress(plan, ~fits))
     return (small if entry is None else statecache.CheckedPlan(small, entry)), rest
@@ -198,29 +204,80 @@ def _group_by_dtype(small: Plan) -> tuple[SlabLayout, int]:
     return list(groups.items()), total
 
 
-def _slab_copy(small: Plan, groups: SlabLayout, slab: np.ndarray) -> dict[str, HostTensor]:
+@dataclass(eq=False)
+class SlabViews:
+    """The tensors (views into one staging slab) that the small arrays of one state were
+    copied into, kept for the next snapshot of that state into the same slab: making
+    20,000 views and tensors costs more than copying their 4 KiB each.
+
+    Valid while the state's `statecache.Entry` matches (the same arrays, shapes, strides
+    and dtypes, so the same layout) and the slab is the same buffer; `_begin_staging`
+    checks both.
+    """
+
+    entry: statecache.Entry
+    groups: SlabLayout
+    buffer: np.ndarray
+    #: ``None`` until the first copy into ``buffer`` has made them.
+    tensors: dict[str, HostTensor] | None = None
+    #: Per dtype group, the part of ``buffer`` its arrays are packed into.
+    segments: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Slab:
+    """One plan's small NumPy arrays, their layout (`_slab_layout`), the staging buffer
+    they are copied into, and its reusable views (``None``: the state is not cached)."""
+
+    small: Plan
+    groups: SlabLayout
+    buffer: np.ndarray
+    views: SlabViews | None = None
+
+
+def _slab_copy(slab: Slab) -> dict[str, HostTensor]:
     """Copy many small arrays into one slab laid out by `_slab_layout`: one
     `np.concatenate` per dtype instead of a staging buffer, views and a copy call per array
     (20,000 tensors of 4 KiB: ~5 µs less each); the views of each run of equal shapes come
-    from one reshape."""
+    from one reshape, or from the slab's earlier snapshot (`SlabViews`)."""
+    small, kept = slab.small, slab.views
+    if kept is not None and kept.tensors is not None:
+        for (_, members), segment in zip(slab.groups, kept.segments, strict=True):
+            np.concatenate(_members(small, members), axis=None, out=segment)
+        return dict(kept.tensors)  # a copy: `_gate` replaces tensors in what it is given
     out: list[HostTensor | None] = [None] * len(small)
+    segments = []
     at = 0
-    for dt, members in groups:
+    for dt, members in slab.groups:
         at = -(-at // 64) * 64
-        arrays = [small[i][1] for i in members]
+        arrays = _members(small, members)
         count = sum(map(_size, arrays))
-        segment = slab[at : at + count * dt.itemsize].view(dt)
+        segment = slab.buffer[at : at + count * dt.itemsize].view(dt)
         np.concatenate(arrays, axis=None, out=segment)
+        segments.append(segment)
+        at += count * dt.itemsize
         tensors = _slab_views(arrays, segment, small[members[0]][3])
-        if len(members) == len(small):  # one group: members are 0, 1, ... in order
-            return dict(zip([key for key, *_ in small], tensors, strict=True))
         for i, t in zip(members, tensors, strict=True):
             out[i] = t
-        at += count * dt.itemsize
-    return {item[0]: t for item, t in zip(small, out, strict=True) if t is not None}
+    # Every array is a member of one group, so every place in ``out`` is filled.
+    made = cast(dict[str, HostTensor], dict(zip(map(_key_of, small), out, strict=True)))
+    if kept is None:
+        return made
+    kept.tensors, kept.segments = made, segments
+    return dict(made)
+
+
+def _members(small: Plan, members: list[int]) -> list[np.ndarray]:
+    """The arrays of ``small`` at ``members`` (all of them: one C-level pass)."""
+    if len(members) == len(small):  # one group: members are 0, 1, ... in order
+        return list(map(_array_of, small))
+    return [small[i][1] for i in members]
 
 
 _size = operator.attrgetter("size")
+_key_of = operator.itemgetter(0)
+_array_of = operator.itemgetter(1)
+_backend_of = operator.itemgetter(2)
 _shape = operator.attrgetter("shape")
 
 
@@ -248,13 +305,13 @@ def _slab_views(arrays: list[np.ndarray], segment: np.ndarray, dtype: DType) -> 
 
 
 def _copy(
-    plan: Plan,
-    staging: StagingPool | None,
-    slab: tuple[Plan, SlabLayout, np.ndarray] | None = None,
+    plan: Plan, staging: StagingPool | None, slab: Slab | None = None
 ) -> dict[str, HostTensor]:
-    """Copy ``plan`` to host memory; ``slab``: its small arrays, their layout, the slab."""
+    """Copy ``plan`` to host memory; ``slab``: its small arrays and where they go."""
     alloc = staging.take if staging is not None else None
-    in_slab = _slab_copy(*slab) if slab is not None else {}
+    in_slab = _slab_copy(slab) if slab is not None else {}
+    if len(in_slab) == len(plan):  # all in the slab, in the plan's order
+        return in_slab
     # Host copies are collected and run together at the end, spread across threads.
     with hostcopy.batched():
         return {
@@ -290,22 +347,60 @@ def _staging_layout(
     return buffers, smalls, layouts
 
 
-def _begin_staging(
-    staging: StagingPool, *plans: Plan
-) -> list[tuple[Plan, SlabLayout, np.ndarray] | None]:
+#: Per staging pool, the `SlabViews` of its last snapshot's slabs (see `_begin_staging`).
+_kept_views: weakref.WeakKeyDictionary[StagingPool, list[SlabViews]] = weakref.WeakKeyDictionary()
+
+
+def _begin_staging(staging: StagingPool, *plans: Plan) -> list[Slab | None]:
     """Tell ``staging`` the snapshot's buffer sizes; take one slab per plan for its small
-    NumPy arrays (`None` where a plan has fewer than two)."""
+    NumPy arrays (`None` where a plan has fewer than two), with the views an earlier
+    snapshot of the same state made into the same buffer."""
     buffers, smalls, layouts = _staging_layout(*plans)
+    entries = [_entry_of(small) for small in smalls]
+    # Views keep their slab alive: drop those of other states before `begin` may drop
+    # their buffers. A state still saved needs its slab's size again, so the pool keeps it.
+    kept = [v for v in _kept_views.get(staging, ()) if any(v.entry is e for e in entries)]
+    _kept_views[staging] = kept
     staging.begin(n for n, _ in buffers)
-    return [
-        (small, groups, staging.take(n)) if small else None
-        for small, (groups, n) in zip(smalls, layouts, strict=True)
-    ]
+    slabs: list[Slab | None] = []
+    views: list[SlabViews] = []
+    for small, (groups, n), entry in zip(smalls, layouts, entries, strict=True):
+        if not small:
+            slabs.append(None)
+            continue
+        slab = Slab(small, groups, staging.take(n))
+        if entry is not None:
+            slab.views = next(
+                (
+                    v
+                    for v in kept
+                    if v.entry is entry and v.groups is groups and v.buffer is slab.buffer
+                ),
+                None,
+            ) or SlabViews(entry, groups, slab.buffer)
+            views.append(slab.views)
+        slabs.append(slab)
+    _kept_views[staging] = views
+    return slabs
+
+
+def forget_slab_views(staging: StagingPool) -> None:
+    """Drop the views into ``staging``'s slabs (call it when the pool releases its
+    buffers: the views would keep them alive)."""
+    _kept_views.pop(staging, None)
+
+
+def _entry_of(plan: Plan) -> statecache.Entry | None:
+    """The cached facts of ``plan``'s state, when it carries them (`statecache.CheckedPlan`)."""
+    return plan.entry if isinstance(plan, statecache.CheckedPlan) else None
 
 
 def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
     """Split off the arrays that cannot change after the save returns (JAX arrays in host
     memory): the snapshot holds them as they are, with no copy and no staging memory."""
+    entry = _entry_of(plan)
+    if entry is not None and entry.shares_nothing:
+        return plan, {}  # the same arrays as a save that found none (see `statecache`)
     rest: Plan = []
     shared: dict[str, HostTensor] = {}
     for item in plan:
@@ -315,6 +410,8 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
             rest.append(item)
         else:
             shared[key] = HostTensor(view, dtype)
+    if entry is not None:
+        entry.shares_nothing = not shared
     # The plan itself when nothing is shared: it may carry the cached facts of its state
     # (`statecache.CheckedPlan`), which a copy of its items would drop.
     return (plan if not shared else rest), shared
@@ -460,8 +557,29 @@ def _in_order(
 
 def _synchronize(*plans: Plan) -> None:
     """Wait once per backend for the (possibly asynchronous) device-to-host copies."""
-    for backend in {id(b): b for plan in plans for _, _, b, _ in plan}.values():
+    found: dict[int, backends.Backend] = {}
+    for plan in plans:
+        kinds = list(map(_backend_of, plan))
+        if kinds and kinds.count(kinds[0]) == len(kinds):  # one backend: a C-level pass
+            found[id(kinds[0])] = kinds[0]
+        else:
+            found.update(zip(map(id, kinds), kinds, strict=True))
+    for backend in found.values():
         backend.synchronize()
+
+
+def _by_staging(plan: Plan) -> tuple[Plan, Plan]:
+    """``plan``'s arrays that stage in pinned memory (device arrays), and the others."""
+    entry = _entry_of(plan)
+    if entry is not None and entry.pins_nothing:
+        return [], plan  # the same arrays as a save that found none (see `statecache`)
+    pinned = [item[2].stages_pinned(item[1]) for item in plan]
+    if entry is not None and not any(pinned):
+        entry.pins_nothing = True
+        return [], plan  # the plan itself: it carries its state's cached facts
+    return list(itertools.compress(plan, pinned)), [
+        item for item, p in zip(plan, pinned, strict=True) if not p
+    ]
 
 
 @dataclass
@@ -472,7 +590,7 @@ class PendingSnapshot:
     #: still to copy, their slab (small NumPy arrays), and what is already in host memory.
     keys: tuple[list[str], ...]
     host_plans: tuple[Plan, ...]
-    slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None]
+    slabs: list[Slab | None]
     ready: tuple[dict[str, HostTensor], ...]
     device_plans: tuple[Plan, ...]
     staging: StagingPool | None
@@ -631,15 +749,12 @@ def start_snapshot(
         if max_staging_bytes is not None:
             plans, in_place, handoff = _within_budget(plans, max_staging_bytes)
             shared = tuple({**a, **b} for a, b in zip(shared, in_place, strict=True))
-    slabs: list[tuple[Plan, SlabLayout, np.ndarray] | None] = (
+    slabs: list[Slab | None] = (
         _begin_staging(staging, *plans) if staging is not None else [None] * len(plans)
     )
-    device_plans = tuple(
-        [item for item in plan if item[2].stages_pinned(item[1])] for plan in plans
-    )
-    host_plans = tuple(
-        [item for item in plan if not item[2].stages_pinned(item[1])] for plan in plans
-    )
+    split_by_staging = [_by_staging(plan) for plan in plans]
+    device_plans = tuple(device for device, _ in split_by_staging)
+    host_plans = tuple(host for _, host in split_by_staging)
     try:
         issued = [_copy(plan, staging) for plan in device_plans]
     except BaseException:
@@ -659,7 +774,7 @@ def start_snapshot(
         extra_aliases=extra_aliases,
     )
     return PendingSnapshot(
-        keys=tuple([key for key, *_ in plan] for plan in full),
+        keys=tuple(list(map(_key_of, plan)) for plan in full),
         host_plans=host_plans,
         slabs=slabs,
         ready=tuple({**a, **b} for a, b in zip(shared, issued, strict=True)),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import priority
+from . import direct, priority
 from .dtypes import DType
 
 #: Allocates ``nbytes`` of host memory as a flat uint8 array; ``pinned`` asks for
@@ -162,6 +162,9 @@ class StagingPool:
     def _allocate(self, nbytes: int, pinned: bool) -> np.ndarray:
         if pinned and self.pinned_allocator is not None:
             return self.pinned_allocator(nbytes)
+        if nbytes >= _ALIGNED_MIN:
+            # Page-aligned, so a direct write takes the bytes from here (`direct`).
+            return direct.aligned_empty(nbytes)
         return np.empty(nbytes, np.uint8)
 
     @property
@@ -176,6 +179,8 @@ class StagingPool:
 
 
 _PAGE = mmap.PAGESIZE
+#: Staging buffers this large are page-aligned anonymous memory (`direct.aligned_empty`).
+_ALIGNED_MIN = 1 << 20
 
 
 def prefault(buf: np.ndarray) -> None:

@@ -7,9 +7,11 @@ plain NumPy arrays; a later save reuses it only when every name is the same and 
 array is the same object with the same shape, strides and dtype. Arrays are held by weak
 reference: the cache never keeps a state alive.
 
-The one thing the check does not see is an array that kept its shape but moved its data,
-which only ``ndarray.resize(refcheck=False)`` does (to a new size and back): the array then
-owns fresh memory nothing else views, so it can only be tied to itself, as before.
+The check does not read data pointers: an array's data cannot move while it is the same
+object, but through what NumPy refuses or deprecates. ``resize`` raises for an array with
+weak references (the entry's), and assigning ``data`` works only before NumPy 2 (with a
+DeprecationWarning). Every save copies each array's current bytes whatever its pointer;
+only a tie made that way would go unseen (both arrays stored, each with its values).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from . import nested
 #: Entries kept (a save makes up to three: model, optimizer, extra); the oldest goes first.
 MAX_ENTRIES = 6
 
-#: What must be unchanged for an array's cached facts to hold.
-_mark = operator.attrgetter("shape", "strides", "dtype")
+#: What must be unchanged for an array's cached facts to hold (compared one attribute at
+#: a time: a tuple of the three per array costs half as much again).
+_shape = operator.attrgetter("shape")
+_strides = operator.attrgetter("strides")
+_dtype = operator.attrgetter("dtype")
 
 
 @dataclass(eq=False)
@@ -38,7 +43,9 @@ class Entry:
 
     keys: list[str]
     refs: list[weakref.ref[np.ndarray]]
-    marks: list[tuple[Any, ...]]
+    shapes: list[tuple[int, ...]]
+    strides: list[tuple[int, ...]]
+    array_dtypes: list[np.dtype[Any]]
     #: ``{alias: stored name}`` (see `aliases.find_aliases`).
     aliases: dict[str, str] | None = None
     #: Per stored (non-alias) tensor, in order: its backend and its dtype (see `snapshot`).
@@ -49,15 +56,24 @@ class Entry:
     slab_layout: tuple[int, Any] | None = None
     #: The trees (``None``: flat) the writer's limits were checked with.
     writable: set[str | None] = field(default_factory=set)
+    #: Whether no stored tensor is shared as an immutable view, and none staged in pinned
+    #: memory (their backends' answers for these arrays; see `snapshot`).
+    shares_nothing: bool = False
+    pins_nothing: bool = False
 
     def matches(self, keys: list[str], values: list[Any]) -> bool:
-        # Each mark is dropped once compared: a list of them would set off the garbage
+        # Each attribute is dropped once compared: a list of them would set off the garbage
         # collector's young-generation passes (one per 700 new tuples) in the caller's stall.
+        # Identity first: a replaced array fails there, before any attribute is read. The
+        # same objects are the plain arrays this entry was made for (an ndarray's class
+        # cannot be reassigned), and an equal key behaves as the one checked.
         return (
             len(self.keys) == len(keys)
             and self.keys == keys
             and all(map(operator.is_, map(operator.call, self.refs), values))
-            and all(map(operator.eq, map(_mark, values), self.marks))
+            and all(map(operator.eq, map(_shape, values), self.shapes))
+            and all(map(operator.eq, map(_strides, values), self.strides))
+            and all(map(operator.eq, map(_dtype, values), self.array_dtypes))
         )
 
 
@@ -69,7 +85,7 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
     """The entry of ``flat``: an earlier one when nothing in it changed, else a new, empty
     one; ``None`` unless every key is a ``str`` and every value a plain `numpy.ndarray`
     (other arrays' memory can move without their shape changing)."""
-    if not nested.is_plain_numpy_dict(flat):
+    if type(flat) is not dict:
         return None
     keys = list(flat)
     values = list(flat.values())
@@ -78,7 +94,15 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
             if entry.matches(keys, values):
                 _entries.insert(0, _entries.pop(i))
                 return entry
-        entry = Entry(keys, list(map(weakref.ref, values)), list(map(_mark, values)))
+        if not nested.is_plain_numpy_dict(flat):
+            return None
+        entry = Entry(
+            keys,
+            list(map(weakref.ref, values)),
+            list(map(_shape, values)),
+            list(map(_strides, values)),
+            list(map(_dtype, values)),
+        )
         # An entry whose first array is gone can never match again (~250 bytes a tensor)
         _entries[:] = [entry, *(e for e in _entries if e.refs[0]() is not None)]
         del _entries[MAX_ENTRIES:]

@@ -309,6 +309,43 @@ def case_raw_write_overlapped(c: Case) -> None:
     c.repeat(once)
 
 
+def raw_direct_write(target: Path, nbytes: int) -> float:
+    """Write ``nbytes`` with ``O_DIRECT`` in 8 MiB requests from one page-aligned buffer
+    (again and again: the state's own arrays are not page-aligned), then fsync: what the
+    disk takes without the page cache, which `arrayckpt.direct`'s writes approach.
+    Returns the seconds until the fsync began."""
+    from arrayckpt import direct
+
+    request = direct.aligned_empty(direct.REQUEST_BYTES)
+    request[:] = 1
+    t = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if not direct.enable(fd):
+            raise SystemExit(f"{target}: this file system has no O_DIRECT")
+        blocks = -(-nbytes // direct.BLOCK) * direct.BLOCK  # the tail padded to a block
+        for at in range(0, blocks, direct.REQUEST_BYTES):
+            os.pwrite(fd, request[: min(direct.REQUEST_BYTES, blocks - at)], at)
+        os.ftruncate(fd, nbytes)
+        written = time.perf_counter() - t
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def case_raw_write_direct(c: Case) -> None:
+    """The same number of bytes as `raw_direct_write`, then fsync."""
+    nbytes = sum(s.nbytes for s in c.w.byte_buffers())
+
+    def once(target: Path) -> dict[str, float]:
+        t = time.perf_counter()
+        written = raw_direct_write(target, nbytes)
+        return {"write": written, "total": time.perf_counter() - t}
+
+    c.repeat(once)
+
+
 # --- arrayckpt --------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ SAVES = [
     ("memcpy_threads", "limit: warm memcpy, all cores"),
     ("raw_write", "limit: raw write + fsync"),
     ("raw_write_overlapped", "limit: raw write, disk started early"),
+    ("raw_write_direct", "limit: raw direct write (O_DIRECT) + fsync"),
     ("arrayckpt_async", "arrayckpt AsyncCheckpointer"),
     ("arrayckpt_first", "arrayckpt first save of a process"),
     ("arrayckpt_first_prepared", "arrayckpt first save after prepare()"),
@@ -239,6 +240,12 @@ def ratios(results: dict[str, dict[str, Any]], workload: str) -> list[str]:
         "total (durable) / raw write, disk started early",
         ours_total,
         "raw_write_overlapped",
+        "total",
+    )
+    add(
+        "total (durable) / raw direct write + fsync",
+        ours_total,
+        "raw_write_direct",
         "total",
     )
     for case in (

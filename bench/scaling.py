@@ -43,7 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from measure import fsync_path  # noqa: E402
+from measure import fsync_path, raw_direct_write  # noqa: E402
 
 import arrayckpt as ac  # noqa: E402
 
@@ -54,6 +54,7 @@ BUDGET = "2G"
 MARGIN = 2 * GiB
 CASES = {
     "raw": "raw write + fsync",
+    "raw_direct": "raw direct write + fsync",
     "arrayckpt": "arrayckpt async",
     "safetensors": "safetensors.numpy save_file",
     "budget": "arrayckpt, max_staging_bytes",
@@ -129,6 +130,8 @@ def child(
                 for a in state.values():
                     f.write(a.data)
                 os.fsync(f.fileno())
+        elif case == "raw_direct":
+            raw_direct_write(target, nbytes)
         else:
             save_file(state, str(target))
             fsync_path(target)

@@ -30,10 +30,10 @@ def state(rank: int, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 class FailOnRank1(fsops.FileSystem):
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         if path.parent.name == "rank_1":
             raise OSError(28, "No space left on device (injected)")
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 def setup() -> tuple[int, int, Any, Any]:

@@ -47,19 +47,19 @@ def whole(step: int) -> np.ndarray:
 
 
 class FailOnRank1(fsops.FileSystem):
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         if path.parent.name == "rank_1":
             raise OSError(28, "No space left on device (injected)")
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 class DieMidSave(fsops.FileSystem):
     """SIGKILL this process while it writes its part of a checkpoint into the temporary."""
 
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         if ".arrayckpt-tmp-" in str(path):
             os.kill(os.getpid(), signal.SIGKILL)
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 def client() -> Any:

@@ -23,14 +23,14 @@ class GatedFS(fsops.FileSystem):
         self.gate.set()
 
     def write_safetensors(
-        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
+        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str], **kw: Any
     ) -> None:
         self.writing.set()
         if not self.gate.wait(timeout=60):
             raise OSError("test gate never opened")
         self.pointers.append({name: spec.data_ptr for name, spec in specs.items()})
         self.names.append(path.name)
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 class FailingFS(fsops.FileSystem):
@@ -40,7 +40,7 @@ class FailingFS(fsops.FileSystem):
         self.calls = 0
 
     def write_safetensors(
-        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
+        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str], **kw: Any
     ) -> None:
         self.calls += 1
         raise OSError(28, "No space left on device (injected)")

@@ -105,9 +105,9 @@ class RecordingFS(fsops.FileSystem):
         self.step("mkdir", path)
         super().mkdir(path)
 
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         i = self.step("write_safetensors", path)
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
         self._written(i, path)
 
     def write_bytes(self, path: Path, data: bytes) -> None:

@@ -284,3 +284,32 @@ def test_the_garbage_collector_is_paused_during_the_stall_and_restored(tmp_path:
         finally:
             gc.enable()
     assert seen == [False, False, False]
+
+
+def test_the_snapshot_is_gone_before_the_collector_is_back_on(tmp_path: Path) -> None:
+    """The snapshot's per-tensor temporaries die before the collector is back on: alive,
+    the pass their count sets off at its first allocation would scan every one of them."""
+    import gc
+    import weakref
+
+    pending: list[weakref.ref[Any]] = []
+    alive_at_enable: list[bool] = []
+    original = ac.async_checkpointer.start_snapshot
+    enable = gc.enable
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        pending.append(weakref.ref(result))
+        return result
+
+    def watched_enable() -> None:
+        alive_at_enable.append(pending[-1]() is not None)
+        enable()
+
+    with pytest.MonkeyPatch.context() as mp, ac.AsyncCheckpointer() as ckpt:
+        mp.setattr(ac.async_checkpointer, "start_snapshot", spy)
+        mp.setattr(gc, "enable", watched_enable)
+        state = _state()
+        for path in ("a", "b"):  # a new state, then the cached one
+            ckpt.save(tmp_path / path, state).result()
+    assert alive_at_enable == [False, False]

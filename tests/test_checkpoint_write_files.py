@@ -20,11 +20,11 @@ class FailOneFS(fsops.FileSystem):
         self.failing = failing
         self.threads: set[str] = set()
 
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         self.threads.add(threading.current_thread().name)
         if path.name == self.failing:
             raise OSError(5, f"I/O error writing {path.name} (injected)")
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 @pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.safetensors"])

@@ -55,10 +55,10 @@ class RecordingFS(FileSystem):
         super().mkdir(path)
 
     def write_safetensors(
-        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str]
+        self, path: Path, specs: Mapping[str, Any], metadata: Mapping[str, str], **kw: Any
     ) -> None:
         self._step("write_safetensors", path)
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         self._step("write_bytes", path)

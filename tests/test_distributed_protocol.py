@@ -81,10 +81,10 @@ class FailFor(fsops.FileSystem):
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         if path.parent.name == f"rank_{self.rank}":
             raise OSError(28, "No space left on device (injected)")
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 @pytest.mark.parametrize("failing", [0, 2])

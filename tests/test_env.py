@@ -35,6 +35,25 @@ def test_bad_seconds_name_the_variable_and_the_fix(
         env.positive_seconds("ARRAYCKPT_TEST_VAR", 1.0)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("ON", True), ("yes", True), ("0", False), ("Off", False)]
+)
+def test_a_switch_reads_on_and_off(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    monkeypatch.setenv("ARRAYCKPT_TEST_VAR", value)
+    assert env.switch("ARRAYCKPT_TEST_VAR", not expected) is expected
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "-"])
+def test_a_bad_switch_names_the_variable_and_the_values(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ARRAYCKPT_TEST_VAR", value)
+    with pytest.raises(ac.InvalidInputError, match=r"ARRAYCKPT_TEST_VAR=.*1 or 0"):
+        env.switch("ARRAYCKPT_TEST_VAR", True)
+
+
 @pytest.mark.parametrize("value", ["-1", "20", "ten", "2.5"])
 def test_an_int_out_of_its_range_names_the_variable_and_the_range(
     monkeypatch: pytest.MonkeyPatch, value: str

@@ -73,10 +73,10 @@ class FailingWrites(fsops.FileSystem):
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
-    def write_safetensors(self, path, specs, metadata):
+    def write_safetensors(self, path, specs, metadata, **kw):
         if self.marker in str(path):
             raise OSError(28, "No space left on device")
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 @pytest.mark.parametrize("async_save", [True, False])

@@ -59,9 +59,9 @@ class _Recording(fsops.FileSystem):
     def __init__(self) -> None:
         self.writers: dict[str, tuple[str, int, int]] = {}
 
-    def write_safetensors(self, path: Path, specs: Any, metadata: Any) -> None:
+    def write_safetensors(self, path: Path, specs: Any, metadata: Any, **kw: Any) -> None:
         self.writers[path.name] = _here()
-        super().write_safetensors(path, specs, metadata)
+        super().write_safetensors(path, specs, metadata, **kw)
 
 
 @pytest.fixture(autouse=True)

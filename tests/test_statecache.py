@@ -199,3 +199,136 @@ def test_entries_of_states_that_are_gone_are_dropped():
     live = _state()
     statecache.entry_for(live)
     assert [e.keys for e in statecache._entries] == [list(live)]
+
+
+def _count_views(monkeypatch) -> list[int]:
+    from arrayckpt import snapshot
+
+    made: list[int] = []
+    real = snapshot._slab_views
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "_slab_views", counted)
+    return made
+
+
+def test_a_second_save_reuses_the_slab_views_and_copies_the_new_values(tmp_path, ckpt, monkeypatch):
+    state = _state()
+    _save(ckpt, tmp_path / "a", state)
+    made = _count_views(monkeypatch)
+    state["p0"] += 10  # new values, same arrays: the same views into the same slab
+    future = ckpt.save(tmp_path / "b", state)
+    state["p0"] += 100  # after save returns: not in the checkpoint
+    future.result()
+    assert made == []
+    back, _ = _saved(tmp_path / "b")
+    np.testing.assert_array_equal(back["p0"], np.arange(8, dtype=np.float32) + 10)
+    np.testing.assert_array_equal(back["p5"], np.arange(8, dtype=np.float32) + 5)
+
+
+def _replace(state):
+    state["p1"] = np.full(8, 7, np.float32)
+
+
+def _retype(state):
+    state["p1"].dtype = np.int32
+
+
+def _reshape(state):
+    state["p1"].shape = (2, 4)
+
+
+@pytest.mark.parametrize("change", [_replace, _retype, _reshape])
+def test_a_changed_array_makes_new_slab_views(tmp_path, ckpt, monkeypatch, change):
+    state = _state()
+    _save(ckpt, tmp_path / "a", state)
+    made = _count_views(monkeypatch)
+    change(state)
+    _save(ckpt, tmp_path / "b", state)
+    assert made  # the cached views did not fit the changed state
+    back, _ = _saved(tmp_path / "b")
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v)
+
+
+def test_a_saved_array_cannot_move_its_data(tmp_path, ckpt):
+    """What lets the cache trust an array's identity: NumPy refuses to resize an array
+    with weak references, the one way an array's data could move under the same object."""
+    state = _state()
+    _save(ckpt, tmp_path / "a", state)
+    with pytest.raises(ValueError, match="resize"):
+        state["p1"].resize(12, refcheck=False)
+
+
+def _slab_of(ckpt: ac.AsyncCheckpointer) -> weakref.ref[np.ndarray]:
+    from arrayckpt import snapshot
+
+    (views,) = snapshot._kept_views[ckpt.staging]
+    return weakref.ref(views.buffer)
+
+
+def test_closing_the_checkpointer_frees_the_slab_its_views_point_into(tmp_path):
+    state = _state()
+    ckpt = ac.AsyncCheckpointer()
+    _save(ckpt, tmp_path / "a", state)
+    slab = _slab_of(ckpt)
+    ckpt.close()
+    gc.collect()
+    assert slab() is None
+
+
+def test_saving_another_state_frees_the_old_slab_before_the_new_one_is_taken(
+    tmp_path, ckpt, monkeypatch
+):
+    first, second = _state(6), _state(9)  # slabs of different sizes
+    _save(ckpt, tmp_path / "a", first)
+    slab = _slab_of(ckpt)
+    alive_after_begin = []
+    begin = ckpt.staging.begin
+
+    def watched(sizes=None):
+        begin(sizes)
+        alive_after_begin.append(slab() is not None)
+
+    monkeypatch.setattr(ckpt.staging, "begin", watched)
+    _save(ckpt, tmp_path / "b", second)
+    # The pool dropped it at `begin` and no views kept it: never two slabs at once.
+    assert alive_after_begin == [False]
+    back, _ = _saved(tmp_path / "b")
+    np.testing.assert_array_equal(back["p8"], second["p8"])
+
+
+def test_a_snapshot_counts_the_bytes_of_every_part():
+    from arrayckpt import snapshot, staging
+
+    snap = snapshot.take_snapshot(
+        {"a": np.zeros(3), "b": np.zeros((2, 2), np.float32)},
+        {"m": np.zeros(2, np.int16)},
+        None,
+        staging=staging.StagingPool(),
+        extra={"e": np.zeros(5, np.int8)},
+    )
+    assert snap.nbytes == 24 + 16 + 4 + 5
+
+
+def test_the_same_arrays_in_every_part_keep_their_values_on_every_save(tmp_path, ckpt):
+    state = _state()  # one state's arrays in the model, the optimizer and the extra state
+    for step in range(3):
+        for v in state.values():
+            v += 1
+        future = ckpt.save(tmp_path / str(step), state, {"state": state}, extra=state)
+        for v in state.values():
+            v += 100  # after save returned: in no part of this checkpoint
+        future.result()
+        for v in state.values():
+            v -= 100
+        loaded = ac.load_checkpoint(tmp_path / str(step))
+        for k, v in state.items():
+            np.testing.assert_array_equal(np.asarray(loaded.model[k]), v)
+            np.testing.assert_array_equal(np.asarray(loaded.optimizer["state"][k]), v)
+            np.testing.assert_array_equal(np.asarray(loaded.extra[k]), v)

@@ -73,9 +73,9 @@ def test_pending_writes_complete_when_the_interpreter_exits(tmp_path: Path) -> N
         from arrayckpt import fsops
 
         class SlowFS(fsops.FileSystem):
-            def write_safetensors(self, path, specs, metadata):
+            def write_safetensors(self, path, specs, metadata, **kw):
                 time.sleep(1.0)  # the script's last line runs long before the write ends
-                super().write_safetensors(path, specs, metadata)
+                super().write_safetensors(path, specs, metadata, **kw)
 
         fsops._current = SlowFS()
         ckpt = ac.AsyncCheckpointer()
@@ -100,7 +100,7 @@ import arrayckpt as ac
 from arrayckpt import fsops
 
 class FullDisk(fsops.FileSystem):
-    def write_safetensors(self, path, specs, metadata):
+    def write_safetensors(self, path, specs, metadata, **kw):
         raise OSError(28, "No space left on device (injected)")
 
 fsops._current = FullDisk()
@@ -143,7 +143,7 @@ def test_exit_gives_up_after_the_timeout_instead_of_hanging(tmp_path: Path) -> N
         from arrayckpt import fsops
 
         class StuckFS(fsops.FileSystem):  # a hung network mount
-            def write_safetensors(self, path, specs, metadata):
+            def write_safetensors(self, path, specs, metadata, **kw):
                 threading.Event().wait()
 
         fsops._current = StuckFS()
@@ -169,9 +169,9 @@ def test_a_forked_child_does_not_wait_for_its_parents_writes(tmp_path: Path) -> 
         gate = threading.Event()
 
         class GatedFS(fsops.FileSystem):
-            def write_safetensors(self, path, specs, metadata):
+            def write_safetensors(self, path, specs, metadata, **kw):
                 gate.wait()
-                super().write_safetensors(path, specs, metadata)
+                super().write_safetensors(path, specs, metadata, **kw)
 
         fsops._current = GatedFS()
         ckpt = ac.AsyncCheckpointer()

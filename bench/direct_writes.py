@@ -1,0 +1,138 @@
+"""Direct writes (``O_DIRECT``) against writes through the page cache, A/B, per size.
+
+    python bench/direct_writes.py                  # 256M,1G,4G; 5 saves per case
+    python bench/direct_writes.py --sizes 512M --runs 9
+    python bench/direct_writes.py --quick          # 128 MiB, 2 saves: a smoke test
+
+For each size (float32 state in 64 MiB tensors) and each mode (``ARRAYCKPT_DIRECT_WRITES``
+1 and 0), a fresh process times a synchronous `save_checkpoint` and an `AsyncCheckpointer`
+save + wait (durable), after one untimed warm-up of each, and the process's CPU time per
+save (the CPU a training loop loses to the save). The modes alternate, process by process,
+so that drifts of the machine fall on both. Prints medians and direct / buffered ratios.
+Exits 0: the figures are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SIZES = "256M,1G,4G"
+MODES = {"direct": "1", "buffered": "0"}
+#: Room left for the rest of the machine beside a case's state and staging.
+MARGIN = 2 << 30
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].isalpha() else int(text)
+
+
+def child(nbytes: int, runs: int, root: Path) -> dict[str, float]:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    import arrayckpt as ac
+
+    rng = np.random.default_rng(0)
+    tensor = min(64 << 20, nbytes)
+    state = {f"t{i}": rng.random(tensor // 4, dtype=np.float32) for i in range(nbytes // tensor)}
+    times: dict[str, list[float]] = {}
+
+    def timed(key: str, save: Any) -> None:
+        for r in range(runs + 1):  # run 0 warms up
+            target = root / f"{key}{r}"
+            cpu, t = time.process_time(), time.perf_counter()
+            save(target)
+            if r:
+                times.setdefault(key, []).append(time.perf_counter() - t)
+                times.setdefault(key + "_cpu", []).append(time.process_time() - cpu)
+            shutil.rmtree(target)
+
+    timed("sync", lambda target: ac.save_checkpoint(target, state))
+    with ac.AsyncCheckpointer() as ckpt:
+        timed("async", lambda target: ckpt.save(target, state).result())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default=SIZES)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="processes per mode and size")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", type=Path, default=os.environ.get("BENCH_DIR"))
+    ap.add_argument("--child", nargs=2, metavar=("NBYTES", "DIR"))
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), args.runs, Path(args.child[1]))))
+        return
+    if args.quick:
+        args.sizes, args.runs, args.rounds = "128M", 2, 1
+    parent = Path(args.dir or tempfile.gettempdir())
+    load = os.getloadavg()[0]
+    rows: dict[int, dict[str, list[dict[str, float]]]] = {}
+    for size in args.sizes.split(","):
+        nbytes = parse_size(size)
+        if 2 * nbytes + MARGIN > _available():
+            print(f"{size}: skipped, needs {(2 * nbytes + MARGIN) >> 30} GiB of memory")
+            continue
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        for _ in range(args.rounds):
+            for mode, value in MODES.items():
+                root = Path(tempfile.mkdtemp(prefix="direct-", dir=parent))
+                try:
+                    done = subprocess.run(
+                        [
+                            *(sys.executable, __file__, "--child", str(nbytes), str(root)),
+                            *("--runs", str(args.runs)),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=3600,
+                        check=True,
+                        env={**os.environ, "ARRAYCKPT_DIRECT_WRITES": value},
+                    )
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
+                results[mode].append(json.loads(done.stdout.splitlines()[-1]))
+        rows[nbytes] = results
+    print(
+        f"\ndirect vs buffered writes: float32 state in 64 MiB tensors, medians of "
+        f"{args.runs} saves x {args.rounds} processes per mode; {os.cpu_count()} CPUs, load "
+        f"average {load:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    keys = ("sync", "sync_cpu", "async", "async_cpu")
+    print(f"{'size':>6s}  {'mode':9s}" + "".join(f"{k:>11s}" for k in keys))
+    for nbytes, results in rows.items():
+        medians = {
+            mode: {k: statistics.median(r[k] for r in runs) for k in keys}
+            for mode, runs in results.items()
+        }
+        for mode, m in medians.items():
+            print(f"{nbytes >> 20:5d}M  {mode:9s}" + "".join(f"{m[k]:10.3f}s" for k in keys))
+        d, b = medians["direct"], medians["buffered"]
+        print(f"{'':6s}  {'ratio':9s}" + "".join(f"{d[k] / b[k]:10.2f}x" for k in keys))
+
+
+def _available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+if __name__ == "__main__":
+    main()
