@@ -305,3 +305,19 @@ def test_header_padded_to_4096_with_spaces_reads(tmp_path: Path) -> None:
     for mmap in (True, False):
         got = ac.load_checkpoint(path.parent, mmap=mmap).model
         assert np.array_equal(got["w"], state["w"]) and np.array_equal(got["b"], state["b"])
+
+
+def test_directly_written_file_takes_the_fast_path(tmp_path: Path) -> None:
+    """Files of 64 MiB or more are written with O_DIRECT, their header padded with spaces
+    to a 4096-byte block: still compact, read the fast way, data 4096-aligned."""
+    from arrayckpt import direct
+
+    state = {f"w{i}": np.full(1 << 20, i, np.float32) for i in range(direct.MIN_BYTES >> 22)}
+    path = _checkpoint_file(tmp_path, state)
+    assert _took_compact_path(path)
+    fmt._parsed_layouts.clear()
+    header = fmt.SafetensorsReader(path).header
+    assert header.checksum_problem is None and header.checksums is not None
+    for mmap in (True, False):
+        got = ac.load_checkpoint(path.parent, mmap=mmap).model
+        assert all(got[k][0] == v[0] for k, v in state.items())
