@@ -740,8 +740,9 @@ _HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 _parsed_layouts: dict[tuple[str, int, int], _ParsedLayout] = {}  # insertion order: oldest first
 _parsed_lock = threading.Lock()
-#: Entries the layout cache holds at most (in all its layouts), and layouts.
-_LAYOUT_CACHE_ENTRIES = 1 << 18
+#: Entries the layout cache holds at most (in all its layouts: some 40 MB of entries and
+#: their text at most, ~0.3 KB each), and layouts. A larger header is parsed each time.
+_LAYOUT_CACHE_ENTRIES = 1 << 17
 _LAYOUT_CACHE_SIZE = 16
 
 

@@ -144,7 +144,8 @@ def read_state(
         return loaded
 
     tied = aliases.read(reader.header.metadata, reader.header.entries, source=str(path))
-    get = aliases.resolver(load_one, tied)  # a tied tensor comes back as one object
+    # a tied tensor comes back as one object (without ties, no lookup per tensor)
+    get = aliases.resolver(load_one, tied) if tied else load_one
 
     if keys is not None:
         if isinstance(keys, str):
