@@ -109,13 +109,14 @@ def write_snapshot(
         target = objects.save_files(str(directory), object_files(snap), storage_options)
     else:
         target = commit_directory(storage.local_path(directory), lambda tmp: write_files(tmp, snap))
-    log.info(
-        "saved %s: %d tensors, %.1f MiB in %.3f s",
-        target,
-        len(snap.model) + len(snap.optimizer) + len(snap.extra or {}),
-        snap.nbytes / 2**20,
-        time.perf_counter() - started,
-    )
+    if log.isEnabledFor(logging.INFO):  # the sizes of 20,000 tensors take a while to add up
+        log.info(
+            "saved %s: %d tensors, %.1f MiB in %.3f s",
+            target,
+            len(snap.model) + len(snap.optimizer) + len(snap.extra or {}),
+            snap.nbytes / 2**20,
+            time.perf_counter() - started,
+        )
     return target
 
 

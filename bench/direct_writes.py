@@ -28,15 +28,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from measure import mem_available, parse_size  # noqa: E402
+
 SIZES = "256M,1G,4G"
 MODES = {"direct": "1", "buffered": "0"}
 #: Room left for the rest of the machine beside a case's state and staging.
 MARGIN = 2 << 30
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].isalpha() else int(text)
 
 
 def child(nbytes: int, runs: int, root: Path) -> dict[str, float]:
@@ -85,7 +84,7 @@ def main() -> None:
     rows: dict[int, dict[str, list[dict[str, float]]]] = {}
     for size in args.sizes.split(","):
         nbytes = parse_size(size)
-        if 2 * nbytes + MARGIN > _available():
+        if 2 * nbytes + MARGIN > mem_available():
             print(f"{size}: skipped, needs {(2 * nbytes + MARGIN) >> 30} GiB of memory")
             continue
         results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
@@ -124,14 +123,6 @@ def main() -> None:
             print(f"{nbytes >> 20:5d}M  {mode:9s}" + "".join(f"{m[k]:10.3f}s" for k in keys))
         d, b = medians["direct"], medians["buffered"]
         print(f"{'':6s}  {'ratio':9s}" + "".join(f"{d[k] / b[k]:10.2f}x" for k in keys))
-
-
-def _available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,23 @@ def reset_peak() -> bool:
         return False
 
 
+def parse_size(text: str) -> int:
+    """``"256M"``, ``"4G"``, ``"512K"`` or a plain byte count, as the benchmarks' options
+    take sizes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def mem_available() -> int:
+    """The kernel's MemAvailable in bytes (0 where /proc/meminfo is missing)."""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

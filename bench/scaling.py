@@ -43,7 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from measure import fsync_path, raw_direct_write  # noqa: E402
+from measure import fsync_path, mem_available, parse_size, raw_direct_write  # noqa: E402
 
 import arrayckpt as ac  # noqa: E402
 
@@ -59,12 +59,6 @@ CASES = {
     "safetensors": "safetensors.numpy save_file",
     "budget": "arrayckpt, max_staging_bytes",
 }
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def show_size(nbytes: int) -> str:
@@ -89,14 +83,6 @@ def needs(case: str, nbytes: int, tensor_bytes: int, budget: int) -> int:
     if case == "budget":
         return nbytes + min(budget, nbytes) + tensor_bytes
     return nbytes
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- one case in a fresh process ---------------------------------------------------------

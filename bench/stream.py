@@ -32,18 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import fsync_path
+from measure import fsync_path, parse_size
 
 import arrayckpt as ac
 from arrayckpt import format as fmt
 from arrayckpt.snapshot import take_snapshot
 from arrayckpt.staging import StagingPool
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def state_of(nbytes: int, tensor_bytes: int) -> dict[str, np.ndarray]:
