@@ -53,7 +53,11 @@ def direct_writes(tmp_path: Path) -> Iterator[None]:
     """Every file written directly, on a file system that supports it."""
     if not direct.wanted(direct.MIN_BYTES, 1) or not _direct_supported(tmp_path):
         pytest.skip("the temporary directory's file system has no O_DIRECT (tmpfs?)")
-    with mock.patch.object(direct, "MIN_BYTES", 0), mock.patch.object(direct, "MIN_MEAN_BYTES", 0):
+    with (
+        mock.patch.object(direct, "MIN_BYTES", 0),
+        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
+        mock.patch.object(direct, "MIN_MEAN_BYTES", 0),
+    ):
         yield
 
 
@@ -109,7 +113,11 @@ def test_direct_files_hold_the_same_arrays(
         pytest.skip("no O_DIRECT here")
     state = {f"t{i}": a for i, a in enumerate(arrays)}
     tensors = take_snapshot(state, None, None, staging=None).model
-    with mock.patch.object(direct, "MIN_BYTES", 0), mock.patch.object(direct, "MIN_MEAN_BYTES", 0):
+    with (
+        mock.patch.object(direct, "MIN_BYTES", 0),
+        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
+        mock.patch.object(direct, "MIN_MEAN_BYTES", 0),
+    ):
         image = fmt.file_image(tensors, {"k": "v"})
         assert fsops.write_image(d / "direct.safetensors", image, private=private) is private
     with mock.patch.object(direct, "MIN_BYTES", 1 << 62):
@@ -228,7 +236,10 @@ def test_buffered_where_the_file_system_refuses_direct_writes(
 
 def test_files_of_many_small_tensors_are_written_buffered(tmp_path: Path) -> None:
     """Small tensors gather better through ``writev``: a large file of them is buffered."""
-    with mock.patch.object(direct, "MIN_BYTES", 0):
+    with (
+        mock.patch.object(direct, "MIN_BYTES", 0),
+        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
+    ):
         ac.save_checkpoint(
             tmp_path / "small", {f"t{i}": np.ones(1024, np.float32) for i in range(64)}
         )
@@ -236,6 +247,24 @@ def test_files_of_many_small_tensors_are_written_buffered(tmp_path: Path) -> Non
     assert _header_length(tmp_path / "small" / MODEL_FILE) % direct.BLOCK != 0
     if _direct_supported(tmp_path):
         assert _header_length(tmp_path / "large" / MODEL_FILE) % direct.BLOCK == 0
+
+
+def test_synchronous_saves_go_direct_from_a_larger_size(tmp_path: Path) -> None:
+    """A synchronous save copies every byte through bounce buffers when it writes
+    directly, which paid off only for larger files: between the two sizes it is buffered
+    while an asynchronous save of the same state is direct."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    state = {"w": np.ones(1 << 20, np.float32)}
+    with (
+        mock.patch.object(direct, "MIN_BYTES", 0),
+        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 8 << 20),
+    ):
+        ac.save_checkpoint(tmp_path / "sync", state)
+        with ac.AsyncCheckpointer() as ckpt:
+            ckpt.save(tmp_path / "async", state).result()
+    assert _header_length(tmp_path / "sync" / MODEL_FILE) % direct.BLOCK != 0
+    assert _header_length(tmp_path / "async" / MODEL_FILE) % direct.BLOCK == 0
 
 
 def test_the_switch_turns_direct_writes_off(
@@ -256,7 +285,7 @@ import numpy as np
 import arrayckpt as ac
 from arrayckpt import direct
 
-direct.MIN_BYTES = direct.MIN_MEAN_BYTES = 0
+direct.MIN_BYTES = direct.PRIVATE_MIN_BYTES = direct.MIN_MEAN_BYTES = 0
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, 32 << 20))
 state = {f"w{i}": np.full(4 << 20, i, np.float32) for i in range(4)}  # 64 MiB
