@@ -282,6 +282,8 @@ def load_checkpoint(
     """
     if keys is not None and not isinstance(keys, str):  # a str is refused below
         keys = list(keys)  # a generator would be empty on a re-read
+    if keys is not None and into is not None:  # before any path: each would drop one
+        raise InvalidInputError("keys= and into= cannot be combined; pick one")
     if storage.is_url(directory):
         return _load_url(
             str(directory),
@@ -422,6 +424,12 @@ def _load_once(
                 **options,
             )
             return whole if optimizer else Checkpoint(whole.model, None, whole.training_state)
+        if keys is not None:
+            raise InvalidInputError(
+                f"{root} is a distributed checkpoint: keys= selects tensors of one file and "
+                "does not apply; load it whole without keys=, or one rank's part with "
+                "load_distributed_checkpoint(directory, rank)"
+            )
         raise InvalidInputError(
             f"{root} is a distributed checkpoint; use load_distributed_checkpoint(directory, rank)"
         )

@@ -207,3 +207,14 @@ def test_changed_dtype_or_larger_target_names_the_tensor(saved: Path) -> None:
         ac.load_distributed_checkpoint(
             saved, 0, world_size=1, into={"c": torch.zeros(2, 6, dtype=torch.int64)}
         )
+
+
+def test_keys_on_a_distributed_checkpoint_are_refused_not_ignored(saved: Path) -> None:
+    """keys= selects tensors of one file: on a distributed checkpoint it is refused with
+    the fix, also beside a JAX template (whose restore would otherwise drop it)."""
+    with pytest.raises(ac.InvalidInputError, match="keys= selects tensors of one file"):
+        ac.load_checkpoint(saved, keys=["w"])
+    jax = pytest.importorskip("jax", reason="JAX is not installed")
+    template = {"w": jax.ShapeDtypeStruct((5, 3), np.float32)}
+    with pytest.raises(ac.InvalidInputError, match="keys= and into= cannot be combined"):
+        ac.load_checkpoint(saved, keys=["w"], into=template)
