@@ -247,7 +247,8 @@ def load_checkpoint(
             always read eagerly.
         keys: load only these model tensors (names as in the file, dotted for nested
             state), as a flat dict; the rest of the file is never read (with ``mmap=False``
-            only the header and those tensors' byte ranges are read).
+            only the header and those tensors' byte ranges are read). Not with ``into``,
+            and not for a distributed checkpoint (both are refused).
         optimizer: ``False`` skips the optimizer file (``optimizer`` is then ``None``).
         into: an existing model state with the saved structure (e.g.
             ``model.state_dict()``): tensors are copied into its arrays in place, on
