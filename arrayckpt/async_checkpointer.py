@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backends, forking, format, storage, writer
+from . import backends, collector, forking, format, storage, writer
 from .closing import ClosesOnExit
 from .errors import InvalidInputError
 from .layout import PathLike
@@ -138,7 +136,7 @@ class AsyncCheckpointer(ClosesOnExit):
             self.wait()
             # No garbage collection during the stall: a snapshot of 20,000 tensors set
             # off ~180 young-generation passes (30 ms); it makes no cyclic garbage.
-            with collector_paused():
+            with collector.paused():
                 pending = start_snapshot(
                     model_state,
                     optimizer_state,
@@ -340,19 +338,6 @@ class AsyncCheckpointer(ClosesOnExit):
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this AsyncCheckpointer is closed; create a new one")
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's garbage collector off inside the block (if it was on), back on after."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _all_done(first: Future[None], second: Future[None]) -> Future[None]:
