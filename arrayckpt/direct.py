@@ -125,9 +125,9 @@ class DirectSink:
     ``start`` (a multiple of `BLOCK`: the header's length), and the header last.
 
     `put` hands over one tensor's bytes and returns their CRC32C; an I/O thread issues
-    the writes, so the next bytes are copied and checksummed while the disk takes the
-    last ones (`BOUNCE_BUFFERS` requests at most in flight). A context manager: leaving
-    it waits for the I/O thread, whatever happened.
+    the writes one at a time, so the next bytes are copied and checksummed while the disk
+    takes the last ones (at most `BOUNCE_BUFFERS` - 1 bounce buffers queued for it). A
+    context manager: leaving it waits for the I/O thread, whatever happened.
 
     Args:
         private: the buffers may change while they are written (a synchronous save of

@@ -263,9 +263,9 @@ def write_image(path: Path, image: Any, *, private: bool = False) -> bool:
     """Create ``path`` and write a `format.FileImage` into it, in one pass.
 
     Tensors are streamed in file order, each chunk's CRC32C computed just before it is
-    written; both the checksum and the write release the GIL. A file of
-    `direct.MIN_BYTES` or more is written with direct writes (`direct.DirectSink`: the
-    header last, padded to a block); a smaller one, or one on a file system without
+    written; both the checksum and the write release the GIL. A file `direct.wanted`
+    picks (large, of large tensors) is written with direct writes (`direct.DirectSink`:
+    the header last, padded to a block); any other, or one on a file system without
     them, through the page cache (`_Buffered`: the header first, with placeholder
     checksums filled in last, and writeback started as the data goes out, so the
     ``fsync`` after finds little left to do). A failed write removes the partial file.
