@@ -509,6 +509,26 @@ def case_st_load(c: Case) -> None:
     c.repeat(once)
 
 
+def case_header_parse(c: Case) -> None:
+    """The model file's header parsed cold (layout cache emptied), as a fresh process's
+    first load parses it: issue 15's per-tensor parse target."""
+    from arrayckpt import format as fmt
+    from arrayckpt.layout import MODEL_FILE
+
+    src = c.out / "src"
+    ac.save_checkpoint(src, c.w.model)
+
+    def once(_: Path) -> dict[str, float]:
+        fmt.forget_parsed_layouts()
+        t = time.perf_counter()
+        header = fmt.read_header(src / MODEL_FILE)
+        elapsed = time.perf_counter() - t
+        del header
+        return {"load": elapsed}
+
+    c.repeat(once)
+
+
 def _torch_state(c: Case) -> dict[str, Any]:
     model, optimizer = c.w.as_torch()
     return {"model": model, "optimizer": optimizer} if optimizer else {"model": model}

@@ -65,7 +65,7 @@ def _took_compact_path(path: Path) -> bool:
 def _same_both_ways(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
     """Parse ``path`` by the general parser, then by the fast one cold and from its cache:
     all three agree. Returns the outcome."""
-    fmt._parsed_layouts.clear()
+    fmt.forget_parsed_layouts()
     general = _general(path, monkeypatch)
     cold = _outcome(path)
     cached = _outcome(path)
@@ -122,6 +122,16 @@ _CASES: list[tuple[str, bytes, bytes]] = [
     ("leading-zero-offset", b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[00,8]}}', F32x2),
     ("negative-offset", b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[-0,8]}}', F32x2),
     ("float-dim", b'{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', F32x2),
+    ("shape-double-comma", b'{"a":{"dtype":"F32","shape":[1,,2],"data_offsets":[0,8]}}', F32x2),
+    ("shape-trailing-comma", b'{"a":{"dtype":"F32","shape":[2,],"data_offsets":[0,8]}}', F32x2),
+    ("shape-leading-comma", b'{"a":{"dtype":"F32","shape":[,2],"data_offsets":[0,8]}}', F32x2),
+    ("shape-comma-only", b'{"a":{"dtype":"F32","shape":[,],"data_offsets":[0,0]}}', b""),
+    (
+        "dtype-code-too-long",
+        _compact({"a": _e("F" * 33, (2,), (0, 8))}),
+        F32x2,
+    ),
+    ("dtype-code-32", _compact({"a": _e("F" * 32, (2,), (0, 8))}), F32x2),
     ("long-number", b'{"a":{"dtype":"U8","shape":[%s],"data_offsets":[0,8]}}' % (b"9" * 25), F32x2),
     ("space-inside", b'{"a": {"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', F32x2),
     ("fields-reordered", b'{"a":{"shape":[2],"dtype":"F32","data_offsets":[0,8]}}', F32x2),
@@ -225,7 +235,7 @@ def test_upper_case_checksums_read_fast_as_the_same_values(tmp_path: Path) -> No
     header = re.sub(rb'\\":\\"([0-9a-f]{8})', lambda m: m[0].upper(), blob[8:start])
     assert header != blob[8:start]
     _write(path, header, blob[start:])
-    fmt._parsed_layouts.clear()
+    fmt.forget_parsed_layouts()
     fmt.SafetensorsReader(path)  # cold, then from the cache
     got = fmt.SafetensorsReader(path).header
     assert got.checksums == want and got.checksum_problem is None
@@ -258,7 +268,7 @@ def test_layout_cache_never_reuses_checksums_or_shares_maps(tmp_path: Path) -> N
     b = {k: v + 1 for k, v in a.items()}
     ckpt_a = ac.save_checkpoint(tmp_path / "a", a)
     ckpt_b = ac.save_checkpoint(tmp_path / "b", b)
-    fmt._parsed_layouts.clear()
+    fmt.forget_parsed_layouts()
     got_a = ac.load_checkpoint(ckpt_a).model
     got_b = ac.load_checkpoint(ckpt_b).model
     assert len(fmt._parsed_layouts) == 1  # one layout for both
@@ -281,7 +291,7 @@ def test_layout_cache_never_reuses_checksums_or_shares_maps(tmp_path: Path) -> N
 
 def test_layout_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fmt, "_LAYOUT_CACHE_ENTRIES", 100)
-    fmt._parsed_layouts.clear()
+    fmt.forget_parsed_layouts()
     for i in range(6):
         state = {f"t{i}_{j}": np.zeros(j + 1, np.uint8) for j in range(30)}
         fmt.SafetensorsReader(_checkpoint_file(tmp_path, state))
@@ -315,7 +325,7 @@ def test_directly_written_file_takes_the_fast_path(tmp_path: Path) -> None:
     state = {f"w{i}": np.full(1 << 20, i, np.float32) for i in range(direct.MIN_BYTES >> 22)}
     path = _checkpoint_file(tmp_path, state)
     assert _took_compact_path(path)
-    fmt._parsed_layouts.clear()
+    fmt.forget_parsed_layouts()
     header = fmt.SafetensorsReader(path).header
     assert header.checksum_problem is None and header.checksums is not None
     for mmap in (True, False):
