@@ -153,50 +153,64 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
             f"{what} must be a mapping (or list/tuple) of arrays, not {type(state).__name__}"
         )
     flat: dict[str, Any] = {}
-    paths: dict[str, str] = {}
+    paths: dict[str, tuple[Any, ...]] = {}
 
-    def encode(x: Any, parts: tuple[str, ...], path: str) -> Any:
-        if isinstance(x, (Mapping, list, tuple)) and len(parts) >= MAX_TREE_DEPTH:
-            raise InvalidInputError(
-                f"{what}{_short(path)}: nested deeper than {MAX_TREE_DEPTH} levels (a container "
-                "that holds itself?); flatten that part into a dict of arrays before saving"
-            )
-        if isinstance(x, Mapping):
-            items = []
-            for k, v in x.items():
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise InvalidInputError(
-                        f"{what}{path}: key {k!r} is a {type(k).__name__}; keys must be str or int"
-                    )
-                items.append([k, encode(v, (*parts, str(k)), f"{path}[{k!r}]")])
-            return {"dict": items}
-        if isinstance(x, (list, tuple)):
+    def where(keys: tuple[Any, ...]) -> str:
+        # Built only for an error message: formatting every node's path cost as much as
+        # the rest of the walk.
+        return "".join(f"[{k!r}]" for k in keys)
+
+    def encode(x: Any, keys: tuple[Any, ...]) -> Any:
+        # ``keys``: the keys and indices from the root to ``x``; its tensor name joins their
+        # str(), its path in messages their repr()
+        if templates.is_array_leaf(x):  # most leaves: their type answers every test below
+            return tensor(x, keys)
+        if type(x) is dict or isinstance(x, (Mapping, list, tuple)):
+            if len(keys) >= MAX_TREE_DEPTH:
+                raise InvalidInputError(
+                    f"{what}{_short(where(keys))}: nested deeper than {MAX_TREE_DEPTH} levels "
+                    "(a container that holds itself?); flatten that part into a dict of "
+                    "arrays before saving"
+                )
+            if isinstance(x, Mapping):
+                items = []
+                for k, v in x.items():
+                    if isinstance(k, bool) or not isinstance(k, (str, int)):
+                        raise InvalidInputError(
+                            f"{what}{where(keys)}: key {k!r} is a {type(k).__name__}; keys "
+                            "must be str or int"
+                        )
+                    items.append([k, encode(v, (*keys, k))])
+                return {"dict": items}
             kind = "tuple" if isinstance(x, tuple) else "list"
-            return {kind: [encode(v, (*parts, str(i)), f"{path}[{i}]") for i, v in enumerate(x)]}
+            return {kind: [encode(v, (*keys, i)) for i, v in enumerate(x)]}
         key = templates.key_parts(x)
         if key is not None:  # safetensors has no key dtype: save its impl and raw data
-            return encode({templates.KEY_IMPL: key[0], templates.KEY_DATA: key[1]}, parts, path)
+            return encode({templates.KEY_IMPL: key[0], templates.KEY_DATA: key[1]}, keys)
         children = templates.pytree_children(x)
         if children is not None:  # a dataclass, Flax struct or NNX Variable: its fields
-            return encode(dict(children), parts, path)
+            return encode(dict(children), keys)
         if _is_tree_scalar(x):
-            return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{path}")]}
+            return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{where(keys)}")]}
         if is_array(x):
-            name = ".".join(parts)
-            if not name or "\x00" in name or name == "__metadata__":
-                raise InvalidInputError(
-                    f"{what}{path}: the tensor name {name!r} is not valid; use non-empty keys"
-                )
-            if name in flat:
-                raise InvalidInputError(
-                    f"{what}{path} and {what}{paths[name]} both flatten to the tensor name "
-                    f"{name!r}; rename one of the keys"
-                )
-            flat[name], paths[name] = x, path
-            return {"tensor": name}
-        return _encode_scalar(x, f"{what}{path}")
+            return tensor(x, keys)
+        return _encode_scalar(x, f"{what}{where(keys)}")
 
-    root = encode(state, (), "")
+    def tensor(x: Any, keys: tuple[Any, ...]) -> dict[str, str]:
+        name = ".".join(map(str, keys))
+        if not name or "\x00" in name or name == "__metadata__":
+            raise InvalidInputError(
+                f"{what}{where(keys)}: the tensor name {name!r} is not valid; use non-empty keys"
+            )
+        if name in flat:
+            raise InvalidInputError(
+                f"{what}{where(keys)} and {what}{where(paths[name])} both flatten to the "
+                f"tensor name {name!r}; rename one of the keys"
+            )
+        flat[name], paths[name] = x, keys
+        return {"tensor": name}
+
+    root = encode(state, ())
     doc = {"version": TREE_VERSION, "root": root}
     return flat, json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 

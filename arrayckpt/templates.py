@@ -28,9 +28,41 @@ def key_parts(x: Any) -> tuple[str, Any] | None:
     jax = sys.modules.get("jax")
     if jax is None or not isinstance(x, jax.Array):
         return None
-    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if not _is_key_dtype(x.dtype, jax):
         return None
     return str(jax.random.key_impl(x)), jax.random.key_data(x)
+
+
+#: Per dtype, whether it is a PRNG key's: `jax.dtypes.issubdtype` takes microseconds,
+#: once per array of every save otherwise. Dtypes are immutable, hashable values.
+_key_dtypes: dict[Any, bool] = {}
+
+
+def _is_key_dtype(dtype: Any, jax: Any) -> bool:
+    found = _key_dtypes.get(dtype)
+    if found is None:
+        found = _key_dtypes[dtype] = bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    return found
+
+
+#: Array types whose instances jax.tree_util treats as leaves (`pytree_children` of none
+#: of them has children), learnt from jax itself: flattening each array of a state, once
+#: per save, cost more than the rest of its walk.
+_leaf_types: set[type] = set()
+
+
+def is_array_leaf(x: Any) -> bool:
+    """True for a plain NumPy array or a JAX array that is not a typed PRNG key: a tensor
+    leaf of a state (neither a container, a pytree node, a key nor a scalar)."""
+    kind = type(x)
+    if kind is np.ndarray:
+        return True
+    if kind not in _leaf_types:
+        jax = sys.modules.get("jax")
+        if jax is None or not isinstance(x, jax.Array) or pytree_children(x) is not None:
+            return False
+        _leaf_types.add(kind)
+    return not _is_key_dtype(x.dtype, sys.modules["jax"])
 
 
 def wrap_key(saved: dict[Any, Any]) -> Any:
