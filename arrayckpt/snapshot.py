@@ -67,13 +67,21 @@ def _plan(state: Mapping[str, Any] | None, *, what: str) -> Plan:
             zip(state, state.values(), entry.backends, entry.dtypes, strict=True), entry
         )
     state = check_mapping(state, what=what)
-    if entry is None:
+    if entry is None or entry.immutable:
+        keys = list(state)
+        # The keys checked in C-level passes when all are valid; else one by one, so the
+        # first bad key or array in the state's order is the one named
+        checked = set(map(type, keys)) <= {str} and _keys_valid(keys)
         plan = []
         for key, x in state.items():
-            check_key(key, what=what)
+            if not checked:
+                check_key(key, what=what)
             backend = backends.for_array(x, key)
             plan.append((key, x, backend, backend.dtype(x, key)))
-        return plan
+        if entry is None:
+            return plan
+        entry.backends, entry.dtypes = list(map(_backend_of, plan)), list(map(_dtype_of, plan))
+        return statecache.CheckedPlan(plan, entry)
     # str keys and plain NumPy arrays only (see `statecache.entry_for`): checked at once
     keys = list(state)
     if not _keys_valid(keys):
@@ -278,6 +286,7 @@ _size = operator.attrgetter("size")
 _key_of = operator.itemgetter(0)
 _array_of = operator.itemgetter(1)
 _backend_of = operator.itemgetter(2)
+_dtype_of = operator.itemgetter(3)
 _shape = operator.attrgetter("shape")
 
 
@@ -401,6 +410,12 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
     entry = _entry_of(plan)
     if entry is not None and entry.shares_nothing:
         return plan, {}  # the same arrays as a save that found none (see `statecache`)
+    if entry is not None and entry.shares_all and plan:
+        # the same JAX arrays as a save that shared them all (see `statecache`): each
+        # view's checks hold for good, so only the views are made, in C-level passes
+        view = plan[0][2].immutable_view_again
+        keys, xs, _, dtypes = zip(*plan, strict=True)
+        return [], dict(zip(keys, map(HostTensor, map(view, xs), dtypes), strict=True))
     rest: Plan = []
     shared: dict[str, HostTensor] = {}
     for item in plan:
@@ -412,6 +427,7 @@ def _share_immutable(plan: Plan) -> tuple[Plan, dict[str, HostTensor]]:
             shared[key] = HostTensor(view, dtype)
     if entry is not None:
         entry.shares_nothing = not shared
+        entry.shares_all = entry.immutable and not rest and len(set(map(_backend_of, plan))) == 1
     # The plan itself when nothing is shared: it may carry the cached facts of its state
     # (`statecache.CheckedPlan`), which a copy of its items would drop.
     return (plan if not shared else rest), shared

@@ -12,11 +12,18 @@ object, but through what NumPy refuses or deprecates. ``resize`` raises for an a
 weak references (the entry's), and assigning ``data`` works only before NumPy 2 (with a
 DeprecationWarning). Every save copies each array's current bytes whatever its pointer;
 only a tie made that way would go unseen (both arrays stored, each with its values).
+
+A flat mapping of JAX arrays gets an entry too (`Entry.immutable`): a jax.Array cannot
+change, so the same object is all a later save checks, but for one thing: an array deleted
+(or donated) since is refused as a fresh save would refuse it. The entry keeps no host view
+of them: a NumPy view of a JAX buffer keeps its jax.Array alive, so a kept view would keep
+every state the cache has seen.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 import weakref
 from collections.abc import Mapping
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import nested
+from . import nested, templates
 
 #: Entries kept (a save makes up to three: model, optimizer, extra); the oldest goes first.
 MAX_ENTRIES = 6
@@ -60,8 +67,19 @@ class Entry:
     #: memory (their backends' answers for these arrays; see `snapshot`).
     shares_nothing: bool = False
     pins_nothing: bool = False
+    #: JAX arrays (see the module docstring): matched by identity alone.
+    immutable: bool = False
+    #: Whether every stored tensor is shared as an immutable view (see `snapshot`).
+    shares_all: bool = False
 
     def matches(self, keys: list[str], values: list[Any]) -> bool:
+        if self.immutable:
+            return (
+                len(self.keys) == len(keys)
+                and self.keys == keys
+                and all(map(operator.is_, map(operator.call, self.refs), values))
+                and not any(map(_is_deleted, values))
+            )
         # Each attribute is dropped once compared: a list of them would set off the garbage
         # collector's young-generation passes (one per 700 new tuples) in the caller's stall.
         # Identity first: a replaced array fails there, before any attribute is read. The
@@ -94,19 +112,36 @@ def entry_for(flat: Mapping[str, Any]) -> Entry | None:
             if entry.matches(keys, values):
                 _entries.insert(0, _entries.pop(i))
                 return entry
-        if not nested.is_plain_numpy_dict(flat):
+        if nested.is_plain_numpy_dict(flat):
+            entry = Entry(
+                keys,
+                list(map(weakref.ref, values)),
+                list(map(_shape, values)),
+                list(map(_strides, values)),
+                list(map(_dtype, values)),
+            )
+        elif _is_plain_jax_dict(flat) and not any(map(_is_deleted, values)):
+            entry = Entry(keys, list(map(weakref.ref, values)), [], [], [], immutable=True)
+        else:
             return None
-        entry = Entry(
-            keys,
-            list(map(weakref.ref, values)),
-            list(map(_shape, values)),
-            list(map(_strides, values)),
-            list(map(_dtype, values)),
-        )
         # An entry whose first array is gone can never match again (~250 bytes a tensor)
         _entries[:] = [entry, *(e for e in _entries if e.refs[0]() is not None)]
         del _entries[MAX_ENTRIES:]
         return entry
+
+
+_is_deleted = operator.methodcaller("is_deleted")
+
+
+def _is_plain_jax_dict(flat: dict[str, Any]) -> bool:
+    """A non-empty dict of ``str`` to JAX arrays that are tensor leaves (no PRNG keys)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not flat or set(map(type, flat)) != {str}:
+        return False
+    kinds = set(map(type, flat.values()))
+    return all(issubclass(kind, jax.Array) for kind in kinds) and all(
+        map(templates.is_array_leaf, flat.values())
+    )
 
 
 class CheckedState(dict[str, Any]):

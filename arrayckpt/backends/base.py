@@ -53,6 +53,11 @@ class Backend(ABC):
         snapshot may hold it instead of a copy); ``None`` otherwise (the default)."""
         return None
 
+    #: For an ``x`` that `immutable_host_view` gave a view of, the same view again: none
+    #: of its checks can change their answer for that ``x`` (a C function where possible,
+    #: as a snapshot maps it over every array of a state).
+    immutable_view_again: Any = None
+
     def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Wait for every copy `to_host` issued (a no-op for host frameworks)."""
 

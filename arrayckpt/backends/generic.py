@@ -16,6 +16,10 @@ from .numpy import NumpyBackend
 
 _NUMPY = NumpyBackend()
 
+#: Shardings `GenericBackend._on_one_cpu` remembers before it starts again (a process
+#: uses a few; this bounds one that makes many).
+_MAX_SHARDINGS = 256
+
 
 def _as_numpy(x: Any, key: str) -> np.ndarray:
     # `__array__` / the buffer protocol cover JAX (with BF16) and most libraries; DLPack
@@ -51,6 +55,7 @@ class GenericBackend(Backend):
         # arrays spent most of its stall there. Only NumPy dtypes are kept: they are
         # immutable values whose equality (byte order included) decides their name.
         self._dtypes: dict[np.dtype[Any], DType] = {}
+        self._one_cpu: dict[Any, bool] = {}
 
     def dtype(self, x: Any, key: str) -> DType:
         dt = x.dtype
@@ -85,6 +90,9 @@ class GenericBackend(Backend):
         # memory the array itself owns counts as a view.
         return _NUMPY.host_view(view, key, dtype) if _shares_memory(view, x) else None
 
+    #: NumPy views a JAX buffer without a copy (and keeps it alive while it does).
+    immutable_view_again = staticmethod(np.asarray)
+
     def immutable_host_view(self, x: Any, dtype: DType) -> np.ndarray | None:
         # A jax.Array never changes after it is made, and while NumPy views its buffer
         # JAX keeps it alive (donating or deleting the array does not free it), so a
@@ -93,15 +101,29 @@ class GenericBackend(Backend):
         if type(x).__module__.partition(".")[0] not in ("jax", "jaxlib"):
             return None
         try:
-            devices = x.sharding.device_set
-            if len(devices) != 1 or next(iter(devices)).platform != "cpu" or x.is_deleted():
+            if not self._on_one_cpu(x.sharding) or x.is_deleted():
                 return None
-            view = np.asarray(x)
+            view = self.immutable_view_again(x)
         except (AttributeError, TypeError, ValueError, RuntimeError):
             return None
-        if view.dtype != dtype.numpy or not view.flags.c_contiguous:
+        if (view.dtype is not dtype.numpy and view.dtype != dtype.numpy) or not (
+            view.flags.c_contiguous
+        ):
             return None
         return view
+
+    def _on_one_cpu(self, sharding: Any) -> bool:
+        """Whether ``sharding`` places an array in one buffer in host memory; remembered
+        per sharding (immutable, hashable values that the arrays of a state share), since
+        reading its device set took a microsecond per array of every save."""
+        found = self._one_cpu.get(sharding)
+        if found is None:
+            devices = sharding.device_set
+            found = len(devices) == 1 and next(iter(devices)).platform == "cpu"
+            if len(self._one_cpu) >= _MAX_SHARDINGS:
+                self._one_cpu.clear()
+            self._one_cpu[sharding] = found
+        return found
 
     def from_host(self, host: np.ndarray, device: Any) -> Any:
         xp = self.xp
