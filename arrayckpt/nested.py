@@ -162,9 +162,8 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
 
     def encode(x: Any, keys: tuple[Any, ...]) -> Any:
         # ``keys``: the keys and indices from the root to ``x``; its tensor name joins their
-        # str(), its path in messages their repr()
-        if templates.is_array_leaf(x):  # most leaves: their type answers every test below
-            return tensor(x, keys)
+        # str(), its path in messages their repr(). Called for what is not `is_leaf`: most
+        # leaves are, and their type answers every test below.
         if type(x) is dict or isinstance(x, (Mapping, list, tuple)):
             if len(keys) >= MAX_TREE_DEPTH:
                 raise InvalidInputError(
@@ -180,21 +179,39 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
                             f"{what}{where(keys)}: key {k!r} is a {type(k).__name__}; keys "
                             "must be str or int"
                         )
-                    items.append([k, encode(v, (*keys, k))])
+                    # an array leaf without a call of `encode` (most children are)
+                    here = (*keys, k)
+                    items.append([k, tensor(v, here) if is_leaf(v) else encode(v, here)])
                 return {"dict": items}
             kind = "tuple" if isinstance(x, tuple) else "list"
-            return {kind: [encode(v, (*keys, i)) for i, v in enumerate(x)]}
+            return {
+                kind: [
+                    tensor(v, (*keys, i)) if is_leaf(v) else encode(v, (*keys, i))
+                    for i, v in enumerate(x)
+                ]
+            }
         key = templates.key_parts(x)
         if key is not None:  # safetensors has no key dtype: save its impl and raw data
+            # (key data is a plain array, but `encode` walks the dict it is put in)
             return encode({templates.KEY_IMPL: key[0], templates.KEY_DATA: key[1]}, keys)
         children = templates.pytree_children(x)
         if children is not None:  # a dataclass, Flax struct or NNX Variable: its fields
             return encode(dict(children), keys)
         if _is_tree_scalar(x):
-            return {"numpy": [x.dtype.name, _encode_scalar(x.item(), f"{what}{where(keys)}")]}
+            return {"numpy": [x.dtype.name, scalar(x.item(), keys)]}
         if is_array(x):
             return tensor(x, keys)
-        return _encode_scalar(x, f"{what}{where(keys)}")
+        return scalar(x, keys)
+
+    zeros = []
+
+    def scalar(x: Any, keys: tuple[Any, ...]) -> Any:
+        if isinstance(x, float) and x == 0:
+            zeros.append(x)  # 0.0 == -0.0: the tree text is not reused (see `_texts`)
+        try:
+            return _encode_scalar(x)
+        except UnsupportedArrayError as exc:
+            raise UnsupportedArrayError(f"{what}{where(keys)}: {exc}") from None
 
     def tensor(x: Any, keys: tuple[Any, ...]) -> dict[str, str]:
         name = ".".join(map(str, keys))
@@ -210,9 +227,25 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, Any], str | None]:
         flat[name], paths[name] = x, keys
         return {"tensor": name}
 
+    is_leaf = templates.is_array_leaf
     root = encode(state, ())
-    doc = {"version": TREE_VERSION, "root": root}
-    return flat, json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if zeros:
+        return flat, to_text(root)
+    # The tree text of an equal root is the same text: comparing takes a fraction of the
+    # time writing it out does (a state saved again, or every step, has the same tree).
+    # Equal JSON values write the same but for signed zeros, which skip this.
+    for seen, text in tuple(_texts):
+        if seen == root:
+            return flat, text
+    text = to_text(root)
+    _texts[:] = [(root, text), *_texts[: _MAX_TEXTS - 1]]
+    return flat, text
+
+
+#: The (root, text) of the trees `flatten` wrote last, newest first (a save writes up to
+#: three: model, optimizer, extra).
+_texts: list[tuple[Any, str]] = []
+_MAX_TEXTS = 6
 
 
 #: Returned by a `map_arrays` function: leave this array out of the mapped state.
@@ -251,7 +284,7 @@ def _short(path: str) -> str:
     return path if len(path) <= 120 else f"{path[:60]}...{path[-60:]}"
 
 
-def _encode_scalar(x: Any, where: str) -> Any:
+def _encode_scalar(x: Any) -> Any:
     if x is None:
         return {"none": None}
     if isinstance(x, bool):
@@ -265,7 +298,7 @@ def _encode_scalar(x: Any, where: str) -> Any:
     if isinstance(x, str):
         return {"str": x}
     raise UnsupportedArrayError(
-        f"{where}: a {type(x).__module__}.{type(x).__qualname__} is neither an array nor a "
+        f"a {type(x).__module__}.{type(x).__qualname__} is neither an array nor a "
         "JSON value (int, float, bool, None, str); convert it before saving (str(path), "
         "list(a_set), an np.frombuffer of bytes)"
     )
