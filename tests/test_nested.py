@@ -347,3 +347,28 @@ def test_json_values_and_numpy_scalars_come_back_as_saved_with_xp_torch(tmp_path
     assert type(group["step"]) is np.int64 and group["step"] == 3
     assert type(group["scale"]) is np.float32 and group["scale"] == np.float32(0.5)
     assert isinstance(back["state"][0]["m"], torch.Tensor)
+
+
+def test_a_tree_text_is_reused_only_for_an_equal_tree():
+    # `flatten` reuses the text of an equal root; anything that changes the text must miss
+    state = {"w": np.zeros(2), "lr": 0.1, "betas": (0.9, 0.999), "step": 3}
+    _, first = nested.flatten(state, what="x")
+    for changed in (
+        {**state, "lr": 0.2},
+        {**state, "step": 3.0},  # 3 == 3.0, but an int is not a float
+        {"lr": 0.1, "w": np.zeros(2), "betas": (0.9, 0.999), "step": 3},  # another order
+        {**state, "betas": [0.9, 0.999]},  # a list is not a tuple
+    ):
+        _, text = nested.flatten(changed, what="x")
+        assert text != first
+        assert text == nested.to_text(nested.parse(text, source="x"))
+    assert nested.flatten(dict(state), what="x")[1] == first
+
+
+def test_signed_zeros_keep_their_sign_in_the_tree_text():
+    # 0.0 == -0.0, so equal roots do not mean equal texts here
+    _, plus = nested.flatten({"w": np.zeros(2), "lr": 0.0}, what="x")
+    _, minus = nested.flatten({"w": np.zeros(2), "lr": -0.0}, what="x")
+    assert '"float":-0.0' in minus and '"float":0.0' in plus
+    _, minus32 = nested.flatten({"w": np.zeros(2), "g": [np.float32(-0.0)]}, what="x")
+    assert '"float":-0.0' in minus32
