@@ -51,12 +51,19 @@ def _is_key_dtype(dtype: Any, jax: Any) -> bool:
 _leaf_types: set[type] = set()
 
 
+#: Builtin types of a state's containers and scalars, which are never arrays (exact
+#: types: a subclass may be anything).
+_NOT_ARRAYS = frozenset([dict, list, tuple, str, int, float, bool, type(None)])
+
+
 def is_array_leaf(x: Any) -> bool:
     """True for a plain NumPy array or a JAX array that is not a typed PRNG key: a tensor
     leaf of a state (neither a container, a pytree node, a key nor a scalar)."""
     kind = type(x)
     if kind is np.ndarray:
         return True
+    if kind in _NOT_ARRAYS:
+        return False
     if kind not in _leaf_types:
         jax = sys.modules.get("jax")
         if jax is None or not isinstance(x, jax.Array) or pytree_children(x) is not None:
