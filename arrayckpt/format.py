@@ -420,11 +420,9 @@ def write_file(
     )
     meta = _stamped(metadata)
     fs = fsops.fs()
-    if borrowed:
-        # A private copy was checksummed and written (a direct write): nothing to check.
-        consistent = fs.write_safetensors(path, tensors, meta, borrowed=True)
-    else:
-        fs.write_safetensors(path, tensors, meta)
+    # True where a private copy was checksummed and written (a direct write of borrowed
+    # buffers): then there is nothing to read back.
+    consistent = fs.write_safetensors(path, tensors, meta, borrowed=borrowed)
     if borrowed and not consistent and not _file_consistent(path):
         log.warning(
             "%s: tensors changed while they were being saved; writing a copy instead "

@@ -183,13 +183,15 @@ def table(results: dict[str, dict[str, Any]], workload: str) -> list[str]:
     for r in rows:
         m = r["medians"]
         moved = m.get("total") or m.get("load") or m.get("stall")
+        # a header parse moves no tensor bytes: its rate says nothing
+        rate = "" if r["case"] == "header_parse" or not moved else f"{nbytes / moved / 1e9:6.2f}"
         rss = r.get("extra_peak_rss")
         rss_s = "" if rss is None else f"{rss / 2**20:6.0f} MiB {rss / nbytes:4.2f}x"
         lines.append(
             f"{LABELS.get(r['case'], r['case']):38s} {fmt_s(m.get('stall')):>8s} "
             f"{fmt_s(m.get('staged')):>8s} {fmt_s(m.get('write')):>8s} "
             f"{fmt_s(m.get('total')):>8s} {fmt_s(m.get('load')):>8s} "
-            f"{nbytes / moved / 1e9 if moved else 0:6.2f} {rss_s:>12s}"
+            f"{rate:>6s} {rss_s:>12s}"
         )
     return lines
 

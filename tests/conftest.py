@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-#: the SeaweedFS S3 server fixtures (s3_server, s3_env) for the object-store tests
-pytest_plugins = ["s3server"]
+#: the SeaweedFS S3 server fixtures (s3_server, s3_env) and its fault proxy (proxy)
+pytest_plugins = ["s3server", "s3proxy"]
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

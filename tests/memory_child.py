@@ -3,8 +3,13 @@
 ``make KIND DIR COUNT MIB`` writes a checkpoint of ``COUNT`` float32 tensors of ``MIB``
 MiB each (tensor ``i`` filled with ``i``); ``load CASE DIR`` loads it and prints one JSON
 line: ``extra`` (the peak RSS the load added, from a VmHWM reset just before it) and
-``kept`` (the bytes of the arrays it returned that it allocated). Each case runs in a
-fresh process so that one case's freed memory cannot hide another's peak.
+``kept`` (the bytes of the arrays it returned that it allocated). ``save HOW URL COUNT
+MIB BUDGET`` saves such a state asynchronously to ``URL`` (an object store, configured
+by the environment) through ``checkpointer`` or ``manager`` with ``max_staging_bytes``
+of ``BUDGET`` MiB (``none``: unbounded) and prints ``extra`` (the peak RSS of the save,
+from `save` to its commit), ``left`` (RSS beyond the start once closed) and ``staged``
+(the staging pool's bytes before and after close). Each case runs in a fresh process so
+that one case's freed memory cannot hide another's peak.
 """
 
 from __future__ import annotations
@@ -122,5 +127,37 @@ def load(case: str, directory: str) -> None:
     print(json.dumps({"extra": extra, "kept": kept}), flush=True)
 
 
+def save(how: str, url: str, count: str, mib: str, budget_mib: str) -> None:
+    state = _state(int(count), int(mib))
+    budget = None if budget_mib == "none" else int(budget_mib) << 20
+    # The client's runtime, connection pool and the writer thread start with a first tiny
+    # save: their memory is the process's, not this save's.
+    ac.save_checkpoint(f"{url}/warm", {"w": np.zeros(4, np.float32)})
+    saver: Any
+    if how == "manager":
+        saver = ac.CheckpointManager(f"{url}/run", keep_last=1, max_staging_bytes=budget)
+        saver.save(1, {"w": np.zeros(4, np.float32)}).result()
+        run: Callable[[], Any] = lambda: saver.save(2, state).result()  # noqa: E731
+        staging = saver._checkpointer.staging
+    else:
+        saver = ac.AsyncCheckpointer(max_staging_bytes=budget)
+        run = lambda: saver.save(f"{url}/step_2", state).result()  # noqa: E731
+        staging = saver.staging
+    gc.collect()
+    before = rss()
+    reset_peak()
+    where = run()
+    extra = peak_rss() - before
+    staged = staging.nbytes
+    saver.close()
+    gc.collect()
+    left = rss() - before
+    got = ac.load_checkpoint(where).model  # checksums verified
+    for name, a in got.items():
+        assert float(a.reshape(-1)[-1]) == int(name[1:]), name
+    del got
+    print(json.dumps({"extra": extra, "left": left, "staged": [staged, staging.nbytes]}))
+
+
 if __name__ == "__main__":
-    {"make": make, "load": load}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "load": load, "save": save}[sys.argv[1]](*sys.argv[2:])

@@ -4,18 +4,13 @@ throttling and a lost commit answer are retried; lasting failures name the URL o
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from s3proxy import Fault, FaultProxy
 from s3server import S3Server
 
 import arrayckpt as ac
@@ -23,113 +18,6 @@ from arrayckpt.errors import CheckpointReadError, CorruptCheckpointError
 from arrayckpt.storage import objects, parse_url, transfer
 
 SECRET = "arrayckpt-test-secret"
-
-
-@dataclass
-class Fault:
-    """Make requests whose first line holds ``method`` and ``name`` fail: ``"cut"`` the
-    response after ``after`` bytes, answer ``"503"`` (throttling), or ``"drop"`` the
-    answer (the request itself reaches the server). ``times``: how many requests."""
-
-    method: bytes
-    name: bytes
-    action: str
-    times: int = 1
-    after: int = 0
-
-
-class FaultProxy:
-    """A TCP proxy on 127.0.0.1 in front of the S3 server; counts the bytes it passes to
-    the client and applies its `Fault` to matching requests."""
-
-    def __init__(self, endpoint: str) -> None:
-        parts = urlsplit(endpoint)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.fault: Fault | None = None
-        self.fired = 0
-        self.bytes_down = 0
-        self.lock = threading.Lock()
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target, timeout=60)
-            with self.lock:
-                self.socks += [client, server]
-            state: dict[str, Any] = {"cut": None}
-            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
-            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
-
-    def _match(self, data: bytes) -> Fault | None:
-        line = data.split(b"\r\n", 1)[0]
-        with self.lock:
-            f = self.fault
-            if f is None or f.times <= 0 or not line.startswith(f.method) or f.name not in line:
-                return None
-            f.times -= 1
-            self.fired += 1
-            return f
-
-    def _up(self, client: socket.socket, server: socket.socket, state: dict[str, Any]) -> None:
-        try:
-            while data := client.recv(1 << 16):
-                fault = self._match(data)
-                if fault is not None and fault.action == "503":
-                    client.sendall(
-                        b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-                    break
-                if fault is not None:
-                    state["cut"] = fault.after if fault.action == "cut" else 0
-                server.sendall(data)
-        except OSError:
-            pass
-        _close(client, server)
-
-    def _down(self, server: socket.socket, client: socket.socket, state: dict[str, Any]) -> None:
-        try:
-            while data := server.recv(1 << 16):
-                cut = state["cut"]
-                if cut is not None and len(data) >= cut:
-                    client.sendall(data[:cut])  # then the connection dies mid-answer
-                    break
-                if cut is not None:
-                    state["cut"] = cut - len(data)
-                with self.lock:
-                    self.bytes_down += len(data)
-                client.sendall(data)
-        except OSError:
-            pass
-        _close(client, server)
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for s in self.socks:
-                _close(s)
-
-
-def _close(*socks: socket.socket) -> None:
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        s.close()
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _options(endpoint: str, retries: int = 5) -> dict[str, Any]:

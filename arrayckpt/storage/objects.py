@@ -109,16 +109,18 @@ def save_files(
             "atomically: save to a new step, or delete it first"
         )
     listing: dict[str, dict[str, Any]] = {n: dict(e) for n, e in (listed or {}).items()}
+    name: str | None = None
     try:
         for name, parts in files.items():
             size, crc = _upload(store, url.key(name), parts)
             listing[name] = {"size": size, "crc32c": f"{crc:08x}"}
+        name = None
         if before_commit is not None:
             before_commit()
     except CheckpointError:
         raise
     except Exception as exc:
-        raise _uncommitted(url, exc) from exc
+        raise _uncommitted(url, exc, name) from exc
     # the random save id tells this save's commit from another writer's of equal bytes
     doc = json.dumps(
         {"version": COMMIT_VERSION, "save_id": uuid.uuid4().hex, "files": listing},
@@ -128,10 +130,16 @@ def save_files(
     return str(url)
 
 
-def _uncommitted(url: StorageURL, exc: BaseException) -> CheckpointWriteError:
+def _uncommitted(
+    url: StorageURL, exc: BaseException, name: str | None = None
+) -> CheckpointWriteError:
+    """The error of a save that failed before its commit; ``name``: the object whose
+    upload failed (obstore's own message names it by its HTTP address, if at all)."""
+    failed = f"uploading {url.child(name)} " if name is not None else ""
     return CheckpointWriteError(
-        f"saving {url} failed: {_describe(exc)}; the previous checkpoints are intact, "
-        "this step is left uncommitted (invisible to readers)"
+        f"saving {url} failed: {failed}{_describe(exc)}; the previous checkpoints are "
+        "intact, this step is left uncommitted (invisible to readers): check that the "
+        "store is reachable (endpoint, credentials, retry_config), then save the step again"
     )
 
 
@@ -156,7 +164,7 @@ def _commit(store: Any, url: StorageURL, doc: str) -> None:
                     f"saving {url} failed: another writer committed it first; its checkpoint stands"
                 ) from exc
             if attempt == COMMIT_ATTEMPTS - 1 or transfer.permanent(exc):
-                raise _uncommitted(url, exc) from exc
+                raise _uncommitted(url, exc, COMMIT_OBJECT) from exc
             time.sleep(transfer.BACKOFF_S * 2**attempt)
 
 
