@@ -5,8 +5,9 @@ Why: a buffered write copies every byte into the page cache and leaves the disk 
 kernel's writeback, which on the benchmark machine's virtual disk is the slow part: 4 GiB
 written and fsynced took 5.4-14 s buffered and 1.5-1.9 s with ``O_DIRECT`` in 8 MiB
 requests (``bench/measure.py``'s ``raw_write`` and ``raw_write_direct`` limits). The kernel
-also copies nothing (CPU a training loop keeps), and a save no longer fills the page
-cache with a file nobody reads soon.
+also copies nothing (CPU a training loop keeps), a save no longer fills the page cache
+with a file nobody reads soon, and on a virtual machine that returns freed memory to its
+host it touches no cold page-cache pages (`MIN_BYTES`).
 
 ``O_DIRECT`` wants every write's memory address, file offset and length to be multiples of
 the device's logical block size; `BLOCK` (4096) is one for every common device. The file
@@ -47,12 +48,15 @@ REQUEST_BYTES = 8 << 20
 #: Bounce buffers of `REQUEST_BYTES` per file: one being filled while the others are
 #: written.
 BOUNCE_BUFFERS = 3
-#: Files smaller than this go through the page cache, where the kernel's writeback keeps
-#: several requests in flight and the dirty pages stay far below its limits: 512 MiB
-#: written and fsynced took 0.29 s buffered and 0.39 s direct (``bench/run.py``, W1), while
-#: from 4 GiB on the buffered write falls behind by 2-8x; a load that follows is then
-#: served by the page cache too.
-MIN_BYTES = 1 << 30
+#: Files smaller than this go through the page cache. On a virtual machine that hands
+#: freed memory back to its host (virtio-balloon free page reporting, as on the machine
+#: the benchmarks ran on), a buffered write fills the page cache with memory the host has
+#: to fault in again, a 4 KiB page at a time: written and fsynced 3 s apart (a training
+#: loop's saves are minutes apart), 16 / 64 / 256 / 512 MiB took 0.066 / 0.244 / 0.549 /
+#: 0.78 s buffered and 0.014 / 0.051 / 0.187 / 0.25 s direct. Only saves back to back,
+#: whose page cache reuses the pages of the file just deleted, favour the page cache
+#: (512 MiB: 0.28 s buffered, 0.24 s direct here; 0.29 s and 0.39 s on another machine).
+MIN_BYTES = 16 << 20
 #: ``ARRAYCKPT_DIRECT_WRITES=0`` writes every file through the page cache.
 ENV_VAR = "ARRAYCKPT_DIRECT_WRITES"
 
@@ -66,9 +70,9 @@ MIN_MEAN_BYTES = 256 << 10
 
 
 #: The same for a private sink (a synchronous save of the caller's arrays, every byte
-#: copied through a bounce buffer): ``bench/direct_writes.py`` measured such saves at
-#: 1.5x the buffered time for 1 GiB and 0.60x for 4 GiB.
-PRIVATE_MIN_BYTES = 4 << 30
+#: copied through a bounce buffer, which is fresh memory too): 64 / 256 MiB saved 3 s
+#: apart took 0.217 / 0.672 s buffered and 0.055 / 0.184 s direct.
+PRIVATE_MIN_BYTES = 64 << 20
 
 
 def wanted(nbytes: int, tensors: int, *, private: bool = False) -> bool:

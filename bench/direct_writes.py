@@ -1,15 +1,18 @@
 """Direct writes (``O_DIRECT``) against writes through the page cache, A/B, per size.
 
-    python bench/direct_writes.py                  # 256M,1G,4G; 5 saves per case
-    python bench/direct_writes.py --sizes 512M --runs 9
+    python bench/direct_writes.py                  # 64M,256M,1G,4G; 5 saves per case
+    python bench/direct_writes.py --sizes 512M --runs 9 --gaps 3
     python bench/direct_writes.py --quick          # 128 MiB, 2 saves: a smoke test
 
-For each size (float32 state in 64 MiB tensors) and each mode (``ARRAYCKPT_DIRECT_WRITES``
-1 and 0), a fresh process times a synchronous `save_checkpoint` and an `AsyncCheckpointer`
-save + wait (durable), after one untimed warm-up of each, and the process's CPU time per
-save (the CPU a training loop loses to the save). The modes alternate, process by process,
-so that drifts of the machine fall on both. Prints medians and direct / buffered ratios.
-Exits 0: the figures are reported, not asserted.
+For each size (float32 state in 16 or 64 MiB tensors), each gap and each mode
+(``ARRAYCKPT_DIRECT_WRITES`` 1 and 0), a fresh process times a synchronous
+`save_checkpoint` and an `AsyncCheckpointer` save + wait (durable), after one untimed
+warm-up of each, and the process's CPU time per save (the CPU a training loop loses to
+the save). The gap is a pause before each save: with none, a save's page cache reuses the
+pages of the file deleted just before; after 3 s, on a virtual machine that reports freed
+memory to its host, they are cold again, as between a training loop's saves. The modes
+alternate, process by process, so that drifts of the machine fall on both. Prints medians
+and direct / buffered ratios. Exits 0: the figures are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -32,26 +35,30 @@ sys.path.insert(0, str(HERE))
 
 from measure import mem_available, parse_size  # noqa: E402
 
-SIZES = "256M,1G,4G"
+SIZES = "64M,256M,1G,4G"
+#: Seconds of pause before each save: back to back, and as far apart as freed memory
+#: takes to go cold.
+GAPS = "0,3"
 MODES = {"direct": "1", "buffered": "0"}
 #: Room left for the rest of the machine beside a case's state and staging.
 MARGIN = 2 << 30
 
 
-def child(nbytes: int, runs: int, root: Path) -> dict[str, float]:
+def child(nbytes: int, runs: int, root: Path, gap: float) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
     import arrayckpt as ac
 
     rng = np.random.default_rng(0)
-    tensor = min(64 << 20, nbytes)
+    tensor = min(64 << 20, max(16 << 20, nbytes // 8), nbytes)
     state = {f"t{i}": rng.random(tensor // 4, dtype=np.float32) for i in range(nbytes // tensor)}
     times: dict[str, list[float]] = {}
 
     def timed(key: str, save: Any) -> None:
         for r in range(runs + 1):  # run 0 warms up
             target = root / f"{key}{r}"
+            time.sleep(gap)
             cpu, t = time.process_time(), time.perf_counter()
             save(target)
             if r:
@@ -69,23 +76,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default=SIZES)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--gaps", default=GAPS, help="seconds of pause before each save")
     ap.add_argument("--rounds", type=int, default=2, help="processes per mode and size")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", type=Path, default=os.environ.get("BENCH_DIR"))
-    ap.add_argument("--child", nargs=2, metavar=("NBYTES", "DIR"))
+    ap.add_argument("--child", nargs=3, metavar=("NBYTES", "DIR", "GAP"))
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.runs, Path(args.child[1]))))
+        nbytes, where, gap = args.child
+        print(json.dumps(child(int(nbytes), args.runs, Path(where), float(gap))))
         return
     if args.quick:
         args.sizes, args.runs, args.rounds = "128M", 2, 1
     parent = Path(args.dir or tempfile.gettempdir())
     load = os.getloadavg()[0]
-    rows: dict[int, dict[str, list[dict[str, float]]]] = {}
-    for size in args.sizes.split(","):
-        nbytes = parse_size(size)
+    rows: dict[tuple[float, int], dict[str, list[dict[str, float]]]] = {}
+    sizes = [parse_size(size) for size in args.sizes.split(",")]
+    for gap, nbytes in [(float(g), n) for g in args.gaps.split(",") for n in sizes]:
         if 2 * nbytes + MARGIN > mem_available():
-            print(f"{size}: skipped, needs {(2 * nbytes + MARGIN) >> 30} GiB of memory")
+            print(f"{nbytes >> 20} MiB: skipped, needs {(2 * nbytes + MARGIN) >> 30} GiB of memory")
             continue
         results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
         for _ in range(args.rounds):
@@ -94,7 +103,14 @@ def main() -> None:
                 try:
                     done = subprocess.run(
                         [
-                            *(sys.executable, __file__, "--child", str(nbytes), str(root)),
+                            *(
+                                sys.executable,
+                                __file__,
+                                "--child",
+                                str(nbytes),
+                                str(root),
+                                str(gap),
+                            ),
                             *("--runs", str(args.runs)),
                         ],
                         capture_output=True,
@@ -106,23 +122,24 @@ def main() -> None:
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
                 results[mode].append(json.loads(done.stdout.splitlines()[-1]))
-        rows[nbytes] = results
+        rows[gap, nbytes] = results
     print(
-        f"\ndirect vs buffered writes: float32 state in 64 MiB tensors, medians of "
+        f"\ndirect vs buffered writes: float32 state in 16-64 MiB tensors, medians of "
         f"{args.runs} saves x {args.rounds} processes per mode; {os.cpu_count()} CPUs, load "
         f"average {load:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     keys = ("sync", "sync_cpu", "async", "async_cpu")
-    print(f"{'size':>6s}  {'mode':9s}" + "".join(f"{k:>11s}" for k in keys))
-    for nbytes, results in rows.items():
+    print(f"{'gap':>4s} {'size':>6s}  {'mode':9s}" + "".join(f"{k:>11s}" for k in keys))
+    for (gap, nbytes), results in rows.items():
         medians = {
             mode: {k: statistics.median(r[k] for r in runs) for k in keys}
             for mode, runs in results.items()
         }
         for mode, m in medians.items():
-            print(f"{nbytes >> 20:5d}M  {mode:9s}" + "".join(f"{m[k]:10.3f}s" for k in keys))
+            line = f"{gap:3.0f}s {nbytes >> 20:5d}M  {mode:9s}"
+            print(line + "".join(f"{m[k]:10.3f}s" for k in keys))
         d, b = medians["direct"], medians["buffered"]
-        print(f"{'':6s}  {'ratio':9s}" + "".join(f"{d[k] / b[k]:10.2f}x" for k in keys))
+        print(f"{'':11s}  {'ratio':9s}" + "".join(f"{d[k] / b[k]:10.2f}x" for k in keys))
 
 
 if __name__ == "__main__":

@@ -267,6 +267,25 @@ def test_synchronous_saves_go_direct_from_a_larger_size(tmp_path: Path) -> None:
     assert _header_length(tmp_path / "async" / MODEL_FILE) % direct.BLOCK == 0
 
 
+def test_default_thresholds_write_tens_of_megabytes_directly(tmp_path: Path) -> None:
+    """The defaults, unpatched: a buffered write fills cold page-cache pages on a virtual
+    machine that returns freed memory to its host (`direct.MIN_BYTES`), so an async save
+    of 16 MiB of large tensors goes direct, a synchronous one from 64 MiB."""
+    if not direct.wanted(direct.MIN_BYTES, 1) or not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    small = {f"w{i}": np.full(1 << 20, i, np.float32) for i in range(4)}  # 16 MiB
+    large = {f"w{i}": np.full(1 << 22, i, np.float32) for i in range(4)}  # 64 MiB
+    with ac.AsyncCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "async", small).result()
+    ac.save_checkpoint(tmp_path / "sync_small", small)
+    ac.save_checkpoint(tmp_path / "sync_large", large)
+    assert _header_length(tmp_path / "async" / MODEL_FILE) % direct.BLOCK == 0
+    assert _header_length(tmp_path / "sync_small" / MODEL_FILE) % direct.BLOCK != 0
+    assert _header_length(tmp_path / "sync_large" / MODEL_FILE) % direct.BLOCK == 0
+    for name, state in (("async", small), ("sync_small", small), ("sync_large", large)):
+        _check_file(tmp_path / name / MODEL_FILE, state)
+
+
 def test_the_switch_turns_direct_writes_off(
     tmp_path: Path, direct_writes: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
