@@ -31,13 +31,14 @@ import fcntl
 import mmap
 import os
 import queue
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from . import env, pool, priority
+from . import env, pool
+from .commit import interrupts_deferred
 
 #: Alignment of every direct write's address, offset and length.
 BLOCK = 4096
@@ -56,6 +57,9 @@ BOUNCE_BUFFERS = 3
 #: 0.78 s buffered and 0.014 / 0.051 / 0.187 / 0.25 s direct. Only saves back to back,
 #: whose page cache reuses the pages of the file just deleted, favour the page cache
 #: (512 MiB: 0.28 s buffered, 0.24 s direct here; 0.29 s and 0.39 s on another machine).
+#: The same holds for a synchronous save, whose direct write copies every byte through
+#: bounce buffers (fresh memory too): 16 / 64 / 256 MiB 3 s apart took 0.066 / 0.235 /
+#: 0.748 s buffered and 0.043 / 0.073 / 0.209 s direct (``bench/direct_writes.py``).
 MIN_BYTES = 16 << 20
 #: ``ARRAYCKPT_DIRECT_WRITES=0`` writes every file through the page cache.
 ENV_VAR = "ARRAYCKPT_DIRECT_WRITES"
@@ -69,18 +73,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 MIN_MEAN_BYTES = 256 << 10
 
 
-#: The same for a private sink (a synchronous save of the caller's arrays, every byte
-#: copied through a bounce buffer, which is fresh memory too): 64 / 256 MiB saved 3 s
-#: apart took 0.217 / 0.672 s buffered and 0.055 / 0.184 s direct.
-PRIVATE_MIN_BYTES = 64 << 20
-
-
-def wanted(nbytes: int, tensors: int, *, private: bool = False) -> bool:
+def wanted(nbytes: int, tensors: int) -> bool:
     """Whether a file of ``nbytes`` in ``tensors`` tensors should be written directly
-    (where the file system allows); ``private`` as for `DirectSink`."""
+    (where the file system allows)."""
     return (
         bool(_O_DIRECT)
-        and nbytes >= (PRIVATE_MIN_BYTES if private else MIN_BYTES)
+        and nbytes >= MIN_BYTES
         and nbytes >= tensors * MIN_MEAN_BYTES
         and env.switch(ENV_VAR, True)
     )
@@ -153,19 +151,29 @@ class DirectSink:
         self._fill = 0  # bytes waiting in the bounce buffer
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=priority.like_this_thread(self._io), name="arrayckpt-direct", daemon=True
-        )
-        self._threaded = pool.start(self._thread)  # else (at exit) each write waits
+        # The I/O thread: None until the first write, then True while it runs, False once
+        # it has ended or where none could start (at exit: each write waits).
+        self._threaded: bool | None = None
+        self._io_done: Future[None] | None = None
 
     def __enter__(self) -> DirectSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._threaded:
+        if self._threaded and self._io_done is not None:
             self._jobs.put(None)
-            self._thread.join()
-            self._threaded = False
+            self._io_done.result()
+        self._threaded = False  # what is written from here on (the header) waits
+
+    def _io_thread(self) -> bool:
+        """Whether writes go to the I/O thread, which starts here, on the first write:
+        inside the sink's ``with`` block, so that leaving the block always ends it (a
+        Ctrl-C that came while it started is delivered once it is recorded)."""
+        if self._threaded is None:
+            with interrupts_deferred():
+                self._io_done = pool.on_spare_thread(self._io, "arrayckpt-direct")
+                self._threaded = self._io_done is not None
+        return self._threaded
 
     def put(self, data: memoryview, seed: int, *, borrowed: bool = False) -> int:
         """Write the flat bytes ``data`` next; return their CRC32C continued from ``seed``.
@@ -212,7 +220,7 @@ class DirectSink:
         if not whole:
             return
         full, rest = self._bounce, self._fill - whole
-        if self._threaded:
+        if self._io_thread():
             self._bounce = self._free.get()
             self._bounce[:rest] = full[whole : self._fill]
             self._submit(full[:whole], full)
@@ -226,7 +234,7 @@ class DirectSink:
         ``bounce`` back for reuse."""
         if self._error is not None:
             raise self._error
-        if self._threaded:
+        if self._io_thread():
             self._jobs.put((data, self.at, bounce))
         else:
             _pwrite_all(self.fd, data, self.at)

@@ -283,7 +283,7 @@ def write_image(path: Path, image: Any, *, private: bool = False) -> bool:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     crc = format.crc32c_function()
     try:
-        if direct.wanted(image.nbytes, len(image.sizes), private=private) and direct.enable(fd):
+        if direct.wanted(image.nbytes, len(image.sizes)) and direct.enable(fd):
             header = image.header.aligned(direct.BLOCK)
             with direct.DirectSink(fd, len(header.head), crc, private=private) as sink:
                 sink.finish(header.with_checksums(_stream(image, _Direct(sink))))

@@ -114,14 +114,59 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     _pools.clear()
+    _spares.clear()
 
 
-def in_new_thread(fn: Callable[[], T], name: str) -> Future[T]:
-    """Run ``fn`` on a thread of its own (for work that itself uses the pool), at this
-    thread's priority."""
+class _Spare:
+    """A thread that runs long jobs (one at a time) and is kept for the next one."""
+
+    def __init__(self, kind: bool) -> None:
+        self.kind = kind
+        self.jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="arrayckpt-spare", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            future, job = self.jobs.get()
+            _run_into(future, job)
+            del future, job  # else the idle thread keeps its last job's arguments alive
+            with _lock:
+                _spares.setdefault(self.kind, []).append(self)
+
+
+#: Idle spare threads by kind (as `_pools`).
+_spares: dict[bool, list[_Spare]] = {}
+
+
+def on_spare_thread(fn: Callable[[], T], name: str) -> Future[T] | None:
+    """Run ``fn`` on a thread of its own, at this thread's priority, for work that itself
+    uses the pool or waits a long time (a second file's write, a direct write's I/O);
+    None where no thread can start (at exit on Python 3.12), and ``fn`` has not run.
+
+    The thread is an idle one from an earlier job where there is one, because a thread
+    that ends can swallow a Ctrl-C: its `threading.Thread` object is dropped, a weak
+    reference's callback runs (threading's registry of threads), and a SIGINT whose handler
+    runs inside that callback is lost (CPython reports "Exception ignored" and goes on).
+    Saves that started three threads each lost 24 of 200 Ctrl-Cs so.
+    """
     future: Future[T] = Future()
-    run = priority.like_this_thread(lambda: _run_into(future, fn))
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    if not start(thread):
+    kind = priority.in_background()
+    with _lock:  # a forked child starts with none (`_after_fork_in_child`)
+        idle = _spares.get(kind)
+        spare = idle.pop() if idle else None
+    if spare is None:
+        spare = _Spare(kind)
+        if not start(spare.thread):
+            return None
+    spare.thread.name = name
+    spare.jobs.put((future, priority.like_this_thread(fn)))
+    return future
+
+
+def in_own_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """`on_spare_thread`, or where no thread can start, ``fn`` run here and now."""
+    future = on_spare_thread(fn, name)
+    if future is None:
+        future = Future()
         _run_into(future, fn)  # at exit on Python 3.12: here, one after the other
     return future

@@ -75,7 +75,7 @@ def write_files(directory: Path, snap: Snapshot) -> None:
     error: BaseException | None = None
     try:
         with interrupts_deferred():
-            others = pool.in_new_thread(other_files, "arrayckpt-second-writer")
+            others = pool.in_own_thread(other_files, "arrayckpt-second-writer")
         format.write_file(directory / MODEL_FILE, snap.model, model_meta, borrowed=snap.borrowed)
     finally:
         if others is not None:

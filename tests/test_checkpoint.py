@@ -535,6 +535,7 @@ while interrupted < int(sys.argv[2]):
 @pytest.mark.skipif(os.name != "posix", reason="sends a real SIGINT")
 def test_ctrl_c_during_a_synchronous_save_leaves_no_temporary_directory(tmp_path: Path) -> None:
     import random
+    import select
     import signal
     import subprocess
     import sys
@@ -557,6 +558,9 @@ def test_ctrl_c_during_a_synchronous_save_leaves_no_temporary_directory(tmp_path
             # Spread over a save's duration: mid-write, mid-join, mid-commit, mid-cleanup.
             threading.Event().wait(rng.uniform(0.005, 0.15))
             child.send_signal(signal.SIGINT)
+            # A lost Ctrl-C (the child saves on, answering nothing) fails, not hangs.
+            ready, _, _ = select.select([child.stdout], [], [], 30)
+            assert ready, f"the child ignored Ctrl-C number {len(answers) + 1}"
             answers.append(child.stdout.readline().split())
         assert child.wait(timeout=120) == 0
     finally:

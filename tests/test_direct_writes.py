@@ -55,7 +55,6 @@ def direct_writes(tmp_path: Path) -> Iterator[None]:
         pytest.skip("the temporary directory's file system has no O_DIRECT (tmpfs?)")
     with (
         mock.patch.object(direct, "MIN_BYTES", 0),
-        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
         mock.patch.object(direct, "MIN_MEAN_BYTES", 0),
     ):
         yield
@@ -115,7 +114,6 @@ def test_direct_files_hold_the_same_arrays(
     tensors = take_snapshot(state, None, None, staging=None).model
     with (
         mock.patch.object(direct, "MIN_BYTES", 0),
-        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
         mock.patch.object(direct, "MIN_MEAN_BYTES", 0),
     ):
         image = fmt.file_image(tensors, {"k": "v"})
@@ -238,7 +236,6 @@ def test_files_of_many_small_tensors_are_written_buffered(tmp_path: Path) -> Non
     """Small tensors gather better through ``writev``: a large file of them is buffered."""
     with (
         mock.patch.object(direct, "MIN_BYTES", 0),
-        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 0),
     ):
         ac.save_checkpoint(
             tmp_path / "small", {f"t{i}": np.ones(1024, np.float32) for i in range(64)}
@@ -249,40 +246,22 @@ def test_files_of_many_small_tensors_are_written_buffered(tmp_path: Path) -> Non
         assert _header_length(tmp_path / "large" / MODEL_FILE) % direct.BLOCK == 0
 
 
-def test_synchronous_saves_go_direct_from_a_larger_size(tmp_path: Path) -> None:
-    """A synchronous save copies every byte through bounce buffers when it writes
-    directly, which paid off only for larger files: between the two sizes it is buffered
-    while an asynchronous save of the same state is direct."""
-    if not _direct_supported(tmp_path):
-        pytest.skip("no O_DIRECT here")
-    state = {"w": np.ones(1 << 20, np.float32)}
-    with (
-        mock.patch.object(direct, "MIN_BYTES", 0),
-        mock.patch.object(direct, "PRIVATE_MIN_BYTES", 8 << 20),
-    ):
-        ac.save_checkpoint(tmp_path / "sync", state)
-        with ac.AsyncCheckpointer() as ckpt:
-            ckpt.save(tmp_path / "async", state).result()
-    assert _header_length(tmp_path / "sync" / MODEL_FILE) % direct.BLOCK != 0
-    assert _header_length(tmp_path / "async" / MODEL_FILE) % direct.BLOCK == 0
-
-
 def test_default_thresholds_write_tens_of_megabytes_directly(tmp_path: Path) -> None:
     """The defaults, unpatched: a buffered write fills cold page-cache pages on a virtual
-    machine that returns freed memory to its host (`direct.MIN_BYTES`), so an async save
-    of 16 MiB of large tensors goes direct, a synchronous one from 64 MiB."""
+    machine that returns freed memory to its host (`direct.MIN_BYTES`), so a save of
+    16 MiB of large tensors goes direct, asynchronous or not; 8 MiB stays buffered."""
     if not direct.wanted(direct.MIN_BYTES, 1) or not _direct_supported(tmp_path):
         pytest.skip("no O_DIRECT here")
-    small = {f"w{i}": np.full(1 << 20, i, np.float32) for i in range(4)}  # 16 MiB
-    large = {f"w{i}": np.full(1 << 22, i, np.float32) for i in range(4)}  # 64 MiB
+    large = {f"w{i}": np.full(1 << 20, i, np.float32) for i in range(4)}  # 16 MiB
+    small = {f"w{i}": np.full(1 << 19, i, np.float32) for i in range(4)}  # 8 MiB
     with ac.AsyncCheckpointer() as ckpt:
-        ckpt.save(tmp_path / "async", small).result()
-    ac.save_checkpoint(tmp_path / "sync_small", small)
-    ac.save_checkpoint(tmp_path / "sync_large", large)
+        ckpt.save(tmp_path / "async", large).result()
+    ac.save_checkpoint(tmp_path / "sync", large)
+    ac.save_checkpoint(tmp_path / "small", small)
     assert _header_length(tmp_path / "async" / MODEL_FILE) % direct.BLOCK == 0
-    assert _header_length(tmp_path / "sync_small" / MODEL_FILE) % direct.BLOCK != 0
-    assert _header_length(tmp_path / "sync_large" / MODEL_FILE) % direct.BLOCK == 0
-    for name, state in (("async", small), ("sync_small", small), ("sync_large", large)):
+    assert _header_length(tmp_path / "sync" / MODEL_FILE) % direct.BLOCK == 0
+    assert _header_length(tmp_path / "small" / MODEL_FILE) % direct.BLOCK != 0
+    for name, state in (("async", large), ("sync", large), ("small", small)):
         _check_file(tmp_path / name / MODEL_FILE, state)
 
 
@@ -304,7 +283,7 @@ import numpy as np
 import arrayckpt as ac
 from arrayckpt import direct
 
-direct.MIN_BYTES = direct.PRIVATE_MIN_BYTES = direct.MIN_MEAN_BYTES = 0
+direct.MIN_BYTES = direct.MIN_MEAN_BYTES = 0
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, 32 << 20))
 state = {f"w{i}": np.full(4 << 20, i, np.float32) for i in range(4)}  # 64 MiB

@@ -20,11 +20,28 @@ def test_submit_returns_results_and_errors() -> None:
         bad.result(timeout=30)
 
 
-def test_in_new_thread_runs_on_its_own_named_thread() -> None:
+def test_in_own_thread_runs_on_its_own_named_thread() -> None:
     import threading
 
-    future = pool.in_new_thread(lambda: threading.current_thread().name, "arrayckpt-test")
+    future = pool.in_own_thread(lambda: threading.current_thread().name, "arrayckpt-test")
     assert future.result(timeout=30) == "arrayckpt-test"
+
+
+def test_spare_threads_are_reused_not_dropped() -> None:
+    """A dropped Thread object runs a weakref callback that can swallow a Ctrl-C
+    (`pool.on_spare_thread`): one job after another runs on the same thread object."""
+    import threading
+    import time
+
+    first = pool.in_own_thread(threading.current_thread, "a").result(timeout=30)
+    deadline = time.monotonic() + 30
+    while first not in pool._spares.get(False, []) and time.monotonic() < deadline:
+        time.sleep(0.001)  # the thread lists itself as idle right after its job
+    second = pool.in_own_thread(threading.current_thread, "b").result(timeout=30)
+    assert second is first and second.is_alive()
+    both = [pool.in_own_thread(lambda: time.sleep(0.2) or threading.current_thread(), "c")]
+    both.append(pool.in_own_thread(threading.current_thread, "d"))
+    assert both[0].result(timeout=30) is not both[1].result(timeout=30)  # one job per thread
 
 
 def test_the_pool_still_runs_jobs_while_the_interpreter_exits(tmp_path: Path) -> None:
@@ -59,4 +76,6 @@ def test_without_new_threads_jobs_run_on_the_caller(monkeypatch: pytest.MonkeyPa
     assert helpers.size == 0
     me = threading.current_thread().name
     assert helpers.submit(lambda: threading.current_thread().name).result(0) == me
-    assert pool.in_new_thread(lambda: threading.current_thread().name, "x").result(0) == me
+    monkeypatch.setattr(pool, "_spares", {})
+    assert pool.on_spare_thread(lambda: 1, "x") is None
+    assert pool.in_own_thread(lambda: threading.current_thread().name, "x").result(0) == me
