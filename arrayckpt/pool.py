@@ -120,8 +120,7 @@ def _after_fork_in_child() -> None:
 class _Spare:
     """A thread that runs long jobs (one at a time) and is kept for the next one."""
 
-    def __init__(self, kind: bool) -> None:
-        self.kind = kind
+    def __init__(self) -> None:
         self.jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="arrayckpt-spare", daemon=True)
 
@@ -130,8 +129,10 @@ class _Spare:
             future, job = self.jobs.get()
             _run_into(future, job)
             del future, job  # else the idle thread keeps its last job's arguments alive
+            # Listed by what the job left it: a job may have made it a background thread.
+            kind = priority.in_background()
             with _lock:
-                _spares.setdefault(self.kind, []).append(self)
+                _spares.setdefault(kind, []).append(self)
 
 
 #: Idle spare threads by kind (as `_pools`).
@@ -155,7 +156,7 @@ def on_spare_thread(fn: Callable[[], T], name: str) -> Future[T] | None:
         idle = _spares.get(kind)
         spare = idle.pop() if idle else None
     if spare is None:
-        spare = _Spare(kind)
+        spare = _Spare()
         if not start(spare.thread):
             return None
     spare.thread.name = name

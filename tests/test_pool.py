@@ -12,6 +12,11 @@ import pytest
 from arrayckpt import pool
 
 
+def _idle(background: bool) -> list[object]:
+    """The threads of the idle spares of one kind."""
+    return [spare.thread for spare in pool._spares.get(background, [])]
+
+
 def test_submit_returns_results_and_errors() -> None:
     ok = pool.executor().submit(lambda a, b: a + b, 2, 3)
     bad = pool.executor().submit(lambda: 1 / 0)
@@ -35,13 +40,33 @@ def test_spare_threads_are_reused_not_dropped() -> None:
 
     first = pool.in_own_thread(threading.current_thread, "a").result(timeout=30)
     deadline = time.monotonic() + 30
-    while first not in pool._spares.get(False, []) and time.monotonic() < deadline:
+    while first not in _idle(False) and time.monotonic() < deadline:
         time.sleep(0.001)  # the thread lists itself as idle right after its job
     second = pool.in_own_thread(threading.current_thread, "b").result(timeout=30)
     assert second is first and second.is_alive()
     both = [pool.in_own_thread(lambda: time.sleep(0.2) or threading.current_thread(), "c")]
     both.append(pool.in_own_thread(threading.current_thread, "d"))
     assert both[0].result(timeout=30) is not both[1].result(timeout=30)  # one job per thread
+
+
+def test_a_spare_made_a_background_thread_serves_background_jobs_only() -> None:
+    """A job that lowered its spare thread (a save's background work) leaves it listed
+    with the background ones: a caller's own jobs never run on a lowered thread."""
+    import threading
+    import time
+
+    from arrayckpt import priority
+
+    thread = pool.in_own_thread(priority.background(threading.current_thread), "bg").result(
+        timeout=30
+    )
+    deadline = time.monotonic() + 30
+    while thread not in _idle(True) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert thread in _idle(True)
+    assert thread not in _idle(False)
+    mine = pool.in_own_thread(lambda: priority.in_background(), "fg").result(timeout=30)
+    assert mine is False
 
 
 def test_the_pool_still_runs_jobs_while_the_interpreter_exits(tmp_path: Path) -> None:

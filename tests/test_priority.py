@@ -153,7 +153,7 @@ def test_the_warm_up_thread_runs_lowered(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_zero_leaves_a_background_thread_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(priority.NICE_VAR, "0")
-    future = pool.in_new_thread(priority.background(_here), "arrayckpt-test")
+    future = pool.in_own_thread(priority.background(_here), "arrayckpt-test")
     assert future.result(timeout=30)[1] == _nice(threading.get_native_id())
 
 
