@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+#: Generous: the shared CI machine is slow; a hang never ends.
+CHILD_TIMEOUT_S = 300
 
 #: Skips a test on a system without ``/proc/self/clear_refs`` (the peak-RSS reset).
 needs_proc = pytest.mark.skipif(
@@ -33,3 +39,21 @@ def peak_rss() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("/proc/self/status has no VmHWM line")
+
+
+def run_memory_child(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``memory_child.py ARGS`` in a fresh process (``env`` added to this one's) and
+    return what it printed; a failure or a hang fails the test, with the child's output."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(TESTS.parent)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(TESTS / "memory_child.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=full_env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"memory_child.py {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

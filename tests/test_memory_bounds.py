@@ -11,41 +11,20 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from memory import needs_proc, rss
+from memory import needs_proc, rss, run_memory_child
 
 import arrayckpt as ac
 
 pytestmark = needs_proc
 
-TESTS = Path(__file__).resolve().parent
 COUNT, MIB = 8, 16  # 128 MiB of float32 tensors, 16 MiB each
 TENSOR = MIB << 20
 #: Allowed beyond the arrays a load returns: one tensor in flight and allocator change.
 SLACK = TENSOR + (16 << 20)
-CHILD_TIMEOUT_S = 300  # generous: the shared CI machine is slow; a hang never ends
-
-
-def _child(*args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
-    try:
-        done = subprocess.run(
-            [sys.executable, str(TESTS / "memory_child.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"memory_child.py {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +33,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("memory")
     out = {}
     for kind in ("checkpoint", "hf", "hf_shards", "zero", "tp"):
-        _child("make", kind, str(base / kind), str(COUNT), str(MIB))
+        run_memory_child("make", kind, str(base / kind), str(COUNT), str(MIB))
         out[kind] = base / kind
     return out
 
 
 def _peak(case: str, directory: Path) -> tuple[int, int]:
     """The peak RSS the load ``case`` added, and the bytes of the arrays it returned."""
-    got = json.loads(_child("load", case, str(directory)).splitlines()[-1])
+    got = json.loads(run_memory_child("load", case, str(directory)).splitlines()[-1])
     return got["extra"], got["kept"]
 
 

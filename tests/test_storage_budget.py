@@ -12,18 +12,14 @@ do (`test_memory_bounds.py`). No timing is asserted; every child and save has a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from concurrent.futures import Future
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from memory import needs_proc
+from memory import needs_proc, run_memory_child
 from s3proxy import Fault, FaultProxy
 from s3server import S3Server
 
@@ -32,7 +28,6 @@ from arrayckpt import format
 from arrayckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from arrayckpt.storage import objects, parse_url
 
-TESTS = Path(__file__).resolve().parent
 MIB = 1 << 20
 BUDGET = 4 * MIB
 TENSOR = 4 * MIB
@@ -45,7 +40,6 @@ TENSOR = 4 * MIB
 CLIENT_ALLOWANCE = 8 * MIB
 #: Bounds every wait: a save that hangs fails the test instead.
 SAVE_TIMEOUT_S = 120
-CHILD_TIMEOUT_S = 180
 
 
 def _url(server: S3Server, name: str) -> str:
@@ -157,20 +151,9 @@ def test_manager_with_retention_saves_within_the_budget(s3_env: S3Server) -> Non
 
 
 def _child_save(server: S3Server, how: str, budget: str) -> dict[str, Any]:
-    env = {**os.environ, **server.env, "PYTHONPATH": str(TESTS.parent)}
     args = ["save", how, _url(server, f"rss-{how}"), "8", str(TENSOR // MIB), budget]
-    try:
-        done = subprocess.run(
-            [sys.executable, str(TESTS / "memory_child.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"memory_child.py {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = run_memory_child(*args, env=server.env)
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 @needs_proc
