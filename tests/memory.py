@@ -41,19 +41,22 @@ def peak_rss() -> int:
     raise AssertionError("/proc/self/status has no VmHWM line")
 
 
-def run_memory_child(*args: str, env: dict[str, str] | None = None) -> str:
+def run_memory_child(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = CHILD_TIMEOUT_S
+) -> str:
     """Run ``memory_child.py ARGS`` in a fresh process (``env`` added to this one's) and
-    return what it printed; a failure or a hang fails the test, with the child's output."""
+    return what it printed; a failure or a hang (``timeout_s``) fails the test, with the
+    child's output."""
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(TESTS.parent)}
     try:
         done = subprocess.run(
             [sys.executable, str(TESTS / "memory_child.py"), *args],
             capture_output=True,
             text=True,
-            timeout=CHILD_TIMEOUT_S,
+            timeout=timeout_s,
             env=full_env,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"memory_child.py {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
+        pytest.fail(f"memory_child.py {' '.join(args)} hung for {timeout_s} s")
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

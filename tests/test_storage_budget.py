@@ -40,6 +40,7 @@ TENSOR = 4 * MIB
 CLIENT_ALLOWANCE = 8 * MIB
 #: Bounds every wait: a save that hangs fails the test instead.
 SAVE_TIMEOUT_S = 120
+CHILD_TIMEOUT_S = 180
 
 
 def _url(server: S3Server, name: str) -> str:
@@ -152,7 +153,7 @@ def test_manager_with_retention_saves_within_the_budget(s3_env: S3Server) -> Non
 
 def _child_save(server: S3Server, how: str, budget: str) -> dict[str, Any]:
     args = ["save", how, _url(server, f"rss-{how}"), "8", str(TENSOR // MIB), budget]
-    out = run_memory_child(*args, env=server.env)
+    out = run_memory_child(*args, env=server.env, timeout_s=CHILD_TIMEOUT_S)
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
